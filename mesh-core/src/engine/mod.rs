@@ -1,0 +1,190 @@
+//! The local inference engine: run a *range* of transformer layers on a hidden state.
+//!
+//! Everything mesh-llm does with a model composes four primitives:
+//! [`Engine::embed`] (tokens to hidden state), [`Engine::run_layers`] (layers `a..b`
+//! with the session's KV cache), [`Engine::head`] (final norm and output projection
+//! to logits), and the per-projection access ([`Engine::weight`], [`Engine::project`])
+//! a delegator uses to evaluate the heavy linear layers elsewhere. "Whole model" is
+//! just `0..n_layers`; running `0..k` then `k..n` gives the same logits as `0..n`.
+//!
+//! [`GgmlEngine`] implements the llama family (llama, mistral, qwen2) on ggml.
+
+mod ggml;
+mod model;
+
+use std::fmt;
+use std::ops::Range;
+
+pub use self::ggml::{GgmlEngine, GgmlSession};
+pub use self::model::{LayerWeights, ModelInfo, RopeKind};
+use crate::chat::ChatTemplate;
+use crate::gguf::GgmlType;
+use crate::tokenizer::Tokenizer;
+use crate::Result;
+
+/// Identity of a model: the BLAKE3 hash of its GGUF file.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelId(pub [u8; 32]);
+
+impl ModelId {
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModelId({})", self.to_hex())
+    }
+}
+
+/// Hidden states of a batch of consecutive tokens: `n_tokens` rows of `n_embd` floats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hidden {
+    /// Width of one row (the model's embedding length).
+    pub n_embd: usize,
+    /// Position (in the sequence) of the first row.
+    pub pos: usize,
+    /// Row-major data, `n_tokens * n_embd` values.
+    pub data: Vec<f32>,
+}
+
+impl Hidden {
+    /// Number of token rows.
+    pub fn n_tokens(&self) -> usize {
+        self.data.len().checked_div(self.n_embd).unwrap_or(0)
+    }
+
+    /// Row `i` (one token's hidden state), if it exists.
+    pub fn row(&self, i: usize) -> Option<&[f32]> {
+        self.data.get(i * self.n_embd..(i + 1) * self.n_embd)
+    }
+}
+
+/// One of the linear projections of the model, addressable one at a time so a
+/// delegator can evaluate it elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Projection {
+    /// Attention query projection of a layer.
+    Q,
+    /// Attention key projection of a layer.
+    K,
+    /// Attention value projection of a layer.
+    V,
+    /// Attention output projection of a layer.
+    O,
+    /// Feed-forward gate projection of a layer.
+    Gate,
+    /// Feed-forward up projection of a layer.
+    Up,
+    /// Feed-forward down projection of a layer.
+    Down,
+    /// The output projection to vocabulary logits (lm_head; layer index ignored).
+    Output,
+}
+
+impl Projection {
+    /// All projections of one transformer layer, in evaluation order.
+    pub const LAYER: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+}
+
+/// Raw bytes of one weight matrix exactly as stored in the GGUF file.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightView<'a> {
+    /// Storage type (block format) of the matrix.
+    pub ggml_type: GgmlType,
+    /// Number of output rows.
+    pub rows: usize,
+    /// Number of input columns (row length).
+    pub cols: usize,
+    /// `rows` rows of `ggml_type.row_bytes(cols)` bytes each.
+    pub bytes: &'a [u8],
+}
+
+/// What to return from a forward pass over the whole model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last token only (generation).
+    Last,
+    /// Logits of every token (perplexity, scoring).
+    All,
+}
+
+/// A model that can be evaluated one layer range at a time.
+///
+/// Implementations are shareable across threads; the mutable per-sequence state
+/// (KV cache, compute buffers) lives in a [`Engine::Session`].
+pub trait Engine: Send + Sync {
+    /// Per-sequence state: KV cache and scratch buffers.
+    type Session: Send;
+
+    /// Hyper-parameters and identity of the loaded model.
+    fn info(&self) -> &ModelInfo;
+    /// The model's tokenizer.
+    fn tokenizer(&self) -> &Tokenizer;
+    /// The model's chat template (ChatML if the file has none).
+    fn chat_template(&self) -> &ChatTemplate;
+
+    /// A new session whose KV cache holds `n_ctx` positions for every layer.
+    fn new_session(&self, n_ctx: usize) -> Result<Self::Session>;
+
+    /// Embeddings of `tokens`, which sit at positions `pos..pos + tokens.len()`.
+    fn embed(&self, tokens: &[u32], pos: usize) -> Result<Hidden>;
+
+    /// Run layers `layers` on `hidden` in place, appending to the session's KV cache
+    /// of those layers (each must hold exactly `hidden.pos` positions).
+    fn run_layers(
+        &self,
+        layers: Range<usize>,
+        hidden: &mut Hidden,
+        session: &mut Self::Session,
+    ) -> Result<()>;
+
+    /// Final norm and output projection: logits (`n_vocab` per returned token).
+    fn head(&self, hidden: &Hidden, which: Logits, session: &mut Self::Session)
+        -> Result<Vec<f32>>;
+
+    /// Whole-model forward pass of `tokens` at the session's current position.
+    /// Implementations may fuse the steps; the result equals
+    /// `head(run_layers(0..n, embed(tokens)))`.
+    fn forward(
+        &self,
+        tokens: &[u32],
+        which: Logits,
+        session: &mut Self::Session,
+    ) -> Result<Vec<f32>>;
+
+    /// Number of positions the session's KV cache holds for `layer`.
+    fn session_len(&self, session: &Self::Session, layer: usize) -> usize;
+
+    /// Forget every position from `len` on in all layers (for replay or retry).
+    fn truncate_session(&self, session: &mut Self::Session, len: usize);
+
+    /// Raw bytes of one projection matrix of `layer`.
+    fn weight(&self, layer: usize, projection: Projection) -> Result<WeightView<'_>>;
+
+    /// `W·x` for one projection, for `n_tokens = x.len() / cols` input rows.
+    /// Returns `n_tokens * rows` values, row-major by token.
+    fn project(
+        &self,
+        layer: usize,
+        projection: Projection,
+        x: &[f32],
+        session: &mut Self::Session,
+    ) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,396 @@
+//! Local generation and scoring on top of an [`Engine`]: prompt processing in
+//! batches, the decode loop with sampling and stop conditions, streaming of
+//! text pieces as valid UTF-8, perplexity, and a throughput benchmark.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::chat::ChatMessage;
+use crate::engine::{Engine, Logits};
+use crate::sampling::{Sampler, SamplerParams};
+use crate::{Error, Result};
+
+/// Tokens evaluated per graph while processing a prompt.
+pub const DEFAULT_BATCH: usize = 512;
+
+/// How a prompt is turned into tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Plain text: BOS added if the model asks for it, special-token texts kept as text.
+    Text(String),
+    /// Text fed as is: special tokens like `<|im_start|>` are parsed; BOS only if the
+    /// model's metadata asks for one.
+    Raw(String),
+    /// A conversation rendered with the model's chat template, ending with the
+    /// assistant's turn.
+    Chat(Vec<ChatMessage>),
+    /// Already tokenized.
+    Tokens(Vec<u32>),
+}
+
+/// Tokenize a [`Prompt`] for `engine`.
+pub fn tokenize_prompt<E: Engine>(engine: &E, prompt: &Prompt) -> Result<Vec<u32>> {
+    let tok = engine.tokenizer();
+    match prompt {
+        Prompt::Text(s) => tok.encode(s, true, false),
+        Prompt::Raw(s) => tok.encode(s, true, true),
+        Prompt::Chat(messages) => {
+            let text = engine.chat_template().render(messages, true)?;
+            // The template writes BOS itself when the model wants one; do not add a second.
+            let bos_text = tok
+                .bos()
+                .and_then(|b| tok.token_to_piece(b, true).ok())
+                .filter(|p| !p.is_empty());
+            let has_bos = bos_text.is_some_and(|b| text.as_bytes().starts_with(&b));
+            tok.encode(&text, !has_bos, true)
+        }
+        Prompt::Tokens(t) => Ok(t.clone()),
+    }
+}
+
+/// Settings of one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateParams {
+    /// Maximum number of tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampler: SamplerParams,
+    /// Keep generating past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Tokens evaluated per graph while processing the prompt.
+    pub batch: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 128,
+            sampler: SamplerParams::default(),
+            ignore_eos: false,
+            batch: DEFAULT_BATCH,
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    EndOfGeneration,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The callback asked to stop.
+    Callback,
+    /// The cancellation flag was set.
+    Cancelled,
+}
+
+/// Result of a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOutput {
+    /// The generated text (lossy UTF-8 of the generated tokens' bytes).
+    pub text: String,
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<u32>,
+    /// The generated token ids (without the end-of-generation token).
+    pub token_ids: Vec<u32>,
+    /// Milliseconds spent evaluating the prompt.
+    pub prompt_ms: f64,
+    /// Milliseconds spent generating.
+    pub generate_ms: f64,
+    /// Why generation ended.
+    pub stop: StopReason,
+}
+
+/// Splits a byte stream into valid UTF-8 pieces, holding back an incomplete
+/// trailing character until its remaining bytes arrive.
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Append `bytes`; returns the text that is complete so far (may be empty).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    // SAFETY-free: the prefix is valid UTF-8 by construction.
+                    out.push_str(&String::from_utf8_lossy(&self.pending[..good]));
+                    match e.error_len() {
+                        // Invalid bytes: replace them and go on.
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..good + bad);
+                        }
+                        // Incomplete character at the end: keep it for later.
+                        None => {
+                            self.pending.drain(..good);
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is left, with an incomplete character replaced.
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+/// Evaluate `tokens` into the session in batches; returns the last token's logits.
+pub fn process_prompt<E: Engine>(
+    engine: &E,
+    session: &mut E::Session,
+    tokens: &[u32],
+    batch: usize,
+) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Err(Error::InvalidArgument("the prompt has no tokens".into()));
+    }
+    let mut logits = Vec::new();
+    for chunk in tokens.chunks(batch.max(1)) {
+        logits = engine.forward(chunk, Logits::Last, session)?;
+    }
+    Ok(logits)
+}
+
+/// Generate from `prompt_ids` appended to `session`, calling `on_text` with each
+/// piece of text as it becomes valid UTF-8 (return `false` to stop). `cancel`
+/// may be set from another thread.
+pub fn generate<E: Engine>(
+    engine: &E,
+    session: &mut E::Session,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    cancel: Option<&AtomicBool>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenerateOutput> {
+    let mut sampler = Sampler::new(params.sampler.clone())?;
+    let tok = engine.tokenizer();
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+
+    let t0 = Instant::now();
+    let mut logits = process_prompt(engine, session, prompt_ids, params.batch)?;
+    let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut generated = Vec::new();
+    let mut bytes = Vec::new();
+    let mut stream = Utf8Stream::default();
+    let mut stop = StopReason::MaxTokens;
+    while generated.len() < params.max_tokens {
+        if cancelled() {
+            stop = StopReason::Cancelled;
+            break;
+        }
+        let next = sampler.sample(&logits, &history)?;
+        if !params.ignore_eos && tok.is_eog(next) {
+            stop = StopReason::EndOfGeneration;
+            break;
+        }
+        generated.push(next);
+        history.push(next);
+        let piece = tok.token_to_piece(next, false)?;
+        bytes.extend_from_slice(&piece);
+        let text = stream.push(&piece);
+        if !text.is_empty() && !on_text(&text) {
+            stop = StopReason::Callback;
+            break;
+        }
+        if generated.len() == params.max_tokens {
+            break;
+        }
+        logits = engine.forward(&[next], Logits::Last, session)?;
+    }
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
+    }
+    Ok(GenerateOutput {
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+        prompt_ids: prompt_ids.to_vec(),
+        token_ids: generated,
+        prompt_ms,
+        generate_ms: t1.elapsed().as_secs_f64() * 1e3,
+        stop,
+    })
+}
+
+/// Result of [`perplexity`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Perplexity {
+    /// exp(mean negative log-likelihood) over the scored tokens.
+    pub ppl: f64,
+    /// Number of tokens scored.
+    pub tokens: usize,
+}
+
+/// Perplexity of `tokens` in consecutive non-overlapping windows of `ctx` tokens
+/// (a tail shorter than `ctx` is dropped). Each window starts from an empty cache
+/// and every token but its first is scored. `progress(done, total)` is called after
+/// each window.
+pub fn perplexity<E: Engine>(
+    engine: &E,
+    tokens: &[u32],
+    ctx: usize,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Perplexity> {
+    if ctx < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "window size {ctx}: expected at least 2"
+        )));
+    }
+    let windows = tokens.len() / ctx;
+    if windows == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the text has {} tokens, fewer than one window of {ctx}",
+            tokens.len()
+        )));
+    }
+    let n_vocab = engine.info().n_vocab;
+    let mut session = engine.new_session(ctx)?;
+    let mut nll = 0f64;
+    let mut scored = 0usize;
+    for (w, window) in tokens.chunks_exact(ctx).enumerate() {
+        engine.truncate_session(&mut session, 0);
+        let mut done = 0;
+        for chunk in window.chunks(batch.max(1)) {
+            let logits = engine.forward(chunk, Logits::All, &mut session)?;
+            for (i, row) in logits.chunks_exact(n_vocab).enumerate() {
+                let pos = done + i;
+                let Some(&target) = window.get(pos + 1) else {
+                    break;
+                };
+                nll -= log_softmax_at(row, target as usize);
+                scored += 1;
+            }
+            done += chunk.len();
+        }
+        progress(w + 1, windows);
+    }
+    Ok(Perplexity {
+        ppl: (nll / scored as f64).exp(),
+        tokens: scored,
+    })
+}
+
+fn log_softmax_at(row: &[f32], target: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+    row.get(target)
+        .map_or(f64::NEG_INFINITY, |&v| v as f64 - max - sum.ln())
+}
+
+/// Throughput measured by [`bench`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BenchResult {
+    /// Prompt processing, tokens per second (median of the runs).
+    pub pp_tps: f64,
+    /// Generation (one token per step), tokens per second (median of the runs).
+    pub tg_tps: f64,
+}
+
+/// llama-bench-like throughput: `prompt_tokens` in one batch from an empty cache,
+/// then `gen_tokens` single-token steps; median of `runs` runs each.
+pub fn bench<E: Engine>(
+    engine: &E,
+    session: &mut E::Session,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    runs: usize,
+) -> Result<BenchResult> {
+    let n_vocab = engine.info().n_vocab as u32;
+    // A deterministic spread of real token ids (avoid id 0 repeated).
+    let tokens: Vec<u32> = (0..prompt_tokens.max(1) as u32)
+        .map(|i| (i.wrapping_mul(2654435761) % n_vocab.max(1)).max(1))
+        .collect();
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..runs.max(1) {
+        engine.truncate_session(session, 0);
+        let t = Instant::now();
+        let logits = process_prompt(engine, session, &tokens, prompt_tokens.max(1))?;
+        pp.push(tokens.len() as f64 / t.elapsed().as_secs_f64());
+        check_finite(&logits)?;
+
+        engine.truncate_session(session, 0);
+        let t = Instant::now();
+        let mut next = tokens[0];
+        for _ in 0..gen_tokens {
+            let logits = engine.forward(&[next], Logits::Last, session)?;
+            next = crate::sampling::argmax(&logits)
+                .ok_or_else(|| Error::Ggml("logits are all NaN".into()))?;
+        }
+        tg.push(gen_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(BenchResult {
+        pp_tps: median(&mut pp),
+        tg_tps: median(&mut tg),
+    })
+}
+
+fn check_finite(logits: &[f32]) -> Result<()> {
+    if logits.is_empty() || logits.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Ggml(
+            "the forward pass produced non-finite logits".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_stream_holds_back_split_characters() {
+        let mut s = Utf8Stream::default();
+        let e = "é🙂".as_bytes();
+        assert_eq!(s.push(&e[..1]), "");
+        assert_eq!(s.push(&e[1..3]), "é");
+        assert_eq!(s.push(&e[3..5]), "");
+        assert_eq!(s.push(&e[5..]), "🙂");
+        assert_eq!(s.finish(), "");
+    }
+
+    #[test]
+    fn utf8_stream_replaces_invalid_bytes() {
+        let mut s = Utf8Stream::default();
+        assert_eq!(s.push(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(s.push(b"\xe2\x82"), "");
+        assert_eq!(s.finish(), "\u{fffd}");
+    }
+
+    #[test]
+    fn log_softmax_matches_definition() {
+        let row = [1.0f32, 2.0, 3.0];
+        let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
+        let want = (2.0f64).exp().ln() - z.ln();
+        assert!((log_softmax_at(&row, 1) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn median_of_three() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    }
+}

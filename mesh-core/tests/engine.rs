@@ -1,0 +1,259 @@
+//! The ggml engine on the default model: layer-range composition, batching,
+//! projections, and bad input.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use mesh_core::engine::{Engine, GgmlEngine, Logits, Projection};
+use mesh_core::gguf::GgmlType;
+use mesh_core::Error;
+
+fn engine() -> &'static GgmlEngine {
+    static E: OnceLock<GgmlEngine> = OnceLock::new();
+    E.get_or_init(|| GgmlEngine::load(common::model_path(), 2).expect("load default model"))
+}
+
+fn prompt() -> Vec<u32> {
+    engine()
+        .tokenizer()
+        .encode(
+            "The quick brown fox jumps over the lazy dog because",
+            false,
+            false,
+        )
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    mesh_core::sampling::argmax(v).unwrap() as usize
+}
+
+#[test]
+fn model_info_matches_smollm2() {
+    let i = engine().info();
+    assert_eq!(i.architecture, "llama");
+    assert_eq!(i.n_layers, 30);
+    assert_eq!(i.n_embd, 576);
+    assert_eq!((i.n_head, i.n_head_kv, i.head_dim), (9, 3, 64));
+    assert_eq!(i.n_vocab, 49152);
+    assert!(i.tied_output);
+    assert_eq!(i.id.to_hex().len(), 64);
+}
+
+#[test]
+fn split_layer_ranges_give_the_same_logits_as_the_whole_model() {
+    let e = engine();
+    let toks = prompt();
+    let n = e.info().n_layers;
+
+    let mut whole = e.new_session(64).unwrap();
+    let want = e.forward(&toks, Logits::Last, &mut whole).unwrap();
+
+    for k in [1, 13, n - 1] {
+        let mut s = e.new_session(64).unwrap();
+        let mut h = e.embed(&toks, 0).unwrap();
+        e.run_layers(0..k, &mut h, &mut s).unwrap();
+        e.run_layers(k..n, &mut h, &mut s).unwrap();
+        let got = e.head(&h, Logits::Last, &mut s).unwrap();
+        let d = max_abs_diff(&want, &got);
+        assert!(d < 1e-3, "split at {k}: max |logit diff| = {d}");
+        assert_eq!(argmax(&want), argmax(&got));
+
+        // The next token through the split path matches the fused path too.
+        let next = argmax(&got) as u32;
+        let mut h2 = e.embed(&[next], toks.len()).unwrap();
+        e.run_layers(0..k, &mut h2, &mut s).unwrap();
+        e.run_layers(k..n, &mut h2, &mut s).unwrap();
+        let got2 = e.head(&h2, Logits::Last, &mut s).unwrap();
+        let mut w2 = e.new_session(64).unwrap();
+        e.forward(&toks, Logits::Last, &mut w2).unwrap();
+        let want2 = e.forward(&[next], Logits::Last, &mut w2).unwrap();
+        let d2 = max_abs_diff(&want2, &got2);
+        assert!(
+            d2 < 1e-3,
+            "split at {k}, second token: max |logit diff| = {d2}"
+        );
+    }
+}
+
+#[test]
+fn batched_prompt_matches_token_by_token() {
+    let e = engine();
+    let toks = prompt();
+    let mut a = e.new_session(64).unwrap();
+    let batched = e.forward(&toks, Logits::All, &mut a).unwrap();
+    let mut b = e.new_session(64).unwrap();
+    let nv = e.info().n_vocab;
+    for (i, &t) in toks.iter().enumerate() {
+        let one = e.forward(&[t], Logits::Last, &mut b).unwrap();
+        let row = &batched[i * nv..(i + 1) * nv];
+        // Batched matmuls take a different (tiled) path than single-token ones.
+        let d = max_abs_diff(row, &one);
+        assert!(d < 0.05, "token {i}: max |logit diff| = {d}");
+        assert_eq!(argmax(row), argmax(&one), "token {i}");
+    }
+    assert_eq!(e.session_len(&a, 0), toks.len());
+}
+
+#[test]
+fn logits_last_equals_last_row_of_logits_all() {
+    let e = engine();
+    let toks = prompt();
+    let nv = e.info().n_vocab;
+    let mut a = e.new_session(64).unwrap();
+    let all = e.forward(&toks, Logits::All, &mut a).unwrap();
+    let mut b = e.new_session(64).unwrap();
+    let last = e.forward(&toks, Logits::Last, &mut b).unwrap();
+    assert_eq!(all.len(), toks.len() * nv);
+    assert!(max_abs_diff(&all[(toks.len() - 1) * nv..], &last) < 1e-4);
+}
+
+#[test]
+fn truncate_and_replay_reproduces_logits() {
+    let e = engine();
+    let toks = prompt();
+    let mut s = e.new_session(64).unwrap();
+    let first = e.forward(&toks, Logits::Last, &mut s).unwrap();
+    e.truncate_session(&mut s, 0);
+    assert_eq!(e.session_len(&s, 29), 0);
+    let again = e.forward(&toks, Logits::Last, &mut s).unwrap();
+    assert_eq!(first, again);
+}
+
+fn f16_to_f32(bits: u16) -> f32 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = ((bits >> 10) & 0x1f) as i32;
+    let frac = (bits & 0x3ff) as f32;
+    match exp {
+        0 => sign * frac * 2f32.powi(-24),
+        31 => sign * f32::INFINITY,
+        _ => sign * (1.0 + frac / 1024.0) * 2f32.powi(exp - 15),
+    }
+}
+
+/// Dequantize a Q4_1 matrix straight from the GGUF bytes (reference, in f64).
+fn dequant_q4_1(bytes: &[u8], rows: usize, cols: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for block in bytes.chunks_exact(20) {
+        let d = f16_to_f32(u16::from_le_bytes([block[0], block[1]])) as f64;
+        let m = f16_to_f32(u16::from_le_bytes([block[2], block[3]])) as f64;
+        let qs = &block[4..];
+        let mut vals = [0f64; 32];
+        for j in 0..16 {
+            vals[j] = d * (qs[j] & 0xf) as f64 + m;
+            vals[j + 16] = d * (qs[j] >> 4) as f64 + m;
+        }
+        out.extend_from_slice(&vals);
+    }
+    assert_eq!(out.len(), rows * cols);
+    out
+}
+
+#[test]
+fn projection_matches_a_dequantized_reference() {
+    let e = engine();
+    let w = e.weight(3, Projection::Q).unwrap();
+    assert_eq!(
+        w.ggml_type,
+        GgmlType::Q4_1,
+        "the default model's Q weights are Q4_1"
+    );
+    assert_eq!((w.rows, w.cols), (576, 576));
+    let wd = dequant_q4_1(w.bytes, w.rows, w.cols);
+    let x: Vec<f32> = (0..2 * w.cols)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let mut s = e.new_session(8).unwrap();
+    let y = e.project(3, Projection::Q, &x, &mut s).unwrap();
+    assert_eq!(y.len(), 2 * w.rows);
+    for t in 0..2 {
+        let xt = &x[t * w.cols..(t + 1) * w.cols];
+        let (mut num, mut den) = (0f64, 0f64);
+        for r in 0..w.rows {
+            let want: f64 = (0..w.cols).map(|c| wd[r * w.cols + c] * xt[c] as f64).sum();
+            let got = y[t * w.rows + r] as f64;
+            num += (got - want).powi(2);
+            den += want.powi(2);
+        }
+        // ggml quantizes the activations to 8 bits per block: ~1e-2 relative error.
+        let rel = (num / den).sqrt();
+        assert!(rel < 2e-2, "token {t}: relative L2 error {rel}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let e = engine();
+    let mut s = e.new_session(8).unwrap();
+    let nv = e.info().n_vocab as u32;
+    assert!(matches!(
+        e.forward(&[nv], Logits::Last, &mut s),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        e.forward(&[], Logits::Last, &mut s),
+        Err(Error::InvalidArgument(_))
+    ));
+    let too_long = vec![1u32; 9];
+    match e.forward(&too_long, Logits::Last, &mut s) {
+        Err(Error::ContextOverflow {
+            needed: 9,
+            capacity: 8,
+        }) => {}
+        other => panic!("expected a context overflow, got {other:?}"),
+    }
+    // Nothing was written by the failed calls.
+    assert_eq!(e.session_len(&s, 0), 0);
+    let mut h = e.embed(&[1, 2], 0).unwrap();
+    assert!(matches!(
+        e.run_layers(0..31, &mut h, &mut s),
+        Err(Error::InvalidArgument(_))
+    ));
+    e.run_layers(0..2, &mut h, &mut s).unwrap();
+    // Layer 2 has not seen positions 0..2: running 2..4 at position 2 is a mismatch.
+    let mut h2 = e.embed(&[3], 2).unwrap();
+    let err = e.run_layers(2..4, &mut h2, &mut s).unwrap_err();
+    assert!(err.to_string().contains("layer 2"), "{err}");
+    assert!(matches!(
+        e.weight(30, Projection::Q),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        e.project(0, Projection::Q, &[1.0; 5], &mut s),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn bad_files_are_typed_errors() {
+    let dir = std::env::temp_dir().join(format!("mesh-engine-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("missing.gguf");
+    let err = GgmlEngine::load(&missing, 1).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }));
+    assert!(err.to_string().contains("missing.gguf"), "{err}");
+
+    let bad_magic = dir.join("magic.gguf");
+    std::fs::write(&bad_magic, b"GGML\x03\x00\x00\x00 and then some bytes").unwrap();
+    assert!(matches!(
+        GgmlEngine::load(&bad_magic, 1),
+        Err(Error::Gguf(_))
+    ));
+
+    // The real model cut in half: the tensor data is out of bounds.
+    let bytes = std::fs::read(common::model_path()).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = GgmlEngine::load(&truncated, 1).unwrap_err();
+    assert!(matches!(err, Error::Gguf(_)), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

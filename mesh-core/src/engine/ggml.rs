@@ -15,6 +15,7 @@ use std::ptr::{self, NonNull};
 use ggml_sys_bleedingedge as sys;
 use memmap2::Mmap;
 
+use super::kernels;
 use super::model::{ModelInfo, RopeKind, Weights};
 use super::{Engine, Hidden, Logits, ModelId, Projection, WeightView};
 use crate::chat::ChatTemplate;
@@ -34,6 +35,9 @@ extern "C" {
 }
 
 type T = *mut sys::ggml_tensor;
+
+/// ggml's "use every thread" task count for custom ops.
+const N_TASKS_MAX: i32 = -1;
 
 /// Default number of compute threads: the machine's available parallelism.
 pub fn default_threads() -> usize {
@@ -437,7 +441,9 @@ impl GgmlEngine {
                 );
                 sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
 
-                let qp = sys::ggml_permute(ctx, q, 0, 2, 1, 3);
+                // Contiguous queries let ggml use its tiled (llamafile) F16 x F32 kernel for
+                // K·Q instead of one dot product per pair: ~10% of prompt time.
+                let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
                 let keys = sys::ggml_view_3d(
                     ctx,
                     kc,
@@ -449,7 +455,14 @@ impl GgmlEngine {
                     0,
                 );
                 let kq = sys::ggml_mul_mat(ctx, keys, qp);
-                let kq = sys::ggml_soft_max_ext(ctx, kq, kq_mask, ptr::null_mut(), kq_scale, 0.0);
+                let kq = sys::ggml_map_custom2(
+                    ctx,
+                    kq,
+                    kq_mask,
+                    Some(kernels::soft_max_op),
+                    N_TASKS_MAX,
+                    kernels::scale_to_userdata(kq_scale),
+                );
                 let values = sys::ggml_view_3d(
                     ctx,
                     vc,
@@ -467,9 +480,17 @@ impl GgmlEngine {
                 x = sys::ggml_add(ctx, attn, x);
 
                 let cur = sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.ffn_norm);
-                let gate = sys::ggml_silu(ctx, sys::ggml_mul_mat(ctx, lt.gate, cur));
+                let gate = sys::ggml_mul_mat(ctx, lt.gate, cur);
                 let up = sys::ggml_mul_mat(ctx, lt.up, cur);
-                let ffn = sys::ggml_mul_mat(ctx, lt.down, sys::ggml_mul(ctx, gate, up));
+                let act = sys::ggml_map_custom2(
+                    ctx,
+                    gate,
+                    up,
+                    Some(kernels::swiglu_op),
+                    N_TASKS_MAX,
+                    ptr::null_mut(),
+                );
+                let ffn = sys::ggml_mul_mat(ctx, lt.down, act);
                 x = sys::ggml_add(ctx, ffn, x);
             }
         }

@@ -10,6 +10,7 @@
 //! [`GgmlEngine`] implements the llama family (llama, mistral, qwen2) on ggml.
 
 mod ggml;
+mod kernels;
 mod model;
 
 use std::fmt;

@@ -660,7 +660,7 @@ impl Gguf {
             .checked_mul(MIN_TENSOR_INFO_LEN)
             .zip(n_kv.checked_mul(MIN_KV_LEN))
             .and_then(|(a, b)| a.checked_add(b));
-        if !need.is_some_and(|need| need <= r.remaining()) {
+        if need.is_none_or(|need| need > r.remaining()) {
             return Err(Error::Gguf(format!(
                 "header claims {n_tensors} tensors and {n_kv} metadata entries, which need at \
                  least {} bytes, but only {} bytes follow the header",
@@ -1082,7 +1082,7 @@ fn read_array(r: &mut Reader<'_>, depth: usize) -> Result<Array> {
     let at = r.pos;
     let count = r.u64("array length")?;
     let need = count.checked_mul(elem.min_size());
-    if !need.is_some_and(|need| need <= r.remaining()) {
+    if need.is_none_or(|need| need > r.remaining()) {
         return Err(Error::Gguf(format!(
             "array at offset 0x{at:x}: {count} {elem} elements need at least {} bytes, \
              {} left",

@@ -11,7 +11,9 @@ use mesh_core::Error;
 
 fn engine() -> &'static GgmlEngine {
     static E: OnceLock<GgmlEngine> = OnceLock::new();
-    E.get_or_init(|| GgmlEngine::load(common::model_path(), 2).expect("load default model"))
+    E.get_or_init(|| {
+        GgmlEngine::load(common::model_path(), common::THREADS).expect("load default model")
+    })
 }
 
 fn prompt() -> Vec<u32> {
@@ -256,4 +258,16 @@ fn bad_files_are_typed_errors() {
     let err = GgmlEngine::load(&truncated, 1).unwrap_err();
     assert!(matches!(err, Error::Gguf(_)), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn threads_agree() {
+    let toks = prompt();
+    let two = GgmlEngine::load(common::model_path(), 2).unwrap();
+    let mut s2 = two.new_session(64).unwrap();
+    let a = two.forward(&toks, Logits::All, &mut s2).unwrap();
+    let mut s1 = engine().new_session(64).unwrap();
+    let b = engine().forward(&toks, Logits::All, &mut s1).unwrap();
+    let d = max_abs_diff(&a, &b);
+    assert!(d < 1e-4, "1 vs 2 threads: max |logit diff| = {d}");
 }

@@ -44,7 +44,7 @@ fn top_logit_diff(ours: &[f32], top: &Value) -> f32 {
 #[test]
 fn greedy_tokens_and_logits_match_upstream_llama_cpp() {
     let g = golden();
-    let engine = GgmlEngine::load(common::model_path(), 2).unwrap();
+    let engine = GgmlEngine::load(common::model_path(), common::THREADS).unwrap();
     let prompts = g["generate"]["prompts"].as_array().unwrap();
     assert!(prompts.len() >= 4);
     let mut identical = 0;

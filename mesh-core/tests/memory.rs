@@ -22,7 +22,7 @@ fn peak_rss_while_generating_is_within_1_3x_model_plus_kv() {
         eprintln!("skipping: /proc/self/status has no VmHWM on this platform");
         return;
     };
-    let engine = GgmlEngine::load(common::model_path(), 2).unwrap();
+    let engine = GgmlEngine::load(common::model_path(), common::THREADS).unwrap();
     let ids = tokenize_prompt(&engine, &Prompt::Text("Once upon a time".into())).unwrap();
     let max_tokens = 96;
     let mut s = engine.new_session(ids.len() + max_tokens).unwrap();

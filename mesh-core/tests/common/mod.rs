@@ -16,3 +16,8 @@ pub fn model_path() -> PathBuf {
     })
     .clone()
 }
+
+/// Compute threads per engine in tests. The test harness already runs tests in
+/// parallel, and ggml's spin barrier degrades badly when its threads outnumber
+/// free cores, so each engine uses one; `threads_agree` covers multi-threading.
+pub const THREADS: usize = 1;

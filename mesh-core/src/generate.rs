@@ -31,19 +31,20 @@ pub enum Prompt {
 /// Tokenize a [`Prompt`] for `engine`.
 pub fn tokenize_prompt<E: Engine>(engine: &E, prompt: &Prompt) -> Result<Vec<u32>> {
     let tok = engine.tokenizer();
+    // Text that already starts with the BOS token's text (a chat template that
+    // writes it, or a raw prompt) gets no second BOS.
+    let special_text = |text: &str| {
+        let bos_text = tok
+            .bos()
+            .and_then(|b| tok.token_to_piece(b, true).ok())
+            .filter(|p| !p.is_empty());
+        let has_bos = bos_text.is_some_and(|b| text.as_bytes().starts_with(&b));
+        tok.encode(text, !has_bos, true)
+    };
     match prompt {
         Prompt::Text(s) => tok.encode(s, true, false),
-        Prompt::Raw(s) => tok.encode(s, true, true),
-        Prompt::Chat(messages) => {
-            let text = engine.chat_template().render(messages, true)?;
-            // The template writes BOS itself when the model wants one; do not add a second.
-            let bos_text = tok
-                .bos()
-                .and_then(|b| tok.token_to_piece(b, true).ok())
-                .filter(|p| !p.is_empty());
-            let has_bos = bos_text.is_some_and(|b| text.as_bytes().starts_with(&b));
-            tok.encode(&text, !has_bos, true)
-        }
+        Prompt::Raw(s) => special_text(s),
+        Prompt::Chat(messages) => special_text(&engine.chat_template().render(messages, true)?),
         Prompt::Tokens(t) => Ok(t.clone()),
     }
 }
@@ -151,25 +152,32 @@ impl Utf8Stream {
 }
 
 /// Evaluate `tokens` into the session in batches; returns the last token's logits.
+/// `cancel` is checked between batches ([`Error::Cancelled`]).
 pub fn process_prompt<E: Engine>(
     engine: &E,
     session: &mut E::Session,
     tokens: &[u32],
     batch: usize,
+    cancel: Option<&AtomicBool>,
 ) -> Result<Vec<f32>> {
     if tokens.is_empty() {
         return Err(Error::InvalidArgument("the prompt has no tokens".into()));
     }
     let mut logits = Vec::new();
     for chunk in tokens.chunks(batch.max(1)) {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Cancelled);
+        }
         logits = engine.forward(chunk, Logits::Last, session)?;
     }
     Ok(logits)
 }
 
 /// Generate from `prompt_ids` appended to `session`, calling `on_text` with each
-/// piece of text as it becomes valid UTF-8 (return `false` to stop). `cancel`
-/// may be set from another thread.
+/// piece of text as it becomes valid UTF-8 (return `false` to stop; it is not
+/// called again). `cancel` may be set from another thread: it is checked between
+/// prompt batches ([`Error::Cancelled`]) and between generated tokens
+/// ([`StopReason::Cancelled`]).
 pub fn generate<E: Engine>(
     engine: &E,
     session: &mut E::Session,
@@ -183,7 +191,7 @@ pub fn generate<E: Engine>(
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
     let t0 = Instant::now();
-    let mut logits = process_prompt(engine, session, prompt_ids, params.batch)?;
+    let mut logits = process_prompt(engine, session, prompt_ids, params.batch, cancel)?;
     let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let t1 = Instant::now();
@@ -216,8 +224,9 @@ pub fn generate<E: Engine>(
         }
         logits = engine.forward(&[next], Logits::Last, session)?;
     }
+    // Flush an incomplete trailing character, unless the callback said stop.
     let rest = stream.finish();
-    if !rest.is_empty() {
+    if !rest.is_empty() && stop != StopReason::Callback {
         on_text(&rest);
     }
     Ok(GenerateOutput {
@@ -324,7 +333,7 @@ pub fn bench<E: Engine>(
     for _ in 0..runs.max(1) {
         engine.truncate_session(session, 0);
         let t = Instant::now();
-        let logits = process_prompt(engine, session, &tokens, prompt_tokens.max(1))?;
+        let logits = process_prompt(engine, session, &tokens, prompt_tokens.max(1), None)?;
         pp.push(tokens.len() as f64 / t.elapsed().as_secs_f64());
         check_finite(&logits)?;
 

@@ -271,3 +271,55 @@ fn threads_agree() {
     let d = max_abs_diff(&a, &b);
     assert!(d < 1e-4, "1 vs 2 threads: max |logit diff| = {d}");
 }
+
+#[test]
+fn generation_stops_when_asked_and_never_calls_back_after() {
+    use mesh_core::generate::{generate, GenerateParams, StopReason};
+    use std::sync::atomic::AtomicBool;
+    let e = engine();
+    let toks = prompt();
+    let params = GenerateParams {
+        max_tokens: 32,
+        sampler: mesh_core::sampling::SamplerParams::greedy(),
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let mut s = e.new_session(64).unwrap();
+    let mut calls = 0;
+    let out = generate(e, &mut s, &toks, &params, None, &mut |_| {
+        calls += 1;
+        calls < 3
+    })
+    .unwrap();
+    assert_eq!(out.stop, StopReason::Callback);
+    assert_eq!(
+        calls, 3,
+        "the callback is not called after it returned false"
+    );
+
+    let cancel = AtomicBool::new(true);
+    let mut s = e.new_session(64).unwrap();
+    let err = generate(e, &mut s, &toks, &params, Some(&cancel), &mut |_| true).unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+}
+
+#[test]
+fn raw_and_chat_prompts_parse_special_tokens_once() {
+    use mesh_core::chat::ChatMessage;
+    use mesh_core::generate::{tokenize_prompt, Prompt};
+    let e = engine();
+    let raw = tokenize_prompt(e, &Prompt::Raw("<|im_start|>user\nHi<|im_end|>\n".into())).unwrap();
+    assert_eq!(raw.iter().filter(|&&t| t == 1).count(), 1, "{raw:?}");
+    assert_eq!(raw[0], 1);
+    let text = tokenize_prompt(e, &Prompt::Text("<|im_start|>".into())).unwrap();
+    assert!(
+        !text.contains(&1),
+        "plain text keeps special-token text as text: {text:?}"
+    );
+    let chat = tokenize_prompt(e, &Prompt::Chat(vec![ChatMessage::new("user", "Hi")])).unwrap();
+    let rendered = e
+        .chat_template()
+        .render(&[ChatMessage::new("user", "Hi")], true)
+        .unwrap();
+    assert_eq!(chat, e.tokenizer().encode(&rendered, false, true).unwrap());
+}

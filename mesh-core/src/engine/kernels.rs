@@ -104,19 +104,38 @@ dispatch!(swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
 });
 
 dispatch!(soft_max_row(o: &mut [f32], x: &[f32], m: &[f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
+    // Masked (-inf) entries past the last visible key are exact zeros: skip them.
+    let len = m.iter().rposition(|&v| v != f32::NEG_INFINITY).map_or(0, |p| p + 1);
+    let (o, tail) = o.split_at_mut(len);
+    tail.fill(0.0);
     for (o, (&x, &m)) in o.iter_mut().zip(x.iter().zip(m)) {
         *o = x * scale + m;
-        max = max.max(*o);
     }
-    let mut sum = 0f64;
-    for o in o.iter_mut() {
-        *o = exp_f32(*o - max);
-        sum += *o as f64;
+    // Eight independent lanes so the reductions vectorize.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = o.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
     }
-    let inv = (1.0 / sum) as f32;
-    for o in o.iter_mut() {
-        *o *= inv;
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let mut sums = [0f32; 8];
+    let mut chunks = o.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c) {
+            *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp_f32(*v - max) };
+            *s += *v;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp_f32(*v - max) };
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in o.iter_mut() {
+        *v *= inv;
     }
 });
 
@@ -164,6 +183,58 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn soft_max_matches_an_f64_reference() {
+        for n in [1usize, 5, 8, 13, 64, 100] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 23) as f32 - 11.0) * 0.7)
+                .collect();
+            // Causal-style mask: the last third is hidden, plus one hole inside.
+            let mut m = vec![0f32; n];
+            for v in m.iter_mut().skip(n - n / 3) {
+                *v = f32::NEG_INFINITY;
+            }
+            if n > 4 {
+                m[1] = f32::NEG_INFINITY;
+            }
+            let mut o = vec![f32::NAN; n];
+            soft_max_row(&mut o, &x, &m, 0.125);
+            let z: Vec<f64> = x
+                .iter()
+                .zip(&m)
+                .map(|(&x, &m)| x as f64 * 0.125 + m as f64)
+                .collect();
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+            for (j, (&got, v)) in o.iter().zip(&z).enumerate() {
+                let want = (v - max).exp() / sum;
+                assert!(
+                    (got as f64 - want).abs() < 1e-6,
+                    "n={n} j={j}: {got} vs {want}"
+                );
+                if m[j] == f32::NEG_INFINITY {
+                    assert_eq!(got, 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_definition() {
+        let g: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 9.0).collect();
+        let u: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.1).collect();
+        let mut o = vec![0f32; 37];
+        swiglu(&mut o, &g, &u);
+        for i in 0..37 {
+            let (g, u) = (g[i] as f64, u[i] as f64);
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (o[i] as f64 - want).abs() < 1e-6 * want.abs().max(1.0),
+                "{i}"
+            );
+        }
     }
 
     #[test]

@@ -169,11 +169,7 @@ pub unsafe extern "C" fn mesh_model_n_layers(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        ffi::out(out, "out")?.write(model.info().n_layers);
-        Ok(())
-    })
+    info_usize(model, out, |i| i.n_layers)
 }
 
 /// Context length the model was trained with, into `*out`.
@@ -184,11 +180,7 @@ pub unsafe extern "C" fn mesh_model_n_ctx_train(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        ffi::out(out, "out")?.write(model.info().n_ctx_train);
-        Ok(())
-    })
+    info_usize(model, out, |i| i.n_ctx_train)
 }
 
 /// Vocabulary size (token ids are `0 .. n_vocab - 1`), into `*out`.
@@ -199,11 +191,7 @@ pub unsafe extern "C" fn mesh_model_n_vocab(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        ffi::out(out, "out")?.write(model.info().n_vocab);
-        Ok(())
-    })
+    info_usize(model, out, |i| i.n_vocab)
 }
 
 /// Embedding (hidden state) width, into `*out`.
@@ -214,9 +202,24 @@ pub unsafe extern "C" fn mesh_model_n_embd(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
+    info_usize(model, out, |i| i.n_embd)
+}
+
+/// Write one number of the model's metadata to `*out`: the shared body of the
+/// `mesh_model_n_*` getters.
+///
+/// # Safety
+/// As for those getters: `model` is NULL or a live model, `out` NULL or writable.
+unsafe fn info_usize(
+    model: *const mesh_model,
+    out: *mut usize,
+    field: impl Fn(&mesh_core::engine::ModelInfo) -> usize,
+) -> mesh_status {
     boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        ffi::out(out, "out")?.write(model.info().n_embd);
+        // SAFETY: the caller's contract, stated above.
+        let model = unsafe { ffi::handle(model, "model")? };
+        // SAFETY: as above.
+        unsafe { ffi::out(out, "out")? }.write(field(model.info()));
         Ok(())
     })
 }

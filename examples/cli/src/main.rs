@@ -181,18 +181,9 @@ fn run(command: Command) -> Result<(), BoxError> {
         } => {
             let engine = load(&model, threads)?;
             let prompt = if chat {
-                let mut messages = Vec::new();
-                if let Some(system) = system {
-                    messages.push(ChatMessage {
-                        role: "system".into(),
-                        content: system,
-                    });
-                }
-                messages.push(ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                });
-                Prompt::Chat(messages)
+                let system = system.map(|s| ChatMessage::new("system", s));
+                let user = ChatMessage::new("user", prompt);
+                Prompt::Chat(system.into_iter().chain([user]).collect())
             } else if raw {
                 Prompt::Raw(prompt)
             } else {

@@ -12,12 +12,14 @@
 mod ggml;
 mod kernels;
 mod model;
+mod quant;
 
 use std::fmt;
 use std::ops::Range;
 
 pub use self::ggml::{GgmlEngine, GgmlSession};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};
+pub use self::quant::{dequantize, quantize, QUANT_TYPES};
 use crate::chat::ChatTemplate;
 use crate::gguf::GgmlType;
 use crate::tokenizer::Tokenizer;

@@ -1,0 +1,470 @@
+// Kotlin/JVM bindings for the mesh-llm C API (include/mesh.h), over JNA.
+//
+//     Model.load("default", nThreads = 1).use { model ->
+//         model.newContext(nThreads = 1).use { ctx ->
+//             val out = ctx.generate("Hello", chat = true, maxTokens = 32) { piece ->
+//                 print(piece); true
+//             }
+//             println("\n${out.generatedTokens} tokens, ${out.stopReason}")
+//         }
+//     }
+//
+// The library libmesh_ffi.so is taken from $MESH_LIB (a file path), else from
+// $CARGO_TARGET_DIR/debug or ~/.cache/mesh-llm/target/debug, else looked up by
+// JNA as "mesh_ffi" (jna.library.path, LD_LIBRARY_PATH).
+//
+// Threads: a Model may be used from any thread. A Context runs one generate
+// at a time; cancel() may be called from any thread, or from the callback.
+package meshllm
+
+import com.sun.jna.Callback
+import com.sun.jna.IntegerType
+import com.sun.jna.Library
+import com.sun.jna.Memory
+import com.sun.jna.Native
+import com.sun.jna.Pointer
+import com.sun.jna.Structure
+import com.sun.jna.ptr.ByReference
+import com.sun.jna.ptr.PointerByReference
+import java.io.Closeable
+import java.io.File
+
+/** The MESH_ABI_VERSION of the include/mesh.h these bindings were written for. */
+const val MESH_ABI_VERSION = 1
+
+/** C `size_t`. */
+class SizeT(value: Long = 0) : IntegerType(Native.SIZE_T_SIZE, value, true) {
+    override fun toByte(): Byte = toLong().toByte()
+    override fun toChar(): Char = toLong().toChar()
+    override fun toShort(): Short = toLong().toShort()
+}
+
+/** C `size_t *` out-parameter. */
+class SizeTByReference : ByReference(Native.SIZE_T_SIZE) {
+    val value: Long
+        get() = if (Native.SIZE_T_SIZE == 8) pointer.getLong(0) else pointer.getInt(0).toLong() and 0xffffffffL
+}
+
+// --- C structs, field for field as in include/mesh.h (C bool = Byte) ---------
+
+@Structure.FieldOrder("struct_size", "n_threads")
+open class MeshModelParams : Structure() {
+    @JvmField var struct_size = SizeT()
+    @JvmField var n_threads = SizeT()
+    class ByValue : MeshModelParams(), Structure.ByValue
+}
+
+@Structure.FieldOrder("role", "content")
+open class MeshChatMessage : Structure() {
+    @JvmField var role: Pointer? = null
+    @JvmField var content: Pointer? = null
+}
+
+@Structure.FieldOrder("struct_size", "n_ctx", "n_threads")
+open class MeshContextParams : Structure() {
+    @JvmField var struct_size = SizeT()
+    @JvmField var n_ctx = SizeT()
+    @JvmField var n_threads = SizeT()
+    class ByValue : MeshContextParams(), Structure.ByValue
+}
+
+@Structure.FieldOrder(
+    "struct_size", "max_tokens", "temperature", "top_k", "top_p", "min_p",
+    "repeat_penalty", "repeat_last_n", "seed", "ignore_eos", "chat", "raw"
+)
+open class MeshGenerateParams : Structure() {
+    @JvmField var struct_size = SizeT()
+    @JvmField var max_tokens = SizeT()
+    @JvmField var temperature: Float = 0f
+    @JvmField var top_k = SizeT()
+    @JvmField var top_p: Float = 0f
+    @JvmField var min_p: Float = 0f
+    @JvmField var repeat_penalty: Float = 0f
+    @JvmField var repeat_last_n = SizeT()
+    @JvmField var seed: Long = 0
+    @JvmField var ignore_eos: Byte = 0
+    @JvmField var chat: Byte = 0
+    @JvmField var raw: Byte = 0
+    class ByValue : MeshGenerateParams(), Structure.ByValue
+}
+
+@Structure.FieldOrder("struct_size", "prompt_tokens", "generated_tokens", "prompt_ms", "generate_ms", "stop_reason")
+open class MeshGenerateStats : Structure() {
+    @JvmField var struct_size = SizeT()
+    @JvmField var prompt_tokens = SizeT()
+    @JvmField var generated_tokens = SizeT()
+    @JvmField var prompt_ms: Double = 0.0
+    @JvmField var generate_ms: Double = 0.0
+    @JvmField var stop_reason: Int = 0
+}
+
+/** `mesh_token_callback`. */
+interface MeshTokenCallback : Callback {
+    fun invoke(userdata: Pointer?, piece: Pointer?, len: SizeT): Byte
+}
+
+/** The raw C functions. Strings are passed as NUL-terminated UTF-8 [Memory]. */
+@Suppress("FunctionName")
+interface MeshLib : Library {
+    fun mesh_abi_version(): Int
+    fun mesh_status_str(status: Int): String
+    fun mesh_last_error_message(buf: Pointer?, cap: SizeT, nOut: SizeTByReference): Int
+    fun mesh_model_params_default(): MeshModelParams.ByValue
+    fun mesh_model_load(path: Pointer, params: MeshModelParams?, out: PointerByReference): Int
+    fun mesh_model_retain(model: Pointer): Int
+    fun mesh_model_free(model: Pointer?)
+    fun mesh_model_architecture(model: Pointer, buf: Pointer?, cap: SizeT, nOut: SizeTByReference): Int
+    fun mesh_model_id(model: Pointer, buf: Pointer?, cap: SizeT, nOut: SizeTByReference): Int
+    fun mesh_model_n_layers(model: Pointer, out: SizeTByReference): Int
+    fun mesh_model_n_ctx_train(model: Pointer, out: SizeTByReference): Int
+    fun mesh_model_n_vocab(model: Pointer, out: SizeTByReference): Int
+    fun mesh_model_n_embd(model: Pointer, out: SizeTByReference): Int
+    fun mesh_tokenize(
+        model: Pointer, text: Pointer, addSpecial: Byte, parseSpecial: Byte,
+        buf: Pointer?, cap: SizeT, nOut: SizeTByReference
+    ): Int
+    fun mesh_detokenize(
+        model: Pointer, ids: Pointer?, nIds: SizeT, special: Byte,
+        buf: Pointer?, cap: SizeT, nOut: SizeTByReference
+    ): Int
+    fun mesh_chat_apply_template(
+        model: Pointer, messages: Pointer?, nMessages: SizeT, addGenerationPrompt: Byte,
+        buf: Pointer?, cap: SizeT, nOut: SizeTByReference
+    ): Int
+    fun mesh_context_params_default(): MeshContextParams.ByValue
+    fun mesh_generate_params_default(): MeshGenerateParams.ByValue
+    fun mesh_context_new(model: Pointer, params: Pointer?, out: PointerByReference): Int
+    fun mesh_context_free(ctx: Pointer?)
+    fun mesh_context_n_ctx(ctx: Pointer, out: SizeTByReference): Int
+    fun mesh_generate(
+        ctx: Pointer, prompt: Pointer, params: Pointer?, cb: MeshTokenCallback?,
+        userdata: Pointer?, stats: Pointer?
+    ): Int
+    fun mesh_context_cancel(ctx: Pointer): Int
+}
+
+/** Status codes (mesh_status); unknown values may appear. */
+object MeshStatus {
+    const val OK = 0
+    const val BUFFER_TOO_SMALL = 5
+    const val INVALID_ARG = 6
+    const val BUSY = 7
+    const val IO = 8
+    const val CANCELLED = 16
+}
+
+enum class StopReason { END_OF_GENERATION, MAX_TOKENS, CALLBACK, UNKNOWN }
+
+/** A mesh function failed: [status] is the mesh_status, [statusName] its name. */
+open class MeshException(val status: Int, val statusName: String, val detail: String, what: String) :
+    RuntimeException((if (what == "") "" else "$what: ") + "$statusName: $detail")
+
+/** [Context.cancel] stopped a generation; [text] is what was generated until then. */
+class CancelledException(status: Int, statusName: String, detail: String, what: String, val text: String) :
+    MeshException(status, statusName, detail, what)
+
+/** Loads libmesh_ffi once and checks its ABI version. */
+object Mesh {
+    val lib: MeshLib by lazy { load() }
+
+    private fun load(): MeshLib {
+        val env = System.getenv("MESH_LIB")
+        val candidates = mutableListOf<File>()
+        if (!env.isNullOrEmpty()) candidates.add(File(env))
+        System.getenv("CARGO_TARGET_DIR")?.let { candidates.add(File(it, "debug/libmesh_ffi.so")) }
+        candidates.add(File(System.getProperty("user.home"), ".cache/mesh-llm/target/debug/libmesh_ffi.so"))
+        val found = candidates.firstOrNull { it.isFile }
+        if (!env.isNullOrEmpty() && found?.path != env) throw UnsatisfiedLinkError("MESH_LIB=$env: no such file")
+        val lib = Native.load(found?.absolutePath ?: "mesh_ffi", MeshLib::class.java)
+        val abi = lib.mesh_abi_version()
+        if (abi != MESH_ABI_VERSION) {
+            throw UnsatisfiedLinkError("libmesh_ffi has C ABI version $abi, these bindings were written for $MESH_ABI_VERSION")
+        }
+        // The structs above must have the library's layout.
+        check(lib.mesh_model_params_default().struct_size.toLong() == MeshModelParams().size().toLong()) { "mesh_model_params layout" }
+        check(lib.mesh_context_params_default().struct_size.toLong() == MeshContextParams().size().toLong()) { "mesh_context_params layout" }
+        check(lib.mesh_generate_params_default().struct_size.toLong() == MeshGenerateParams().size().toLong()) { "mesh_generate_params layout" }
+        return lib
+    }
+
+    /** mesh_abi_version() of the loaded library. */
+    fun abiVersion(): Int = lib.mesh_abi_version()
+
+    internal fun lastError(): String {
+        val buf = Memory(1024)
+        val n = SizeTByReference()
+        lib.mesh_last_error_message(buf, SizeT(buf.size()), n)
+        return buf.getString(0, "UTF-8")
+    }
+
+    /** Throws unless [status] is OK; reads the message on this (the failing) thread. */
+    internal fun check(status: Int, what: String, partial: String = "") {
+        if (status == MeshStatus.OK) return
+        val msg = lastError()
+        val name = lib.mesh_status_str(status)
+        if (status == MeshStatus.CANCELLED) throw CancelledException(status, name, msg, what, partial)
+        throw MeshException(status, name, msg, what)
+    }
+
+    internal fun cstr(s: String): Memory {
+        val bytes = s.toByteArray(Charsets.UTF_8)
+        val m = Memory(bytes.size + 1L)
+        m.write(0, bytes, 0, bytes.size)
+        m.setByte(bytes.size.toLong(), 0)
+        return m
+    }
+
+    /** Calls a (…, buf, cap, n_out) function, growing the buffer when told; bytes without the NUL. */
+    internal fun bufferCall(what: String, firstCap: Long, call: (Pointer, SizeT, SizeTByReference) -> Int): ByteArray {
+        var cap = maxOf(firstCap, 16L)
+        repeat(3) {
+            val buf = Memory(cap)
+            val n = SizeTByReference()
+            val st = call(buf, SizeT(cap), n)
+            if (st == MeshStatus.BUFFER_TOO_SMALL && n.value > cap) {
+                cap = n.value
+                return@repeat
+            }
+            check(st, what)
+            return buf.getByteArray(0, n.value.toInt())
+        }
+        throw MeshException(MeshStatus.BUFFER_TOO_SMALL, "MESH_STATUS_BUFFER_TOO_SMALL", "buffer size kept changing", what)
+    }
+}
+
+private fun Boolean.toByte(): Byte = if (this) 1 else 0
+
+/** A loaded GGUF model (mesh_model). Close it when done; contexts keep their own reference. */
+class Model private constructor(private var handle: Pointer?, val path: String) : Closeable {
+    companion object {
+        /** Loads [path] (a .gguf file, or "default": SmolLM2-135M-Instruct, fetched once). */
+        fun load(path: String = "default", nThreads: Long? = null): Model {
+            val lib = Mesh.lib
+            val params = MeshModelParams()
+            val defaults = lib.mesh_model_params_default()
+            params.struct_size = defaults.struct_size
+            params.n_threads = if (nThreads != null) SizeT(nThreads) else defaults.n_threads
+            val out = PointerByReference()
+            Mesh.check(lib.mesh_model_load(Mesh.cstr(path), params, out), "loading model '$path'")
+            return Model(out.value, path)
+        }
+    }
+
+    internal fun ptr(): Pointer = handle ?: throw IllegalStateException("model has been closed")
+
+    /** Releases this reference. Idempotent. */
+    @Synchronized
+    override fun close() {
+        val h = handle ?: return
+        handle = null
+        Mesh.lib.mesh_model_free(h)
+    }
+
+    private fun size(f: (Pointer, SizeTByReference) -> Int, what: String): Long {
+        val out = SizeTByReference()
+        Mesh.check(f(ptr(), out), what)
+        return out.value
+    }
+
+    /** general.architecture, e.g. "llama". */
+    val arch: String
+        get() = String(Mesh.bufferCall("architecture", 64) { b, c, n -> Mesh.lib.mesh_model_architecture(ptr(), b, c, n) }, Charsets.UTF_8)
+
+    /** BLAKE3 hash of the GGUF file, 64 hex digits. */
+    val id: String
+        get() = String(Mesh.bufferCall("model id", 65) { b, c, n -> Mesh.lib.mesh_model_id(ptr(), b, c, n) }, Charsets.UTF_8)
+
+    val nLayers: Long get() = size(Mesh.lib::mesh_model_n_layers, "n_layers")
+    val nCtxTrain: Long get() = size(Mesh.lib::mesh_model_n_ctx_train, "n_ctx_train")
+    val nVocab: Long get() = size(Mesh.lib::mesh_model_n_vocab, "n_vocab")
+    val nEmbd: Long get() = size(Mesh.lib::mesh_model_n_embd, "n_embd")
+
+    /** Token ids of [text]. */
+    fun tokenize(text: String, addSpecial: Boolean = true, parseSpecial: Boolean = false): IntArray {
+        val t = Mesh.cstr(text)
+        var cap = t.size() + 8
+        repeat(3) {
+            val buf = Memory(cap * 4)
+            val n = SizeTByReference()
+            val st = Mesh.lib.mesh_tokenize(ptr(), t, addSpecial.toByte(), parseSpecial.toByte(), buf, SizeT(cap), n)
+            if (st == MeshStatus.BUFFER_TOO_SMALL && n.value > cap) {
+                cap = n.value
+                return@repeat
+            }
+            Mesh.check(st, "tokenize")
+            return buf.getIntArray(0, n.value.toInt())
+        }
+        throw MeshException(MeshStatus.BUFFER_TOO_SMALL, "MESH_STATUS_BUFFER_TOO_SMALL", "buffer size kept changing", "tokenize")
+    }
+
+    /** The bytes of [ids] (may end inside a UTF-8 character). */
+    fun detokenizeBytes(ids: IntArray, special: Boolean = false): ByteArray {
+        val arr = if (ids.isEmpty()) null else Memory(ids.size * 4L).also { it.write(0, ids, 0, ids.size) }
+        return Mesh.bufferCall("detokenize", ids.size * 8L) { b, c, n ->
+            Mesh.lib.mesh_detokenize(ptr(), arr, SizeT(ids.size.toLong()), special.toByte(), b, c, n)
+        }
+    }
+
+    /** The text of [ids] (invalid UTF-8 replaced). */
+    fun detokenize(ids: IntArray, special: Boolean = false): String = String(detokenizeBytes(ids, special), Charsets.UTF_8)
+
+    /** Renders (role, content) turns with the model's chat template. */
+    fun applyChatTemplate(messages: List<Pair<String, String>>, addGenerationPrompt: Boolean = true): String {
+        val keep = ArrayList<Memory>()
+        var arr: Pointer? = null
+        if (messages.isNotEmpty()) {
+            @Suppress("UNCHECKED_CAST")
+            val structs = MeshChatMessage().toArray(messages.size) as Array<MeshChatMessage>
+            messages.forEachIndexed { i, (role, content) ->
+                structs[i].role = Mesh.cstr(role).also { keep.add(it) }
+                structs[i].content = Mesh.cstr(content).also { keep.add(it) }
+                structs[i].write()
+            }
+            arr = structs[0].pointer
+        }
+        val guess = 256L + messages.sumBy { it.first.length + it.second.length } * 4L
+        val bytes = Mesh.bufferCall("chat template", guess) { b, c, n ->
+            Mesh.lib.mesh_chat_apply_template(ptr(), arr, SizeT(messages.size.toLong()), addGenerationPrompt.toByte(), b, c, n)
+        }
+        keep.clear()
+        return String(bytes, Charsets.UTF_8)
+    }
+
+    /** A new generation context over this model. */
+    fun newContext(nCtx: Long? = null, nThreads: Long? = null): Context = Context(this, nCtx, nThreads)
+
+    override fun toString(): String = if (handle == null) "Model($path, closed)" else "Model($path, $arch, $nLayers layers)"
+}
+
+/** What [Context.generate] returns. */
+data class Generation(
+    val text: String,
+    val promptTokens: Long,
+    val generatedTokens: Long,
+    val promptMs: Double,
+    val generateMs: Double,
+    val stopReason: StopReason
+)
+
+/** A KV cache over a model (mesh_context); every generate starts from an empty cache. */
+class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) : Closeable {
+    private var handle: Pointer?
+    private var active = 0
+    private val lock = Object()
+
+    init {
+        val lib = Mesh.lib
+        val d = lib.mesh_context_params_default()
+        val params = MeshContextParams()
+        params.struct_size = d.struct_size
+        params.n_ctx = if (nCtx != null) SizeT(nCtx) else d.n_ctx
+        params.n_threads = if (nThreads != null) SizeT(nThreads) else d.n_threads
+        params.write()
+        val out = PointerByReference()
+        Mesh.check(lib.mesh_context_new(model.ptr(), params.pointer, out), "creating context")
+        handle = out.value
+    }
+
+    val nCtx: Long
+        get() {
+            val out = SizeTByReference()
+            Mesh.check(Mesh.lib.mesh_context_n_ctx(synchronized(lock) { handle } ?: throw IllegalStateException("context has been closed"), out), "n_ctx")
+            return out.value
+        }
+
+    /** Frees the context. Idempotent; throws while a generate runs. */
+    override fun close() {
+        val h = synchronized(lock) {
+            check(active == 0) { "cannot close a context while it is generating" }
+            val h = handle
+            handle = null
+            h
+        } ?: return
+        Mesh.lib.mesh_context_free(h)
+    }
+
+    /** Stops the running generate (it throws [CancelledException]); any thread, also from the callback. */
+    fun cancel() {
+        val h = synchronized(lock) { handle } ?: return
+        Mesh.check(Mesh.lib.mesh_context_cancel(h), "cancel")
+    }
+
+    /**
+     * Generates text after [prompt]; null means the library's default.
+     * [chat]: render the prompt as one user message with the chat template.
+     * [raw]: (chat false) parse special-token text in the prompt.
+     * [temperature] <= 0 is greedy. [onPiece] gets each piece of text as it is
+     * produced; returning false stops (stopReason CALLBACK). An exception
+     * thrown by it stops generation and is rethrown here.
+     */
+    fun generate(
+        prompt: String,
+        chat: Boolean = false,
+        maxTokens: Long? = null,
+        temperature: Float? = null,
+        seed: Long? = null,
+        raw: Boolean = false,
+        topK: Long? = null,
+        topP: Float? = null,
+        minP: Float? = null,
+        repeatPenalty: Float? = null,
+        repeatLastN: Long? = null,
+        ignoreEos: Boolean = false,
+        onPiece: ((String) -> Boolean)? = null
+    ): Generation {
+        val lib = Mesh.lib
+        val d = lib.mesh_generate_params_default()
+        val p = MeshGenerateParams()
+        p.struct_size = d.struct_size
+        p.max_tokens = if (maxTokens != null) SizeT(maxTokens) else d.max_tokens
+        p.temperature = temperature ?: d.temperature
+        p.top_k = if (topK != null) SizeT(topK) else d.top_k
+        p.top_p = topP ?: d.top_p
+        p.min_p = minP ?: d.min_p
+        p.repeat_penalty = repeatPenalty ?: d.repeat_penalty
+        p.repeat_last_n = if (repeatLastN != null) SizeT(repeatLastN) else d.repeat_last_n
+        p.seed = seed ?: d.seed
+        p.ignore_eos = ignoreEos.toByte()
+        p.chat = chat.toByte()
+        p.raw = raw.toByte()
+        p.write()
+        val stats = MeshGenerateStats()
+        stats.struct_size = SizeT(stats.size().toLong())
+        stats.write()
+
+        val text = StringBuilder()
+        var error: Throwable? = null
+        val cb = object : MeshTokenCallback {
+            override fun invoke(userdata: Pointer?, piece: Pointer?, len: SizeT): Byte {
+                return try {
+                    val s = if (piece == null) "" else String(piece.getByteArray(0, len.toInt()), Charsets.UTF_8)
+                    text.append(s)
+                    if (onPiece == null || onPiece(s)) 1 else 0
+                } catch (e: Throwable) { // never unwind into the library
+                    error = e
+                    0
+                }
+            }
+        }
+        val promptMem = Mesh.cstr(prompt)
+        val h = synchronized(lock) {
+            val h = handle ?: throw IllegalStateException("context has been closed")
+            active++
+            h
+        }
+        val st = try {
+            lib.mesh_generate(h, promptMem, p.pointer, cb, null, stats.pointer)
+        } finally {
+            synchronized(lock) { active-- }
+            java.lang.ref.Reference.reachabilityFence(cb)
+        }
+        error?.let { throw it }
+        Mesh.check(st, "generate", text.toString())
+        stats.read()
+        val reason = StopReason.values().getOrElse(stats.stop_reason) { StopReason.UNKNOWN }
+        return Generation(
+            text.toString(), stats.prompt_tokens.toLong(), stats.generated_tokens.toLong(),
+            stats.prompt_ms, stats.generate_ms, reason
+        )
+    }
+}

@@ -1,0 +1,132 @@
+// Smoke tests of the Kotlin bindings against a real model; prints
+// "N passed, M failed" and exits non-zero on any failure.
+// Model: $MESH_MODEL, else "default". One compute thread (ggml's spin barrier
+// collapses when oversubscribed).
+package meshllm
+
+import kotlin.system.exitProcess
+
+private var passed = 0
+private var failed = 0
+
+private fun test(name: String, body: () -> Unit) {
+    try {
+        body()
+        passed++
+        println("ok   $name")
+    } catch (e: Throwable) {
+        failed++
+        println("FAIL $name: $e")
+    }
+}
+
+private fun expect(cond: Boolean, what: () -> String) {
+    if (!cond) throw AssertionError(what())
+}
+
+fun main() {
+    val modelPath = System.getenv("MESH_MODEL") ?: "default"
+
+    test("abi version") { expect(Mesh.abiVersion() == MESH_ABI_VERSION) { "abi ${Mesh.abiVersion()}" } }
+
+    test("bad path throws, naming the path") {
+        val bad = "/nonexistent/dir/no-such-model.gguf"
+        try {
+            Model.load(bad).close()
+            throw AssertionError("no exception")
+        } catch (e: MeshException) {
+            expect(bad in (e.message ?: "")) { "message: ${e.message}" }
+            expect(e.status == MeshStatus.IO) { "status ${e.statusName}" }
+        }
+    }
+
+    val model = try {
+        Model.load(modelPath, nThreads = 1)
+    } catch (e: Throwable) {
+        failed++
+        println("FAIL load $modelPath: $e")
+        println("$passed passed, $failed failed")
+        exitProcess(1)
+    }
+    model.use {
+        test("load") {
+            expect(model.arch == "llama") { "arch ${model.arch}" }
+            expect(model.nLayers > 0) { "n_layers ${model.nLayers}" }
+            expect(model.id.length == 64) { "id ${model.id}" }
+            expect(model.nVocab > 1000) { "n_vocab ${model.nVocab}" }
+        }
+
+        test("tokenize/detokenize round trip") {
+            val text = "Hello, world! Ünïcödé ✓"
+            val ids = model.tokenize(text, addSpecial = false)
+            expect(ids.isNotEmpty()) { "no ids" }
+            expect(model.detokenize(ids) == text) { "got '${model.detokenize(ids)}'" }
+            val long = List(500) { "tok" }.joinToString(" ")
+            expect(model.detokenize(model.tokenize(long, addSpecial = false)) == long) { "long text" }
+        }
+
+        test("chat template contains the user text") {
+            val prompt = model.applyChatTemplate(listOf("user" to "What is the capital of France?"))
+            expect("What is the capital of France?" in prompt) { prompt }
+        }
+
+        model.newContext(nCtx = 512, nThreads = 1).use { ctx ->
+            test("generate 8 greedy tokens, streaming") {
+                val pieces = ArrayList<String>()
+                val out = ctx.generate("The capital of France is", maxTokens = 8, temperature = 0f) {
+                    pieces.add(it)
+                    true
+                }
+                expect(out.text.isNotBlank()) { "empty text" }
+                expect(pieces.joinToString("") == out.text) { "pieces ${pieces} vs '${out.text}'" }
+                expect(out.generatedTokens in 1..8) { "generated ${out.generatedTokens}" }
+                expect(out.stopReason == StopReason.MAX_TOKENS || out.stopReason == StopReason.END_OF_GENERATION) { "${out.stopReason}" }
+                val again = ctx.generate("The capital of France is", maxTokens = 8, temperature = 0f)
+                expect(again.text == out.text) { "greedy not deterministic: '${again.text}'" }
+                println("     generated: ${out.text.trim()}")
+            }
+
+            test("chat generate") {
+                val out = ctx.generate("Say hello.", chat = true, maxTokens = 8, temperature = 0f)
+                expect(out.text.isNotBlank()) { "empty text" }
+            }
+
+            test("callback returning false stops early") {
+                var calls = 0
+                val out = ctx.generate("Once upon a time", maxTokens = 32, temperature = 0f) { calls++; false }
+                expect(calls == 1) { "calls $calls" }
+                expect(out.stopReason == StopReason.CALLBACK) { "${out.stopReason}" }
+            }
+
+            test("exception in callback is rethrown") {
+                try {
+                    ctx.generate("Once upon a time", maxTokens = 8, temperature = 0f) { throw IllegalStateException("boom") }
+                    throw AssertionError("no exception")
+                } catch (e: IllegalStateException) {
+                    expect(e.message == "boom") { "${e.message}" }
+                }
+            }
+
+            test("cancel from the callback") {
+                try {
+                    ctx.generate("Once upon a time", maxTokens = 32, temperature = 0f) { ctx.cancel(); true }
+                    throw AssertionError("no exception")
+                } catch (e: CancelledException) {
+                    expect(e.text.isNotEmpty()) { "no partial text" }
+                }
+            }
+
+            test("empty prompt is INVALID_ARG") {
+                try {
+                    ctx.generate("", maxTokens = 4)
+                    throw AssertionError("no exception")
+                } catch (e: MeshException) {
+                    expect(e.status == MeshStatus.INVALID_ARG) { e.statusName }
+                }
+            }
+        }
+    }
+
+    println("$passed passed, $failed failed")
+    exitProcess(if (failed == 0) 0 else 1)
+}

@@ -1,0 +1,683 @@
+"""mesh_llm: Python bindings (ctypes) for the mesh-llm C API (include/mesh.h).
+
+    import mesh_llm
+    with mesh_llm.Model("default") as model:
+        ctx = model.context(n_threads=1)
+        out = ctx.generate("Hello", chat=True, max_tokens=32,
+                           on_piece=lambda p: print(p, end="", flush=True) or True)
+        print(out.stats)
+
+The shared library libmesh_ffi.so is looked up, in order, at: $MESH_LIB;
+next to this package; $CARGO_TARGET_DIR/{debug,release}; the target dir of
+the repository this package sits in (~/.cache/mesh-llm/target or
+<repo>/target, {debug,release}). Call load_library(path) to choose one.
+
+Threads: a Model may be used from any thread. A Context runs one generate()
+at a time; cancel() may be called from any thread (or from on_piece).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import threading
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    byref,
+    c_bool,
+    c_char,
+    c_char_p,
+    c_double,
+    c_float,
+    c_int32,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "ABI_VERSION",
+    "Cancelled",
+    "Context",
+    "Generation",
+    "GenerateStats",
+    "LogLevel",
+    "MeshError",
+    "Model",
+    "Status",
+    "StopReason",
+    "abi_version",
+    "load_library",
+    "set_log_callback",
+]
+
+__version__ = "0.1.0"
+
+#: The MESH_ABI_VERSION of the include/mesh.h these bindings were written for.
+ABI_VERSION = 1
+
+
+class Status(enum.IntEnum):
+    """mesh_status values (include/mesh.h). Unknown values may appear."""
+
+    OK = 0
+    NULL_ARG = 1
+    MISALIGNED_ARG = 2
+    INVALID_UTF8 = 3
+    STRUCT_SIZE = 4
+    BUFFER_TOO_SMALL = 5
+    INVALID_ARG = 6
+    BUSY = 7
+    IO = 8
+    GGUF = 9
+    UNSUPPORTED = 10
+    TOKENIZER = 11
+    TEMPLATE = 12
+    CONTEXT_OVERFLOW = 13
+    FETCH = 14
+    GGML = 15
+    CANCELLED = 16
+    PANIC = 17
+    INTERNAL = 18
+
+
+class StopReason(enum.IntEnum):
+    """Why a generation ended normally (mesh_stop_reason)."""
+
+    END_OF_GENERATION = 0
+    MAX_TOKENS = 1
+    CALLBACK = 2
+
+
+class LogLevel(enum.IntEnum):
+    """mesh_log_level values."""
+
+    OFF = 0
+    ERROR = 1
+    WARN = 2
+    INFO = 3
+    DEBUG = 4
+    TRACE = 5
+
+
+# --- C structs, field for field as in include/mesh.h -------------------------
+
+
+class _ModelParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("n_threads", c_size_t)]
+
+
+class _ChatMessage(Structure):
+    _fields_ = [("role", c_char_p), ("content", c_char_p)]
+
+
+class _ContextParams(Structure):
+    _fields_ = [("struct_size", c_size_t), ("n_ctx", c_size_t), ("n_threads", c_size_t)]
+
+
+class _GenerateParams(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("max_tokens", c_size_t),
+        ("temperature", c_float),
+        ("top_k", c_size_t),
+        ("top_p", c_float),
+        ("min_p", c_float),
+        ("repeat_penalty", c_float),
+        ("repeat_last_n", c_size_t),
+        ("seed", c_uint64),
+        ("ignore_eos", c_bool),
+        ("chat", c_bool),
+        ("raw", c_bool),
+    ]
+
+
+class _GenerateStats(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("prompt_tokens", c_size_t),
+        ("generated_tokens", c_size_t),
+        ("prompt_ms", c_double),
+        ("generate_ms", c_double),
+        ("stop_reason", c_int32),
+    ]
+
+
+_TokenCallback = CFUNCTYPE(c_bool, c_void_p, POINTER(c_char), c_size_t)
+_LogCallback = CFUNCTYPE(c_bool, c_void_p, c_int32, c_char_p, c_char_p)
+
+_status = c_int32
+_model_p = c_void_p
+_context_p = c_void_p
+
+# name: (restype, argtypes)
+_SIGNATURES = {
+    "mesh_abi_version": (c_uint32, []),
+    "mesh_status_str": (c_char_p, [c_int32]),
+    "mesh_last_error_message": (_status, [c_void_p, c_size_t, POINTER(c_size_t)]),
+    "mesh_model_params_default": (_ModelParams, []),
+    "mesh_model_load": (_status, [c_char_p, POINTER(_ModelParams), POINTER(_model_p)]),
+    "mesh_model_retain": (_status, [_model_p]),
+    "mesh_model_free": (None, [_model_p]),
+    "mesh_model_architecture": (_status, [_model_p, c_void_p, c_size_t, POINTER(c_size_t)]),
+    "mesh_model_id": (_status, [_model_p, c_void_p, c_size_t, POINTER(c_size_t)]),
+    "mesh_model_n_layers": (_status, [_model_p, POINTER(c_size_t)]),
+    "mesh_model_n_ctx_train": (_status, [_model_p, POINTER(c_size_t)]),
+    "mesh_model_n_vocab": (_status, [_model_p, POINTER(c_size_t)]),
+    "mesh_model_n_embd": (_status, [_model_p, POINTER(c_size_t)]),
+    "mesh_tokenize": (
+        _status,
+        [_model_p, c_char_p, c_bool, c_bool, POINTER(c_uint32), c_size_t, POINTER(c_size_t)],
+    ),
+    "mesh_detokenize": (
+        _status,
+        [_model_p, POINTER(c_uint32), c_size_t, c_bool, c_void_p, c_size_t, POINTER(c_size_t)],
+    ),
+    "mesh_chat_apply_template": (
+        _status,
+        [_model_p, POINTER(_ChatMessage), c_size_t, c_bool, c_void_p, c_size_t, POINTER(c_size_t)],
+    ),
+    "mesh_context_params_default": (_ContextParams, []),
+    "mesh_generate_params_default": (_GenerateParams, []),
+    "mesh_context_new": (_status, [_model_p, POINTER(_ContextParams), POINTER(_context_p)]),
+    "mesh_context_free": (None, [_context_p]),
+    "mesh_context_n_ctx": (_status, [_context_p, POINTER(c_size_t)]),
+    "mesh_generate": (
+        _status,
+        [
+            _context_p,
+            c_char_p,
+            POINTER(_GenerateParams),
+            _TokenCallback,
+            c_void_p,
+            POINTER(_GenerateStats),
+        ],
+    ),
+    "mesh_context_cancel": (_status, [_context_p]),
+    "mesh_log_set": (_status, [_LogCallback, c_void_p, c_int32]),
+}
+
+_LIB_NAME = "libmesh_ffi.so"
+_lib: Optional[ctypes.CDLL] = None
+_lib_lock = threading.Lock()
+
+
+def _candidates() -> List[Path]:
+    out: List[Path] = []
+    env = os.environ.get("MESH_LIB")
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parent
+    out.append(here / _LIB_NAME)
+    target_dirs: List[Path] = []
+    if os.environ.get("CARGO_TARGET_DIR"):
+        target_dirs.append(Path(os.environ["CARGO_TARGET_DIR"]))
+    target_dirs.append(Path.home() / ".cache" / "mesh-llm" / "target")
+    # bindings/python/mesh_llm -> the repository root, when run from a checkout.
+    target_dirs.append(here.parents[2] / "target" if len(here.parents) > 2 else here)
+    for t in target_dirs:
+        for profile in ("debug", "release"):
+            out.append(t / profile / _LIB_NAME)
+    return out
+
+
+def load_library(path: Union[str, os.PathLike, None] = None) -> ctypes.CDLL:
+    """Load libmesh_ffi (from `path`, else the search order in the module doc)
+    and check its ABI version. Called on first use; returns the loaded library."""
+    global _lib
+    with _lib_lock:
+        if _lib is not None and path is None:
+            return _lib
+        tried = [Path(path)] if path is not None else _candidates()
+        found = next((p for p in tried if p.is_file()), None)
+        if found is None:
+            raise OSError(
+                f"{_LIB_NAME} not found (set MESH_LIB, or run `cargo build -p mesh-ffi`); tried: "
+                + ", ".join(str(p) for p in tried)
+            )
+        lib = ctypes.CDLL(str(found))
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        got = lib.mesh_abi_version()
+        if got != ABI_VERSION:
+            raise OSError(
+                f"{found}: C ABI version {got}, but mesh_llm {__version__} was written for {ABI_VERSION}"
+            )
+        # The ctypes structs above must have the library's layout.
+        for fn, struct in (
+            (lib.mesh_model_params_default, _ModelParams),
+            (lib.mesh_context_params_default, _ContextParams),
+            (lib.mesh_generate_params_default, _GenerateParams),
+        ):
+            if fn().struct_size != ctypes.sizeof(struct):
+                raise OSError(f"{found}: {fn.__name__}().struct_size is {fn().struct_size}, "
+                              f"the bindings' struct has {ctypes.sizeof(struct)} bytes")
+        _lib = lib
+        return lib
+
+
+def _L() -> ctypes.CDLL:
+    return _lib if _lib is not None else load_library()
+
+
+def abi_version() -> int:
+    """mesh_abi_version() of the loaded library."""
+    return int(_L().mesh_abi_version())
+
+
+# --- errors ------------------------------------------------------------------
+
+
+class MeshError(Exception):
+    """A mesh function failed. `status` is the mesh_status (a Status when
+    known, else an int), `status_name` its name, `message` the library's message."""
+
+    def __init__(self, status: int, message: str, what: str = ""):
+        self.status = Status(status) if status in Status._value2member_map_ else status
+        self.status_name = _L().mesh_status_str(status).decode()
+        self.message = message
+        self.what = what
+        prefix = f"{what}: " if what else ""
+        super().__init__(f"{prefix}{self.status_name}: {message}")
+
+
+class Cancelled(MeshError):
+    """Context.cancel() stopped a generation. `text` holds what was generated
+    until then."""
+
+    text: str = ""
+
+
+def _last_error() -> str:
+    lib = _L()
+    buf = ctypes.create_string_buffer(1024)
+    n = c_size_t(0)
+    st = lib.mesh_last_error_message(buf, len(buf), byref(n))
+    if st == Status.BUFFER_TOO_SMALL:
+        buf = ctypes.create_string_buffer(n.value)
+        lib.mesh_last_error_message(buf, len(buf), byref(n))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _check(status: int, what: str = "") -> None:
+    if status != Status.OK:
+        # mesh_last_error_message is per thread: read it right away, here.
+        msg = _last_error()
+        cls = Cancelled if status == Status.CANCELLED else MeshError
+        raise cls(status, msg, what)
+
+
+def _buffer_call(fn, args: tuple, what: str, first_cap: int = 256) -> bytes:
+    """Call a buffer function (…, char *buf, size_t cap, size_t *n_out),
+    growing the buffer once if needed; returns the bytes without the NUL."""
+    cap = first_cap
+    for _ in range(3):
+        buf = ctypes.create_string_buffer(cap)
+        n = c_size_t(0)
+        st = fn(*args, buf, cap, byref(n))
+        if st == Status.BUFFER_TOO_SMALL and n.value > cap:
+            cap = n.value
+            continue
+        _check(st, what)
+        return buf.raw[: n.value]
+    raise MeshError(Status.BUFFER_TOO_SMALL, "buffer size kept changing", what)
+
+
+def _utf8(s: str, what: str) -> bytes:
+    if not isinstance(s, str):
+        raise TypeError(f"{what} must be a str, not {type(s).__name__}")
+    return s.encode("utf-8")
+
+
+# --- model -------------------------------------------------------------------
+
+
+class Model:
+    """A loaded GGUF model (mesh_model). Use as a context manager or call free().
+
+    `path`: a .gguf file, or "default" (SmolLM2-135M-Instruct, fetched once
+    into the user's cache). `n_threads`: default compute threads for contexts
+    (0 or None = all cores).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike] = "default", n_threads: Optional[int] = None):
+        lib = _L()
+        self._ptr: Optional[int] = None
+        params = lib.mesh_model_params_default()
+        if n_threads is not None:
+            params.n_threads = n_threads
+        out = _model_p()
+        path_s = os.fspath(path)
+        _check(lib.mesh_model_load(_utf8(path_s, "path"), byref(params), byref(out)),
+               f"loading model {path_s!r}")
+        self._ptr = out.value
+        self.path = path_s
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike] = "default", n_threads: Optional[int] = None) -> "Model":
+        """Same as Model(path, n_threads)."""
+        return cls(path, n_threads)
+
+    def _handle(self) -> int:
+        if self._ptr is None:
+            raise ValueError("model has been freed")
+        return self._ptr
+
+    def free(self) -> None:
+        """Release this model reference (contexts keep their own). Idempotent."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None and _lib is not None:
+            _lib.mesh_model_free(ptr)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+    def _size(self, fn_name: str) -> int:
+        out = c_size_t(0)
+        _check(getattr(_L(), fn_name)(self._handle(), byref(out)), fn_name)
+        return out.value
+
+    @property
+    def arch(self) -> str:
+        """general.architecture, e.g. "llama"."""
+        return _buffer_call(_L().mesh_model_architecture, (self._handle(),), "architecture").decode()
+
+    @property
+    def id(self) -> str:
+        """BLAKE3 hash of the GGUF file, 64 hex digits."""
+        return _buffer_call(_L().mesh_model_id, (self._handle(),), "model id", 65).decode()
+
+    @property
+    def n_layers(self) -> int:
+        return self._size("mesh_model_n_layers")
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._size("mesh_model_n_ctx_train")
+
+    @property
+    def n_vocab(self) -> int:
+        return self._size("mesh_model_n_vocab")
+
+    @property
+    def n_embd(self) -> int:
+        return self._size("mesh_model_n_embd")
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]:
+        """Token ids of `text` (BOS added if the model wants one and add_special)."""
+        lib = _L()
+        data = _utf8(text, "text")
+        cap = len(data) + 8
+        for _ in range(3):
+            buf = (c_uint32 * cap)()
+            n = c_size_t(0)
+            st = lib.mesh_tokenize(self._handle(), data, add_special, parse_special, buf, cap, byref(n))
+            if st == Status.BUFFER_TOO_SMALL and n.value > cap:
+                cap = n.value
+                continue
+            _check(st, "tokenize")
+            return list(buf[: n.value])
+        raise MeshError(Status.BUFFER_TOO_SMALL, "buffer size kept changing", "tokenize")
+
+    def detokenize_bytes(self, ids: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of `ids` (may end inside a UTF-8 character)."""
+        arr = (c_uint32 * len(ids))(*ids)
+        return _buffer_call(
+            _L().mesh_detokenize, (self._handle(), arr, len(ids), special), "detokenize",
+            max(16, 8 * len(ids)),
+        )
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        """The text of `ids` (invalid UTF-8 replaced by U+FFFD)."""
+        return self.detokenize_bytes(ids, special).decode("utf-8", errors="replace")
+
+    def apply_chat_template(
+        self,
+        messages: Iterable[Union[Tuple[str, str], dict]],
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Render a conversation with the model's chat template. `messages`:
+        (role, content) pairs or {"role": ..., "content": ...} dicts."""
+        pairs = []
+        for m in messages:
+            role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+            pairs.append((_utf8(role, "role"), _utf8(content, "content")))
+        arr = (_ChatMessage * len(pairs))(*[_ChatMessage(r, c) for r, c in pairs])
+        size = 256 + sum(len(r) + len(c) for r, c in pairs) * 2
+        return _buffer_call(
+            _L().mesh_chat_apply_template,
+            (self._handle(), arr, len(pairs), add_generation_prompt),
+            "chat template",
+            size,
+        ).decode("utf-8", errors="replace")
+
+    def context(self, n_ctx: Optional[int] = None, n_threads: Optional[int] = None) -> "Context":
+        """A new generation Context over this model."""
+        return Context(self, n_ctx=n_ctx, n_threads=n_threads)
+
+    def __repr__(self) -> str:
+        state = "freed" if self._ptr is None else f"{self.arch}, {self.n_layers} layers"
+        return f"<mesh_llm.Model {self.path!r} ({state})>"
+
+
+# --- context -----------------------------------------------------------------
+
+
+@dataclass
+class GenerateStats:
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_ms: float
+    generate_ms: float
+    stop_reason: Union[StopReason, int]
+
+
+@dataclass
+class Generation:
+    """What Context.generate returns."""
+
+    text: str
+    stats: GenerateStats
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Context:
+    """A KV cache over a model (mesh_context). Each generate() starts from an
+    empty cache. Use as a context manager or call free()."""
+
+    def __init__(self, model: Model, n_ctx: Optional[int] = None, n_threads: Optional[int] = None):
+        lib = _L()
+        self._ptr: Optional[int] = None
+        self._lock = threading.Lock()
+        self._active = 0
+        params = lib.mesh_context_params_default()
+        if n_ctx is not None:
+            params.n_ctx = n_ctx
+        if n_threads is not None:
+            params.n_threads = n_threads
+        out = _context_p()
+        _check(lib.mesh_context_new(model._handle(), byref(params), byref(out)), "creating context")
+        self._ptr = out.value
+        self.model = model
+
+    @property
+    def n_ctx(self) -> int:
+        out = c_size_t(0)
+        _check(_L().mesh_context_n_ctx(self._handle(), byref(out)), "n_ctx")
+        return out.value
+
+    def _handle(self) -> int:
+        if self._ptr is None:
+            raise ValueError("context has been freed")
+        return self._ptr
+
+    def free(self) -> None:
+        """Free the context. Idempotent; raises RuntimeError while generating."""
+        with self._lock:
+            if self._active:
+                raise RuntimeError("cannot free a context while it is generating")
+            ptr, self._ptr = self._ptr, None
+        if ptr is not None and _lib is not None:
+            _lib.mesh_context_free(ptr)
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+    def cancel(self) -> None:
+        """Stop the running generate() (it raises Cancelled). Any thread, also
+        from on_piece; does nothing when no generation runs."""
+        ptr = self._ptr
+        if ptr is not None:
+            _check(_L().mesh_context_cancel(ptr), "cancel")
+
+    def generate(
+        self,
+        prompt: str,
+        chat: bool = False,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        seed: Optional[int] = None,
+        on_piece: Optional[Callable[[str], Optional[bool]]] = None,
+        *,
+        raw: bool = False,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        repeat_last_n: Optional[int] = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """Generate text after `prompt`; None = the library's default.
+
+        chat: render the prompt as one user message with the chat template.
+        raw: (chat False) parse special-token text in the prompt.
+        temperature <= 0: greedy. on_piece(piece) is called with each piece
+        of text as it is produced; returning False stops generation
+        (stop_reason CALLBACK); returning None or True goes on. An exception
+        raised in on_piece stops generation and is re-raised here.
+        Raises Cancelled (with .text) when cancel() stopped it.
+        """
+        lib = _L()
+        params = lib.mesh_generate_params_default()
+        params.chat = chat
+        params.raw = raw
+        params.ignore_eos = ignore_eos
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("temperature", temperature),
+            ("seed", seed),
+            ("top_k", top_k),
+            ("top_p", top_p),
+            ("min_p", min_p),
+            ("repeat_penalty", repeat_penalty),
+            ("repeat_last_n", repeat_last_n),
+        ):
+            if value is not None:
+                setattr(params, name, value)
+        data = _utf8(prompt, "prompt")
+        pieces: List[str] = []
+        error: List[BaseException] = []
+
+        def trampoline(_userdata, piece, length):
+            try:
+                text = ctypes.string_at(piece, length).decode("utf-8", errors="replace")
+                pieces.append(text)
+                if on_piece is None:
+                    return True
+                return on_piece(text) is not False
+            except BaseException as e:  # never unwind into the library
+                error.append(e)
+                return False
+
+        cb = _TokenCallback(trampoline)
+        stats = _GenerateStats()
+        stats.struct_size = ctypes.sizeof(_GenerateStats)
+        with self._lock:
+            handle = self._handle()
+            self._active += 1
+        try:
+            st = lib.mesh_generate(handle, data, byref(params), cb, None, byref(stats))
+        finally:
+            with self._lock:
+                self._active -= 1
+        if error:
+            raise error[0]
+        text = "".join(pieces)
+        try:
+            _check(st, "generate")
+        except Cancelled as e:
+            e.text = text
+            raise
+        reason = stats.stop_reason
+        return Generation(
+            text=text,
+            stats=GenerateStats(
+                prompt_tokens=stats.prompt_tokens,
+                generated_tokens=stats.generated_tokens,
+                prompt_ms=stats.prompt_ms,
+                generate_ms=stats.generate_ms,
+                stop_reason=StopReason(reason) if reason in StopReason._value2member_map_ else reason,
+            ),
+        )
+
+
+# --- logging -----------------------------------------------------------------
+
+_log_cb_ref = None
+
+
+def set_log_callback(
+    callback: Optional[Callable[[LogLevel, str, str], Optional[bool]]],
+    level: int = LogLevel.INFO,
+) -> None:
+    """Send mesh's log messages of `level` and more severe to
+    callback(level, target, message); None turns logging off. The callback
+    may run on any thread and must not call set_log_callback; returning False
+    turns logging off."""
+    global _log_cb_ref
+    lib = _L()
+    if callback is None or level == LogLevel.OFF:
+        _check(lib.mesh_log_set(_LogCallback(), None, LogLevel.OFF), "mesh_log_set")
+        _log_cb_ref = None
+        return
+
+    def trampoline(_userdata, lvl, target, message):
+        try:
+            lv = LogLevel(lvl) if lvl in LogLevel._value2member_map_ else lvl
+            return callback(lv, target.decode("utf-8", "replace"), message.decode("utf-8", "replace")) is not False
+        except BaseException:
+            return True
+
+    new_ref = _LogCallback(trampoline)
+    _check(lib.mesh_log_set(new_ref, None, int(level)), "mesh_log_set")
+    # The previous callback is no longer called once mesh_log_set returned.
+    _log_cb_ref = new_ref

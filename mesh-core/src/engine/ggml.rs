@@ -11,12 +11,14 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ggml_sys_bleedingedge as sys;
 use memmap2::Mmap;
 
 use super::kernels;
 use super::model::{ModelInfo, RopeKind, Weights};
+use super::q4_1;
 use super::{Engine, Hidden, Logits, ModelId, Projection, WeightView};
 use crate::chat::ChatTemplate;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
@@ -92,6 +94,10 @@ pub struct GgmlEngine {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     n_threads: usize,
+    /// Batched Q4_1 projections use [`q4_1`]'s tiled kernel (bit-identical to ggml).
+    custom_gemm: AtomicBool,
+    /// Most rows of any layer projection (sizes the shape tensor of the kernel's op).
+    max_proj_rows: usize,
     mmap: Mmap,
 }
 
@@ -202,6 +208,13 @@ impl GgmlEngine {
             None => ChatTemplate::chatml(),
         };
         let tensors = create_weight_tensors(&mmap, &weights)?;
+        let max_proj_rows = weights
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .map(|t| t.rows() as usize)
+            .max()
+            .unwrap_or(0);
         let n_threads = if n_threads == 0 {
             default_threads()
         } else {
@@ -214,8 +227,20 @@ impl GgmlEngine {
             tokenizer,
             template,
             n_threads,
+            custom_gemm: AtomicBool::new(q4_1::available()),
+            max_proj_rows,
             mmap,
         })
+    }
+
+    /// Whether batched Q4_1 projections use mesh-llm's tiled kernel instead of
+    /// ggml's `mul_mat` (on by default where the CPU supports it). Both give
+    /// bit-identical results; switching it off is a debugging and benchmarking aid.
+    /// Returns whether the kernel is now in use (false if this CPU cannot run it).
+    pub fn set_custom_gemm(&self, on: bool) -> bool {
+        let on = on && q4_1::available();
+        self.custom_gemm.store(on, Ordering::Relaxed);
+        on
     }
 
     /// Number of compute threads new sessions use.
@@ -319,6 +344,8 @@ impl GgmlEngine {
                 ctx: ctx.as_ptr(),
                 gf,
                 inputs: Vec::new(),
+                gemm_shape: None,
+                quantized: Vec::new(),
             };
             let out = build(&mut g);
             // SAFETY: every tensor was created in `ctx` by the builders below, with
@@ -353,6 +380,66 @@ impl GgmlEngine {
         // SAFETY: frees only the context's bookkeeping; `meta` is ours.
         unsafe { sys::ggml_free(ctx.as_ptr()) };
         result
+    }
+
+    /// `w · x` for a weight `w` (`[cols, rows]`) and `x` (F32 `[cols, n]`): with the
+    /// tiled kernel of [`q4_1`] for Q4_1 weights and batches, else ggml's `mul_mat`.
+    ///
+    /// # Safety
+    /// `w` and `x` are tensors of this graph (or the weights) with `x.ne[0] == w.ne[0]`.
+    unsafe fn mat_mul(&self, g: &mut Graph, w: T, x: T, n: usize) -> T {
+        let ctx = g.ctx;
+        let (cols, rows) = ((*w).ne[0] as usize, (*w).ne[1] as usize);
+        let use_kernel = self.custom_gemm.load(Ordering::Relaxed)
+            && n >= 2
+            && (*w).type_ == sys::ggml_type_GGML_TYPE_Q4_1
+            && (*w).ne[2] == 1
+            && (*w).ne[3] == 1
+            && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
+            && sys::ggml_is_contiguous(x)
+            && (*x).ne[0] as usize == cols
+            && (*x).ne[1] as usize == n
+            && (*x).ne[2] == 1
+            && (*x).ne[3] == 1
+            && rows <= self.max_proj_rows
+            && q4_1::fits(cols, n);
+        if !use_kernel {
+            return sys::ggml_mul_mat(ctx, w, x);
+        }
+        // The custom op's result takes the shape of its first argument: a view of
+        // one tensor per graph that nothing reads or writes (views add no memory).
+        let (shape, elems) = *g.gemm_shape.get_or_insert_with(|| {
+            let elems = self.max_proj_rows * n;
+            let t = sys::ggml_new_tensor_1d(ctx, sys::ggml_type_GGML_TYPE_F32, elems as i64);
+            (t, elems)
+        });
+        if rows * n > elems {
+            return sys::ggml_mul_mat(ctx, w, x);
+        }
+        let xq = match g.quantized.iter().find(|(src, _)| *src == x) {
+            Some(&(_, xq)) => xq,
+            None => {
+                let xq = sys::ggml_map_custom1(
+                    ctx,
+                    x,
+                    Some(q4_1::quantize_op),
+                    N_TASKS_MAX,
+                    ptr::null_mut(),
+                );
+                g.quantized.push((x, xq));
+                xq
+            }
+        };
+        let view = sys::ggml_view_2d(ctx, shape, rows as i64, n as i64, 4 * rows, 0);
+        sys::ggml_map_custom3(
+            ctx,
+            view,
+            w,
+            xq,
+            Some(q4_1::gemm_op),
+            N_TASKS_MAX,
+            ptr::null_mut(),
+        )
     }
 
     /// The transformer layers `layers` on `x` (`n` tokens at `pos`), appending K/V.
@@ -402,9 +489,9 @@ impl GgmlEngine {
                     Some(b) => sys::ggml_add(ctx, t, b),
                     None => t,
                 };
-                let q = with_bias(sys::ggml_mul_mat(ctx, lt.wq, cur), lt.bq);
-                let k = with_bias(sys::ggml_mul_mat(ctx, lt.wk, cur), lt.bk);
-                let v = with_bias(sys::ggml_mul_mat(ctx, lt.wv, cur), lt.bv);
+                let q = with_bias(self.mat_mul(g, lt.wq, cur, n), lt.bq);
+                let k = with_bias(self.mat_mul(g, lt.wk, cur, n), lt.bk);
+                let v = with_bias(self.mat_mul(g, lt.wv, cur, n), lt.bv);
                 let rope = |t: T, heads: usize| {
                     let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
                     sys::ggml_rope_custom(
@@ -476,12 +563,12 @@ impl GgmlEngine {
                 let kqv = sys::ggml_mul_mat(ctx, values, kq);
                 let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
                 let attn = sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64);
-                let attn = sys::ggml_mul_mat(ctx, lt.wo, attn);
+                let attn = self.mat_mul(g, lt.wo, attn, n);
                 x = sys::ggml_add(ctx, attn, x);
 
                 let cur = sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.ffn_norm);
-                let gate = sys::ggml_mul_mat(ctx, lt.gate, cur);
-                let up = sys::ggml_mul_mat(ctx, lt.up, cur);
+                let gate = self.mat_mul(g, lt.gate, cur, n);
+                let up = self.mat_mul(g, lt.up, cur, n);
                 let act = sys::ggml_map_custom2(
                     ctx,
                     gate,
@@ -490,7 +577,7 @@ impl GgmlEngine {
                     N_TASKS_MAX,
                     ptr::null_mut(),
                 );
-                let ffn = sys::ggml_mul_mat(ctx, lt.down, act);
+                let ffn = self.mat_mul(g, lt.down, act, n);
                 x = sys::ggml_add(ctx, ffn, x);
             }
         }
@@ -528,6 +615,10 @@ struct Graph {
     ctx: *mut sys::ggml_context,
     gf: *mut sys::ggml_cgraph,
     inputs: Vec<(T, Vec<u8>)>,
+    /// Shape source for the Q4_1 kernel's outputs and its capacity in floats.
+    gemm_shape: Option<(T, usize)>,
+    /// Activations already quantized for the Q4_1 kernel: (F32 input, Q8_1 node).
+    quantized: Vec<(T, T)>,
 }
 
 impl Graph {

@@ -32,7 +32,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 }
 
 /// The rows `[start, end)` of `rows` that thread `ith` of `nth` handles.
-fn share(rows: usize, ith: i32, nth: i32) -> (usize, usize) {
+pub(crate) fn share(rows: usize, ith: i32, nth: i32) -> (usize, usize) {
     let nth = nth.max(1) as usize;
     let ith = (ith.max(0) as usize).min(nth - 1);
     let per = rows.div_ceil(nth);

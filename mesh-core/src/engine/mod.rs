@@ -12,6 +12,7 @@
 mod ggml;
 mod kernels;
 mod model;
+mod q4_1;
 mod quant;
 
 use std::fmt;

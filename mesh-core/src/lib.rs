@@ -10,9 +10,11 @@
 //!   local, pipeline and private generation all compose.
 //! * [`fetch`] resolves and downloads the default model into a local cache.
 //! * [`generate`] drives a whole local generation (prompt, decode loop, stop conditions).
+//! * [`delegate`] is the arithmetic of private delegation: fixed-point ring encoding, integer GGUF kernels, additive shares, Freivalds checks.
 #![warn(missing_docs)]
 
 pub mod chat;
+pub mod delegate;
 pub mod engine;
 mod error;
 pub mod fetch;

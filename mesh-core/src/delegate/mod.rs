@@ -1,0 +1,21 @@
+//! Private delegation of linear layers by additive secret sharing (`SMPC.md`).
+//!
+//! The arithmetic core, in process and without any transport:
+//!
+//! * [`ring`]: wrapping `Z_2^64` helpers and the owner's fixed-point encoding
+//!   of activations (private scale `s`, fractional bits `F`).
+//! * [`kernels`]: a helper's integer matrix products straight on GGUF block
+//!   bytes, with every weight scaled to the exact integer `2^24·w`.
+//! * [`share`](mod@share): additive sharing into `n` shares, `n - 1` of them seeded.
+//! * [`verify`]: Freivalds check vectors plus the range check that let the
+//!   owner reject a wrong result before it uses it.
+
+pub mod kernels;
+pub mod ring;
+pub mod share;
+pub mod verify;
+
+pub use kernels::Matrix;
+pub use ring::FixedPoint;
+pub use share::{reconstruct, share, ShareSeed, Shares};
+pub use verify::{CheckFailure, Checker};

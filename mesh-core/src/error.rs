@@ -48,6 +48,10 @@ pub enum Error {
     /// The operation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,
+    /// Sealing or opening a delegation envelope failed (bad version, length,
+    /// authentication, replay, key, ...).
+    #[error("seal: {0}")]
+    Seal(crate::delegate::seal::SealError),
 }
 
 impl Error {

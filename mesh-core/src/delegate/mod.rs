@@ -9,9 +9,13 @@
 //! * [`share`](mod@share): additive sharing into `n` shares, `n - 1` of them seeded.
 //! * [`verify`]: Freivalds check vectors plus the range check that let the
 //!   owner reject a wrong result before it uses it.
+//! * [`seal`]: RFC 9180 HPKE base mode (X25519, HKDF-SHA256, ChaCha20-Poly1305)
+//!   envelopes whose AAD binds every field of the request, with a replay window,
+//!   and helper keys signed by the node's Ed25519 identity.
 
 pub mod kernels;
 pub mod ring;
+pub mod seal;
 pub mod share;
 pub mod verify;
 

@@ -323,3 +323,45 @@ fn raw_and_chat_prompts_parse_special_tokens_once() {
         .unwrap();
     assert_eq!(chat, e.tokenizer().encode(&rendered, false, true).unwrap());
 }
+
+#[test]
+fn projections_supplied_from_outside_give_the_same_logits() {
+    let e = engine();
+    let toks = prompt();
+    let n = e.info().n_layers;
+    let mut whole = e.new_session(64).unwrap();
+    let want = e.forward(&toks, Logits::Last, &mut whole).unwrap();
+
+    // Projections computed by a separate session's local `project`, as a
+    // delegator would compute them elsewhere.
+    let mut scratch = e.new_session(1).unwrap();
+    let mut calls = Vec::new();
+    let mut project = |l: usize, p: Projection, x: &[f32], _n: usize| {
+        calls.push((l, p));
+        e.project(l, p, x, &mut scratch)
+    };
+    let mut s = e.new_session(64).unwrap();
+    let mut h = e.embed(&toks, 0).unwrap();
+    e.run_layers_with(0..n, &mut h, &mut s, &mut project)
+        .unwrap();
+    let got = e.head_with(&h, Logits::Last, &mut s, &mut project).unwrap();
+    let d = max_abs_diff(&want, &got);
+    assert!(d < 1e-3, "max |logit diff| = {d}");
+    assert_eq!(
+        calls.len(),
+        7 * n + 1,
+        "7 projections per layer and the output"
+    );
+    assert_eq!(calls[0], (0, Projection::Q));
+    assert_eq!(calls.last(), Some(&(0, Projection::Output)));
+    assert_eq!(e.session_len(&s, n - 1), toks.len());
+
+    // A projector that returns the wrong number of values is an error, not UB.
+    let mut bad = |_: usize, _: Projection, _: &[f32], _: usize| Ok(vec![0.0; 3]);
+    let mut s = e.new_session(64).unwrap();
+    let mut h = e.embed(&toks, 0).unwrap();
+    let err = e
+        .run_layers_with(0..1, &mut h, &mut s, &mut bad)
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}

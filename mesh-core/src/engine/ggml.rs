@@ -19,7 +19,7 @@ use memmap2::Mmap;
 use super::kernels;
 use super::model::{ModelInfo, RopeKind, Weights};
 use super::q4_1;
-use super::{Engine, Hidden, Logits, ModelId, Projection, WeightView};
+use super::{Engine, Hidden, Logits, ModelId, Projection, Projector, WeightView};
 use crate::chat::ChatTemplate;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
 use crate::tokenizer::Tokenizer;
@@ -325,6 +325,54 @@ impl GgmlEngine {
         })
     }
 
+    fn check_hidden(&self, hidden: &Hidden) -> Result<usize> {
+        let n = hidden.n_tokens();
+        if hidden.n_embd != self.info.n_embd || n == 0 || hidden.data.len() != n * hidden.n_embd {
+            return Err(Error::InvalidArgument(format!(
+                "hidden state: expected a non-empty multiple of {} values, found {} values of width {}",
+                self.info.n_embd,
+                hidden.data.len(),
+                hidden.n_embd
+            )));
+        }
+        Ok(n)
+    }
+
+    /// `rms_norm(x) * weight` for `n` rows of `x`, computed by ggml.
+    fn norm(&self, scratch: &mut Scratch, x: &[f32], n: usize, weight: T) -> Result<Vec<f32>> {
+        let ne = [self.info.n_embd as i64, n as i64];
+        self.compute(scratch, |g| {
+            let xt = g.input_f32(x, &ne);
+            // SAFETY: `xt` is n_embd x n and `weight` an n_embd vector of the model.
+            unsafe {
+                sys::ggml_mul(
+                    g.ctx,
+                    sys::ggml_rms_norm(g.ctx, xt, self.info.rms_eps),
+                    weight,
+                )
+            }
+        })
+    }
+
+    /// Call `project` and check it returned `n` rows of `rows` values.
+    fn call_projector(
+        project: &mut Projector<'_>,
+        layer: usize,
+        p: Projection,
+        x: &[f32],
+        n: usize,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let y = project(layer, p, x, n)?;
+        if y.len() != n * rows {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer} {p:?}: the projector returned {} values, expected {n} x {rows}",
+                y.len()
+            )));
+        }
+        Ok(y)
+    }
+
     /// Build and compute one graph; `build` returns the output tensor.
     fn compute(&self, s: &mut Scratch, build: impl FnOnce(&mut Graph) -> T) -> Result<Vec<f32>> {
         let params = sys::ggml_init_params {
@@ -442,6 +490,127 @@ impl GgmlEngine {
         )
     }
 
+    /// Positions and the causal mask of `n` tokens at `pos`, as graph inputs.
+    fn position_inputs(&self, g: &mut Graph, pos: usize, n: usize) -> (T, T) {
+        let n_kv = pos + n;
+        let positions: Vec<i32> = (pos..pos + n).map(|p| p as i32).collect();
+        let inp_pos = g.input_i32(&positions);
+        let mut mask = vec![0f32; n_kv * n];
+        for i in 0..n {
+            for j in pos + i + 1..n_kv {
+                mask[i * n_kv + j] = f32::NEG_INFINITY;
+            }
+        }
+        let kq_mask = g.input_f32(&mask, &[n_kv as i64, n as i64]);
+        (inp_pos, kq_mask)
+    }
+
+    /// Attention of layer `il` from projected (and biased) `q`, `k`, `v`: RoPE,
+    /// append K/V to the cache at `pos`, softmax(K·Q)·V; returns the merged heads
+    /// (`n_embd x n`), before the output projection.
+    ///
+    /// # Safety
+    /// `q` is `n_embd x n`, `k` and `v` are `kv_dim x n` F32 tensors of this graph,
+    /// `pos + n <= s.n_ctx`, and `inp_pos`/`kq_mask` come from `position_inputs`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attention(
+        &self,
+        g: &mut Graph,
+        s: &KvCache,
+        il: usize,
+        q: T,
+        k: T,
+        v: T,
+        pos: usize,
+        n: usize,
+        inp_pos: T,
+        kq_mask: T,
+    ) -> T {
+        let info = &self.info;
+        let (ctx, gf) = (g.ctx, g.gf);
+        let n_kv = pos + n;
+        let hd = info.head_dim as i64;
+        let kv_dim = info.n_head_kv * info.head_dim;
+        let rope_mode = match info.rope_kind {
+            RopeKind::Normal => 0,
+            RopeKind::Neox => 2,
+        };
+        let kq_scale = 1.0 / (info.head_dim as f32).sqrt();
+        let (kc, vc) = (s.k[il], s.v[il]);
+        let k_esz = sys::ggml_element_size(kc);
+        let v_esz = sys::ggml_element_size(vc);
+        let rope = |t: T, heads: usize| {
+            let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
+            sys::ggml_rope_custom(
+                ctx,
+                t,
+                inp_pos,
+                info.head_dim as i32,
+                rope_mode,
+                0,
+                info.n_ctx_train as i32,
+                info.rope_freq_base,
+                info.rope_freq_scale,
+                0.0,
+                1.0,
+                32.0,
+                1.0,
+            )
+        };
+        let q = rope(q, info.n_head);
+        let k = rope(k, info.n_head_kv);
+
+        // Append this batch's K (row per token) and V (transposed) to the cache.
+        let k_dst = sys::ggml_view_1d(ctx, kc, (n * kv_dim) as i64, k_esz * kv_dim * pos);
+        sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, k, k_dst));
+        let v_t = sys::ggml_transpose(ctx, sys::ggml_reshape_2d(ctx, v, kv_dim as i64, n as i64));
+        let v_dst = sys::ggml_view_2d(
+            ctx,
+            vc,
+            n as i64,
+            kv_dim as i64,
+            v_esz * s.n_ctx,
+            v_esz * pos,
+        );
+        sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
+
+        // Contiguous queries let ggml use its tiled (llamafile) F16 x F32 kernel for
+        // K·Q instead of one dot product per pair: ~10% of prompt time.
+        let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
+        let keys = sys::ggml_view_3d(
+            ctx,
+            kc,
+            hd,
+            n_kv as i64,
+            info.n_head_kv as i64,
+            k_esz * kv_dim,
+            k_esz * info.head_dim,
+            0,
+        );
+        let kq = sys::ggml_mul_mat(ctx, keys, qp);
+        let kq = sys::ggml_map_custom2(
+            ctx,
+            kq,
+            kq_mask,
+            Some(kernels::soft_max_op),
+            N_TASKS_MAX,
+            kernels::scale_to_userdata(kq_scale),
+        );
+        let values = sys::ggml_view_3d(
+            ctx,
+            vc,
+            n_kv as i64,
+            hd,
+            info.n_head_kv as i64,
+            v_esz * s.n_ctx,
+            v_esz * s.n_ctx * info.head_dim,
+            0,
+        );
+        let kqv = sys::ggml_mul_mat(ctx, values, kq);
+        let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
+        sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64)
+    }
+
     /// The transformer layers `layers` on `x` (`n` tokens at `pos`), appending K/V.
     fn build_layers(
         &self,
@@ -456,33 +625,13 @@ impl GgmlEngine {
             return x;
         }
         let info = &self.info;
-        let (ctx, gf) = (g.ctx, g.gf);
-        let n_kv = pos + n;
-        let hd = info.head_dim as i64;
-        let kv_dim = info.n_head_kv * info.head_dim;
-        let rope_mode = match info.rope_kind {
-            RopeKind::Normal => 0,
-            RopeKind::Neox => 2,
-        };
-        let positions: Vec<i32> = (pos..pos + n).map(|p| p as i32).collect();
-        let inp_pos = g.input_i32(&positions);
-        let mut mask = vec![0f32; n_kv * n];
-        for i in 0..n {
-            for j in pos + i + 1..n_kv {
-                mask[i * n_kv + j] = f32::NEG_INFINITY;
-            }
-        }
-        let kq_mask = g.input_f32(&mask, &[n_kv as i64, n as i64]);
-        let kq_scale = 1.0 / (info.head_dim as f32).sqrt();
+        let ctx = g.ctx;
+        let (inp_pos, kq_mask) = self.position_inputs(g, pos, n);
         // SAFETY: all shapes below follow from the validated model hyper-parameters
         // and the checked `pos + n <= n_ctx`; views stay inside the KV tensors.
         unsafe {
             for il in layers {
                 let lt = &self.tensors.layers[il];
-                let (kc, vc) = (s.k[il], s.v[il]);
-                let k_esz = sys::ggml_element_size(kc);
-                let v_esz = sys::ggml_element_size(vc);
-
                 let cur =
                     sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.attn_norm);
                 let with_bias = |t: T, b: Option<T>| match b {
@@ -492,77 +641,7 @@ impl GgmlEngine {
                 let q = with_bias(self.mat_mul(g, lt.wq, cur, n), lt.bq);
                 let k = with_bias(self.mat_mul(g, lt.wk, cur, n), lt.bk);
                 let v = with_bias(self.mat_mul(g, lt.wv, cur, n), lt.bv);
-                let rope = |t: T, heads: usize| {
-                    let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
-                    sys::ggml_rope_custom(
-                        ctx,
-                        t,
-                        inp_pos,
-                        info.head_dim as i32,
-                        rope_mode,
-                        0,
-                        info.n_ctx_train as i32,
-                        info.rope_freq_base,
-                        info.rope_freq_scale,
-                        0.0,
-                        1.0,
-                        32.0,
-                        1.0,
-                    )
-                };
-                let q = rope(q, info.n_head);
-                let k = rope(k, info.n_head_kv);
-
-                // Append this batch's K (row per token) and V (transposed) to the cache.
-                let k_dst = sys::ggml_view_1d(ctx, kc, (n * kv_dim) as i64, k_esz * kv_dim * pos);
-                sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, k, k_dst));
-                let v_t =
-                    sys::ggml_transpose(ctx, sys::ggml_reshape_2d(ctx, v, kv_dim as i64, n as i64));
-                let v_dst = sys::ggml_view_2d(
-                    ctx,
-                    vc,
-                    n as i64,
-                    kv_dim as i64,
-                    v_esz * s.n_ctx,
-                    v_esz * pos,
-                );
-                sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
-
-                // Contiguous queries let ggml use its tiled (llamafile) F16 x F32 kernel for
-                // K·Q instead of one dot product per pair: ~10% of prompt time.
-                let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
-                let keys = sys::ggml_view_3d(
-                    ctx,
-                    kc,
-                    hd,
-                    n_kv as i64,
-                    info.n_head_kv as i64,
-                    k_esz * kv_dim,
-                    k_esz * info.head_dim,
-                    0,
-                );
-                let kq = sys::ggml_mul_mat(ctx, keys, qp);
-                let kq = sys::ggml_map_custom2(
-                    ctx,
-                    kq,
-                    kq_mask,
-                    Some(kernels::soft_max_op),
-                    N_TASKS_MAX,
-                    kernels::scale_to_userdata(kq_scale),
-                );
-                let values = sys::ggml_view_3d(
-                    ctx,
-                    vc,
-                    n_kv as i64,
-                    hd,
-                    info.n_head_kv as i64,
-                    v_esz * s.n_ctx,
-                    v_esz * s.n_ctx * info.head_dim,
-                    0,
-                );
-                let kqv = sys::ggml_mul_mat(ctx, values, kq);
-                let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
-                let attn = sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64);
+                let attn = self.attention(g, s, il, q, k, v, pos, n, inp_pos, kq_mask);
                 let attn = self.mat_mul(g, lt.wo, attn, n);
                 x = sys::ggml_add(ctx, attn, x);
 
@@ -891,6 +970,90 @@ impl Engine for GgmlEngine {
         }
         hidden.data = out;
         Ok(())
+    }
+
+    fn run_layers_with(
+        &self,
+        layers: Range<usize>,
+        hidden: &mut Hidden,
+        s: &mut GgmlSession,
+        project: &mut Projector<'_>,
+    ) -> Result<()> {
+        self.check_session(s)?;
+        let n = self.check_hidden(hidden)?;
+        self.check_kv(&s.kv, &layers, hidden.pos, n)?;
+        let info = &self.info;
+        let (pos, n_embd, kv_dim) = (hidden.pos, info.n_embd, info.n_head_kv * info.head_dim);
+        let mut call = |l: usize, p: Projection, x: &[f32], rows: usize| {
+            Self::call_projector(project, l, p, x, n, rows)
+        };
+        for il in layers {
+            let lt = &self.tensors.layers[il];
+            let x = &mut hidden.data;
+            let xn = self.norm(&mut s.scratch, x, n, lt.attn_norm)?;
+            let q = call(il, Projection::Q, &xn, n_embd)?;
+            let k = call(il, Projection::K, &xn, kv_dim)?;
+            let v = call(il, Projection::V, &xn, kv_dim)?;
+            let kv = &s.kv;
+            let attn = self.compute(&mut s.scratch, |g| {
+                let (inp_pos, kq_mask) = self.position_inputs(g, pos, n);
+                let ctx = g.ctx;
+                let q = g.input_f32(&q, &[n_embd as i64, n as i64]);
+                let k = g.input_f32(&k, &[kv_dim as i64, n as i64]);
+                let v = g.input_f32(&v, &[kv_dim as i64, n as i64]);
+                // SAFETY: shapes as documented on `attention`; `pos + n` was checked
+                // against the cache; biases are vectors of the matching width.
+                unsafe {
+                    let with_bias = |t: T, b: Option<T>| match b {
+                        Some(b) => sys::ggml_add(ctx, t, b),
+                        None => t,
+                    };
+                    let (q, k, v) = (
+                        with_bias(q, lt.bq),
+                        with_bias(k, lt.bk),
+                        with_bias(v, lt.bv),
+                    );
+                    self.attention(g, kv, il, q, k, v, pos, n, inp_pos, kq_mask)
+                }
+            })?;
+            s.kv.len[il] = pos + n;
+            let o = call(il, Projection::O, &attn, n_embd)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let xn = self.norm(&mut s.scratch, x, n, lt.ffn_norm)?;
+            let gate = call(il, Projection::Gate, &xn, info.n_ff)?;
+            let up = call(il, Projection::Up, &xn, info.n_ff)?;
+            let mut act = vec![0f32; gate.len()];
+            kernels::swiglu(&mut act, &gate, &up);
+            let down = call(il, Projection::Down, &act, n_embd)?;
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+        Ok(())
+    }
+
+    fn head_with(
+        &self,
+        hidden: &Hidden,
+        which: Logits,
+        s: &mut GgmlSession,
+        project: &mut Projector<'_>,
+    ) -> Result<Vec<f32>> {
+        self.check_session(s)?;
+        let n = self.check_hidden(hidden)?;
+        let n_embd = self.info.n_embd;
+        let rows = match which {
+            Logits::All => &hidden.data[..],
+            Logits::Last => &hidden.data[(n - 1) * n_embd..],
+        };
+        let n_out = rows.len() / n_embd;
+        let xn = self.norm(&mut s.scratch, rows, n_out, self.tensors.output_norm)?;
+        Self::call_projector(
+            project,
+            0,
+            Projection::Output,
+            &xn,
+            n_out,
+            self.info.n_vocab,
+        )
     }
 
     fn head(&self, hidden: &Hidden, which: Logits, s: &mut GgmlSession) -> Result<Vec<f32>> {

@@ -78,7 +78,7 @@ pub(crate) unsafe extern "C" fn swiglu_op(
 /// way, since Rust never contracts `a * b + c` into an FMA on its own.
 macro_rules! dispatch {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        fn $name($($arg: $ty),*) {
+        pub(crate) fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]

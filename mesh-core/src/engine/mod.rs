@@ -129,6 +129,12 @@ pub enum Logits {
     All,
 }
 
+/// Computes one linear projection for [`Engine::run_layers_with`] and
+/// [`Engine::head_with`]: `(layer, projection, x, n)` with `x` holding `n` rows of
+/// the matrix's `cols` inputs, returning `n` rows of its `rows` outputs
+/// (row-major by token). The layer index is ignored for [`Projection::Output`].
+pub type Projector<'a> = dyn FnMut(usize, Projection, &[f32], usize) -> Result<Vec<f32>> + 'a;
+
 /// A model that can be evaluated one layer range at a time.
 ///
 /// Implementations are shareable across threads; the mutable per-sequence state
@@ -158,6 +164,27 @@ pub trait Engine: Send + Sync {
         hidden: &mut Hidden,
         session: &mut Self::Session,
     ) -> Result<()>;
+
+    /// Like [`Engine::run_layers`], but every linear projection of the layers
+    /// (Q, K, V, O, gate, up, down) is computed by `project`; norms, RoPE,
+    /// attention with the session's KV cache, SiLU·mul, biases and residuals stay
+    /// here. This is how a delegator evaluates the heavy layers elsewhere.
+    fn run_layers_with(
+        &self,
+        layers: Range<usize>,
+        hidden: &mut Hidden,
+        session: &mut Self::Session,
+        project: &mut Projector<'_>,
+    ) -> Result<()>;
+
+    /// Like [`Engine::head`], with the output projection computed by `project`.
+    fn head_with(
+        &self,
+        hidden: &Hidden,
+        which: Logits,
+        session: &mut Self::Session,
+        project: &mut Projector<'_>,
+    ) -> Result<Vec<f32>>;
 
     /// Final norm and output projection: logits (`n_vocab` per returned token).
     fn head(&self, hidden: &Hidden, which: Logits, session: &mut Self::Session)

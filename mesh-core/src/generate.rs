@@ -160,6 +160,17 @@ pub fn process_prompt<E: Engine>(
     batch: usize,
     cancel: Option<&AtomicBool>,
 ) -> Result<Vec<f32>> {
+    let mut forward = |t: &[u32], s: &mut E::Session| engine.forward(t, Logits::Last, s);
+    prompt_with(session, tokens, batch, cancel, &mut forward)
+}
+
+fn prompt_with<S>(
+    session: &mut S,
+    tokens: &[u32],
+    batch: usize,
+    cancel: Option<&AtomicBool>,
+    forward: &mut ForwardFn<'_, S>,
+) -> Result<Vec<f32>> {
     if tokens.is_empty() {
         return Err(Error::InvalidArgument("the prompt has no tokens".into()));
     }
@@ -168,7 +179,7 @@ pub fn process_prompt<E: Engine>(
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Cancelled);
         }
-        logits = engine.forward(chunk, Logits::Last, session)?;
+        logits = forward(chunk, session)?;
     }
     Ok(logits)
 }
@@ -186,12 +197,39 @@ pub fn generate<E: Engine>(
     cancel: Option<&AtomicBool>,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerateOutput> {
+    let mut forward = |tokens: &[u32], s: &mut E::Session| engine.forward(tokens, Logits::Last, s);
+    generate_with(
+        engine,
+        session,
+        prompt_ids,
+        params,
+        cancel,
+        on_text,
+        &mut forward,
+    )
+}
+
+/// A forward pass for [`generate_with`]: evaluate `tokens` at the session's
+/// current position and return the last token's logits.
+pub type ForwardFn<'a, S> = dyn FnMut(&[u32], &mut S) -> Result<Vec<f32>> + 'a;
+
+/// [`generate`] with the forward pass supplied by the caller (for example a
+/// private forward whose projections are evaluated on secret shares).
+pub fn generate_with<E: Engine>(
+    engine: &E,
+    session: &mut E::Session,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    cancel: Option<&AtomicBool>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+    forward: &mut ForwardFn<'_, E::Session>,
+) -> Result<GenerateOutput> {
     let mut sampler = Sampler::new(params.sampler.clone())?;
     let tok = engine.tokenizer();
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
     let t0 = Instant::now();
-    let mut logits = process_prompt(engine, session, prompt_ids, params.batch, cancel)?;
+    let mut logits = prompt_with(session, prompt_ids, params.batch, cancel, forward)?;
     let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let t1 = Instant::now();
@@ -222,7 +260,7 @@ pub fn generate<E: Engine>(
         if generated.len() == params.max_tokens {
             break;
         }
-        logits = engine.forward(&[next], Logits::Last, session)?;
+        logits = forward(&[next], session)?;
     }
     // Flush an incomplete trailing character, unless the callback said stop.
     let rest = stream.finish();

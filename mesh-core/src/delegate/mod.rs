@@ -12,8 +12,13 @@
 //! * [`seal`]: RFC 9180 HPKE base mode (X25519, HKDF-SHA256, ChaCha20-Poly1305)
 //!   envelopes whose AAD binds every field of the request, with a replay window,
 //!   and helper keys signed by the node's Ed25519 identity.
+//! * [`private`]: the owner side put together, in process with `n >= 2`
+//!   helpers: a [`PrivateProjector`](private::PrivateProjector) for
+//!   `Engine::run_layers_with` / `Engine::head_with` that shares, seals,
+//!   checks and reconstructs every linear projection.
 
 pub mod kernels;
+pub mod private;
 pub mod ring;
 pub mod seal;
 pub mod share;

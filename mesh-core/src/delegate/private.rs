@@ -1,0 +1,698 @@
+//! The owner side of private delegation, in process: every linear projection
+//! of a forward pass is secret-shared among `n >= 2` helpers, computed by them
+//! on the GGUF bytes, checked and reconstructed (`SMPC.md`).
+//!
+//! [`PrivateProjector::project`] has the shape of an
+//! [`engine::Projector`](crate::engine::Projector), so a whole private forward
+//! pass is
+//!
+//! ```ignore
+//! let mut pp = PrivateProjector::new(&engine, 2, rng)?;
+//! engine.run_layers_with(0..n_layers, &mut hidden, &mut session, &mut |l, p, x, n| pp.project(l, p, x, n))?;
+//! let logits = engine.head_with(&hidden, Logits::Last, &mut session, &mut |l, p, x, n| pp.project(l, p, x, n))?;
+//! ```
+//!
+//! Per call the owner encodes each token row in the ring with its own private
+//! [`FixedPoint`](super::ring::FixedPoint), splits the batch into `n` additive
+//! shares (seeds for helpers `0..n-1`, a full vector for the last), and sends
+//! helper `i` its share sealed in that helper's HPKE context. The helper opens
+//! it, expands a seed if needed, computes `W·X_i` with [`Matrix::mul`] and seals
+//! the reply; the owner opens every reply, sums them, runs the Freivalds and
+//! range check ([`Checker`]) and only then decodes to `f32`. A failed check is
+//! an error naming the layer, the projection and (by Freivalds on each share
+//! alone) the helper that lied.
+//!
+//! Q, K and V of a layer (and gate and up) share their input, so by default
+//! they travel as one request ([`OP_QKV`], [`OP_GATE_UP`]): four round trips
+//! per layer, as `SMPC.md` counts them; see [`PrivateProjector::set_fuse`].
+//!
+//! The helpers here are in-process objects with their own keys and contexts;
+//! the envelopes are exactly the bytes a transport would carry, so
+//! [`PrivateStats`] measures the real traffic. What a transport would send in
+//! the clear next to each envelope is its [`EnvelopeHeader`] (authenticated as
+//! the AAD); its bytes are not counted.
+
+use std::collections::HashMap;
+
+use rand::{CryptoRng, RngCore};
+use zeroize::Zeroize;
+
+use super::kernels::Matrix;
+use super::ring;
+use super::seal::{
+    Direction, EnvelopeHeader, OpenContext, SealContext, SecretKey, DEFAULT_MAX_PAYLOAD,
+};
+use super::share::{share, ShareSeed, Shares};
+use super::verify::Checker;
+use crate::engine::{Engine, Projection};
+use crate::{Error, Result};
+
+/// Message kind: owner to helper, the share is a 32-byte seed.
+const KIND_SEED: u8 = 1;
+/// Message kind: owner to helper, the share is a full vector.
+const KIND_FULL: u8 = 2;
+/// Message kind: helper to owner, the helper's partial result.
+const KIND_RESULT: u8 = 3;
+
+/// Fresh Freivalds vectors used to attribute a failed check to a helper.
+const ATTRIBUTION_VECTORS: usize = 16;
+
+/// Peer id the in-process owner puts in every header.
+const OWNER_PEER: &[u8] = b"in-process owner";
+
+/// Wire code of a projection (the header's `op`) when it travels alone.
+pub fn op_code(p: Projection) -> u8 {
+    match p {
+        Projection::Q => 0,
+        Projection::K => 1,
+        Projection::V => 2,
+        Projection::O => 3,
+        Projection::Gate => 4,
+        Projection::Up => 5,
+        Projection::Down => 6,
+        Projection::Output => 7,
+    }
+}
+
+/// Wire code of the fused Q, K, V request (one share of the input, three products).
+pub const OP_QKV: u8 = 8;
+/// Wire code of the fused gate and up request.
+pub const OP_GATE_UP: u8 = 9;
+
+/// The projections a request with wire code `op` computes, in reply order.
+fn op_group(op: u8) -> Option<&'static [Projection]> {
+    const SINGLE: [Projection; 8] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+        Projection::Output,
+    ];
+    match op {
+        0..=7 => Some(&SINGLE[op as usize..op as usize + 1]),
+        OP_QKV => Some(&[Projection::Q, Projection::K, Projection::V]),
+        OP_GATE_UP => Some(&[Projection::Gate, Projection::Up]),
+        _ => None,
+    }
+}
+
+/// Traffic and integrity counters of a [`PrivateProjector`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrivateStats {
+    /// Delegated matrix products (per projection, fused or not).
+    pub projections: u64,
+    /// Requests answered by all helpers (a fused Q/K/V or gate/up request is
+    /// one round trip for two or three projections).
+    pub round_trips: u64,
+    /// Envelope bytes sent by the owner to all helpers.
+    pub bytes_sent: u64,
+    /// Envelope bytes received by the owner from all helpers.
+    pub bytes_received: u64,
+    /// Reconstructed results rejected by the Freivalds or range check.
+    pub checks_failed: u64,
+}
+
+/// Fault injection: how a dishonest helper alters its partial result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cheat {
+    /// Flip one bit (bit 17 of the first value) of the partial result.
+    FlipBit,
+    /// Add one to the first value of the partial result.
+    AddOne,
+}
+
+/// What the owner keeps per weight matrix: the column bounds for the
+/// fixed-point encoding and the secret check vectors.
+struct MatrixState {
+    rows: usize,
+    cols: usize,
+    bounds: Vec<u64>,
+    checker: Checker,
+}
+
+/// The owner's end of one helper's two HPKE contexts.
+struct OwnerLink {
+    to_helper: SealContext,
+    from_helper: OpenContext,
+}
+
+/// An in-process helper: its own key and its ends of the two contexts.
+struct Helper {
+    index: u16,
+    peer: Vec<u8>,
+    from_owner: OpenContext,
+    to_owner: SealContext,
+    cheat: Option<Cheat>,
+}
+
+impl Helper {
+    /// Handles one sealed request whose cleartext header is `header`: opens
+    /// it, checks it against what this helper knows, computes its partial
+    /// product and returns the sealed reply.
+    fn handle<E: Engine>(
+        &mut self,
+        engine: &E,
+        header: &EnvelopeHeader,
+        envelope: &[u8],
+    ) -> Result<Vec<u8>> {
+        let refuse = |why: String| {
+            Err(Error::InvalidArgument(format!(
+                "helper {}: request refused: {why}",
+                self.index
+            )))
+        };
+        if header.direction != Direction::OwnerToHelper
+            || header.helper_index != self.index
+            || header.helper_peer != self.peer
+            || header.model_hash != engine.info().id.0
+        {
+            return refuse("header is not addressed to this helper and model".into());
+        }
+        let Some(group) = op_group(header.op) else {
+            return refuse(format!("unknown op {}", header.op));
+        };
+        let mut ms = Vec::with_capacity(group.len());
+        for p in group {
+            ms.push(Matrix::from_view(
+                &engine.weight(header.layer as usize, *p)?,
+            )?);
+        }
+        let rows: usize = ms.iter().map(|m| m.rows()).sum();
+        if ms.iter().any(|m| m.cols() != header.cols as usize) || rows != header.rows as usize {
+            return refuse(format!(
+                "header says {}x{}, the weights are {:?}",
+                header.rows, header.cols, ms
+            ));
+        }
+        let mut opened = self.from_owner.open(header, envelope)?;
+        if *blake3::hash(&opened.payload).as_bytes() != header.request_hash {
+            opened.payload.zeroize();
+            return refuse("payload does not match the request hash".into());
+        }
+        let mut x = match decode_request(header.kind, &opened.payload, header.cols as usize) {
+            Ok(x) => x,
+            Err(e) => {
+                opened.payload.zeroize();
+                return Err(e);
+            }
+        };
+        opened.payload.zeroize();
+        // Reply: each matrix's `n·rows_m` values in turn.
+        let mut y = Vec::new();
+        for m in &ms {
+            match m.mul(&x) {
+                Ok(part) => y.extend(part),
+                Err(e) => {
+                    x.zeroize();
+                    y.zeroize();
+                    return Err(e);
+                }
+            }
+        }
+        x.zeroize();
+        match self.cheat {
+            Some(Cheat::FlipBit) => y[0] ^= 1 << 17,
+            Some(Cheat::AddOne) => y[0] = y[0].wrapping_add(1),
+            None => {}
+        }
+        let mut payload = words_to_bytes(&y);
+        y.zeroize();
+        let reply = EnvelopeHeader {
+            direction: Direction::HelperToOwner,
+            kind: KIND_RESULT,
+            ..header.clone()
+        };
+        let sealed = self.to_owner.seal(&reply, &payload);
+        payload.zeroize();
+        sealed
+    }
+}
+
+/// Request payload: `n_tokens` (u32 LE), then the 32-byte seed or the full
+/// share (`n_tokens·cols` u64 LE). Returns the share as a full vector.
+fn decode_request(kind: u8, payload: &[u8], cols: usize) -> Result<Vec<u64>> {
+    let bad = |what: String| Err(Error::InvalidArgument(format!("request payload: {what}")));
+    let Some((n, body)) = payload.split_at_checked(4) else {
+        return bad(format!(
+            "expected at least 4 bytes, found {}",
+            payload.len()
+        ));
+    };
+    let n = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
+    let len = n.saturating_mul(cols);
+    if n == 0 || len.saturating_mul(8) > DEFAULT_MAX_PAYLOAD {
+        return bad(format!(
+            "{n} tokens of {cols} values: expected at least one and at most {} bytes of share",
+            DEFAULT_MAX_PAYLOAD
+        ));
+    }
+    match kind {
+        KIND_SEED => {
+            let Ok(seed) = <[u8; 32]>::try_from(body) else {
+                return bad(format!(
+                    "expected a 32-byte seed, found {} bytes",
+                    body.len()
+                ));
+            };
+            Ok(ShareSeed::from_bytes(seed).expand(len))
+        }
+        KIND_FULL => {
+            if body.len() != len.saturating_mul(8) {
+                return bad(format!(
+                    "expected {n} x {cols} values ({} bytes), found {} bytes",
+                    len.saturating_mul(8),
+                    body.len()
+                ));
+            }
+            Ok(bytes_to_words(body))
+        }
+        other => bad(format!("unknown message kind {other}")),
+    }
+}
+
+fn words_to_bytes(w: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(w.len() * 8);
+    for v in w {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn bytes_to_words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+/// The owner side of private delegation with `n >= 2` in-process helpers
+/// (see the [module docs](self)). One projector is one delegation session:
+/// its session id, HPKE contexts and step counter live as long as it does.
+pub struct PrivateProjector<'e, E: Engine, R: RngCore + CryptoRng> {
+    engine: &'e E,
+    rng: R,
+    session_id: [u8; 16],
+    model_hash: [u8; 32],
+    step: u64,
+    links: Vec<OwnerLink>,
+    helpers: Vec<Helper>,
+    matrices: HashMap<(usize, Projection), MatrixState>,
+    stats: PrivateStats,
+    fuse: bool,
+    /// Results of a fused request not yet asked for: layer, BLAKE3 of the
+    /// input they were computed on, and the outputs by projection.
+    pending: Option<Pending>,
+}
+
+/// K and V (or up) computed along with Q (or gate), waiting for their call.
+struct Pending {
+    layer: usize,
+    input: [u8; 32],
+    outputs: Vec<(Projection, Vec<f32>)>,
+}
+
+/// BLAKE3 of an input batch, to match a later call to a fused request.
+fn input_hash(x: &[f32], n: usize) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&(n as u64).to_le_bytes());
+    for v in x {
+        h.update(&v.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
+    /// A session with `n_helpers >= 2` helpers over `engine`'s weights. Every
+    /// secret (session id, HPKE keys, share seeds, check vectors) comes from
+    /// `rng`.
+    pub fn new(engine: &'e E, n_helpers: usize, mut rng: R) -> Result<Self> {
+        if n_helpers < 2 || n_helpers > usize::from(u16::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "private delegation with {n_helpers} helpers: expected 2..=65535"
+            )));
+        }
+        let mut session_id = [0u8; 16];
+        rng.fill_bytes(&mut session_id);
+        let owner_key = SecretKey::generate(&mut rng);
+        let mut links = Vec::with_capacity(n_helpers);
+        let mut helpers = Vec::with_capacity(n_helpers);
+        for i in 0..n_helpers {
+            let helper_key = SecretKey::generate(&mut rng);
+            let to_helper = SealContext::new(&mut rng, &helper_key.public_key())?;
+            let to_owner = SealContext::new(&mut rng, &owner_key.public_key())?;
+            let from_owner = OpenContext::new(&helper_key, &to_helper.enc())?;
+            let from_helper = OpenContext::new(&owner_key, &to_owner.enc())?;
+            links.push(OwnerLink {
+                to_helper,
+                from_helper,
+            });
+            helpers.push(Helper {
+                index: i as u16,
+                peer: format!("in-process helper {i}").into_bytes(),
+                from_owner,
+                to_owner,
+                cheat: None,
+            });
+        }
+        Ok(PrivateProjector {
+            engine,
+            rng,
+            session_id,
+            model_hash: engine.info().id.0,
+            step: 0,
+            links,
+            helpers,
+            matrices: HashMap::new(),
+            stats: PrivateStats::default(),
+            fuse: true,
+            pending: None,
+        })
+    }
+
+    /// Number of helpers `n`.
+    pub fn n_helpers(&self) -> usize {
+        self.helpers.len()
+    }
+
+    /// Whether Q, K, V (and gate, up) of a layer travel as one request (the
+    /// default): the input is shared once and the helpers return all products
+    /// in one round trip. The engine asks for them one at a time with the same
+    /// input; the later ones are served from the fused result when the input
+    /// matches bit for bit, and delegated on their own otherwise.
+    pub fn set_fuse(&mut self, fuse: bool) {
+        self.fuse = fuse;
+        self.pending = None;
+    }
+
+    /// Counters since creation or the last reset.
+    pub fn stats(&self) -> PrivateStats {
+        self.stats.clone()
+    }
+
+    /// Zeroes the counters (e.g. at the start of each token).
+    pub fn reset_stats(&mut self) {
+        self.stats = PrivateStats::default();
+    }
+
+    /// Returns the counters and zeroes them.
+    pub fn take_stats(&mut self) -> PrivateStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Fault injection for tests: make helper `i` alter every partial result
+    /// it returns (`Some((i, cheat))`), or make every helper honest (`None`).
+    pub fn set_cheat(&mut self, cheat: Option<(usize, Cheat)>) -> Result<()> {
+        if let Some((i, _)) = cheat {
+            if i >= self.helpers.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "cheating helper {i}: expected an index below {}",
+                    self.helpers.len()
+                )));
+            }
+        }
+        for (j, h) in self.helpers.iter_mut().enumerate() {
+            h.cheat = cheat.and_then(|(i, c)| (i == j).then_some(c));
+        }
+        Ok(())
+    }
+
+    /// `W·x` for `n` token rows of `x` (row-major, `cols` values each), where
+    /// `W` is `projection` of `layer` (ignored for [`Projection::Output`]),
+    /// computed by the helpers on secret shares and checked before it is
+    /// decoded. Returns `n` rows of `rows` values. Fits
+    /// [`engine::Projector`](crate::engine::Projector).
+    pub fn project(
+        &mut self,
+        layer: usize,
+        projection: Projection,
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let layer = if projection == Projection::Output {
+            0
+        } else {
+            layer
+        };
+        if let Some(p) = self.pending.as_mut() {
+            if let Some(at) = p.outputs.iter().position(|(q, _)| *q == projection) {
+                if p.layer == layer && p.input == input_hash(x, n) {
+                    let (_, out) = p.outputs.remove(at);
+                    if p.outputs.is_empty() {
+                        self.pending = None;
+                    }
+                    return Ok(out);
+                }
+            }
+        }
+        self.pending = None;
+        let (op, group): (u8, &[Projection]) = match projection {
+            Projection::Q if self.fuse => (OP_QKV, &[Projection::Q, Projection::K, Projection::V]),
+            Projection::Gate if self.fuse => (OP_GATE_UP, &[Projection::Gate, Projection::Up]),
+            p => (op_code(p), op_group(op_code(p)).unwrap_or_default()),
+        };
+        let mut outs = self.delegate(layer, op, group, x, n)?;
+        let first = outs.remove(0);
+        if !outs.is_empty() {
+            self.pending = Some(Pending {
+                layer,
+                input: input_hash(x, n),
+                outputs: group[1..].iter().copied().zip(outs).collect(),
+            });
+        }
+        Ok(first)
+    }
+
+    /// The owner's state for one matrix, built on first use.
+    fn matrix_state(&mut self, layer: usize, projection: Projection) -> Result<&MatrixState> {
+        let key = (layer, projection);
+        if !self.matrices.contains_key(&key) {
+            let m = Matrix::from_view(&self.engine.weight(layer, projection)?)?;
+            let state = MatrixState {
+                rows: m.rows(),
+                cols: m.cols(),
+                bounds: m.column_bounds()?,
+                checker: Checker::new(&m, &mut self.rng)?,
+            };
+            self.matrices.insert(key, state);
+        }
+        Ok(&self.matrices[&key])
+    }
+
+    /// One request (wire code `op`) for the projections `group` of `layer`,
+    /// which share their input: one sharing of `x`, one round trip to every
+    /// helper, one checked and decoded output per projection.
+    fn delegate(
+        &mut self,
+        layer: usize,
+        op: u8,
+        group: &[Projection],
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let name = format!("layer {layer} {:?}", group);
+        let mut shapes = Vec::with_capacity(group.len());
+        // Elementwise max of the column bounds: a fixed point valid for every
+        // matrix of the group.
+        let mut bounds: Vec<u64> = Vec::new();
+        for p in group {
+            let st = self.matrix_state(layer, *p)?;
+            if bounds.is_empty() {
+                bounds = st.bounds.clone();
+            } else if bounds.len() != st.cols {
+                return Err(Error::InvalidArgument(format!(
+                    "{name}: the fused matrices differ in width"
+                )));
+            } else {
+                bounds
+                    .iter_mut()
+                    .zip(&st.bounds)
+                    .for_each(|(b, c)| *b = (*b).max(*c));
+            }
+            shapes.push(st.rows);
+        }
+        let cols = bounds.len();
+        let rows: usize = shapes.iter().sum();
+        if n == 0 || Some(x.len()) != n.checked_mul(cols) {
+            return Err(Error::InvalidArgument(format!(
+                "{name} input: expected {n} tokens of {cols} values, found {} values",
+                x.len()
+            )));
+        }
+        let (rows32, cols32, n32) =
+            match (u32::try_from(rows), u32::try_from(cols), u32::try_from(n)) {
+                (Ok(r), Ok(c), Ok(n)) => (r, c, n),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{name}: {n} tokens of a {rows}x{cols} matrix do not fit the wire format"
+                    )))
+                }
+            };
+        let (mut xr, params) = ring::encode_batch(x, &bounds)?;
+        let shares = share(&xr, self.helpers.len(), &mut self.rng)?;
+        self.step += 1;
+        self.stats.round_trips += 1;
+        self.stats.projections += group.len() as u64;
+        let n_helpers = self.helpers.len();
+        let mut y = vec![0u64; n * rows];
+        // Each helper's partial result, kept until the checks pass so a
+        // failure can be attributed to a helper.
+        let mut parts: Vec<Vec<u64>> = Vec::with_capacity(n_helpers);
+        for i in 0..n_helpers {
+            let (kind, mut payload) = {
+                let mut p =
+                    Vec::with_capacity(4 + if i + 1 < n_helpers { 32 } else { xr.len() * 8 });
+                p.extend_from_slice(&n32.to_le_bytes());
+                if i + 1 < n_helpers {
+                    p.extend_from_slice(shares.seeds()[i].as_bytes());
+                    (KIND_SEED, p)
+                } else {
+                    for v in shares.last() {
+                        p.extend_from_slice(&v.to_le_bytes());
+                    }
+                    (KIND_FULL, p)
+                }
+            };
+            let header = EnvelopeHeader {
+                direction: Direction::OwnerToHelper,
+                kind,
+                n: n_helpers as u16,
+                helper_index: i as u16,
+                op,
+                layer: layer as u32,
+                session_id: self.session_id,
+                owner_peer: OWNER_PEER.to_vec(),
+                helper_peer: self.helpers[i].peer.clone(),
+                model_hash: self.model_hash,
+                step: self.step,
+                rows: rows32,
+                cols: cols32,
+                attempt: 0,
+                request_hash: *blake3::hash(&payload).as_bytes(),
+            };
+            let sealed = self.links[i].to_helper.seal(&header, &payload);
+            payload.zeroize();
+            let request = sealed?;
+            self.stats.bytes_sent += request.len() as u64;
+            // The transport: the header travels in the clear next to the envelope.
+            let reply = self.helpers[i].handle(self.engine, &header, &request)?;
+            self.stats.bytes_received += reply.len() as u64;
+            let expected = EnvelopeHeader {
+                direction: Direction::HelperToOwner,
+                kind: KIND_RESULT,
+                ..header
+            };
+            let mut opened = self.links[i].from_helper.open(&expected, &reply)?;
+            if opened.payload.len() != y.len() * 8 {
+                opened.payload.zeroize();
+                return Err(Error::InvalidArgument(format!(
+                    "helper {i}, {name}: expected {} result bytes, found {}",
+                    y.len() * 8,
+                    opened.payload.len()
+                )));
+            }
+            let part = bytes_to_words(&opened.payload);
+            opened.payload.zeroize();
+            ring::add_assign(&mut y, &part);
+            parts.push(part);
+        }
+        // Check every product before decoding any of them.
+        let mut failed = None;
+        let mut offset = 0;
+        for (p, r) in group.iter().zip(&shapes) {
+            let span = offset..offset + n * r;
+            let st = &self.matrices[&(layer, *p)];
+            if let Err(failure) = st.checker.check(&xr, &y[span.clone()]) {
+                failed = Some((*p, span, failure));
+                break;
+            }
+            offset += n * r;
+        }
+        xr.zeroize();
+        if let Some((p, span, failure)) = failed {
+            y.zeroize();
+            self.stats.checks_failed += 1;
+            let slices: Vec<&[u64]> = parts.iter().map(|v| &v[span.clone()]).collect();
+            let culprits = self.attribute(layer, p, &shares, &slices);
+            parts.iter_mut().for_each(|p| p.zeroize());
+            let who = match culprits {
+                Ok(c) if !c.is_empty() => format!(
+                    "helper{} {}",
+                    if c.len() > 1 { "s" } else { "" },
+                    c.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => format!("one of helpers 0..{n_helpers} (not attributable)"),
+            };
+            return Err(Error::InvalidArgument(format!(
+                "delegated layer {layer} {p:?} (step {}): {who} returned a wrong result; \
+                 the reconstruction failed the integrity check ({failure})",
+                self.step
+            )));
+        }
+        parts.iter_mut().for_each(|p| p.zeroize());
+        drop(shares);
+        let mut outs = Vec::with_capacity(group.len());
+        let mut offset = 0;
+        for r in &shapes {
+            let out = ring::decode_batch(&y[offset..offset + n * r], *r, &params)?;
+            outs.push(out.into_iter().map(|v| v as f32).collect());
+            offset += n * r;
+        }
+        y.zeroize();
+        Ok(outs)
+    }
+
+    /// After a failed check: which helpers' partial results are not `W·X_i`.
+    /// Freivalds is linear, so it applies to each share on its own (the range
+    /// check does not: shares are uniform). Uses fresh check vectors and one
+    /// pass over the matrix; an error confined to the top bits of a share can
+    /// escape it (probability `2^-ATTRIBUTION_VECTORS` at worst), in which
+    /// case nobody is named.
+    fn attribute(
+        &mut self,
+        layer: usize,
+        projection: Projection,
+        shares: &Shares,
+        parts: &[&[u64]],
+    ) -> Result<Vec<usize>> {
+        let m = Matrix::from_view(&self.engine.weight(layer, projection)?)?;
+        let (rows, cols) = (m.rows(), m.cols());
+        let k = ATTRIBUTION_VECTORS;
+        let r: Vec<u64> = (0..k * rows).map(|_| self.rng.next_u64()).collect();
+        let mut v = vec![0u64; k * cols];
+        let mut w = vec![0i64; cols];
+        for row in 0..rows {
+            m.row_weights(row, &mut w)?;
+            for t in 0..k {
+                let rt = r[t * rows + row];
+                for (acc, wj) in v[t * cols..(t + 1) * cols].iter_mut().zip(&w) {
+                    *acc = acc.wrapping_add(rt.wrapping_mul(ring::from_signed(*wj)));
+                }
+            }
+        }
+        let mut culprits = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let mut xi = shares.expand(i)?;
+            let wrong = part.len() % rows != 0
+                || part.len() / rows != xi.len() / cols
+                || xi
+                    .chunks_exact(cols)
+                    .zip(part.chunks_exact(rows))
+                    .any(|(xt, yt)| {
+                        (0..k).any(|t| {
+                            ring::dot(&r[t * rows..(t + 1) * rows], yt)
+                                != ring::dot(&v[t * cols..(t + 1) * cols], xt)
+                        })
+                    });
+            xi.zeroize();
+            if wrong {
+                culprits.push(i);
+            }
+        }
+        Ok(culprits)
+    }
+}

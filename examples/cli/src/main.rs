@@ -9,10 +9,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mesh_core::chat::ChatMessage;
-use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::delegate::private::PrivateProjector;
+use mesh_core::engine::{Engine, GgmlEngine, GgmlSession, Logits, Projection};
 use mesh_core::fetch::{resolve_model, FetchProgress};
 use mesh_core::generate::{self, GenerateParams, Prompt};
 use mesh_core::sampling::SamplerParams;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -75,6 +78,10 @@ enum Command {
         /// Keep generating past end-of-generation tokens.
         #[arg(long)]
         ignore_eos: bool,
+        /// Private mode: evaluate every linear layer on additive secret shares held
+        /// by N (>= 2) in-process helpers, with sealed messages and verified results.
+        #[arg(long, value_name = "N")]
+        private: Option<usize>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -177,6 +184,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             threads,
             ctx,
             ignore_eos,
+            private,
             format,
         } => {
             let engine = load(&model, threads)?;
@@ -209,27 +217,71 @@ fn run(command: Command) -> Result<(), BoxError> {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let stream = format == Format::Text;
-            let result = generate::generate(
-                &engine,
-                &mut session,
-                &prompt_ids,
-                &params,
-                None,
-                &mut |piece| {
-                    if stream {
-                        // A closed pipe stops generation instead of failing it.
-                        return out
-                            .write_all(piece.as_bytes())
-                            .and_then(|_| out.flush())
-                            .is_ok();
-                    }
-                    true
-                },
-            )?;
+            let mut on_text = |piece: &str| {
+                if stream {
+                    // A closed pipe stops generation instead of failing it.
+                    return out
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| out.flush())
+                        .is_ok();
+                }
+                true
+            };
+            let mut private_stats = None;
+            let result = match private {
+                None => generate::generate(
+                    &engine,
+                    &mut session,
+                    &prompt_ids,
+                    &params,
+                    None,
+                    &mut on_text,
+                )?,
+                Some(n) => {
+                    let mut pp = PrivateProjector::new(&engine, n, ChaCha20Rng::from_entropy())?;
+                    // Traffic of single-token (decode) steps: what a token costs.
+                    let (mut decode_bytes, mut decode_steps) = (0u64, 0u64);
+                    let n_layers = engine.info().n_layers;
+                    let mut forward = |tokens: &[u32], s: &mut GgmlSession| {
+                        let before = pp.stats();
+                        let mut project =
+                            |l: usize, p: Projection, x: &[f32], n: usize| pp.project(l, p, x, n);
+                        let mut h = engine.embed(tokens, engine.session_len(s, 0))?;
+                        engine.run_layers_with(0..n_layers, &mut h, s, &mut project)?;
+                        let logits = engine.head_with(&h, Logits::Last, s, &mut project)?;
+                        if tokens.len() == 1 {
+                            let after = pp.stats();
+                            decode_bytes += (after.bytes_sent + after.bytes_received)
+                                - (before.bytes_sent + before.bytes_received);
+                            decode_steps += 1;
+                        }
+                        Ok(logits)
+                    };
+                    let result = generate::generate_with(
+                        &engine,
+                        &mut session,
+                        &prompt_ids,
+                        &params,
+                        None,
+                        &mut on_text,
+                        &mut forward,
+                    )?;
+                    let stats = pp.stats();
+                    let bytes_per_token = match decode_steps {
+                        0 => {
+                            (stats.bytes_sent + stats.bytes_received)
+                                / prompt_ids.len().max(1) as u64
+                        }
+                        steps => decode_bytes / steps,
+                    };
+                    private_stats = Some((n, bytes_per_token, stats));
+                    result
+                }
+            };
             if stream {
                 writeln!(out)?;
             } else {
-                let v = json!({
+                let mut v = json!({
                     "text": result.text,
                     "prompt_ids": result.prompt_ids,
                     "token_ids": result.token_ids,
@@ -237,6 +289,12 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "generate_ms": result.generate_ms,
                     "stop": format!("{:?}", result.stop),
                 });
+                if let Some((n, bytes_per_token, stats)) = &private_stats {
+                    v["private"] = json!(n);
+                    v["bytes_per_token"] = json!(bytes_per_token);
+                    v["checks_failed"] = json!(stats.checks_failed);
+                    v["round_trips"] = json!(stats.round_trips);
+                }
                 writeln!(out, "{v}")?;
             }
         }

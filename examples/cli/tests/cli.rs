@@ -1,0 +1,213 @@
+//! The `mesh` command lines that other programs script, run as a user would.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn mesh(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(args)
+        .output()
+        .expect("run mesh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `$MESH_MODEL`, or `default` (fetched into the cache by the CLI itself).
+fn model() -> String {
+    std::env::var("MESH_MODEL").unwrap_or_else(|_| "default".into())
+}
+
+fn json(args: &[&str]) -> Value {
+    let (ok, stdout, stderr) = mesh(args);
+    assert!(ok, "mesh {args:?} failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn generate_json_has_the_documented_fields() {
+    let m = model();
+    let v = json(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "--format",
+        "json",
+    ]);
+    for key in [
+        "text",
+        "prompt_ids",
+        "token_ids",
+        "prompt_ms",
+        "generate_ms",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 6);
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+}
+
+#[test]
+fn raw_parses_special_tokens_and_chat_applies_the_template() {
+    let m = model();
+    let raw = json(&[
+        "generate",
+        "--model",
+        &m,
+        "--raw",
+        "--prompt",
+        "<|im_start|>user\nHi<|im_end|>\n",
+        "--max-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let ids: Vec<u64> = raw["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids[0], 1, "<|im_start|> is one special token: {ids:?}");
+    let chat = json(&[
+        "generate",
+        "--model",
+        &m,
+        "--chat",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let n_chat = chat["prompt_ids"].as_array().unwrap().len();
+    assert!(n_chat > 5, "the chat template wraps the prompt: {chat}");
+}
+
+#[test]
+fn private_generation_reports_traffic_and_checks() {
+    let m = model();
+    let v = json(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "--private",
+        "2",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["checks_failed"], 0, "{v}");
+    let bytes = v["bytes_per_token"].as_u64().unwrap();
+    // 30 layers x ~110 KB + the lm_head's shares and replies.
+    assert!(
+        (3_000_000..6_000_000).contains(&bytes),
+        "bytes_per_token {bytes}"
+    );
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+}
+
+#[test]
+fn perplexity_and_bench_print_json() {
+    let m = model();
+    let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("text.txt");
+    std::fs::write(
+        &file,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
+    let v = json(&[
+        "perplexity",
+        "--model",
+        &m,
+        "--file",
+        file.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--threads",
+        "1",
+        "--format",
+        "json",
+    ]);
+    let (ppl, tokens) = (v["ppl"].as_f64().unwrap(), v["tokens"].as_u64().unwrap());
+    assert!(ppl.is_finite() && ppl > 1.0, "{v}");
+    assert_eq!(tokens % 63, 0, "63 scored tokens per 64-token window: {v}");
+    let b = json(&[
+        "bench",
+        "--model",
+        &m,
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        b["pp_tps"].as_f64().unwrap() > 0.0 && b["tg_tps"].as_f64().unwrap() > 0.0,
+        "{b}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_input_is_a_clear_error_with_a_failing_exit_code() {
+    let (ok, _, stderr) = mesh(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
+    let m = model();
+    let (ok, _, stderr) = mesh(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "4",
+        "--ctx",
+        "2",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("context overflow"), "{stderr}");
+    let (ok, _, stderr) = mesh(&["generate", "--model", &m, "--prompt", "x", "--private", "1"]);
+    assert!(!ok, "one helper would see everything: {stderr}");
+}

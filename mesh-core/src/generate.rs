@@ -343,7 +343,7 @@ fn log_softmax_at(row: &[f32], target: usize) -> f64 {
         .map_or(f64::NEG_INFINITY, |&v| v as f64 - max - sum.ln())
 }
 
-/// Throughput measured by [`bench`].
+/// Throughput measured by [`bench()`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BenchResult {
     /// Prompt processing, tokens per second (median of the runs).

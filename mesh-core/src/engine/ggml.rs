@@ -945,15 +945,7 @@ impl Engine for GgmlEngine {
         s: &mut GgmlSession,
     ) -> Result<()> {
         self.check_session(s)?;
-        let n = hidden.n_tokens();
-        if hidden.n_embd != self.info.n_embd || n == 0 || hidden.data.len() != n * hidden.n_embd {
-            return Err(Error::InvalidArgument(format!(
-                "hidden state: expected a non-empty multiple of {} values, found {} values of width {}",
-                self.info.n_embd,
-                hidden.data.len(),
-                hidden.n_embd
-            )));
-        }
+        let n = self.check_hidden(hidden)?;
         self.check_kv(&s.kv, &layers, hidden.pos, n)?;
         if layers.is_empty() {
             return Ok(());
@@ -1058,14 +1050,7 @@ impl Engine for GgmlEngine {
 
     fn head(&self, hidden: &Hidden, which: Logits, s: &mut GgmlSession) -> Result<Vec<f32>> {
         self.check_session(s)?;
-        let n = hidden.n_tokens();
-        if hidden.n_embd != self.info.n_embd || n == 0 || hidden.data.len() != n * hidden.n_embd {
-            return Err(Error::InvalidArgument(format!(
-                "hidden state: expected a non-empty multiple of {} values, found {}",
-                self.info.n_embd,
-                hidden.data.len()
-            )));
-        }
+        let n = self.check_hidden(hidden)?;
         let ne = [self.info.n_embd as i64, n as i64];
         self.compute(&mut s.scratch, |g| {
             let x = g.input_f32(&hidden.data, &ne);

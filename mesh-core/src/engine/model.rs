@@ -93,20 +93,8 @@ pub(crate) struct Weights {
     pub layers: Vec<LayerWeights>,
 }
 
-const MATRIX_TYPES: [GgmlType; 12] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// Matrix formats the forward pass accepts: exactly those ggml quantizes.
+use super::quant::QUANT_TYPES as MATRIX_TYPES;
 
 fn usize_of(key: &str, v: u32) -> Result<usize> {
     if v == 0 {

@@ -33,6 +33,8 @@
 //! the AAD); its bytes are not counted.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use rand::{CryptoRng, RngCore};
 use zeroize::Zeroize;
@@ -43,7 +45,7 @@ use super::seal::{
     Direction, EnvelopeHeader, OpenContext, SealContext, SecretKey, DEFAULT_MAX_PAYLOAD,
 };
 use super::share::{share, ShareSeed, Shares};
-use super::verify::Checker;
+use super::verify::{CacheError, Checker, MatrixKey};
 use crate::engine::{Engine, Projection};
 use crate::{Error, Result};
 
@@ -113,6 +115,13 @@ pub struct PrivateStats {
     pub bytes_received: u64,
     /// Reconstructed results rejected by the Freivalds or range check.
     pub checks_failed: u64,
+    /// Check vectors computed by streaming a matrix.
+    pub checkers_computed: u64,
+    /// Check vectors loaded from the cache directory.
+    pub checkers_loaded: u64,
+    /// Cache files rejected as invalid (then recomputed and rewritten) or
+    /// that could not be written.
+    pub checker_cache_errors: u64,
 }
 
 /// Fault injection: how a dishonest helper alters its partial result.
@@ -287,6 +296,42 @@ fn bytes_to_words(b: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Writes `checker` to `path` atomically: a new 0600 file next to it (name
+/// suffixed with `tag`), synced, then renamed over `path`. Creates `dir`
+/// (0700) if needed.
+fn write_cache_file(
+    dir: &Path,
+    path: &Path,
+    tag: &[u8; 8],
+    key: &MatrixKey,
+    checker: &Checker,
+) -> Result<(), CacheError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension(format!("fvc.tmp-{tag}"));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let result = (|| {
+        let mut w = options.open(&tmp)?;
+        checker.save(key, &mut w)?;
+        w.flush()?;
+        w.sync_all()?;
+        drop(w);
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// The owner side of private delegation with `n >= 2` in-process helpers
 /// (see the [module docs](self)). One projector is one delegation session:
 /// its session id, HPKE contexts and step counter live as long as it does.
@@ -304,6 +349,10 @@ pub struct PrivateProjector<'e, E: Engine, R: RngCore + CryptoRng> {
     /// Results of a fused request not yet asked for: layer, BLAKE3 of the
     /// input they were computed on, and the outputs by projection.
     pending: Option<Pending>,
+    /// Where check vectors are cached, if anywhere.
+    cache_dir: Option<PathBuf>,
+    /// The last cache error, for diagnostics.
+    last_cache_error: Option<CacheError>,
 }
 
 /// K and V (or up) computed along with Q (or gate), waiting for their call.
@@ -368,7 +417,31 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             stats: PrivateStats::default(),
             fuse: true,
             pending: None,
+            cache_dir: None,
+            last_cache_error: None,
         })
+    }
+
+    /// Caches the check vectors under `dir`: on first use of a matrix, the
+    /// projector loads `<dir>/<model-id-hex>/<layer>-<op>.fvc` ([`Checker::load`];
+    /// `op` is [`op_code`]) if present and valid, and otherwise computes them
+    /// and writes that file atomically (temporary file, then rename). An
+    /// invalid file is counted in [`PrivateStats::checker_cache_errors`] and
+    /// replaced, never fatal; so is a failed write.
+    ///
+    /// **Security:** the `r_t` in these files are the owner's secret — a
+    /// helper that learns them can forge results that pass the Freivalds
+    /// check. The cache is owner-local: directories are created 0700 and
+    /// files 0600 (on Unix), and the directory must never be shared with or
+    /// readable by helpers.
+    pub fn with_cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// The last error met reading or writing the check vector cache.
+    pub fn last_cache_error(&self) -> Option<&CacheError> {
+        self.last_cache_error.as_ref()
     }
 
     /// Number of helpers `n`.
@@ -469,15 +542,63 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         let key = (layer, projection);
         if !self.matrices.contains_key(&key) {
             let m = Matrix::from_view(&self.engine.weight(layer, projection)?)?;
+            let checker = self.checker(layer, projection, &m)?;
             let state = MatrixState {
                 rows: m.rows(),
                 cols: m.cols(),
                 bounds: m.column_bounds()?,
-                checker: Checker::new(&m, &mut self.rng)?,
+                checker,
             };
             self.matrices.insert(key, state);
         }
         Ok(&self.matrices[&key])
+    }
+
+    /// The check vectors for `m`: from the cache if there is a valid file,
+    /// else computed (and written to the cache if there is one).
+    fn checker(&mut self, layer: usize, projection: Projection, m: &Matrix<'_>) -> Result<Checker> {
+        let Some(dir) = self.cache_dir.clone() else {
+            self.stats.checkers_computed += 1;
+            return Checker::new(m, &mut self.rng);
+        };
+        let key = MatrixKey {
+            model: self.model_hash,
+            layer: u32::try_from(layer).map_err(|_| {
+                Error::InvalidArgument(format!("layer {layer} does not fit the cache format"))
+            })?,
+            op: op_code(projection),
+            rows: m.rows(),
+            cols: m.cols(),
+        };
+        let hex: String = self.model_hash.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = dir.join(hex);
+        let path = dir.join(format!("{layer}-{}.fvc", key.op));
+        match std::fs::File::open(&path) {
+            Ok(mut f) => match Checker::load(&mut f, &key) {
+                Ok(c) => {
+                    self.stats.checkers_loaded += 1;
+                    return Ok(c);
+                }
+                Err(e) => {
+                    self.stats.checker_cache_errors += 1;
+                    self.last_cache_error = Some(e);
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                self.stats.checker_cache_errors += 1;
+                self.last_cache_error = Some(CacheError::Io(e));
+            }
+        }
+        let checker = Checker::new(m, &mut self.rng)?;
+        self.stats.checkers_computed += 1;
+        let mut tag = [0u8; 8];
+        self.rng.fill_bytes(&mut tag);
+        if let Err(e) = write_cache_file(&dir, &path, &tag, &key, &checker) {
+            self.stats.checker_cache_errors += 1;
+            self.last_cache_error = Some(e);
+        }
+        Ok(checker)
     }
 
     /// One request (wire code `op`) for the projections `group` of `layer`,

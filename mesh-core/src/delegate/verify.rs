@@ -18,6 +18,7 @@
 //! `2^57 - 2^55 > 2^56`. So every error is caught with probability `>= 1 - 2^-40`.
 
 use std::fmt;
+use std::io::{self, Read, Write};
 
 use rand::{CryptoRng, RngCore};
 use zeroize::Zeroize;
@@ -77,6 +78,160 @@ impl fmt::Display for CheckFailure {
 
 impl std::error::Error for CheckFailure {}
 
+/// Which matrix a saved [`Checker`] belongs to: the header of its cache file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatrixKey {
+    /// The model id (`ModelInfo::id`, a hash of the GGUF).
+    pub model: [u8; 32],
+    /// The layer (0 for the output projection).
+    pub layer: u32,
+    /// The projection's wire code ([`super::private::op_code`]).
+    pub op: u8,
+    /// Rows of the matrix.
+    pub rows: usize,
+    /// Columns of the matrix.
+    pub cols: usize,
+}
+
+/// Magic bytes of a saved [`Checker`].
+pub const CHECKER_MAGIC: [u8; 8] = *b"MESHFVC\0";
+/// Version of the saved [`Checker`] format.
+pub const CHECKER_FORMAT_VERSION: u32 = 1;
+
+/// Why a saved [`Checker`] was rejected by [`Checker::load`] (or could not
+/// be saved by [`Checker::save`]).
+#[derive(Debug)]
+pub enum CacheError {
+    /// Reading or writing failed (other than the file ending early).
+    Io(io::Error),
+    /// The file ends before the format says it should.
+    Truncated,
+    /// The file does not start with [`CHECKER_MAGIC`].
+    BadMagic,
+    /// The file has a format version this build does not read.
+    Version {
+        /// The version found.
+        found: u32,
+    },
+    /// A header field differs from the matrix the checker is loaded for.
+    Mismatch {
+        /// Which field: "model", "layer", "op", "rows", "cols" or "k".
+        field: &'static str,
+        /// What was expected.
+        expected: String,
+        /// What the file says.
+        found: String,
+    },
+    /// The BLAKE3 checksum does not match the header and body.
+    Checksum,
+    /// Bytes follow the checksum.
+    TrailingData,
+}
+
+impl fmt::Display for CacheError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheError::Io(e) => write!(f, "check vector file: {e}"),
+            CacheError::Truncated => write!(f, "check vector file: truncated"),
+            CacheError::BadMagic => write!(f, "check vector file: bad magic"),
+            CacheError::Version { found } => write!(
+                f,
+                "check vector file: expected version {CHECKER_FORMAT_VERSION}, found {found}"
+            ),
+            CacheError::Mismatch {
+                field,
+                expected,
+                found,
+            } => write!(
+                f,
+                "check vector file: {field}: expected {expected}, found {found}"
+            ),
+            CacheError::Checksum => write!(f, "check vector file: checksum mismatch"),
+            CacheError::TrailingData => write!(f, "check vector file: data after the checksum"),
+        }
+    }
+}
+
+impl std::error::Error for CacheError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CacheError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for CacheError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            CacheError::Truncated
+        } else {
+            CacheError::Io(e)
+        }
+    }
+}
+
+/// Bytes of a saved header: magic, version, model, layer, op, rows, cols, k.
+const HEADER_LEN: usize = 8 + 4 + 32 + 4 + 1 + 8 + 8 + 4;
+
+fn header_bytes(key: &MatrixKey, k: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    let mut at = 0;
+    for part in [
+        &CHECKER_MAGIC[..],
+        &CHECKER_FORMAT_VERSION.to_le_bytes(),
+        &key.model,
+        &key.layer.to_le_bytes(),
+        &[key.op],
+        &(key.rows as u64).to_le_bytes(),
+        &(key.cols as u64).to_le_bytes(),
+        &k.to_le_bytes(),
+    ] {
+        h[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    h
+}
+
+/// Writes `words` little-endian to `w` and `hasher` through a small buffer
+/// that is zeroized afterwards (the words may be secret).
+fn write_words(w: &mut impl Write, hasher: &mut blake3::Hasher, words: &[u64]) -> io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut result = Ok(());
+    for chunk in words.chunks(buf.len() / 8) {
+        let bytes = &mut buf[..chunk.len() * 8];
+        for (b, v) in bytes.chunks_exact_mut(8).zip(chunk) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        hasher.update(bytes);
+        result = w.write_all(bytes);
+        if result.is_err() {
+            break;
+        }
+    }
+    buf.zeroize();
+    result
+}
+
+/// Reads `out.len()` little-endian words from `r` into `out`, hashing them.
+fn read_words(r: &mut impl Read, hasher: &mut blake3::Hasher, out: &mut [u64]) -> io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut result = Ok(());
+    for chunk in out.chunks_mut(buf.len() / 8) {
+        let bytes = &mut buf[..chunk.len() * 8];
+        result = r.read_exact(bytes);
+        if result.is_err() {
+            break;
+        }
+        hasher.update(bytes);
+        for (v, b) in chunk.iter_mut().zip(bytes.chunks_exact(8)) {
+            *v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        }
+    }
+    buf.zeroize();
+    result
+}
+
 /// The owner's secret check vectors for one matrix. Zeroized on drop and
 /// deliberately not `Debug`.
 pub struct Checker {
@@ -113,6 +268,114 @@ impl Checker {
             }
         }
         Ok(Checker { rows, cols, r, v })
+    }
+
+    /// Rows of the matrix this checker is for.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the matrix this checker is for.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Writes the check vectors for the matrix `key` to `w`: [`CHECKER_MAGIC`],
+    /// version (u32), model id (32 bytes), layer (u32), op (u8), rows (u64),
+    /// cols (u64), k (u32), then the `r_t` and the `v_t` as u64, all
+    /// little-endian, then the BLAKE3 hash of everything before it.
+    ///
+    /// **The `r_t` are secret.** Whoever knows them can forge results that
+    /// pass the Freivalds check, so a saved checker must never reach a helper:
+    /// keep it in an owner-local file readable only by the owner (as
+    /// [`PrivateProjector::with_cache_dir`](super::private::PrivateProjector::with_cache_dir)
+    /// does, mode 0600). Fails if `key`'s shape is not this checker's.
+    pub fn save(&self, key: &MatrixKey, w: &mut impl Write) -> Result<(), CacheError> {
+        if (key.rows, key.cols) != (self.rows, self.cols) {
+            return Err(CacheError::Mismatch {
+                field: "rows x cols",
+                expected: format!("{}x{}", self.rows, self.cols),
+                found: format!("{}x{}", key.rows, key.cols),
+            });
+        }
+        let mut hasher = blake3::Hasher::new();
+        let header = header_bytes(key, CHECK_VECTORS as u32);
+        hasher.update(&header);
+        w.write_all(&header)?;
+        write_words(w, &mut hasher, &self.r)?;
+        write_words(w, &mut hasher, &self.v)?;
+        w.write_all(hasher.finalize().as_bytes())?;
+        Ok(())
+    }
+
+    /// Reads check vectors written by [`Checker::save`] for the matrix
+    /// `expected`. Every header field is checked against `expected` before
+    /// anything is allocated (so a file cannot make the owner allocate more
+    /// than the matrix needs), then the checksum, then that nothing follows.
+    pub fn load(r: &mut impl Read, expected: &MatrixKey) -> Result<Checker, CacheError> {
+        let mut header = [0u8; HEADER_LEN];
+        r.read_exact(&mut header)?;
+        if header[..8] != CHECKER_MAGIC {
+            return Err(CacheError::BadMagic);
+        }
+        let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        if version != CHECKER_FORMAT_VERSION {
+            return Err(CacheError::Version { found: version });
+        }
+        let want = header_bytes(expected, CHECK_VECTORS as u32);
+        // Fields after magic and version: (name, offset, length).
+        for (field, at, len) in [
+            ("model", 12, 32),
+            ("layer", 44, 4),
+            ("op", 48, 1),
+            ("rows", 49, 8),
+            ("cols", 57, 8),
+            ("k", 65, 4),
+        ] {
+            if header[at..at + len] != want[at..at + len] {
+                let show = |b: &[u8]| {
+                    if len == 32 {
+                        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+                    } else {
+                        let mut le = [0u8; 8];
+                        le[..len].copy_from_slice(b);
+                        u64::from_le_bytes(le).to_string()
+                    }
+                };
+                return Err(CacheError::Mismatch {
+                    field,
+                    expected: show(&want[at..at + len]),
+                    found: show(&header[at..at + len]),
+                });
+            }
+        }
+        let (rows, cols) = (expected.rows, expected.cols);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header);
+        // Built before reading so the vectors are zeroized on every error path.
+        let mut checker = Checker {
+            rows,
+            cols,
+            r: vec![0u64; CHECK_VECTORS * rows],
+            v: vec![0u64; CHECK_VECTORS * cols],
+        };
+        read_words(r, &mut hasher, &mut checker.r)?;
+        read_words(r, &mut hasher, &mut checker.v)?;
+        let mut sum = [0u8; 32];
+        r.read_exact(&mut sum)?;
+        if sum != *hasher.finalize().as_bytes() {
+            return Err(CacheError::Checksum);
+        }
+        let mut extra = [0u8; 1];
+        loop {
+            match r.read(&mut extra) {
+                Ok(0) => break,
+                Ok(_) => return Err(CacheError::TrailingData),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(checker)
     }
 
     /// Accepts `y` as `W·x` (both row-major by token, `x` of `cols` and `y` of
@@ -317,6 +580,126 @@ mod tests {
         }
         // Expected 2000 / 32 = 62.5.
         assert!(freivalds_only_misses > 20, "{freivalds_only_misses}");
+    }
+
+    fn key() -> MatrixKey {
+        MatrixKey {
+            model: [7; 32],
+            layer: 3,
+            op: 4,
+            rows: ROWS,
+            cols: COLS,
+        }
+    }
+
+    fn saved(checker: &Checker) -> Vec<u8> {
+        let mut out = Vec::new();
+        checker.save(&key(), &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn save_load_round_trip_checks_the_same() {
+        let s = setup();
+        let m = Matrix::new(GgmlType::Q8_0, ROWS, COLS, &s.bytes).unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let checker = Checker::new(&m, &mut rng).unwrap();
+        let bytes = saved(&checker);
+        assert_eq!(
+            bytes.len(),
+            HEADER_LEN + 8 * CHECK_VECTORS * (ROWS + COLS) + 32
+        );
+        let loaded = Checker::load(&mut &bytes[..], &key()).unwrap();
+        assert_eq!((loaded.rows(), loaded.cols()), (ROWS, COLS));
+        assert_eq!((&loaded.r, &loaded.v), (&checker.r, &checker.v));
+        for _ in 0..200 {
+            let x = random_input(&s, 2, &mut rng);
+            let mut y = m.mul(&x).unwrap();
+            assert_eq!(loaded.check(&x, &y), Ok(()));
+            let i = rng.gen_range(0..y.len());
+            y[i] = y[i].wrapping_add(rng.gen_range(1..1 << 20));
+            assert_eq!(loaded.check(&x, &y), checker.check(&x, &y));
+            assert!(loaded.check(&x, &y).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_checker_files_are_rejected() {
+        let s = setup();
+        let m = Matrix::new(GgmlType::Q8_0, ROWS, COLS, &s.bytes).unwrap();
+        let checker = Checker::new(&m, &mut ChaCha20Rng::seed_from_u64(7)).unwrap();
+        let good = saved(&checker);
+        let load = |b: &[u8], k: &MatrixKey| Checker::load(&mut &b[..], k).map(|_| ());
+        // Every single corrupted byte is caught, by a header check or the checksum.
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            let e = load(&bad, &key()).unwrap_err();
+            if i >= HEADER_LEN {
+                assert!(matches!(e, CacheError::Checksum), "byte {i}: {e}");
+            }
+        }
+        // Truncated anywhere.
+        for len in [0, 5, HEADER_LEN, HEADER_LEN + 3, good.len() - 1] {
+            assert!(
+                matches!(load(&good[..len], &key()), Err(CacheError::Truncated)),
+                "{len}"
+            );
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(matches!(load(&long, &key()), Err(CacheError::TrailingData)));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(load(&bad, &key()), Err(CacheError::BadMagic)));
+        let mut bad = good.clone();
+        bad[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            load(&bad, &key()),
+            Err(CacheError::Version { found: 2 })
+        ));
+        // Wrong shape, model, layer or op: rejected before allocating.
+        for (k, what) in [
+            (
+                MatrixKey {
+                    rows: ROWS + 1,
+                    ..key()
+                },
+                "rows",
+            ),
+            (
+                MatrixKey {
+                    cols: 1 << 40,
+                    ..key()
+                },
+                "cols",
+            ),
+            (
+                MatrixKey {
+                    model: [8; 32],
+                    ..key()
+                },
+                "model",
+            ),
+            (MatrixKey { layer: 4, ..key() }, "layer"),
+            (MatrixKey { op: 5, ..key() }, "op"),
+        ] {
+            match load(&good, &k) {
+                Err(CacheError::Mismatch { field, .. }) => assert_eq!(field, what),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // A header claiming a huge matrix is refused, not allocated.
+        let mut huge = good[..HEADER_LEN].to_vec();
+        huge[49..57].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            load(&huge, &key()),
+            Err(CacheError::Mismatch { field: "rows", .. })
+        ));
+        assert!(checker
+            .save(&MatrixKey { rows: 1, ..key() }, &mut Vec::new())
+            .is_err());
+        assert!(load(&good, &key()).is_ok());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub enum Error {
     /// authentication, replay, key, ...).
     #[error("seal: {0}")]
     Seal(crate::delegate::seal::SealError),
+    /// A network operation failed (dial, timeout, size limit, remote error, ...).
+    #[error("network: {0}")]
+    Network(crate::network::NetworkError),
 }
 
 impl Error {

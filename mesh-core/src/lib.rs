@@ -11,6 +11,7 @@
 //! * [`fetch`] resolves and downloads the default model into a local cache.
 //! * [`generate`] drives a whole local generation (prompt, decode loop, stop conditions).
 //! * [`delegate`] is the arithmetic of private delegation: fixed-point ring encoding, integer GGUF kernels, additive shares, Freivalds checks.
+//! * [`network`] finds peers and moves tensors between them: libp2p, or an in-memory mesh for tests and simulations.
 #![warn(missing_docs)]
 
 pub mod chat;
@@ -20,6 +21,7 @@ mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod network;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -35,6 +35,32 @@ impl ModelId {
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// Parses 64 hex digits (either case), as printed by [`ModelId::to_hex`].
+    pub fn from_hex(s: &str) -> Result<ModelId> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            return Err(crate::Error::InvalidArgument(format!(
+                "model id: expected 64 hex digits, found {} characters",
+                s.chars().count()
+            )));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (hex(pair[0]), hex(pair[1])) {
+                (Some(h), Some(l)) => out[i] = (h * 16 + l) as u8,
+                _ => {
+                    return Err(crate::Error::InvalidArgument(format!(
+                        "model id: expected hex digits, found {:?} at offset {}",
+                        String::from_utf8_lossy(pair),
+                        2 * i
+                    )))
+                }
+            }
+        }
+        Ok(ModelId(out))
+    }
 }
 
 impl fmt::Display for ModelId {

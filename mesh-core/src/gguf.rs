@@ -571,7 +571,7 @@ impl GgmlType {
     /// Bytes of one row of `ne0` elements; `ne0` must be a whole number of blocks.
     pub fn row_bytes(self, ne0: u64) -> Result<u64> {
         let bs = self.block_size();
-        if ne0 % bs != 0 {
+        if !ne0.is_multiple_of(bs) {
             return Err(Error::Gguf(format!(
                 "row length {ne0} is not a multiple of the {} block size {bs}",
                 self.name()
@@ -1229,7 +1229,7 @@ impl RawTensor {
                 self.ggml_type
             ))
         })?;
-        if self.rel_offset % alignment != 0 {
+        if !self.rel_offset.is_multiple_of(alignment) {
             return Err(at(format!(
                 "offset 0x{:x}: expected a multiple of the alignment {alignment}",
                 self.rel_offset
@@ -1426,7 +1426,7 @@ pub mod testing {
 
         /// Zero bytes up to the next multiple of `align`.
         pub fn pad_to(&mut self, align: u64) -> &mut Self {
-            while self.buf.len() as u64 % align.max(1) != 0 {
+            while !(self.buf.len() as u64).is_multiple_of(align.max(1)) {
                 self.buf.push(0);
             }
             self

@@ -382,7 +382,10 @@ impl Checker {
     /// `rows` values per token) or says which check failed where.
     pub fn check(&self, x: &[u64], y: &[u64]) -> Result<(), CheckFailure> {
         let n = x.len() / self.cols;
-        if x.is_empty() || x.len() % self.cols != 0 || Some(y.len()) != n.checked_mul(self.rows) {
+        if x.is_empty()
+            || !x.len().is_multiple_of(self.cols)
+            || Some(y.len()) != n.checked_mul(self.rows)
+        {
             return Err(CheckFailure::Shape {
                 expected: format!(
                     "a non-zero multiple of {} input values and {} result values per token",

@@ -1110,7 +1110,7 @@ impl Engine for GgmlEngine {
     ) -> Result<Vec<f32>> {
         let (w, info) = self.projection_tensor(layer, projection)?;
         let cols = info.cols() as usize;
-        if x.is_empty() || x.len() % cols != 0 {
+        if x.is_empty() || !x.len().is_multiple_of(cols) {
             return Err(Error::InvalidArgument(format!(
                 "{projection:?} input: expected a non-empty multiple of {cols} values, found {}",
                 x.len()

@@ -527,7 +527,7 @@ pub(crate) unsafe extern "C" fn gemm_op(
 
 /// Check that a graph's `[cols, n]` F32 tensor has room for the quantized form.
 pub(crate) fn fits(cols: usize, n: usize) -> bool {
-    cols % QK == 0 && ActLayout::new(cols, n).bytes() <= 4 * cols * n
+    cols.is_multiple_of(QK) && ActLayout::new(cols, n).bytes() <= 4 * cols * n
 }
 
 /// `w · x` (`rows x n` outputs, token-major) with this kernel (the AVX-512 variant
@@ -536,7 +536,7 @@ pub(crate) fn fits(cols: usize, n: usize) -> bool {
 fn matmul(vnni: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize) -> Option<Vec<f32>> {
     if !cpu_supported()
         || (vnni && !has_avx512_vnni())
-        || cols % QK != 0
+        || !cols.is_multiple_of(QK)
         || w.len() != rows * cols / QK * W_BLOCK
     {
         return None;
@@ -574,7 +574,7 @@ fn reference(w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize) -> Option<
     let (vec_dot, from_float) = (q4.vec_dot?, q8.from_float?);
     let w_row = cols / QK * W_BLOCK;
     let y_row = cols / QK * Y_BLOCK;
-    if cols % QK != 0 || w.len() != rows * w_row || x.len() != cols * n {
+    if !cols.is_multiple_of(QK) || w.len() != rows * w_row || x.len() != cols * n {
         return None;
     }
     let mut y = vec![0u8; n * y_row];

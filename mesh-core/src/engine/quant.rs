@@ -47,7 +47,7 @@ fn check(ty: GgmlType, n: usize, row_len: usize) -> Result<usize> {
     if !QUANT_TYPES.contains(&ty) {
         return Err(Error::Unsupported(format!("quantizing to {}", ty.name())));
     }
-    if row_len == 0 || n % row_len != 0 {
+    if row_len == 0 || !n.is_multiple_of(row_len) {
         return Err(Error::InvalidArgument(format!(
             "{n} values: expected a whole number of rows of {row_len}"
         )));

@@ -114,6 +114,10 @@ fn bench_helper_kernel(c: &mut Criterion, engine: &GgmlEngine, wide: &GgmlEngine
         g.bench_with_input(BenchmarkId::new("ours", &fmt), &xr, |b, xr| {
             b.iter(|| m.mul(xr).unwrap())
         });
+        // The portable scalar kernel (one thread), the SIMD kernels' reference.
+        g.bench_with_input(BenchmarkId::new("ours_scalar", &fmt), &xr, |b, xr| {
+            b.iter(|| m.mul_scalar(xr).unwrap())
+        });
         g.bench_with_input(BenchmarkId::new("ggml", &fmt), &x, |b, x| {
             b.iter(|| engine.project(layer, p, x, &mut session).unwrap())
         });
@@ -123,6 +127,9 @@ fn bench_helper_kernel(c: &mut Criterion, engine: &GgmlEngine, wide: &GgmlEngine
         let ours = median_ns(9, || {
             m.mul(&xr).unwrap();
         });
+        let scalar = median_ns(9, || {
+            m.mul_scalar(&xr).unwrap();
+        });
         let ggml = median_ns(9, || {
             engine.project(layer, p, &x, &mut session).unwrap();
         });
@@ -130,9 +137,11 @@ fn bench_helper_kernel(c: &mut Criterion, engine: &GgmlEngine, wide: &GgmlEngine
             wide.project(layer, p, &x, &mut wide_session).unwrap();
         });
         eprintln!(
-            "helper_kernel/{fmt} summary: ours {:.3} ns/weight, ggml 1 thread {:.3} ns/weight \
-             ({:.2}x), {wide_id} {:.3} ns/weight ({:.2}x)",
+            "helper_kernel/{fmt} summary: ours {:.3} ns/weight (SIMD: {}), scalar {:.3} ns/weight, \
+             ggml 1 thread {:.3} ns/weight ({:.2}x), {wide_id} {:.3} ns/weight ({:.2}x)",
             ours / weights as f64,
+            mesh_core::delegate::kernels::simd_available(),
+            scalar / weights as f64,
             ggml / weights as f64,
             ours / ggml,
             ggml_wide / weights as f64,
@@ -238,6 +247,14 @@ fn bench_private_token(c: &mut Criterion, engine: &GgmlEngine) {
         engine.truncate_session(&mut ps, PROMPT_LEN);
         private_forward(engine, &mut pp, &[next], &mut ps)
     };
+    let mut pp_s = PrivateProjector::new(engine, 2, ChaCha20Rng::seed_from_u64(2)).unwrap();
+    pp_s.set_match_ggml_s(true);
+    let mut ps_s = engine.new_session(64).unwrap();
+    private_forward(engine, &mut pp_s, &prompt, &mut ps_s);
+    let mut private_step_match_s = || {
+        engine.truncate_session(&mut ps_s, PROMPT_LEN);
+        private_forward(engine, &mut pp_s, &[next], &mut ps_s)
+    };
     let mut local_step = || {
         engine.truncate_session(&mut ls, PROMPT_LEN);
         engine.forward(&[next], Logits::Last, &mut ls).unwrap()
@@ -249,6 +266,10 @@ fn bench_private_token(c: &mut Criterion, engine: &GgmlEngine) {
     g.measurement_time(Duration::from_secs(4));
     g.throughput(Throughput::Elements(1));
     g.bench_function("private_n2", |b| b.iter(&mut private_step));
+    // With the owner's emulation of ggml's fp16 Q8_1 sums (Q4_1 min term).
+    g.bench_function("private_n2_match_ggml_s", |b| {
+        b.iter(&mut private_step_match_s)
+    });
     g.bench_function("local", |b| b.iter(&mut local_step));
     g.bench_function("helper_kernels_one_helper", |b| b.iter(kernel_pass));
     g.finish();

@@ -6,8 +6,10 @@ mod common;
 
 use std::sync::OnceLock;
 
+use mesh_core::delegate::activations::{q8_1_sums, quantize_like_ggml, ActivationFormat};
 use mesh_core::delegate::private::{Cheat, PrivateProjector};
-use mesh_core::engine::{dequantize, Engine, GgmlEngine, Logits, Projection};
+use mesh_core::delegate::Matrix;
+use mesh_core::engine::{Engine, GgmlEngine, Logits, Projection};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -61,23 +63,49 @@ fn activations(n: usize, cols: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `W·x` in f64 from the dequantized weights.
-fn reference(layer: usize, p: Projection, x: &[f32], n: usize) -> Vec<f64> {
+/// The exact weights `w[r][j]` of a projection (the GGUF block values, exact
+/// in f64; ggml's own f32 dequantization of Q4_1 rounds `d·q + m`).
+fn exact_weights(layer: usize, p: Projection) -> (usize, usize, Vec<f64>) {
+    let m = Matrix::from_view(&engine().weight(layer, p).unwrap()).unwrap();
+    let (rows, cols) = (m.rows(), m.cols());
+    let mut w = vec![0f64; rows * cols];
+    let mut row = vec![0i64; cols];
+    for r in 0..rows {
+        m.row_weights(r, &mut row).unwrap();
+        for (o, v) in w[r * cols..(r + 1) * cols].iter_mut().zip(&row) {
+            *o = *v as f64 / 2f64.powi(24);
+        }
+    }
+    (rows, cols, w)
+}
+
+/// The activations ggml's mat-vec with `p`'s weights multiplies (exact f64).
+fn ggml_activations(layer: usize, p: Projection, x: &[f32]) -> Vec<f64> {
     let w = engine().weight(layer, p).unwrap();
-    let wd = dequantize(w.ggml_type, w.bytes, w.rows * w.cols, w.cols).unwrap();
-    (0..n)
-        .flat_map(|t| {
-            let xt = &x[t * w.cols..(t + 1) * w.cols];
-            let wd = &wd;
-            (0..w.rows).map(move |r| {
-                wd[r * w.cols..(r + 1) * w.cols]
+    quantize_like_ggml(ActivationFormat::for_weights(w.ggml_type).unwrap(), x).unwrap()
+}
+
+/// `W·x'` in f64 with the exact weights, where `x'` is what ggml's quantized
+/// mat-vec makes of `x` (the private path computes exactly this product, up
+/// to its fixed-point rounding; the true-`x` product differs from both by the
+/// 8-bit activation quantization, ~1e-2 relative, that the local path has too).
+fn reference(layer: usize, p: Projection, x: &[f32], n: usize) -> Vec<f64> {
+    let (rows, cols, w) = exact_weights(layer, p);
+    let xq = ggml_activations(layer, p, x);
+    let mut out = Vec::with_capacity(n * rows);
+    for t in 0..n {
+        let xt = &xq[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            out.push(
+                w[r * cols..(r + 1) * cols]
                     .iter()
                     .zip(xt)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum::<f64>()
-            })
-        })
-        .collect()
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>(),
+            );
+        }
+    }
+    out
 }
 
 fn rel_l2_f64(got: &[f32], want: &[f64]) -> f64 {
@@ -90,6 +118,10 @@ fn rel_l2_f64(got: &[f32], want: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
+/// Reconstruction error of the private projections against an f64 reference
+/// computed on the same quantized activations (the owner feeds the ring what
+/// ggml's mat-vec would multiply, 8-bit blocks; against the raw f32
+/// activations both paths are ~1e-2 off, which says nothing about the ring).
 #[test]
 fn private_projections_match_an_f64_reference() {
     let e = engine();
@@ -109,6 +141,8 @@ fn private_projections_match_an_f64_reference() {
         for fuse in [true, false] {
             let mut pp = projector(helpers, 11 + helpers as u64);
             pp.set_fuse(fuse);
+            // The ring's own reconstruction error: the exact product of the
+            // quantized activations (the default: ggml's fp16 `s` not mimicked).
             for ((layer, p), want) in cases.iter().zip(&want) {
                 let y = pp.project(*layer, *p, &x, n).unwrap();
                 let rel = rel_l2_f64(&y, want);
@@ -117,7 +151,7 @@ fn private_projections_match_an_f64_reference() {
                     "{p:?} ({} {}x{}), n = {helpers}, fused = {fuse}: relative L2 vs f64 reference = {rel:.3e}",
                     w.ggml_type, w.rows, w.cols
                 );
-                assert!(rel < 1e-6, "{p:?}, n = {helpers}: relative L2 {rel}");
+                assert!(rel <= 1e-7, "{p:?}, n = {helpers}: relative L2 {rel}");
             }
             let s = pp.stats();
             assert_eq!(s.checks_failed, 0);
@@ -439,14 +473,124 @@ fn private_generation_matches_local(prompts: &[&str], steps: usize, max_divergin
 
 /// The proof: private greedy generation (n = 2) through
 /// `generate_with` against local `generate`, 10 prompts x 64 tokens (about
-/// 2.5 minutes in the dev profile on 2 cores). Measured: 7 of 10 prompts
-/// diverge, each first at a near-tie (local top-2 gap 0.076..0.25; the private
-/// logits are exact up to the fixed-point rounding, not bit-identical), so
-/// the "at most 1 of 10 prompts diverges" target does not hold for 64 tokens
-/// and is not asserted; that every divergence starts at a near-tie is.
+/// 2 minutes in the dev profile on 2 cores). The owner quantizes each
+/// projection's input exactly as ggml does (Q8_1 / Q8_0 blocks, bit-identical
+/// to ggml's `from_float`), so the ring computes the exact dot of the same
+/// integers, and each private projection is within ~1e-7 (plus ~4e-4 from
+/// ggml's fp16 `s`, see `local_error_is_f32_accumulation_and_q8_1_s`) of the
+/// local one. Measured: 9 of 10 prompts still diverge (with or without
+/// `set_match_ggml_s`), each first at a near-tie (local top-2 gap
+/// 0.005..0.25, below the ~0.4..1.0 max-abs logit difference any
+/// non-bit-identical path has). The "at most 1 of 10" is not reachable
+/// this way: every layer re-quantizes its input to 8 bits, so a difference of
+/// one ulp flips some rounding and grows to the quantization step within one
+/// forward pass; ggml's own layered path with 1-ulp noise on its outputs
+/// diverges on 9 of 10 prompts too (`layered_path_with_ggml_projections_vs_local_graph`).
+/// Matching would need a result bit-identical to ggml's per-lane f32
+/// accumulation. So the count is printed, and the near-tie condition asserted.
 #[test]
 fn private_generation_matches_local_generation_10x64() {
     private_generation_matches_local(&GREEDY_PROMPTS, 64, GREEDY_PROMPTS.len());
+}
+
+/// What separates the local (ggml) projection from the private one, on real
+/// hidden states: both multiply the same quantized activations `x'`; the
+/// private result is the exact `W·x'` (up to ~1e-9 fixed-point rounding), the
+/// local one rounds in f32 and, for Q4_1, adds `m·s` per block with Q8_1's
+/// `s = fp16(d·Σq)` where the exact product has `m·fp16(d)·Σq`. Measures
+/// local vs exact, local vs exact-with-ggml's-`s`, and private vs exact.
+#[test]
+fn local_error_is_f32_accumulation_and_q8_1_s() {
+    let e = engine();
+    let toks = e
+        .tokenizer()
+        .encode(
+            "The capital of France is Paris, and the capital of Italy is",
+            false,
+            false,
+        )
+        .unwrap();
+    let n_layers = e.info().n_layers;
+    // Record the real inputs of a few projections during a local forward pass.
+    let want = [
+        (3, Projection::Q),
+        (10, Projection::Down),
+        (20, Projection::Up),
+    ];
+    let mut seen: Vec<(usize, Projection, Vec<f32>, usize)> = Vec::new();
+    let mut s = e.new_session(toks.len() + 1).unwrap();
+    let mut side = e.new_session(4).unwrap();
+    let mut h = e.embed(&toks, 0).unwrap();
+    e.run_layers_with(0..n_layers, &mut h, &mut s, &mut |l, p, x, n| {
+        if want.contains(&(l, p)) {
+            seen.push((l, p, x.to_vec(), n));
+        }
+        e.project(l, p, x, &mut side)
+    })
+    .unwrap();
+    let mut s = e.new_session(toks.len() + 1).unwrap();
+    e.forward(&toks, Logits::Last, &mut s).unwrap();
+    let mut pp = projector(2, 21);
+    pp.set_match_ggml_s(true);
+    for (layer, p, x, n) in seen {
+        let x = &x[(n - 1) * x.len() / n..]; // the last token: a mat-vec
+        let local = e.project(layer, p, x, &mut side).unwrap();
+        let exact = reference(layer, p, x, 1);
+        let private = pp.project(layer, p, x, 1).unwrap();
+        // Exact product with ggml's `s` in the min term (Q4_1 only).
+        let w = e.weight(layer, p).unwrap();
+        let xq = ggml_activations(layer, p, x);
+        let sums = q8_1_sums(x).unwrap();
+        let nb = w.cols / 32;
+        let row_bytes = nb * 20;
+        let with_s: Vec<f64> = (0..w.rows)
+            .map(|r| {
+                let mut y = exact[r];
+                for b in 0..nb {
+                    let blk = &w.bytes[r * row_bytes + b * 20..];
+                    let m = f64::from(mesh_core::delegate::activations::f16_to_f32(
+                        u16::from_le_bytes([blk[2], blk[3]]),
+                    ));
+                    let sx: f64 = xq[32 * b..32 * (b + 1)].iter().sum();
+                    y += m * (f64::from(sums[b]) - sx);
+                }
+                y
+            })
+            .collect();
+        let max_abs = |a: &[f32], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| (f64::from(*a) - b).abs())
+                .fold(0f64, f64::max)
+        };
+        eprintln!(
+            "layer {layer} {p:?} ({} {}x{}): local vs exact W·x': rel L2 {:.3e} (max abs {:.3e});              local vs exact with ggml's fp16 s: rel L2 {:.3e} (max abs {:.3e});              private vs exact with ggml's s: rel L2 {:.3e}",
+            w.ggml_type,
+            w.rows,
+            w.cols,
+            rel_l2_f64(&local, &exact),
+            max_abs(&local, &exact),
+            rel_l2_f64(&local, &with_s),
+            max_abs(&local, &with_s),
+            rel_l2_f64(&private, &with_s),
+        );
+        // With `set_match_ggml_s` the owner adds ggml's `s` rounding; without
+        // it (the default) the private result is the exact product.
+        assert!(rel_l2_f64(&private, &with_s) <= 1e-7);
+        pp.set_match_ggml_s(false);
+        let private_exact = pp.project(layer, p, x, 1).unwrap();
+        pp.set_match_ggml_s(true);
+        eprintln!(
+            "    private vs local: rel L2 {:.3e}; without the s correction {:.3e}",
+            rel_l2(&private, &local),
+            rel_l2(&private_exact, &local)
+        );
+        assert!(rel_l2_f64(&private_exact, &exact) <= 1e-7);
+        // Without the owner's quantization the gap would be ~1e-2; with it the
+        // local path is within f32 rounding plus the `s` rounding.
+        assert!(rel_l2_f64(&local, &exact) < 1e-3);
+        assert!(rel_l2_f64(&local, &with_s) < 1e-5);
+    }
 }
 
 #[test]
@@ -527,4 +671,171 @@ fn check_vectors_are_cached_on_disk() {
     let (_, s, _, _) = run(5);
     assert_eq!((s.checkers_computed, s.checkers_loaded), (0, 3));
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The floor under `private_generation_matches_local_generation_10x64`: the
+/// layered path the private forward uses (`run_layers_with` / `head_with`,
+/// norms and attention as separate graphs, SwiGLU and residuals in Rust) with
+/// ggml's own mat-vec as the projector, against the fused local graph. Any
+/// divergence here is not the delegation's.
+#[test]
+fn layered_path_with_ggml_projections_vs_local_graph() {
+    use mesh_core::generate::{generate, generate_with, GenerateParams};
+    use mesh_core::sampling::SamplerParams;
+    let e = engine();
+    let steps = 64;
+    let n_layers = e.info().n_layers;
+    let params = GenerateParams {
+        max_tokens: steps,
+        sampler: SamplerParams::greedy(),
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    for nudge in [0usize, 1, 2] {
+        let mut diverging = 0;
+        for (k, prompt) in GREEDY_PROMPTS.iter().enumerate() {
+            let toks = e.tokenizer().encode(prompt, false, false).unwrap();
+            let mut s = e.new_session(toks.len() + steps + 1).unwrap();
+            let local = generate(e, &mut s, &toks, &params, None, &mut |_| true).unwrap();
+            let mut side = e.new_session(4).unwrap();
+            let mut s = e.new_session(toks.len() + steps + 1).unwrap();
+            let mut forward = |t: &[u32], s: &mut _| {
+                let mut project = |l: usize, p: Projection, x: &[f32], _n: usize| {
+                    let mut y = e.project(l, p, x, &mut side)?;
+                    match nudge {
+                        // One ulp on one output of each projection.
+                        1 => {
+                            let i = (l * 7 + p as usize) % y.len();
+                            y[i] = f32::from_bits(y[i].to_bits() + 1);
+                        }
+                        // One ulp up or down on 2/3 of all outputs (noise of the
+                        // size of f32 rounding, like any path that is exact
+                        // but not bit-identical to ggml's accumulation order).
+                        2 => {
+                            for (i, v) in y.iter_mut().enumerate() {
+                                if *v != 0.0 {
+                                    *v = f32::from_bits(
+                                        match (i * 7919 + l * 97 + p as usize) % 3 {
+                                            0 => v.to_bits() + 1,
+                                            1 => v.to_bits() - 1,
+                                            _ => v.to_bits(),
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    Ok(y)
+                };
+                let mut h = e.embed(t, e.session_len(s, 0))?;
+                e.run_layers_with(0..n_layers, &mut h, s, &mut project)?;
+                e.head_with(&h, Logits::Last, s, &mut project)
+            };
+            let layered =
+                generate_with(e, &mut s, &toks, &params, None, &mut |_| true, &mut forward)
+                    .unwrap();
+            let same = local
+                .token_ids
+                .iter()
+                .zip(&layered.token_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if same < steps {
+                diverging += 1;
+                eprintln!("prompt {k} (nudge {nudge}): layered path diverges from the local graph at step {same}");
+            }
+        }
+        eprintln!(
+            "layered path with ggml projections{}: {diverging} of 10 prompts diverge in 64 tokens",
+            [
+                "",
+                ", one output of each projection 1 ulp off",
+                ", 2/3 of all outputs 1 ulp off"
+            ][nudge]
+        );
+        if nudge == 0 {
+            assert_eq!(
+                diverging, 0,
+                "the layered path alone reproduces the local graph"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_private_projection_matches_ggml_on_real_inputs() {
+    let e = engine();
+    let toks = e
+        .tokenizer()
+        .encode(
+            "Once upon a time, in a small village by the sea, there lived",
+            false,
+            false,
+        )
+        .unwrap();
+    let n_layers = e.info().n_layers;
+    let mut pp = projector(2, 5);
+    pp.set_match_ggml_s(true);
+    let mut side = e.new_session(4).unwrap();
+    let mut worst: Vec<(f64, usize, Projection, usize)> = Vec::new();
+    let mut s = e.new_session(toks.len() + 2).unwrap();
+    for (pos, t) in [(0, &toks[..]), (toks.len(), &toks[..1])] {
+        let mut h = e.embed(t, pos).unwrap();
+        let mut project = |l: usize, p: Projection, x: &[f32], n: usize| {
+            let local = e.project(l, p, x, &mut side)?;
+            let private = pp.project(l, p, x, n)?;
+            worst.push((rel_l2(&private, &local), l, p, n));
+            Ok(local)
+        };
+        e.run_layers_with(0..n_layers, &mut h, &mut s, &mut project)
+            .unwrap();
+        e.head_with(&h, Logits::Last, &mut s, &mut project).unwrap();
+    }
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!(
+        "worst private vs ggml projections (rel L2, layer, projection, tokens): {:?}",
+        &worst[..8]
+    );
+    assert!(worst[0].0 < 1e-5, "{:?}", worst[0]);
+}
+
+/// Diagnostic: private and local forward in lockstep on the same tokens; the
+/// logits differ by ~3e-2 relative L2 (max abs ~0.5..1.0) although every
+/// projection alone agrees to ~1e-7..4e-4 (8-bit re-quantization amplifies).
+#[test]
+#[ignore = "diagnostic"]
+fn lockstep_logits_private_vs_local() {
+    let e = engine();
+    let prompt = GREEDY_PROMPTS[1];
+    let toks = e.tokenizer().encode(prompt, false, false).unwrap();
+    let n_layers = e.info().n_layers;
+    let mut pp = projector(2, 11);
+    let mut ls = e.new_session(toks.len() + 40).unwrap();
+    let mut ps = e.new_session(toks.len() + 40).unwrap();
+    let mut input = toks.clone();
+    for step in 0..20 {
+        let local = e.forward(&input, Logits::Last, &mut ls).unwrap();
+        let mut project = |l: usize, p: Projection, x: &[f32], n: usize| pp.project(l, p, x, n);
+        let mut h = e.embed(&input, e.session_len(&ps, 0)).unwrap();
+        e.run_layers_with(0..n_layers, &mut h, &mut ps, &mut project)
+            .unwrap();
+        let private = e
+            .head_with(&h, Logits::Last, &mut ps, &mut project)
+            .unwrap();
+        let max_abs = private
+            .iter()
+            .zip(&local)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "step {step}: logits rel L2 {:.3e} max abs {:.3e}; argmax local {} private {}; gap {:.4}",
+            rel_l2(&private, &local),
+            max_abs,
+            argmax(&local),
+            argmax(&private),
+            top2_gap(&local)
+        );
+        input = vec![argmax(&local) as u32];
+    }
 }

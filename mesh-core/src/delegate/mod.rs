@@ -4,6 +4,9 @@
 //!
 //! * [`ring`]: wrapping `Z_2^64` helpers and the owner's fixed-point encoding
 //!   of activations (private scale `s`, fractional bits `F`).
+//! * [`activations`]: the owner's conversion of activations to the values
+//!   ggml's quantized mat-vec multiplies (Q8_0, Q8_1, Q8_K, F16), so the
+//!   ring product uses the same integers as the local path.
 //! * [`kernels`]: a helper's integer matrix products straight on GGUF block
 //!   bytes, with every weight scaled to the exact integer `2^24·w`.
 //! * [`share`](mod@share): additive sharing into `n` shares, `n - 1` of them seeded.
@@ -17,6 +20,7 @@
 //!   `Engine::run_layers_with` / `Engine::head_with` that shares, seals,
 //!   checks and reconstructs every linear projection.
 
+pub mod activations;
 pub mod kernels;
 pub mod private;
 pub mod ring;

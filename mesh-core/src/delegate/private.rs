@@ -12,7 +12,12 @@
 //! let logits = engine.head_with(&hidden, Logits::Last, &mut session, &mut |l, p, x, n| pp.project(l, p, x, n))?;
 //! ```
 //!
-//! Per call the owner encodes each token row in the ring with its own private
+//! Per call the owner first replaces each token row by the values ggml's
+//! quantized mat-vec would multiply for that matrix's format
+//! ([`quantize_like_ggml`](super::activations::quantize_like_ggml): Q8_1 for
+//! Q4_1 weights, Q8_0 for Q8_0/Q4_0, Q8_K for K-quants, fp16 for F16), so the
+//! helpers' exact ring product is the dot of the same integers the local path
+//! uses; it then encodes each row in the ring with its own private
 //! [`FixedPoint`](super::ring::FixedPoint), splits the batch into `n` additive
 //! shares (seeds for helpers `0..n-1`, a full vector for the last), and sends
 //! helper `i` its share sealed in that helper's HPKE context. The helper opens
@@ -39,6 +44,7 @@ use std::path::{Path, PathBuf};
 use rand::{CryptoRng, RngCore};
 use zeroize::Zeroize;
 
+use super::activations::{f16_to_f32, q8_1_sums, quantize_like_ggml, ActivationFormat};
 use super::kernels::Matrix;
 use super::ring;
 use super::seal::{
@@ -47,6 +53,7 @@ use super::seal::{
 use super::share::{share, ShareSeed, Shares};
 use super::verify::{CacheError, Checker, MatrixKey};
 use crate::engine::{Engine, Projection};
+use crate::gguf::GgmlType;
 use crate::{Error, Result};
 
 /// Message kind: owner to helper, the share is a 32-byte seed.
@@ -138,6 +145,11 @@ pub enum Cheat {
 struct MatrixState {
     rows: usize,
     cols: usize,
+    /// What ggml converts this matrix's input to before its mat-vec.
+    format: ActivationFormat,
+    /// Q4_1 / Q5_1 only: the blocks' mins `m` (`rows x cols/32`, row-major),
+    /// for [`PrivateProjector::set_match_ggml_s`].
+    mins: Option<Vec<f32>>,
     bounds: Vec<u64>,
     checker: Checker,
 }
@@ -346,6 +358,8 @@ pub struct PrivateProjector<'e, E: Engine, R: RngCore + CryptoRng> {
     matrices: HashMap<(usize, Projection), MatrixState>,
     stats: PrivateStats,
     fuse: bool,
+    /// Add ggml's rounding of Q8_1's `s` to Q4_1/Q5_1 results.
+    match_ggml_s: bool,
     /// Results of a fused request not yet asked for: layer, BLAKE3 of the
     /// input they were computed on, and the outputs by projection.
     pending: Option<Pending>,
@@ -416,6 +430,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             matrices: HashMap::new(),
             stats: PrivateStats::default(),
             fuse: true,
+            match_ggml_s: false,
             pending: None,
             cache_dir: None,
             last_cache_error: None,
@@ -456,6 +471,31 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
     /// matches bit for bit, and delegated on their own otherwise.
     pub fn set_fuse(&mut self, fuse: bool) {
         self.fuse = fuse;
+        self.pending = None;
+    }
+
+    /// Whether Q4_1 / Q5_1 results reproduce ggml's rounding of Q8_1's block
+    /// sums (off by default). ggml's dot adds `m·s` per block with
+    /// `s = fp16(d·Σq)` where the exact product of the quantized activations
+    /// (what the helpers compute) has `m·fp16(d)·Σq`; on the default model that
+    /// difference is ~4e-4 relative L2 per projection, against ~1e-7 for all
+    /// of ggml's f32 rounding. With this on, the owner adds
+    /// `Σ_b m_b·(s_b - fp16(d_b)·Σq_b)` itself (one multiply-add per row and
+    /// block of 32, from the public mins, kept in memory as f32, 1/8 of a Q4_1
+    /// model's size, and its own activations; nothing is sent), and private
+    /// projections match ggml's to ~1e-7.
+    ///
+    /// It does not make greedy decoding match local decoding more often:
+    /// each layer re-quantizes its input to 8 bits, so any difference, even
+    /// one ulp on some outputs, flips a rounding somewhere and grows to the
+    /// size of the quantization step within a forward pass (ggml's own path
+    /// with 1-ulp noise on its outputs diverges on 9 of 10 prompts in 64
+    /// tokens: `layered_path_with_ggml_projections_vs_local_graph` in
+    /// `tests/private.rs`). Only a result bit-identical to ggml's per-lane
+    /// f32 accumulation would avoid that, and that needs per-block partial
+    /// sums, far more than one ring value per row.
+    pub fn set_match_ggml_s(&mut self, on: bool) {
+        self.match_ggml_s = on;
         self.pending = None;
     }
 
@@ -525,6 +565,16 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             Projection::Gate if self.fuse => (OP_GATE_UP, &[Projection::Gate, Projection::Up]),
             p => (op_code(p), op_group(op_code(p)).unwrap_or_default()),
         };
+        // A fused request shares one quantized input: only if ggml would
+        // quantize it the same way for every matrix of the group.
+        let (op, group) = if group.len() > 1 && !self.same_activation_format(layer, group)? {
+            (
+                op_code(projection),
+                op_group(op_code(projection)).unwrap_or_default(),
+            )
+        } else {
+            (op, group)
+        };
         let mut outs = self.delegate(layer, op, group, x, n)?;
         let first = outs.remove(0);
         if !outs.is_empty() {
@@ -537,15 +587,46 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         Ok(first)
     }
 
+    /// Whether ggml converts the input of every matrix of `group` to the same format.
+    fn same_activation_format(&mut self, layer: usize, group: &[Projection]) -> Result<bool> {
+        let mut formats = Vec::with_capacity(group.len());
+        for p in group {
+            formats.push(self.matrix_state(layer, *p)?.format);
+        }
+        Ok(formats.windows(2).all(|w| w[0] == w[1]))
+    }
+
+    /// Loads the mins of a Q4_1 / Q5_1 matrix into its state (once), for
+    /// [`Self::set_match_ggml_s`].
+    fn ensure_mins(&mut self, layer: usize, projection: Projection) -> Result<()> {
+        let view = self.engine.weight(layer, projection)?;
+        let Some(st) = self.matrices.get_mut(&(layer, projection)) else {
+            return Ok(());
+        };
+        if st.mins.is_none() && matches!(view.ggml_type, GgmlType::Q4_1 | GgmlType::Q5_1) {
+            // Q4_1 and Q5_1 blocks start with fp16 d and m.
+            st.mins = Some(
+                view.bytes
+                    .chunks_exact(view.ggml_type.type_size() as usize)
+                    .map(|b| f16_to_f32(u16::from_le_bytes([b[2], b[3]])))
+                    .collect(),
+            );
+        }
+        Ok(())
+    }
+
     /// The owner's state for one matrix, built on first use.
     fn matrix_state(&mut self, layer: usize, projection: Projection) -> Result<&MatrixState> {
         let key = (layer, projection);
         if !self.matrices.contains_key(&key) {
-            let m = Matrix::from_view(&self.engine.weight(layer, projection)?)?;
+            let view = self.engine.weight(layer, projection)?;
+            let m = Matrix::from_view(&view)?;
             let checker = self.checker(layer, projection, &m)?;
             let state = MatrixState {
                 rows: m.rows(),
                 cols: m.cols(),
+                mins: None,
+                format: ActivationFormat::for_weights(m.ggml_type())?,
                 bounds: m.column_bounds()?,
                 checker,
             };
@@ -614,6 +695,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
     ) -> Result<Vec<Vec<f32>>> {
         let name = format!("layer {layer} {:?}", group);
         let mut shapes = Vec::with_capacity(group.len());
+        let mut format = None;
         // Elementwise max of the column bounds: a fixed point valid for every
         // matrix of the group.
         let mut bounds: Vec<u64> = Vec::new();
@@ -632,7 +714,14 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                     .for_each(|(b, c)| *b = (*b).max(*c));
             }
             shapes.push(st.rows);
+            if format.is_some_and(|f| f != st.format) {
+                return Err(Error::InvalidArgument(format!(
+                    "{name}: the fused matrices take differently quantized inputs"
+                )));
+            }
+            format = Some(st.format);
         }
+        let format = format.unwrap_or(ActivationFormat::F32);
         let cols = bounds.len();
         let rows: usize = shapes.iter().sum();
         if n == 0 || Some(x.len()) != n.checked_mul(cols) {
@@ -650,7 +739,26 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                     )))
                 }
             };
-        let (mut xr, params) = ring::encode_batch(x, &bounds)?;
+        // The values ggml's quantized mat-vec would multiply (its integers
+        // times the block scales, exact in f64): the ring then reproduces the
+        // local path's integer dot products.
+        let mut xq = quantize_like_ggml(format, x)?;
+        let encoded = ring::encode_batch(&xq, &bounds);
+        // Per token and block of 32: ggml's s minus the exact block sum.
+        let mut s_delta = if self.match_ggml_s && format == ActivationFormat::Q8_1 {
+            for p in group {
+                self.ensure_mins(layer, *p)?;
+            }
+            let s = q8_1_sums(x)?;
+            s.iter()
+                .zip(xq.chunks_exact(32))
+                .map(|(s, b)| f64::from(*s) - b.iter().sum::<f64>())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        xq.zeroize();
+        let (mut xr, params) = encoded?;
         let shares = share(&xr, self.helpers.len(), &mut self.rng)?;
         self.step += 1;
         self.stats.round_trips += 1;
@@ -733,6 +841,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         xr.zeroize();
         if let Some((p, span, failure)) = failed {
             y.zeroize();
+            s_delta.zeroize();
             self.stats.checks_failed += 1;
             let slices: Vec<&[u64]> = parts.iter().map(|v| &v[span.clone()]).collect();
             let culprits = self.attribute(layer, p, &shares, &slices);
@@ -758,12 +867,26 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         drop(shares);
         let mut outs = Vec::with_capacity(group.len());
         let mut offset = 0;
-        for r in &shapes {
-            let out = ring::decode_batch(&y[offset..offset + n * r], *r, &params)?;
-            outs.push(out.into_iter().map(|v| v as f32).collect());
+        for (p, r) in group.iter().zip(&shapes) {
+            let mut out = ring::decode_batch(&y[offset..offset + n * r], *r, &params)?;
+            if let (Some(mins), false) = (&self.matrices[&(layer, *p)].mins, s_delta.is_empty()) {
+                let nb = cols / 32;
+                for (yt, dt) in out.chunks_exact_mut(*r).zip(s_delta.chunks_exact(nb)) {
+                    for (yv, mr) in yt.iter_mut().zip(mins.chunks_exact(nb)) {
+                        *yv += mr
+                            .iter()
+                            .zip(dt)
+                            .map(|(m, d)| f64::from(*m) * d)
+                            .sum::<f64>();
+                    }
+                }
+            }
+            outs.push(out.iter().map(|v| *v as f32).collect());
+            out.zeroize();
             offset += n * r;
         }
         y.zeroize();
+        s_delta.zeroize();
         Ok(outs)
     }
 

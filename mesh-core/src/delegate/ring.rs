@@ -87,7 +87,10 @@ impl FixedPoint {
     /// number of fractional bits for which the worst row,
     /// `2^F·Σ_j c_j·|x_j/s| + Σ_{x_j != 0} c_j/2` (the second term bounds the
     /// rounding of `X`), stays below `2^55`.
-    pub fn choose(x: &[f32], col_bounds: &[u64]) -> Result<FixedPoint> {
+    ///
+    /// `x` is `f32` or `f64` (the owner passes the exact `f64` values of
+    /// [`super::activations::quantize_like_ggml`]).
+    pub fn choose<T: Copy + Into<f64>>(x: &[T], col_bounds: &[u64]) -> Result<FixedPoint> {
         if x.len() != col_bounds.len() {
             return Err(Error::InvalidArgument(format!(
                 "activations: expected {} values (one per matrix column), found {}",
@@ -97,12 +100,13 @@ impl FixedPoint {
         }
         let mut max_abs = 0f64;
         for (j, v) in x.iter().enumerate() {
+            let v: f64 = (*v).into();
             if !v.is_finite() {
                 return Err(Error::InvalidArgument(format!(
                     "activation {j} is {v}: expected a finite value"
                 )));
             }
-            max_abs = max_abs.max(f64::from(v.abs()));
+            max_abs = max_abs.max(v.abs());
         }
         let scale_log2 = if max_abs == 0.0 {
             0
@@ -123,9 +127,10 @@ impl FixedPoint {
         let mut sum = 0f64;
         let mut rounding = 0f64;
         for (v, c) in x.iter().zip(col_bounds) {
-            if *v != 0.0 {
+            let v: f64 = (*v).into();
+            if v != 0.0 {
                 let c = *c as f64;
-                sum += c * (f64::from(v.abs()) * inv_s);
+                sum += c * (v.abs() * inv_s);
                 rounding += c / 2.0;
             }
         }
@@ -168,12 +173,22 @@ impl FixedPoint {
 
     /// `X_j = round(x_j / s · 2^F)` as ring elements. `x` must be the vector
     /// the parameters were chosen for (or one bounded by it).
-    pub fn encode(&self, x: &[f32]) -> Vec<u64> {
+    pub fn encode<T: Copy + Into<f64>>(&self, x: &[T]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(x.len());
+        self.encode_into(x, &mut out);
+        out
+    }
+
+    /// [`FixedPoint::encode`], appending to `out`.
+    pub fn encode_into<T: Copy + Into<f64>>(&self, x: &[T], out: &mut Vec<u64>) {
         let k = 2f64.powi(self.frac_bits - self.scale_log2);
-        // x_j·2^(F - log2 s) is exact in f64 and at most 2^62 in magnitude.
-        x.iter()
-            .map(|v| from_signed((f64::from(*v) * k).round() as i64))
-            .collect()
+        // x_j·2^(F - log2 s) is exact in f64 (for an f32 x_j, and for an f64
+        // one unless it has more significant bits than fit above 2^-F·s) and
+        // at most 2^62 in magnitude.
+        out.extend(
+            x.iter()
+                .map(|v| from_signed(((*v).into() * k).round() as i64)),
+        );
     }
 
     /// `y = Y·s / 2^(24 + F)` for each ring element `Y` read as signed.
@@ -185,9 +200,12 @@ impl FixedPoint {
 
 /// Encodes `n = x.len() / cols` tokens (row-major, `cols = col_bounds.len()`),
 /// each with its own [`FixedPoint`]. Returns the ring vector and the parameters.
-pub fn encode_batch(x: &[f32], col_bounds: &[u64]) -> Result<(Vec<u64>, Vec<FixedPoint>)> {
+pub fn encode_batch<T: Copy + Into<f64>>(
+    x: &[T],
+    col_bounds: &[u64],
+) -> Result<(Vec<u64>, Vec<FixedPoint>)> {
     let cols = col_bounds.len();
-    if cols == 0 || x.len() % cols != 0 {
+    if cols == 0 || !x.len().is_multiple_of(cols) {
         return Err(Error::InvalidArgument(format!(
             "activations: expected a whole number of tokens of {cols} values, found {}",
             x.len()
@@ -197,7 +215,7 @@ pub fn encode_batch(x: &[f32], col_bounds: &[u64]) -> Result<(Vec<u64>, Vec<Fixe
     let mut params = Vec::with_capacity(x.len() / cols);
     for token in x.chunks_exact(cols) {
         let fp = FixedPoint::choose(token, col_bounds)?;
-        out.extend(fp.encode(token));
+        fp.encode_into(token, &mut out);
         params.push(fp);
     }
     Ok((out, params))

@@ -233,6 +233,7 @@ pub enum Validation {
 pub type Validator = Arc<dyn Fn(&PeerId, &[u8]) -> Validation + Send + Sync>;
 
 /// Something that happened on the network ([`Network::events`]).
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A new listen address.

@@ -408,6 +408,8 @@ struct State {
     reprovide_at: Instant,
     reprovide_interval: Duration,
     had_peers: bool,
+    /// When to re-publish our announcements (a peer subscribed to them since).
+    announce_due: Option<Instant>,
     shutting_down: Option<Ack<()>>,
 }
 
@@ -462,6 +464,7 @@ impl P2pNetwork {
             reprovide_at: Instant::now() + config.reprovide_interval,
             reprovide_interval: config.reprovide_interval,
             had_peers: false,
+            announce_due: None,
             shutting_down: None,
         };
         // Everyone listens to announcements (to report ProvidersChanged).
@@ -756,6 +759,10 @@ impl State {
                 q.finish();
             }
             self.finish_find(id);
+        }
+        if self.announce_due.is_some_and(|t| now >= t) {
+            self.announce_due = None;
+            self.publish_announcements();
         }
         if now >= self.reprovide_at {
             self.reprovide_at = now + self.reprovide_interval;
@@ -1355,6 +1362,16 @@ impl State {
                 message_id,
                 message,
             }) => self.on_gossip(propagation_source, message_id, message),
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => {
+                // A new listener of announcements: tell it what we serve, once
+                // per second at most however many peers join.
+                if topic == gossipsub::IdentTopic::new(ANNOUNCE_TOPIC).hash()
+                    && !self.announcements.is_empty()
+                    && self.announce_due.is_none()
+                {
+                    self.announce_due = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
             BehaviourEvent::Rr(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request {

@@ -228,8 +228,9 @@ pub enum Validation {
     Ignore,
 }
 
-/// A topic validator: runs on the network loop for every message of its
-/// topic, so it must be fast and must not block.
+/// A topic validator, called with the message's publisher (not the neighbour
+/// that forwarded it) and its data. It runs on the network loop for every
+/// message of its topic, so it must be fast and must not block.
 pub type Validator = Arc<dyn Fn(&PeerId, &[u8]) -> Validation + Send + Sync>;
 
 /// Something that happened on the network ([`Network::events`]).
@@ -432,7 +433,8 @@ pub trait Network: Send + Sync {
     /// neither delivered nor forwarded.
     async fn set_validator(&self, topic: &str, validator: Validator) -> Result<()>;
 
-    /// Publishes `data` on `topic` (this node must not need to be subscribed).
+    /// Publishes `data` on `topic` (this node need not be subscribed). With no
+    /// subscribed peer the message reaches no one; that is not an error.
     async fn publish(&self, topic: &str, data: Bytes) -> Result<()>;
 
     /// Starts handling `method`: requests for it arrive on the returned

@@ -937,13 +937,11 @@ impl State {
             }
             Command::Publish(topic, data, ack) => {
                 let t = gossipsub::IdentTopic::new(topic.clone());
-                let result = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(t, data.to_vec())
-                    .map(|_| ())
-                    .map_err(|e| NetworkError::Gossip(format!("publish on {topic}: {e}")).into());
+                let result = match self.swarm.behaviour_mut().gossipsub.publish(t, data.to_vec()) {
+                    // Nobody listens (yet): like publishing to an empty room, not an error.
+                    Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                    Err(e) => Err(NetworkError::Gossip(format!("publish on {topic}: {e}")).into()),
+                };
                 let _ = ack.send(result);
             }
             Command::Handle(method, tx, ack) => {

@@ -1,1 +1,1688 @@
-//! In-memory network (under construction).
+//! In-memory network: the [`Network`] trait without sockets, for tests and
+//! simulations of hundreds of nodes.
+//!
+//! A [`MemoryNet`] is the simulated world; [`MemoryNet::add_node`] puts a
+//! node in it and returns its [`MemoryNetwork`] handle, listening on
+//! `/memory/<n>`. Every message between nodes is a simulated message on a
+//! link ([`LinkConfig`]: latency, bandwidth, loss), may be cut by a
+//! [partition](MemoryNet::partition), and is counted ([`NetStats`]).
+//!
+//! # What is simulated
+//!
+//! * **Request/response** goes through the real wire encoding
+//!   ([`wire::encode_request`], [`wire::decode_request`],
+//!   [`wire::encode_response`], [`wire::decode_response`]) under each side's
+//!   [`Limits`]. Delivery takes the link latency plus the transfer time at the
+//!   link's bandwidth (messages on one directed link queue behind each
+//!   other). A lost or partitioned message is simply not delivered: the
+//!   requester hits its deadline ([`NetworkError::Timeout`]). A peer that
+//!   vanishes ([`MemoryNet::kill`]) fails requests in flight to it with
+//!   [`NetworkError::ConnectionClosed`] at once. Requests to a peer that is
+//!   not connected dial it first (one round trip), like libp2p dialling by
+//!   peer id; an unreachable peer is [`NetworkError::Dial`] at once.
+//! * **Discovery** is a simplified Kademlia over simulated messages (no
+//!   global registry): keys are SHA-256 of the peer id's bytes and of
+//!   `("model", id)` / `("layer", id, layer)`; XOR distance; k-buckets with
+//!   [`K`] = 20 (a full bucket "pings" its least recently seen entry: a dead
+//!   one is replaced, a live one kept); iterative lookups with [`ALPHA`] = 3
+//!   queries in flight that end when the `K` closest peers seen have all
+//!   answered. Provider records live at the `K` closest nodes, expire after
+//!   [`MemoryConfig::provider_ttl`] and are republished every
+//!   [`MemoryConfig::republish_interval`]. Kademlia messages have modelled
+//!   sizes (see [`KAD_REQUEST_BYTES`]), not a protobuf encoding. They do not
+//!   open connections (libp2p would; here connections only come from
+//!   [`Network::dial`] and requests, so gossip does not flood over every peer
+//!   a lookup touched).
+//! * **Gossip** floods: a message goes to every connected peer subscribed to
+//!   its topic, each node forwards it once (dedup by source and sequence
+//!   number) and only if its validator accepts it. Subscriptions are read
+//!   from the peer directly (gossipsub exchanges them on connect). Every node
+//!   is subscribed to [`ANNOUNCE_TOPIC`]. A node does not receive its own
+//!   messages.
+//! * **Connections** are symmetric, one per pair, opened by a simulated
+//!   handshake of one round trip that also measures the RTT (2 × latency,
+//!   reported as [`Event::Rtt`]). A partition does not close existing
+//!   connections; messages across it are dropped until [`MemoryNet::heal`].
+//!
+//! # Determinism
+//!
+//! All time is [`tokio::time`] and all randomness (loss) comes from one
+//! ChaCha8 generator seeded by [`MemoryNet::new`]'s seed; every collection
+//! is ordered (`BTreeMap`), and every `select!` is `biased`. So a run on a
+//! **current-thread** runtime (the order tasks run in is then fixed) with
+//! **paused time** (`#[tokio::test(start_paused = true)]`: virtual time
+//! advances only when every task waits, so no wall-clock timing leaks in) is
+//! reproducible: the same seed and the same calls give the same messages,
+//! counts and results. On a multi-threaded runtime the network still works
+//! but the interleaving, hence the loss draws, may vary between runs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use libp2p::multiaddr::Protocol;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::{
+    check_method, wire, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
+    Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
+    Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
+};
+use crate::engine::ModelId;
+use crate::Result;
+
+/// Kademlia bucket size and replication factor.
+pub const K: usize = 20;
+
+/// Kademlia lookup parallelism.
+pub const ALPHA: usize = 3;
+
+/// Modelled size of a Kademlia request (type, 32-byte key, framing).
+pub const KAD_REQUEST_BYTES: usize = 48;
+
+/// Modelled size of one peer entry (peer id and an address) in a Kademlia reply.
+pub const KAD_PEER_BYTES: usize = 64;
+
+/// Modelled per-message overhead of gossip (source, sequence number, signature).
+pub const GOSSIP_OVERHEAD_BYTES: usize = 120;
+
+/// Modelled size of each of the two handshake messages opening a connection.
+pub const HANDSHAKE_BYTES: usize = 256;
+
+/// Longest gossip topic name.
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Most providers a node stores for one key.
+const MAX_PROVIDERS_PER_KEY: usize = 1024;
+
+/// A 256-bit Kademlia key.
+type Key = [u8; 32];
+
+/// The properties of a (symmetric) link between two nodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkConfig {
+    /// One-way latency.
+    pub latency: Duration,
+    /// Bandwidth in each direction; `None` is unlimited (`Some(0)` counts as 1 byte/s).
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Probability in `0..=1` that a message is lost.
+    pub loss: f64,
+}
+
+impl Default for LinkConfig {
+    /// 5 ms, unlimited bandwidth, no loss.
+    fn default() -> Self {
+        LinkConfig {
+            latency: Duration::from_millis(5),
+            bandwidth_bytes_per_sec: None,
+            loss: 0.0,
+        }
+    }
+}
+
+/// Protocol parameters of a [`MemoryNet`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryConfig {
+    /// How long a provider record lives at the node storing it.
+    pub provider_ttl: Duration,
+    /// How often a node republishes its provider records.
+    pub republish_interval: Duration,
+    /// Deadline of one Kademlia request.
+    pub rpc_timeout: Duration,
+    /// Capacity of each node's event channel.
+    pub event_capacity: usize,
+    /// Capacity of each gossip subscription's queue.
+    pub gossip_queue: usize,
+    /// Gossip message ids remembered per node for deduplication.
+    pub seen_cache: usize,
+    /// Most keys a node stores provider records for.
+    pub max_record_keys: usize,
+}
+
+impl Default for MemoryConfig {
+    /// libp2p's defaults: records live 48 h, republished every 12 h; 10 s
+    /// Kademlia request deadline.
+    fn default() -> Self {
+        MemoryConfig {
+            provider_ttl: Duration::from_secs(48 * 3600),
+            republish_interval: Duration::from_secs(12 * 3600),
+            rpc_timeout: Duration::from_secs(10),
+            event_capacity: 1024,
+            gossip_queue: 1024,
+            seen_cache: 16384,
+            max_record_keys: 65536,
+        }
+    }
+}
+
+/// Counters of a [`MemoryNet`], summed over all nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Messages put on a link (every kind).
+    pub messages_sent: u64,
+    /// Messages that arrived.
+    pub messages_delivered: u64,
+    /// Bytes of the messages that arrived.
+    pub bytes_delivered: u64,
+    /// Messages lost to the link's loss rate.
+    pub messages_lost: u64,
+    /// Messages dropped by a partition or because the receiver vanished.
+    pub messages_dropped: u64,
+    /// Kademlia messages sent (requests and replies).
+    pub kad_messages: u64,
+    /// Iterative Kademlia lookups started.
+    pub lookups: u64,
+    /// Requests sent by [`Network::request`] (and describes).
+    pub requests: u64,
+    /// Gossip messages sent (publishes and forwards).
+    pub gossip_messages: u64,
+    /// Gossip messages a validator did not accept.
+    pub gossip_rejected: u64,
+    /// Connections opened.
+    pub connections: u64,
+}
+
+/// The simulated world: nodes, links, partitions, counters. Cheap to clone.
+#[derive(Clone)]
+pub struct MemoryNet {
+    world: Arc<Mutex<World>>,
+}
+
+impl std::fmt::Debug for MemoryNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = self.lock();
+        write!(f, "MemoryNet({} nodes, {:?})", w.nodes.len(), w.stats)
+    }
+}
+
+/// One node of a [`MemoryNet`]; implements [`Network`]. Cheap to clone.
+#[derive(Clone)]
+pub struct MemoryNetwork {
+    net: MemoryNet,
+    index: usize,
+    peer: PeerId,
+}
+
+impl std::fmt::Debug for MemoryNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemoryNetwork(/memory/{}, {})", self.index, self.peer)
+    }
+}
+
+fn sha256(parts: &[&[u8]]) -> Key {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+fn peer_key(peer: &PeerId) -> Key {
+    sha256(&[&peer.to_bytes()])
+}
+
+fn model_key(model: &ModelId) -> Key {
+    sha256(&[b"model", &model.0])
+}
+
+fn layer_key(model: &ModelId, layer: u32) -> Key {
+    sha256(&[b"layer", &model.0, &layer.to_be_bytes()])
+}
+
+/// The provider keys of an announcement: the model and each of its layers.
+fn announcement_keys(a: &Announcement) -> Vec<Key> {
+    std::iter::once(model_key(&a.model))
+        .chain(a.layers.clone().map(|l| layer_key(&a.model, l)))
+        .collect()
+}
+
+fn distance(a: &Key, b: &Key) -> Key {
+    let mut d = [0u8; 32];
+    for (i, x) in d.iter_mut().enumerate() {
+        *x = a[i] ^ b[i];
+    }
+    d
+}
+
+fn bucket_index(local: &Key, key: &Key) -> Option<usize> {
+    let d = distance(local, key);
+    let mut zeros = 0usize;
+    for byte in d {
+        if byte == 0 {
+            zeros += 8;
+        } else {
+            zeros += byte.leading_zeros() as usize;
+            return Some(255 - zeros);
+        }
+    }
+    None
+}
+
+/// A Kademlia routing table: 256 buckets, least recently seen first.
+struct Table {
+    local: Key,
+    buckets: Vec<Vec<(PeerId, Key)>>,
+}
+
+impl Table {
+    fn new(local: Key) -> Table {
+        Table {
+            local,
+            buckets: vec![Vec::new(); 256],
+        }
+    }
+
+    fn remove(&mut self, peer: &PeerId) {
+        if let Some(b) = bucket_index(&self.local, &peer_key(peer)) {
+            self.buckets[b].retain(|(p, _)| p != peer);
+        }
+    }
+
+    fn closest(&self, target: &Key, n: usize, exclude: &PeerId) -> Vec<PeerId> {
+        let mut all: Vec<(Key, PeerId)> = self
+            .buckets
+            .iter()
+            .flatten()
+            .filter(|(p, _)| p != exclude)
+            .map(|(p, k)| (distance(k, target), *p))
+            .collect();
+        all.sort();
+        all.into_iter().take(n).map(|(_, p)| p).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KadOp {
+    FindNode,
+    GetProviders,
+    AddProvider,
+    RemoveProvider,
+}
+
+impl KadOp {
+    fn one_way(self) -> bool {
+        matches!(self, KadOp::AddProvider | KadOp::RemoveProvider)
+    }
+}
+
+#[derive(Default)]
+struct KadReply {
+    closer: Vec<PeerId>,
+    providers: Vec<PeerId>,
+}
+
+impl KadReply {
+    fn bytes(&self) -> usize {
+        16 + (self.closer.len() + self.providers.len()) * KAD_PEER_BYTES
+    }
+}
+
+struct Gossip {
+    source: PeerId,
+    seqno: u64,
+    topic: String,
+    data: Bytes,
+}
+
+impl Gossip {
+    fn bytes(&self) -> usize {
+        GOSSIP_OVERHEAD_BYTES + self.topic.len() + self.data.len()
+    }
+}
+
+struct Node {
+    peer: PeerId,
+    key: Key,
+    addr: Multiaddr,
+    limits: Limits,
+    alive: bool,
+    dead: watch::Sender<bool>,
+    events: broadcast::Sender<Event>,
+    first_events: Option<broadcast::Receiver<Event>>,
+    connected: BTreeSet<PeerId>,
+    banned: BTreeSet<PeerId>,
+    rtt: BTreeMap<PeerId, Duration>,
+    handlers: BTreeMap<String, mpsc::Sender<InboundRequest>>,
+    subscribers: BTreeMap<String, Vec<mpsc::Sender<GossipMessage>>>,
+    validators: BTreeMap<String, Validator>,
+    seen: BTreeSet<(PeerId, u64)>,
+    seen_order: VecDeque<(PeerId, u64)>,
+    seqno: u64,
+    announcements: Vec<Announcement>,
+    known: BTreeMap<PeerId, Vec<Announcement>>,
+    table: Table,
+    records: BTreeMap<Key, BTreeMap<PeerId, Instant>>,
+    provided: BTreeSet<Key>,
+    republishing: bool,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Node {
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn subscribed(&self, topic: &str) -> bool {
+        topic == ANNOUNCE_TOPIC
+            || self
+                .subscribers
+                .get(topic)
+                .is_some_and(|subs| subs.iter().any(|s| !s.is_closed()))
+    }
+
+    /// Remembers a gossip id; false if it was seen before.
+    fn first_sight(&mut self, id: (PeerId, u64), cap: usize) -> bool {
+        if !self.seen.insert(id) {
+            return false;
+        }
+        self.seen_order.push_back(id);
+        while self.seen_order.len() > cap.max(1) {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Outcome of putting a message on a link.
+enum Sent {
+    Deliver { to: usize, delay: Duration },
+    Dropped,
+    Unreachable,
+}
+
+/// Outcome of a message reaching the end of its link.
+#[derive(PartialEq, Eq)]
+enum Arrived {
+    Yes,
+    Dropped,
+    Gone,
+}
+
+struct World {
+    config: MemoryConfig,
+    rng: ChaCha8Rng,
+    default_link: LinkConfig,
+    links: BTreeMap<(PeerId, PeerId), LinkConfig>,
+    groups: Option<BTreeMap<PeerId, usize>>,
+    busy: BTreeMap<(usize, usize), Instant>,
+    nodes: Vec<Node>,
+    by_peer: BTreeMap<PeerId, usize>,
+    stats: NetStats,
+}
+
+impl World {
+    fn link(&self, a: PeerId, b: PeerId) -> &LinkConfig {
+        let key = if a <= b { (a, b) } else { (b, a) };
+        self.links.get(&key).unwrap_or(&self.default_link)
+    }
+
+    fn partitioned(&self, a: &PeerId, b: &PeerId) -> bool {
+        match &self.groups {
+            None => false,
+            Some(g) => g.get(a) != g.get(b),
+        }
+    }
+
+    fn check_alive(&self, index: usize) -> Result<()> {
+        match self.nodes.get(index) {
+            Some(n) if n.alive => Ok(()),
+            _ => Err(NetworkError::Shutdown.into()),
+        }
+    }
+
+    /// Puts `bytes` on the link from node `from` to `to_peer`.
+    fn send(&mut self, from: usize, to_peer: PeerId, bytes: usize) -> Sent {
+        let Some(&to) = self.by_peer.get(&to_peer) else {
+            return Sent::Unreachable;
+        };
+        let from_peer = self.nodes[from].peer;
+        if self.nodes[to].banned.contains(&from_peer) || self.nodes[from].banned.contains(&to_peer)
+        {
+            return Sent::Unreachable;
+        }
+        self.stats.messages_sent += 1;
+        if self.partitioned(&from_peer, &to_peer) {
+            self.stats.messages_dropped += 1;
+            return Sent::Dropped;
+        }
+        let link = self.link(from_peer, to_peer).clone();
+        if link.loss > 0.0 && self.rng.gen::<f64>() < link.loss {
+            self.stats.messages_lost += 1;
+            return Sent::Dropped;
+        }
+        let delay = match link.bandwidth_bytes_per_sec {
+            None => link.latency,
+            Some(bw) => {
+                let micros = (bytes as u128 * 1_000_000) / u128::from(bw.max(1));
+                let transfer = Duration::from_micros(micros.min(u128::from(u32::MAX)) as u64);
+                let now = Instant::now();
+                let start = self
+                    .busy
+                    .get(&(from, to))
+                    .copied()
+                    .filter(|t| *t > now)
+                    .unwrap_or(now);
+                let done = start + transfer;
+                self.busy.insert((from, to), done);
+                (done - now).saturating_add(link.latency)
+            }
+        };
+        Sent::Deliver { to, delay }
+    }
+
+    /// A message of `bytes` from `from_peer` reaches node `to`.
+    fn arrive(&mut self, from_peer: PeerId, to: usize, bytes: usize) -> Arrived {
+        let node = &self.nodes[to];
+        if !node.alive {
+            self.stats.messages_dropped += 1;
+            return Arrived::Gone;
+        }
+        if self.partitioned(&from_peer, &node.peer) {
+            self.stats.messages_dropped += 1;
+            return Arrived::Dropped;
+        }
+        self.stats.messages_delivered += 1;
+        self.stats.bytes_delivered += bytes as u64;
+        Arrived::Yes
+    }
+
+    /// Whether node `me` may open a connection to `peer`; the peer's index.
+    fn can_connect(&self, me: usize, peer: PeerId) -> Result<usize> {
+        let node = &self.nodes[me];
+        let dial = |reason: &str| -> crate::Error {
+            NetworkError::Dial {
+                target: peer.to_string(),
+                reason: reason.into(),
+            }
+            .into()
+        };
+        if peer == node.peer {
+            return Err(dial("cannot dial the local peer"));
+        }
+        if node.banned.contains(&peer) {
+            return Err(NetworkError::Banned(peer).into());
+        }
+        let Some(&to) = self.by_peer.get(&peer) else {
+            return Err(dial("no live node has this peer id"));
+        };
+        let other = &self.nodes[to];
+        if other.banned.contains(&node.peer) {
+            return Err(dial("refused by the peer"));
+        }
+        if self.partitioned(&node.peer, &peer) {
+            return Err(dial("unreachable (partitioned)"));
+        }
+        if node.connected.len() >= node.limits.max_connections as usize
+            || other.connected.len() >= other.limits.max_connections as usize
+        {
+            return Err(dial("connection limit reached"));
+        }
+        Ok(to)
+    }
+
+    fn establish(&mut self, a: usize, b: usize, rtt: Duration) {
+        let (pa, pb) = (self.nodes[a].peer, self.nodes[b].peer);
+        if self.nodes[a].connected.contains(&pb) {
+            return;
+        }
+        self.stats.connections += 1;
+        self.stats.messages_delivered += 2;
+        self.stats.bytes_delivered += 2 * HANDSHAKE_BYTES as u64;
+        for (me, other) in [(a, pb), (b, pa)] {
+            let node = &mut self.nodes[me];
+            node.connected.insert(other);
+            node.rtt.insert(other, rtt);
+            node.emit(Event::PeerConnected { peer: other });
+            node.emit(Event::Rtt { peer: other, rtt });
+        }
+        self.table_insert(a, pb);
+        self.table_insert(b, pa);
+    }
+
+    fn disconnect(&mut self, a: usize, peer: PeerId) {
+        let pa = self.nodes[a].peer;
+        if self.nodes[a].connected.remove(&peer) {
+            self.nodes[a].emit(Event::PeerDisconnected { peer });
+        }
+        if let Some(&b) = self.by_peer.get(&peer) {
+            if self.nodes[b].connected.remove(&pa) {
+                self.nodes[b].emit(Event::PeerDisconnected { peer: pa });
+            }
+        }
+    }
+
+    /// The node vanishes: no more messages in or out, its peers see it go.
+    fn teardown(&mut self, index: usize) {
+        let peer = self.nodes[index].peer;
+        if !self.nodes[index].alive {
+            return;
+        }
+        let connected: Vec<PeerId> = self.nodes[index].connected.iter().copied().collect();
+        for p in connected {
+            self.disconnect(index, p);
+        }
+        let node = &mut self.nodes[index];
+        node.alive = false;
+        node.dead.send_replace(true);
+        for t in node.tasks.drain(..) {
+            t.abort();
+        }
+        node.handlers.clear();
+        node.subscribers.clear();
+        node.records.clear();
+        node.provided.clear();
+        if self.by_peer.get(&peer) == Some(&index) {
+            self.by_peer.remove(&peer);
+        }
+    }
+
+    /// Adds `peer` to node `at`'s routing table (or refreshes it).
+    fn table_insert(&mut self, at: usize, peer: PeerId) {
+        let node = &self.nodes[at];
+        if node.peer == peer || node.banned.contains(&peer) {
+            return;
+        }
+        let key = peer_key(&peer);
+        let Some(b) = bucket_index(&node.key, &key) else {
+            return;
+        };
+        let bucket = &node.table.buckets[b];
+        if let Some(pos) = bucket.iter().position(|(p, _)| *p == peer) {
+            let bucket = &mut self.nodes[at].table.buckets[b];
+            let entry = bucket.remove(pos);
+            bucket.push(entry);
+            return;
+        }
+        if bucket.len() < K {
+            self.nodes[at].table.buckets[b].push((peer, key));
+            return;
+        }
+        // Full bucket: ping the least recently seen entry.
+        let oldest = bucket[0].0;
+        let answers =
+            self.by_peer.contains_key(&oldest) && !self.partitioned(&self.nodes[at].peer, &oldest);
+        self.stats.messages_sent += if answers { 2 } else { 1 };
+        self.stats.messages_delivered += if answers { 2 } else { 1 };
+        let bucket = &mut self.nodes[at].table.buckets[b];
+        let entry = bucket.remove(0);
+        if answers {
+            bucket.push(entry);
+        } else {
+            bucket.push((peer, key));
+        }
+    }
+
+    /// Node `to` answers a Kademlia request from `from_peer`.
+    fn handle_kad(&mut self, to: usize, from_peer: PeerId, op: KadOp, key: Key) -> KadReply {
+        self.table_insert(to, from_peer);
+        let now = Instant::now();
+        let ttl = self.config.provider_ttl;
+        let max_keys = self.config.max_record_keys;
+        let node = &mut self.nodes[to];
+        let mut reply = KadReply::default();
+        match op {
+            KadOp::FindNode => reply.closer = node.table.closest(&key, K, &from_peer),
+            KadOp::GetProviders => {
+                if let Some(records) = node.records.get_mut(&key) {
+                    records.retain(|_, expires| *expires > now);
+                    reply.providers.extend(records.keys().copied());
+                    if records.is_empty() {
+                        node.records.remove(&key);
+                    }
+                }
+                if node.provided.contains(&key) {
+                    reply.providers.push(node.peer);
+                }
+                reply.closer = node.table.closest(&key, K, &from_peer);
+            }
+            KadOp::AddProvider => {
+                if !node.records.contains_key(&key) && node.records.len() >= max_keys {
+                    node.records.retain(|_, r| {
+                        r.retain(|_, expires| *expires > now);
+                        !r.is_empty()
+                    });
+                }
+                if node.records.contains_key(&key) || node.records.len() < max_keys {
+                    let records = node.records.entry(key).or_default();
+                    if records.len() < MAX_PROVIDERS_PER_KEY || records.contains_key(&from_peer) {
+                        records.insert(from_peer, now + ttl);
+                    }
+                }
+            }
+            KadOp::RemoveProvider => {
+                if let Some(records) = node.records.get_mut(&key) {
+                    records.remove(&from_peer);
+                    if records.is_empty() {
+                        node.records.remove(&key);
+                    }
+                }
+            }
+        }
+        reply
+    }
+
+    /// Node `to` answers `bytes` (a request frame) from `from_peer`.
+    fn answer(&mut self, to: usize, from_peer: PeerId, bytes: Bytes) -> Answer {
+        let node = &mut self.nodes[to];
+        let limit = node.limits.max_response_bytes;
+        let error = |status: RemoteStatus, message: &str| {
+            Answer::Now(wire::encode_response(Err((status, message)), limit))
+        };
+        let request = match wire::decode_request(bytes, node.limits.max_request_bytes) {
+            Ok(r) => r,
+            Err(e) => return error(status_of(&e), &e.to_string()),
+        };
+        if request.method == DESCRIBE_METHOD {
+            let meta = wire::encode_describe(&node.announcements, std::slice::from_ref(&node.addr));
+            let response = Response {
+                meta,
+                tensor: Bytes::new(),
+            };
+            return Answer::Now(wire::encode_response(Ok(&response), limit));
+        }
+        let method = request.method.clone();
+        let Some(tx) = node.handlers.get(&method) else {
+            return error(RemoteStatus::UnknownMethod, "no handler for this method");
+        };
+        let (reply_tx, reply_rx) = oneshot::channel();
+        match tx.try_send(InboundRequest::new(from_peer, request, reply_tx)) {
+            Ok(()) => Answer::Later(reply_rx, limit),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                error(RemoteStatus::Busy, "the handler's queue is full")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                node.handlers.remove(&method);
+                error(RemoteStatus::UnknownMethod, "no handler for this method")
+            }
+        }
+    }
+
+    /// Node `at` sends (or forwards) `msg` to its connected peers subscribed
+    /// to the topic, except `except` and the source.
+    fn forward(&mut self, net: &MemoryNet, at: usize, msg: &Arc<Gossip>, except: Option<PeerId>) {
+        let targets: Vec<PeerId> = self.nodes[at]
+            .connected
+            .iter()
+            .copied()
+            .filter(|p| Some(*p) != except && *p != msg.source)
+            .filter(|p| {
+                self.by_peer
+                    .get(p)
+                    .is_some_and(|&i| self.nodes[i].subscribed(&msg.topic))
+            })
+            .collect();
+        let from_peer = self.nodes[at].peer;
+        for p in targets {
+            self.stats.gossip_messages += 1;
+            if let Sent::Deliver { to, delay } = self.send(at, p, msg.bytes()) {
+                let net = net.clone();
+                let msg = msg.clone();
+                tokio::spawn(async move { net.deliver_gossip(from_peer, to, delay, msg).await });
+            }
+        }
+    }
+
+    /// Node `at` publishes a new gossip message.
+    fn publish(&mut self, net: &MemoryNet, at: usize, topic: &str, data: Bytes) {
+        let cap = self.config.seen_cache;
+        let node = &mut self.nodes[at];
+        node.seqno += 1;
+        let msg = Arc::new(Gossip {
+            source: node.peer,
+            seqno: node.seqno,
+            topic: topic.to_string(),
+            data,
+        });
+        node.first_sight((msg.source, msg.seqno), cap);
+        self.forward(net, at, &msg, None);
+    }
+
+    /// Node `at` learnt `list` is everything `source` serves now.
+    fn learn_announcements(&mut self, at: usize, source: PeerId, list: Vec<Announcement>) {
+        let node = &mut self.nodes[at];
+        let old = node.known.remove(&source).unwrap_or_default();
+        let models: BTreeSet<ModelId> = old.iter().chain(list.iter()).map(|a| a.model).collect();
+        for model in models {
+            let before = old.iter().find(|a| a.model == model).map(|a| a.layers.clone());
+            let after = list
+                .iter()
+                .find(|a| a.model == model)
+                .map(|a| a.layers.clone());
+            if before != after {
+                node.emit(Event::ProvidersChanged {
+                    model,
+                    peer: source,
+                    layers: after,
+                });
+            }
+        }
+        if !list.is_empty() && node.known.len() < 4096 {
+            node.known.insert(source, list);
+        }
+    }
+}
+
+/// What a node answers to a request, now or once its handler replies.
+enum Answer {
+    Now(Bytes),
+    Later(oneshot::Receiver<Reply>, usize),
+}
+
+fn status_of(e: &crate::Error) -> RemoteStatus {
+    match e {
+        crate::Error::Network(NetworkError::TooLarge { .. }) => RemoteStatus::TooLarge,
+        crate::Error::Network(NetworkError::UnsupportedVersion { .. }) => {
+            RemoteStatus::UnsupportedVersion
+        }
+        _ => RemoteStatus::Malformed,
+    }
+}
+
+struct Lookup {
+    closest: Vec<PeerId>,
+    providers: BTreeSet<PeerId>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    NotQueried,
+    Waiting,
+    Succeeded,
+    Failed,
+}
+
+impl MemoryNet {
+    /// An empty world whose randomness comes from `seed`, with the default
+    /// [`MemoryConfig`].
+    pub fn new(seed: u64) -> MemoryNet {
+        MemoryNet::with_config(seed, MemoryConfig::default())
+    }
+
+    /// An empty world with protocol parameters `config`.
+    pub fn with_config(seed: u64, config: MemoryConfig) -> MemoryNet {
+        MemoryNet {
+            world: Arc::new(Mutex::new(World {
+                config,
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                default_link: LinkConfig::default(),
+                links: BTreeMap::new(),
+                groups: None,
+                busy: BTreeMap::new(),
+                nodes: Vec::new(),
+                by_peer: BTreeMap::new(),
+                stats: NetStats::default(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a node with `identity` and `limits`, listening on `/memory/<n>`
+    /// (`n` counts the nodes ever added). A live node with the same identity
+    /// is killed first (a restart).
+    pub fn add_node(&self, identity: Identity, limits: Limits) -> MemoryNetwork {
+        let peer = identity.peer_id();
+        let mut w = self.lock();
+        if let Some(&old) = w.by_peer.get(&peer) {
+            w.teardown(old);
+        }
+        let index = w.nodes.len();
+        let addr = Multiaddr::empty().with(Protocol::Memory(index as u64));
+        let (events, first_events) = broadcast::channel(w.config.event_capacity.max(1));
+        let _ = events.send(Event::Listening { addr: addr.clone() });
+        let key = peer_key(&peer);
+        w.nodes.push(Node {
+            peer,
+            key,
+            addr,
+            limits,
+            alive: true,
+            dead: watch::channel(false).0,
+            events,
+            first_events: Some(first_events),
+            connected: BTreeSet::new(),
+            banned: BTreeSet::new(),
+            rtt: BTreeMap::new(),
+            handlers: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
+            validators: BTreeMap::new(),
+            seen: BTreeSet::new(),
+            seen_order: VecDeque::new(),
+            seqno: 0,
+            announcements: Vec::new(),
+            known: BTreeMap::new(),
+            table: Table::new(key),
+            records: BTreeMap::new(),
+            provided: BTreeSet::new(),
+            republishing: false,
+            tasks: Vec::new(),
+        });
+        w.by_peer.insert(peer, index);
+        MemoryNetwork {
+            net: self.clone(),
+            index,
+            peer,
+        }
+    }
+
+    /// Sets the link used between nodes without a [`set_link`](Self::set_link).
+    pub fn set_default_link(&self, link: LinkConfig) {
+        self.lock().default_link = link;
+    }
+
+    /// Sets the link between `a` and `b` (both directions).
+    pub fn set_link(&self, a: PeerId, b: PeerId, link: LinkConfig) {
+        let key = if a <= b { (a, b) } else { (b, a) };
+        self.lock().links.insert(key, link);
+    }
+
+    /// Splits the network: peers in different groups cannot reach each
+    /// other (messages between them are dropped, dials fail). Peers listed in
+    /// no group form one more group together. Replaces an earlier partition.
+    pub fn partition(&self, groups: &[Vec<PeerId>]) {
+        let mut map = BTreeMap::new();
+        for (i, g) in groups.iter().enumerate() {
+            for p in g {
+                map.insert(*p, i);
+            }
+        }
+        self.lock().groups = Some(map);
+    }
+
+    /// Ends the partition.
+    pub fn heal(&self) {
+        self.lock().groups = None;
+    }
+
+    /// Makes `peer` vanish abruptly: it withdraws nothing; its peers see
+    /// [`Event::PeerDisconnected`]; requests in flight to it fail with
+    /// [`NetworkError::ConnectionClosed`]; its handle then returns
+    /// [`NetworkError::Shutdown`]. False if no live node has that id.
+    pub fn kill(&self, peer: PeerId) -> bool {
+        let mut w = self.lock();
+        match w.by_peer.get(&peer) {
+            Some(&i) => {
+                w.teardown(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Kills every node (ends their background tasks).
+    pub fn kill_all(&self) {
+        let mut w = self.lock();
+        for i in 0..w.nodes.len() {
+            w.teardown(i);
+        }
+    }
+
+    /// The live nodes' peer ids.
+    pub fn live_peers(&self) -> Vec<PeerId> {
+        self.lock().by_peer.keys().copied().collect()
+    }
+
+    /// Whether a live node has peer id `peer`.
+    pub fn is_alive(&self, peer: &PeerId) -> bool {
+        self.lock().by_peer.contains_key(peer)
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> NetStats {
+        self.lock().stats
+    }
+
+    async fn deliver_gossip(&self, from_peer: PeerId, to: usize, delay: Duration, msg: Arc<Gossip>) {
+        tokio::time::sleep(delay).await;
+        let validator = {
+            let mut w = self.lock();
+            if w.arrive(from_peer, to, msg.bytes()) != Arrived::Yes {
+                return;
+            }
+            let cap = w.config.seen_cache;
+            let node = &mut w.nodes[to];
+            if node.banned.contains(&from_peer) || node.banned.contains(&msg.source) {
+                return;
+            }
+            if !node.first_sight((msg.source, msg.seqno), cap) {
+                return;
+            }
+            if msg.data.len() > node.limits.max_gossip_bytes || !node.subscribed(&msg.topic) {
+                return;
+            }
+            node.validators.get(&msg.topic).cloned()
+        };
+        // The validator is the user's code: run it without the world's lock.
+        let mut verdict = validator.map_or(Validation::Accept, |v| v(&msg.source, &msg.data));
+        let mut announced = None;
+        if verdict == Validation::Accept && msg.topic == ANNOUNCE_TOPIC {
+            match wire::decode_announce(&msg.data) {
+                Ok(list) => announced = Some(list),
+                Err(_) => verdict = Validation::Reject,
+            }
+        }
+        let mut w = self.lock();
+        if verdict != Validation::Accept {
+            w.stats.gossip_rejected += 1;
+            return;
+        }
+        if !w.nodes[to].alive {
+            return;
+        }
+        if let Some(subs) = w.nodes[to].subscribers.get_mut(&msg.topic) {
+            subs.retain(|s| !s.is_closed());
+            for s in subs.iter() {
+                let _ = s.try_send(GossipMessage {
+                    source: msg.source,
+                    topic: msg.topic.clone(),
+                    data: msg.data.clone(),
+                });
+            }
+        }
+        if let Some(list) = announced {
+            w.learn_announcements(to, msg.source, list);
+        }
+        w.forward(self, to, &msg, Some(from_peer));
+    }
+
+    /// One Kademlia request from node `from` to `to_peer` and its reply,
+    /// within the request deadline; `None` if it failed or timed out.
+    async fn kad_rpc(&self, from: usize, to_peer: PeerId, op: KadOp, key: Key) -> Option<KadReply> {
+        let deadline = self.lock().config.rpc_timeout;
+        tokio::time::timeout(deadline, self.kad_exchange(from, to_peer, op, key))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn kad_exchange(&self, from: usize, to_peer: PeerId, op: KadOp, key: Key) -> Option<KadReply> {
+        let (sent, from_peer) = {
+            let mut w = self.lock();
+            w.check_alive(from).ok()?;
+            w.stats.kad_messages += 1;
+            (w.send(from, to_peer, KAD_REQUEST_BYTES), w.nodes[from].peer)
+        };
+        let (to, delay) = match sent {
+            Sent::Deliver { to, delay } => (to, delay),
+            Sent::Dropped if !op.one_way() => return std::future::pending().await,
+            _ => return None,
+        };
+        tokio::time::sleep(delay).await;
+        let reply = {
+            let mut w = self.lock();
+            match w.arrive(from_peer, to, KAD_REQUEST_BYTES) {
+                Arrived::Yes => Ok(w.handle_kad(to, from_peer, op, key)),
+                Arrived::Dropped if !op.one_way() => Err(true),
+                _ => Err(false),
+            }
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(true) => return std::future::pending().await,
+            Err(false) => return None,
+        };
+        if op.one_way() {
+            return Some(reply);
+        }
+        let bytes = reply.bytes();
+        let sent = {
+            let mut w = self.lock();
+            w.stats.kad_messages += 1;
+            w.send(to, from_peer, bytes)
+        };
+        let delay = match sent {
+            Sent::Deliver { delay, .. } => delay,
+            Sent::Dropped => return std::future::pending().await,
+            Sent::Unreachable => return None,
+        };
+        tokio::time::sleep(delay).await;
+        match self.lock().arrive(to_peer, from, bytes) {
+            Arrived::Yes => Some(reply),
+            Arrived::Dropped => None,
+            Arrived::Gone => None,
+        }
+    }
+
+    /// An iterative lookup of `target` by node `me`: ends when the `K`
+    /// closest peers seen have all answered (or failed), or at `deadline`.
+    async fn lookup(&self, me: usize, target: Key, op: KadOp, deadline: Option<Instant>) -> Lookup {
+        let mut providers = BTreeSet::new();
+        let mut probes: BTreeMap<(Key, PeerId), Probe> = BTreeMap::new();
+        let my_peer = {
+            let mut w = self.lock();
+            w.stats.lookups += 1;
+            let node = &w.nodes[me];
+            for p in node.table.closest(&target, K, &node.peer) {
+                probes.insert((distance(&peer_key(&p), &target), p), Probe::NotQueried);
+            }
+            if op == KadOp::GetProviders {
+                if let Some(r) = node.records.get(&target) {
+                    let now = Instant::now();
+                    providers.extend(r.iter().filter(|(_, e)| **e > now).map(|(p, _)| *p));
+                }
+                if node.provided.contains(&target) {
+                    providers.insert(node.peer);
+                }
+            }
+            node.peer
+        };
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while in_flight.len() < ALPHA {
+                let next = probes
+                    .iter()
+                    .filter(|(_, s)| **s != Probe::Failed)
+                    .take(K)
+                    .find(|(_, s)| **s == Probe::NotQueried)
+                    .map(|(id, _)| *id);
+                let Some(id) = next else { break };
+                probes.insert(id, Probe::Waiting);
+                in_flight.push(async move { (id, self.kad_rpc(me, id.1, op, target).await) });
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            let done = match deadline {
+                Some(d) => tokio::select! {
+                    biased;
+                    r = in_flight.next() => r,
+                    _ = tokio::time::sleep_until(d) => None,
+                },
+                None => in_flight.next().await,
+            };
+            let Some((id, reply)) = done else { break };
+            match reply {
+                Some(reply) => {
+                    probes.insert(id, Probe::Succeeded);
+                    self.lock().table_insert(me, id.1);
+                    for p in reply.closer {
+                        if p != my_peer {
+                            probes
+                                .entry((distance(&peer_key(&p), &target), p))
+                                .or_insert(Probe::NotQueried);
+                        }
+                    }
+                    providers.extend(reply.providers);
+                }
+                None => {
+                    probes.insert(id, Probe::Failed);
+                    self.lock().nodes[me].table.remove(&id.1);
+                }
+            }
+        }
+        Lookup {
+            closest: probes
+                .iter()
+                .filter(|(_, s)| **s == Probe::Succeeded)
+                .take(K)
+                .map(|(id, _)| id.1)
+                .collect(),
+            providers,
+        }
+    }
+
+    /// Stores (or removes) node `me`'s provider record for `key` at the `K`
+    /// closest nodes.
+    async fn put_record(&self, me: usize, key: Key, op: KadOp) {
+        let found = self.lookup(me, key, KadOp::FindNode, None).await;
+        futures::future::join_all(found.closest.iter().map(|p| self.kad_rpc(me, *p, op, key))).await;
+    }
+
+    async fn put_records(&self, me: usize, keys: Vec<Key>, op: KadOp) {
+        futures::future::join_all(keys.into_iter().map(|k| self.put_record(me, k, op))).await;
+    }
+
+    fn start_republishing(&self, me: usize) {
+        let mut w = self.lock();
+        if w.nodes[me].republishing {
+            return;
+        }
+        w.nodes[me].republishing = true;
+        let interval = w.config.republish_interval;
+        let net = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let keys: Vec<Key> = {
+                    let w = net.lock();
+                    if !w.nodes[me].alive {
+                        return;
+                    }
+                    w.nodes[me].provided.iter().copied().collect()
+                };
+                net.put_records(me, keys, KadOp::AddProvider).await;
+            }
+        });
+        w.nodes[me].tasks.push(task.abort_handle());
+    }
+
+    async fn ensure_connected(&self, me: usize, peer: PeerId) -> Result<()> {
+        let rtt = {
+            let mut w = self.lock();
+            w.check_alive(me)?;
+            if w.nodes[me].connected.contains(&peer) {
+                return Ok(());
+            }
+            w.can_connect(me, peer)?;
+            w.stats.messages_sent += 2;
+            w.link(w.nodes[me].peer, peer).latency.saturating_mul(2)
+        };
+        tokio::time::sleep(rtt).await;
+        let mut w = self.lock();
+        w.check_alive(me)?;
+        let to = w.can_connect(me, peer).or_else(|e| {
+            if w.nodes[me].connected.contains(&peer) {
+                Ok(usize::MAX)
+            } else {
+                Err(e)
+            }
+        })?;
+        if to != usize::MAX {
+            w.establish(me, to, rtt);
+        }
+        Ok(())
+    }
+
+    /// Sends a request frame from node `me` to `peer` and returns the
+    /// response frame. Never returns on a lost message (the caller's
+    /// deadline ends it).
+    async fn exchange(&self, me: usize, peer: PeerId, bytes: Bytes) -> Result<Bytes> {
+        self.ensure_connected(me, peer).await?;
+        let closed = || -> crate::Error { NetworkError::ConnectionClosed { peer }.into() };
+        let len = bytes.len();
+        let (sent, my_peer, mut my_dead) = {
+            let mut w = self.lock();
+            w.stats.requests += 1;
+            (
+                w.send(me, peer, len),
+                w.nodes[me].peer,
+                w.nodes[me].dead.subscribe(),
+            )
+        };
+        let (to, delay) = match sent {
+            Sent::Deliver { to, delay } => (to, delay),
+            Sent::Dropped => return std::future::pending().await,
+            Sent::Unreachable => return Err(closed()),
+        };
+        let mut peer_dead = self.lock().nodes[to].dead.subscribe();
+        watch_both(&mut my_dead, &mut peer_dead, peer, tokio::time::sleep(delay)).await?;
+        let answer = {
+            let mut w = self.lock();
+            match w.arrive(my_peer, to, len) {
+                Arrived::Yes if w.nodes[to].connected.contains(&my_peer) => {
+                    Some(w.answer(to, my_peer, bytes))
+                }
+                Arrived::Dropped => None,
+                Arrived::Yes | Arrived::Gone => return Err(closed()),
+            }
+        };
+        let Some(answer) = answer else {
+            return std::future::pending().await;
+        };
+        let reply = match answer {
+            Answer::Now(b) => b,
+            Answer::Later(rx, limit) => {
+                match watch_both(&mut my_dead, &mut peer_dead, peer, rx).await? {
+                    Ok(Reply::Ok(r)) => wire::encode_response(Ok(&r), limit),
+                    Ok(Reply::Err(status, message)) => {
+                        wire::encode_response(Err((status, &message)), limit)
+                    }
+                    Err(_) => wire::encode_response(
+                        Err((RemoteStatus::Rejected, "handler dropped the request")),
+                        limit,
+                    ),
+                }
+            }
+        };
+        let sent = {
+            let mut w = self.lock();
+            if !w.nodes[to].alive || !w.nodes[to].connected.contains(&my_peer) {
+                return Err(closed());
+            }
+            w.send(to, my_peer, reply.len())
+        };
+        let delay = match sent {
+            Sent::Deliver { delay, .. } => delay,
+            Sent::Dropped => return std::future::pending().await,
+            Sent::Unreachable => return Err(NetworkError::Shutdown.into()),
+        };
+        tokio::time::sleep(delay).await;
+        let arrived = self.lock().arrive(peer, me, reply.len());
+        match arrived {
+            Arrived::Yes => Ok(reply),
+            Arrived::Dropped => std::future::pending().await,
+            Arrived::Gone => Err(NetworkError::Shutdown.into()),
+        }
+    }
+
+    /// Request from node `me` to `peer`: encode, exchange within `timeout`,
+    /// decode.
+    async fn request_from(
+        &self,
+        me: usize,
+        peer: PeerId,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let limits = {
+            let w = self.lock();
+            w.check_alive(me)?;
+            if w.nodes[me].banned.contains(&peer) {
+                return Err(NetworkError::Banned(peer).into());
+            }
+            w.nodes[me].limits.clone()
+        };
+        let bytes = wire::encode_request(request, limits.max_request_bytes)?;
+        match tokio::time::timeout(timeout, self.exchange(me, peer, bytes)).await {
+            Ok(reply) => wire::decode_response(reply?, limits.max_response_bytes, peer),
+            Err(_) => Err(NetworkError::Timeout {
+                what: format!(
+                    "a response to {:?} from {peer}",
+                    request.method.chars().take(64).collect::<String>()
+                ),
+                after: timeout,
+            }
+            .into()),
+        }
+    }
+
+    /// Node `me` describes `peer` and keeps what it serves of `model`.
+    async fn describe(
+        &self,
+        me: usize,
+        peer: PeerId,
+        model: ModelId,
+        layer: Option<u32>,
+        deadline: Instant,
+    ) -> Option<Provider> {
+        let request = Request {
+            method: DESCRIBE_METHOD.into(),
+            meta: Bytes::new(),
+            tensor: Bytes::new(),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let response = self.request_from(me, peer, &request, left).await.ok()?;
+        let (announcements, addrs) = wire::decode_describe(&response.meta).ok()?;
+        provider_of(peer, &announcements, addrs, model, layer)
+    }
+}
+
+fn provider_of(
+    peer: PeerId,
+    announcements: &[Announcement],
+    addrs: Vec<Multiaddr>,
+    model: ModelId,
+    layer: Option<u32>,
+) -> Option<Provider> {
+    let a = announcements
+        .iter()
+        .find(|a| a.model == model && layer.is_none_or(|l| a.layers.contains(&l)))?;
+    Some(Provider {
+        peer_id: peer,
+        layers: a.layers.clone(),
+        addrs,
+        free_memory: a.free_memory,
+        tokens_per_sec: a.tokens_per_sec,
+    })
+}
+
+/// Runs `fut` unless this node or the peer dies first.
+async fn watch_both<F: Future>(
+    my_dead: &mut watch::Receiver<bool>,
+    peer_dead: &mut watch::Receiver<bool>,
+    peer: PeerId,
+    fut: F,
+) -> Result<F::Output> {
+    tokio::select! {
+        biased;
+        _ = my_dead.wait_for(|d| *d) => Err(NetworkError::Shutdown.into()),
+        _ = peer_dead.wait_for(|d| *d) => Err(NetworkError::ConnectionClosed { peer }.into()),
+        out = fut => Ok(out),
+    }
+}
+
+impl MemoryNetwork {
+    /// The world this node lives in.
+    pub fn net(&self) -> &MemoryNet {
+        &self.net
+    }
+
+    /// This node's listen address, `/memory/<n>`.
+    pub fn addr(&self) -> Multiaddr {
+        Multiaddr::empty().with(Protocol::Memory(self.index as u64))
+    }
+
+    fn alive(&self) -> Result<()> {
+        self.net.lock().check_alive(self.index)
+    }
+}
+
+#[async_trait]
+impl Network for MemoryNetwork {
+    fn local_peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        self.alive()?;
+        Ok(vec![self.addr()])
+    }
+
+    /// Connects to the node at `/memory/<n>[/p2p/<id>]`, adds it to the
+    /// routing table and starts a self-lookup in the background (Kademlia's
+    /// bootstrap).
+    async fn dial(&self, addr: Multiaddr) -> Result<()> {
+        self.alive()?;
+        let dial_err = |reason: String| -> crate::Error {
+            NetworkError::Dial {
+                target: addr.to_string(),
+                reason,
+            }
+            .into()
+        };
+        let mut index = None;
+        let mut expected = None;
+        for p in addr.iter() {
+            match p {
+                Protocol::Memory(n) if index.is_none() => index = Some(n),
+                Protocol::P2p(id) => expected = Some(id),
+                other => {
+                    return Err(dial_err(format!(
+                        "the in-memory network only dials /memory/<n>[/p2p/<id>], found {other}"
+                    )))
+                }
+            }
+        }
+        let Some(index) = index else {
+            return Err(dial_err("expected a /memory/<n> address".into()));
+        };
+        let peer = {
+            let w = self.net.lock();
+            match usize::try_from(index).ok().and_then(|i| w.nodes.get(i)) {
+                Some(n) if n.alive => n.peer,
+                _ => return Err(dial_err("nothing listens there".into())),
+            }
+        };
+        if expected.is_some_and(|e| e != peer) {
+            return Err(dial_err(format!("the node there is {peer}")));
+        }
+        self.net.ensure_connected(self.index, peer).await?;
+        let net = self.net.clone();
+        let me = self.index;
+        let key = peer_key(&self.peer);
+        let task = tokio::spawn(async move {
+            net.lookup(me, key, KadOp::FindNode, None).await;
+        });
+        let mut w = self.net.lock();
+        let node = &mut w.nodes[me];
+        node.tasks.retain(|t| !t.is_finished());
+        if node.alive {
+            node.tasks.push(task.abort_handle());
+        } else {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    async fn connected_peers(&self) -> Result<Vec<PeerId>> {
+        let w = self.net.lock();
+        w.check_alive(self.index)?;
+        Ok(w.nodes[self.index].connected.iter().copied().collect())
+    }
+
+    async fn announce(&self, announcement: Announcement) -> Result<()> {
+        announcement.validate()?;
+        let keys = announcement_keys(&announcement);
+        let removed = {
+            let mut w = self.net.lock();
+            w.check_alive(self.index)?;
+            let node = &mut w.nodes[self.index];
+            let n_announced = node.announcements.len();
+            let old = match node
+                .announcements
+                .iter_mut()
+                .find(|a| a.model == announcement.model)
+            {
+                Some(a) => Some(std::mem::replace(a, announcement)),
+                None if n_announced >= wire::MAX_ANNOUNCEMENTS => {
+                    return Err(NetworkError::Malformed(format!(
+                        "announce: this node already serves {} models, the most one node may list",
+                        wire::MAX_ANNOUNCEMENTS
+                    ))
+                    .into())
+                }
+                None => {
+                    node.announcements.push(announcement);
+                    None
+                }
+            };
+            let removed: Vec<Key> = old
+                .map(|a| announcement_keys(&a))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|k| !keys.contains(k))
+                .collect();
+            for k in &removed {
+                node.provided.remove(k);
+            }
+            node.provided.extend(keys.iter().copied());
+            let data = wire::encode_announce(&node.announcements);
+            w.publish(&self.net, self.index, ANNOUNCE_TOPIC, data);
+            removed
+        };
+        self.net.start_republishing(self.index);
+        futures::future::join(
+            self.net.put_records(self.index, keys, KadOp::AddProvider),
+            self.net
+                .put_records(self.index, removed, KadOp::RemoveProvider),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn withdraw(&self, model: ModelId) -> Result<()> {
+        let keys = {
+            let mut w = self.net.lock();
+            w.check_alive(self.index)?;
+            let node = &mut w.nodes[self.index];
+            let Some(pos) = node.announcements.iter().position(|a| a.model == model) else {
+                return Ok(());
+            };
+            let old = node.announcements.remove(pos);
+            let keys = announcement_keys(&old);
+            for k in &keys {
+                node.provided.remove(k);
+            }
+            let data = wire::encode_announce(&node.announcements);
+            w.publish(&self.net, self.index, ANNOUNCE_TOPIC, data);
+            keys
+        };
+        self.net
+            .put_records(self.index, keys, KadOp::RemoveProvider)
+            .await;
+        Ok(())
+    }
+
+    /// An iterative get-providers lookup of the model's (or layer's) key,
+    /// then a [`DESCRIBE_METHOD`] request to each provider found; providers
+    /// that do not answer before the deadline, or no longer serve what was
+    /// asked, are dropped. Sorted by peer id.
+    async fn find_providers(
+        &self,
+        model: ModelId,
+        layer: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Vec<Provider>> {
+        self.alive()?;
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
+        let key = layer.map_or_else(|| model_key(&model), |l| layer_key(&model, l));
+        let found = self
+            .net
+            .lookup(self.index, key, KadOp::GetProviders, Some(deadline))
+            .await;
+        let mut out = Vec::new();
+        if found.providers.contains(&self.peer) {
+            let (announcements, addr) = {
+                let w = self.net.lock();
+                w.check_alive(self.index)?;
+                let node = &w.nodes[self.index];
+                (node.announcements.clone(), node.addr.clone())
+            };
+            out.extend(provider_of(
+                self.peer,
+                &announcements,
+                vec![addr],
+                model,
+                layer,
+            ));
+        }
+        let others = found.providers.iter().filter(|p| **p != self.peer);
+        let described = futures::future::join_all(
+            others.map(|p| self.net.describe(self.index, *p, model, layer, deadline)),
+        )
+        .await;
+        out.extend(described.into_iter().flatten());
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        Ok(out)
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<mpsc::Receiver<GossipMessage>> {
+        check_topic(topic)?;
+        let mut w = self.net.lock();
+        w.check_alive(self.index)?;
+        let (tx, rx) = mpsc::channel(w.config.gossip_queue.max(1));
+        w.nodes[self.index]
+            .subscribers
+            .entry(topic.to_string())
+            .or_default()
+            .push(tx);
+        Ok(rx)
+    }
+
+    async fn set_validator(&self, topic: &str, validator: Validator) -> Result<()> {
+        check_topic(topic)?;
+        let mut w = self.net.lock();
+        w.check_alive(self.index)?;
+        w.nodes[self.index]
+            .validators
+            .insert(topic.to_string(), validator);
+        Ok(())
+    }
+
+    async fn publish(&self, topic: &str, data: Bytes) -> Result<()> {
+        check_topic(topic)?;
+        let mut w = self.net.lock();
+        w.check_alive(self.index)?;
+        let limit = w.nodes[self.index].limits.max_gossip_bytes;
+        if data.len() > limit {
+            return Err(NetworkError::TooLarge {
+                what: "gossip message",
+                size: data.len() as u64,
+                limit: limit as u64,
+            }
+            .into());
+        }
+        w.publish(&self.net, self.index, topic, data);
+        Ok(())
+    }
+
+    async fn handle(&self, method: &str) -> Result<mpsc::Receiver<InboundRequest>> {
+        check_method(method)?;
+        let mut w = self.net.lock();
+        w.check_alive(self.index)?;
+        let node = &mut w.nodes[self.index];
+        if node.handlers.get(method).is_some_and(|tx| !tx.is_closed()) {
+            return Err(NetworkError::Method {
+                method: method.to_string(),
+                reason: "already handled on this node".into(),
+            }
+            .into());
+        }
+        let (tx, rx) = mpsc::channel(node.limits.handler_queue.max(1));
+        node.handlers.insert(method.to_string(), tx);
+        Ok(rx)
+    }
+
+    async fn request(&self, peer: PeerId, request: Request, timeout: Duration) -> Result<Response> {
+        self.net
+            .request_from(self.index, peer, &request, timeout)
+            .await
+    }
+
+    async fn rtt(&self, peer: PeerId) -> Result<Option<Duration>> {
+        let w = self.net.lock();
+        w.check_alive(self.index)?;
+        Ok(w.nodes[self.index].rtt.get(&peer).copied())
+    }
+
+    async fn ban(&self, peer: PeerId) -> Result<()> {
+        let mut w = self.net.lock();
+        w.check_alive(self.index)?;
+        if peer == self.peer {
+            return Ok(());
+        }
+        w.disconnect(self.index, peer);
+        let node = &mut w.nodes[self.index];
+        node.banned.insert(peer);
+        node.table.remove(&peer);
+        node.known.remove(&peer);
+        Ok(())
+    }
+
+    /// The first call returns a receiver that also holds the
+    /// [`Event::Listening`] sent when the node was added.
+    fn events(&self) -> broadcast::Receiver<Event> {
+        let mut w = self.net.lock();
+        let node = &mut w.nodes[self.index];
+        node.first_events
+            .take()
+            .unwrap_or_else(|| node.events.subscribe())
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        let (models, deadline) = {
+            let w = self.net.lock();
+            w.check_alive(self.index)?;
+            let models: Vec<ModelId> = w.nodes[self.index]
+                .announcements
+                .iter()
+                .map(|a| a.model)
+                .collect();
+            (models, w.config.rpc_timeout.saturating_mul(3))
+        };
+        let withdraw_all = async {
+            for model in models {
+                let _ = self.withdraw(model).await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, withdraw_all).await;
+        self.net.lock().teardown(self.index);
+        Ok(())
+    }
+}
+
+fn check_topic(topic: &str) -> Result<()> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+        return Err(NetworkError::Gossip(format!(
+            "expected a topic of 1 to {MAX_TOPIC_LEN} bytes, found {}",
+            topic.len()
+        ))
+        .into());
+    }
+    Ok(())
+}

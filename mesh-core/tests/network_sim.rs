@@ -618,3 +618,16 @@ async fn simulation_of_200_nodes_with_churn_converges() {
     assert_eq!(report.nodes_started, 240);
     assert!(report.live_nodes >= 190, "{report}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn simulation_of_200_nodes_with_churn_and_loss_converges() {
+    let cfg = SimConfig {
+        seed: 2,
+        loss: 0.01,
+        ..SimConfig::default()
+    };
+    let report = simulate(cfg.clone()).await.unwrap();
+    println!("simulation with 1% loss: {cfg:?}\n{report}");
+    assert!(report.converged, "{report}");
+    assert!(report.stats.messages_lost > 0, "{report}");
+}

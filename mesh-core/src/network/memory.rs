@@ -256,6 +256,12 @@ fn announcement_keys(a: &Announcement) -> Vec<Key> {
         .collect()
 }
 
+/// `now + d`, saturating at about a century.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400))
+}
+
 fn distance(a: &Key, b: &Key) -> Key {
     let mut d = [0u8; 32];
     for (i, x) in d.iter_mut().enumerate() {
@@ -484,7 +490,7 @@ impl World {
                     .copied()
                     .filter(|t| *t > now)
                     .unwrap_or(now);
-                let done = start + transfer;
+                let done = later(start, transfer);
                 self.busy.insert((from, to), done);
                 (done - now).saturating_add(link.latency)
             }
@@ -667,7 +673,7 @@ impl World {
                 if node.records.contains_key(&key) || node.records.len() < max_keys {
                     let records = node.records.entry(key).or_default();
                     if records.len() < MAX_PROVIDERS_PER_KEY || records.contains_key(&from_peer) {
-                        records.insert(from_peer, now + ttl);
+                        records.insert(from_peer, later(now, ttl));
                     }
                 }
             }
@@ -1075,9 +1081,10 @@ impl MemoryNet {
             Sent::Unreachable => return None,
         };
         tokio::time::sleep(delay).await;
-        match self.lock().arrive(to_peer, from, bytes) {
+        let arrived = self.lock().arrive(to_peer, from, bytes);
+        match arrived {
             Arrived::Yes => Some(reply),
-            Arrived::Dropped => None,
+            Arrived::Dropped => std::future::pending().await,
             Arrived::Gone => None,
         }
     }
@@ -1230,21 +1237,26 @@ impl MemoryNet {
         self.ensure_connected(me, peer).await?;
         let closed = || -> crate::Error { NetworkError::ConnectionClosed { peer }.into() };
         let len = bytes.len();
-        let (sent, my_peer, mut my_dead) = {
+        let (sent, my_peer, mut my_dead, mut peer_dead) = {
             let mut w = self.lock();
+            let Some(&to) = w.by_peer.get(&peer) else {
+                return Err(closed());
+            };
             w.stats.requests += 1;
             (
                 w.send(me, peer, len),
                 w.nodes[me].peer,
                 w.nodes[me].dead.subscribe(),
+                w.nodes[to].dead.subscribe(),
             )
         };
+        // A lost message is never answered: wait for the caller's deadline,
+        // unless either end dies first.
         let (to, delay) = match sent {
             Sent::Deliver { to, delay } => (to, delay),
-            Sent::Dropped => return std::future::pending().await,
+            Sent::Dropped => return lost(&mut my_dead, &mut peer_dead, peer).await,
             Sent::Unreachable => return Err(closed()),
         };
-        let mut peer_dead = self.lock().nodes[to].dead.subscribe();
         watch_both(
             &mut my_dead,
             &mut peer_dead,
@@ -1263,7 +1275,7 @@ impl MemoryNet {
             }
         };
         let Some(answer) = answer else {
-            return std::future::pending().await;
+            return lost(&mut my_dead, &mut peer_dead, peer).await;
         };
         let reply = match answer {
             Answer::Now(b) => b,
@@ -1289,14 +1301,14 @@ impl MemoryNet {
         };
         let delay = match sent {
             Sent::Deliver { delay, .. } => delay,
-            Sent::Dropped => return std::future::pending().await,
+            Sent::Dropped => return lost(&mut my_dead, &mut peer_dead, peer).await,
             Sent::Unreachable => return Err(NetworkError::Shutdown.into()),
         };
         tokio::time::sleep(delay).await;
         let arrived = self.lock().arrive(peer, me, reply.len());
         match arrived {
             Arrived::Yes => Ok(reply),
-            Arrived::Dropped => std::future::pending().await,
+            Arrived::Dropped => lost(&mut my_dead, &mut peer_dead, peer).await,
             Arrived::Gone => Err(NetworkError::Shutdown.into()),
         }
     }
@@ -1346,7 +1358,10 @@ impl MemoryNet {
             meta: Bytes::new(),
             tensor: Bytes::new(),
         };
-        let left = deadline.saturating_duration_since(Instant::now());
+        let rpc_timeout = self.lock().config.rpc_timeout;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(rpc_timeout);
         let response = self.request_from(me, peer, &request, left).await.ok()?;
         let (announcements, addrs) = wire::decode_describe(&response.meta).ok()?;
         provider_of(peer, &announcements, addrs, model, layer)
@@ -1370,6 +1385,17 @@ fn provider_of(
         free_memory: a.free_memory,
         tokens_per_sec: a.tokens_per_sec,
     })
+}
+
+/// A lost message: waits forever (the caller's deadline ends it) unless
+/// this node or the peer dies first.
+async fn lost<T>(
+    my_dead: &mut watch::Receiver<bool>,
+    peer_dead: &mut watch::Receiver<bool>,
+    peer: PeerId,
+) -> Result<T> {
+    watch_both(my_dead, peer_dead, peer, std::future::pending::<()>()).await?;
+    Err(NetworkError::ConnectionClosed { peer }.into())
 }
 
 /// Runs `fut` unless this node or the peer dies first.
@@ -1550,9 +1576,9 @@ impl Network for MemoryNetwork {
     }
 
     /// An iterative get-providers lookup of the model's (or layer's) key,
-    /// then a [`DESCRIBE_METHOD`] request to each provider found; providers
-    /// that do not answer before the deadline, or no longer serve what was
-    /// asked, are dropped. Sorted by peer id.
+    /// then a [`DESCRIBE_METHOD`] request to each provider found (each
+    /// within [`MemoryConfig::rpc_timeout`]); providers that do not answer in
+    /// time, or no longer serve what was asked, are dropped. Sorted by peer id.
     async fn find_providers(
         &self,
         model: ModelId,
@@ -1560,9 +1586,7 @@ impl Network for MemoryNetwork {
         timeout: Duration,
     ) -> Result<Vec<Provider>> {
         self.alive()?;
-        let deadline = Instant::now()
-            .checked_add(timeout)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
+        let deadline = later(Instant::now(), timeout);
         let key = layer.map_or_else(|| model_key(&model), |l| layer_key(&model, l));
         let found = self
             .net
@@ -1933,6 +1957,36 @@ mod tests {
         );
         assert!(!net.is_alive(&a.peer));
         assert_eq!(net.live_peers(), vec![b.peer]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_request_still_notices_the_peer_dying() {
+        let net = MemoryNet::new(5);
+        let a = node(&net, 1);
+        let b = node(&net, 2);
+        let _rx = b.handle("m").await.unwrap();
+        a.dial(b.addr()).await.unwrap();
+        net.set_default_link(LinkConfig {
+            loss: 1.0,
+            ..LinkConfig::default()
+        });
+        let killer = {
+            let net = net.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                net.kill(b.peer);
+            })
+        };
+        let t = Instant::now();
+        let err = net_err(
+            a.request(b.peer, req("m"), Duration::from_secs(30))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(err, NetworkError::ConnectionClosed { peer: b.peer });
+        assert_eq!(t.elapsed(), Duration::from_secs(2));
+        killer.await.unwrap();
+        assert!(net.stats().messages_lost >= 1);
     }
 
     #[tokio::test(start_paused = true)]

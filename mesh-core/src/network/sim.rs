@@ -116,6 +116,15 @@ pub struct SimReport {
     pub first_round_failures: usize,
     /// `find_providers` calls made by the check rounds.
     pub finds: u64,
+    /// Mean virtual duration of one `find_providers` (lookup and describes)
+    /// in the last round.
+    pub find_time_mean: Duration,
+    /// Longest one in the last round.
+    pub find_time_max: Duration,
+    /// Messages sent during the last round, per `find_providers`.
+    pub messages_per_find: f64,
+    /// Network counters when the churn ended (all joins and leaves done).
+    pub stats_after_churn: NetStats,
     /// Network counters at convergence (or at the end).
     pub stats: NetStats,
     /// Wall-clock time the simulation took.
@@ -140,10 +149,31 @@ impl fmt::Display for SimReport {
             self.first_round_failures,
             self.finds
         )?;
+        writeln!(
+            f,
+            "last round: find_providers took {:.0} ms on average, {:.0} ms at most, \
+             {:.1} messages each",
+            self.find_time_mean.as_secs_f64() * 1e3,
+            self.find_time_max.as_secs_f64() * 1e3,
+            self.messages_per_find
+        )?;
+        let c = &self.stats_after_churn;
+        writeln!(
+            f,
+            "joins and churn: messages sent {}, delivered {} ({:.1} MB), kademlia messages {}, \
+             lookups {}, gossip messages {}, connections {}",
+            c.messages_sent,
+            c.messages_delivered,
+            c.bytes_delivered as f64 / 1e6,
+            c.kad_messages,
+            c.lookups,
+            c.gossip_messages,
+            c.connections
+        )?;
         let s = &self.stats;
         writeln!(
             f,
-            "messages sent {}, delivered {} ({:.1} MB), lost {}, dropped {}; kademlia messages {}, \
+            "in all: messages sent {}, delivered {} ({:.1} MB), lost {}, dropped {}; kademlia messages {}, \
              lookups {}, requests {}, gossip messages {}, connections {}",
             s.messages_sent,
             s.messages_delivered,
@@ -341,12 +371,15 @@ pub async fn simulate(cfg: SimConfig) -> Result<SimReport> {
     }
     while set.join_next().await.is_some() {}
     let churn_end = Instant::now();
+    let stats_after_churn = net.stats();
 
     // Check rounds: every live node looks for every range.
     let mut rounds = 0;
     let mut finds = 0u64;
     let mut converged = false;
     let mut first_round_failures = 0;
+    let (mut find_time_mean, mut find_time_max) = (Duration::ZERO, Duration::ZERO);
+    let mut messages_per_find = 0.0;
     let live: Vec<MemoryNetwork> = nodes
         .iter()
         .filter(|n| n.alive)
@@ -362,22 +395,34 @@ pub async fn simulate(cfg: SimConfig) -> Result<SimReport> {
                 let net = net.clone();
                 let timeout = cfg.find_timeout;
                 checks.spawn(async move {
-                    match node.find_providers(model, Some(layer), timeout).await {
+                    let t = Instant::now();
+                    let ok = match node.find_providers(model, Some(layer), timeout).await {
                         Ok(found) => found
                             .iter()
                             .any(|p| p.layers.contains(&layer) && net.is_alive(&p.peer_id)),
                         Err(_) => false,
-                    }
+                    };
+                    (ok, t.elapsed())
                 });
                 finds += 1;
             }
         }
-        let mut failures = 0;
-        while let Some(ok) = checks.join_next().await {
-            if !matches!(ok, Ok(true)) {
-                failures += 1;
+        let before = net.stats().messages_sent;
+        let (mut failures, mut total, mut n) = (0, Duration::ZERO, 0u32);
+        find_time_max = Duration::ZERO;
+        while let Some(done) = checks.join_next().await {
+            match done {
+                Ok((ok, took)) => {
+                    failures += usize::from(!ok);
+                    total += took;
+                    n += 1;
+                    find_time_max = find_time_max.max(took);
+                }
+                Err(_) => failures += 1,
             }
         }
+        find_time_mean = total / n.max(1);
+        messages_per_find = (net.stats().messages_sent - before) as f64 / f64::from(n.max(1));
         if rounds == 1 {
             first_round_failures = failures;
         }
@@ -401,6 +446,10 @@ pub async fn simulate(cfg: SimConfig) -> Result<SimReport> {
         time_after_churn: end - churn_end,
         first_round_failures,
         finds,
+        find_time_mean,
+        find_time_max,
+        messages_per_find,
+        stats_after_churn,
         stats,
         wall_time: wall.elapsed(),
     };

@@ -25,9 +25,9 @@
 //!   `("model", id)` / `("layer", id, layer)`; XOR distance; k-buckets with
 //!   [`K`] = 20 (peers enter on every Kademlia message from them and every
 //!   answer; a full bucket replaces its least recently seen entry only if
-//!   that node is gone, as libp2p replaces disconnected entries); iterative lookups with [`ALPHA`] = 3
-//!   queries in flight that end when the `K` closest peers seen have all
-//!   answered. Provider records live at the `K` closest nodes, expire after
+//!   that node is gone, as libp2p replaces disconnected entries); iterative
+//!   lookups with [`ALPHA`] = 3 queries in flight that end when the `K`
+//!   closest peers seen have all answered. Provider records live at the `K` closest nodes, expire after
 //!   [`MemoryConfig::provider_ttl`] and are republished every
 //!   [`MemoryConfig::republish_interval`]. Kademlia messages have modelled
 //!   sizes (see [`KAD_REQUEST_BYTES`]), not a protobuf encoding. They do not
@@ -36,14 +36,16 @@
 //!   a lookup touched).
 //! * **Gossip** floods: a message goes to every connected peer subscribed to
 //!   its topic, each node forwards it once (dedup by source and sequence
-//!   number) and only if its validator accepts it. Subscriptions are read
+//!   number) and only if its validator accepts it (the validator is given
+//!   the message's source, its publisher). Subscriptions are read
 //!   from the peer directly (gossipsub exchanges them on connect). Every node
 //!   is subscribed to [`ANNOUNCE_TOPIC`]. A node does not receive its own
 //!   messages.
 //! * **Connections** are symmetric, one per pair, opened by a simulated
 //!   handshake of one round trip that also measures the RTT (2 × latency,
-//!   reported as [`Event::Rtt`]; measured once per connection, the
-//!   handshake is neither lost nor bandwidth-limited).
+//!   reported as [`Event::Rtt`]; the handshake is neither lost nor
+//!   bandwidth-limited). With [`MemoryConfig::ping_interval`] each
+//!   connection is pinged periodically (pings are not subject to loss).
 //!   [`Limits::max_connections`] is enforced on both ends;
 //!   `max_connections_per_peer` is moot (one connection per pair). A
 //!   partition does not close existing connections; messages across it are
@@ -64,7 +66,8 @@
 //! **paused time** (`#[tokio::test(start_paused = true)]`: virtual time
 //! advances only when every task waits, so no wall-clock timing leaks in) is
 //! reproducible: the same seed and the same calls give the same messages,
-//! counts and results. On a multi-threaded runtime the network still works
+//! counts and results. Identities must be reproducible too
+//! ([`Identity::from_seed`]): peer ids decide Kademlia distances. On a multi-threaded runtime the network still works
 //! but the interleaving, hence the loss draws, may vary between runs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -108,6 +111,9 @@ pub const GOSSIP_OVERHEAD_BYTES: usize = 120;
 
 /// Modelled size of each of the two handshake messages opening a connection.
 pub const HANDSHAKE_BYTES: usize = 256;
+
+/// Modelled size of a ping and of its answer.
+pub const PING_BYTES: usize = 40;
 
 /// Longest gossip topic name.
 pub const MAX_TOPIC_LEN: usize = 256;
@@ -157,6 +163,10 @@ pub struct MemoryConfig {
     pub seen_cache: usize,
     /// Most keys a node stores provider records for.
     pub max_record_keys: usize,
+    /// Re-measure each connection's RTT this often (libp2p pings every
+    /// 15 s). `None` (the default, cheaper for large simulations): only the
+    /// connection handshake measures it.
+    pub ping_interval: Option<Duration>,
 }
 
 impl Default for MemoryConfig {
@@ -171,6 +181,7 @@ impl Default for MemoryConfig {
             gossip_queue: 1024,
             seen_cache: 16384,
             max_record_keys: 65536,
+            ping_interval: None,
         }
     }
 }
@@ -548,10 +559,11 @@ impl World {
         Ok(to)
     }
 
-    fn establish(&mut self, a: usize, b: usize, rtt: Duration) {
+    /// Opens the connection between `a` and `b`; false if it was open.
+    fn establish(&mut self, a: usize, b: usize, rtt: Duration) -> bool {
         let (pa, pb) = (self.nodes[a].peer, self.nodes[b].peer);
         if self.nodes[a].connected.contains(&pb) {
-            return;
+            return false;
         }
         self.stats.connections += 1;
         self.stats.messages_delivered += 2;
@@ -565,6 +577,35 @@ impl World {
         }
         self.table_insert(a, pb);
         self.table_insert(b, pa);
+        true
+    }
+
+    /// One ping over the open connection from `me` to `peer`: both ends
+    /// record the RTT (2 × latency) unless a partition drops it. False once
+    /// the connection is gone.
+    fn ping(&mut self, me: usize, peer: PeerId) -> bool {
+        let my_peer = self.nodes[me].peer;
+        let Some(&to) = self.by_peer.get(&peer) else {
+            return false;
+        };
+        if !self.nodes[me].alive || !self.nodes[me].connected.contains(&peer) {
+            return false;
+        }
+        self.stats.messages_sent += 1;
+        if self.partitioned(&my_peer, &peer) {
+            self.stats.messages_dropped += 1;
+            return true;
+        }
+        self.stats.messages_sent += 1;
+        self.stats.messages_delivered += 2;
+        self.stats.bytes_delivered += 2 * PING_BYTES as u64;
+        let rtt = self.link(my_peer, peer).latency.saturating_mul(2);
+        for (i, other) in [(me, peer), (to, my_peer)] {
+            let node = &mut self.nodes[i];
+            node.rtt.insert(other, rtt);
+            node.emit(Event::Rtt { peer: other, rtt });
+        }
+        true
     }
 
     fn disconnect(&mut self, a: usize, peer: PeerId) {
@@ -1224,8 +1265,22 @@ impl MemoryNet {
                 Err(e)
             }
         })?;
-        if to != usize::MAX {
-            w.establish(me, to, rtt);
+        if to != usize::MAX && w.establish(me, to, rtt) {
+            if let Some(interval) = w.config.ping_interval {
+                let interval = interval.max(Duration::from_millis(1));
+                let net = self.clone();
+                let task = tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(interval).await;
+                        if !net.lock().ping(me, peer) {
+                            return;
+                        }
+                    }
+                });
+                let node = &mut w.nodes[me];
+                node.tasks.retain(|t| !t.is_finished());
+                node.tasks.push(task.abort_handle());
+            }
         }
         Ok(())
     }
@@ -1641,6 +1696,8 @@ impl Network for MemoryNetwork {
         Ok(())
     }
 
+    /// Sends to the connected peers subscribed to `topic`; succeeds even if
+    /// there are none (libp2p's gossipsub would report "insufficient peers").
     async fn publish(&self, topic: &str, data: Bytes) -> Result<()> {
         check_topic(topic)?;
         let mut w = self.net.lock();
@@ -1658,6 +1715,8 @@ impl Network for MemoryNetwork {
         Ok(())
     }
 
+    /// Refuses a method another live receiver already handles; once that
+    /// receiver is dropped the method may be claimed again.
     async fn handle(&self, method: &str) -> Result<mpsc::Receiver<InboundRequest>> {
         check_method(method)?;
         let mut w = self.net.lock();
@@ -1911,6 +1970,39 @@ mod tests {
         assert_eq!(
             b.rtt(a.peer).await.unwrap(),
             Some(Duration::from_millis(30))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_pings_follow_link_changes() {
+        let config = MemoryConfig {
+            ping_interval: Some(Duration::from_secs(15)),
+            ..MemoryConfig::default()
+        };
+        let net = MemoryNet::with_config(6, config);
+        let a = node(&net, 1);
+        let b = node(&net, 2);
+        a.dial(b.addr()).await.unwrap();
+        assert_eq!(
+            b.rtt(a.peer).await.unwrap(),
+            Some(Duration::from_millis(10))
+        );
+        net.set_link(
+            a.peer,
+            b.peer,
+            LinkConfig {
+                latency: Duration::from_millis(50),
+                ..LinkConfig::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_secs(16)).await;
+        assert_eq!(
+            b.rtt(a.peer).await.unwrap(),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            a.rtt(b.peer).await.unwrap(),
+            Some(Duration::from_millis(100))
         );
     }
 

@@ -37,6 +37,7 @@ use crate::Result;
 pub mod identity;
 pub mod memory;
 pub mod p2p;
+pub mod sim;
 pub mod wire;
 
 pub use identity::Identity;

@@ -1,4 +1,4 @@
-//! `mesh`: run mesh-llm from the command line (generate, perplexity, bench, fetch, info).
+//! `mesh`: run mesh-llm from the command line (generate, perplexity, bench, fetch, info, node, find).
 //!
 //! Other programs script this tool, so the flags and the JSON fields are stable.
 
@@ -17,6 +17,8 @@ use mesh_core::sampling::SamplerParams;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde_json::json;
+
+mod net;
 
 #[derive(Parser)]
 #[command(
@@ -119,6 +121,44 @@ enum Command {
     Info {
         #[arg(long, default_value = "default")]
         model: String,
+    },
+    /// Run a mesh node until SIGINT/SIGTERM: one JSON line once listening
+    /// (`peer_id`, `listen`), then one JSON line per event.
+    Node {
+        /// Address to listen on (repeatable; default: TCP and QUIC on all interfaces, any port).
+        #[arg(long)]
+        listen: Vec<mesh_core::network::Multiaddr>,
+        /// Peer to bootstrap from (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// Identity file (Ed25519 key, created with mode 0600 if missing; default: ephemeral).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Serve a model (path or `default`), optionally only layers a..b: `MODEL[:a-b]` (repeatable).
+        #[arg(long)]
+        serve: Vec<net::ServeSpec>,
+        /// Discover peers on the LAN with mDNS.
+        #[arg(long)]
+        mdns: bool,
+        /// Compute threads for the served model's speed measurement.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Find the providers of a model (id, path or `default`): prints
+    /// `{"providers":[{"peer_id", "layers":[a,b], "addrs"}]}`.
+    Find {
+        /// Peer to bootstrap from (repeatable, at least one).
+        #[arg(long)]
+        bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// Model id (64 hex digits), or a model path, or `default`.
+        #[arg(long)]
+        model: String,
+        /// Only providers of this layer.
+        #[arg(long)]
+        layer: Option<u32>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
     },
 }
 
@@ -382,6 +422,20 @@ fn run(command: Command) -> Result<(), BoxError> {
                 })
             );
         }
+        Command::Node {
+            listen,
+            bootstrap,
+            identity,
+            serve,
+            mdns,
+            threads,
+        } => net::node(listen, bootstrap, identity, serve, mdns, threads)?,
+        Command::Find {
+            bootstrap,
+            model,
+            layer,
+            timeout,
+        } => net::find(bootstrap, model, layer, timeout)?,
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ use crate::Result;
 pub mod identity;
 pub mod memory;
 pub mod p2p;
+pub mod sim;
 pub mod wire;
 
 pub use identity::Identity;
@@ -228,11 +229,13 @@ pub enum Validation {
     Ignore,
 }
 
-/// A topic validator: runs on the network loop for every message of its
-/// topic, so it must be fast and must not block.
+/// A topic validator, called with the message's publisher (not the neighbour
+/// that forwarded it) and its data. It runs on the network loop for every
+/// message of its topic, so it must be fast and must not block.
 pub type Validator = Arc<dyn Fn(&PeerId, &[u8]) -> Validation + Send + Sync>;
 
 /// Something that happened on the network ([`Network::events`]).
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A new listen address.
@@ -431,7 +434,8 @@ pub trait Network: Send + Sync {
     /// neither delivered nor forwarded.
     async fn set_validator(&self, topic: &str, validator: Validator) -> Result<()>;
 
-    /// Publishes `data` on `topic` (this node must not need to be subscribed).
+    /// Publishes `data` on `topic` (this node need not be subscribed). With no
+    /// subscribed peer the message reaches no one; that is not an error.
     async fn publish(&self, topic: &str, data: Bytes) -> Result<()>;
 
     /// Starts handling `method`: requests for it arrive on the returned

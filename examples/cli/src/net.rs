@@ -1,0 +1,255 @@
+//! `mesh node` and `mesh find`: run a libp2p node, or look up providers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_core::engine::{Engine, GgmlEngine, ModelId};
+use mesh_core::generate;
+use mesh_core::network::p2p::{P2pConfig, P2pNetwork};
+use mesh_core::network::{Announcement, Event, Identity, Multiaddr, Network, NetworkError};
+use serde_json::json;
+
+use crate::BoxError;
+
+/// `--serve MODEL[:a-b]`: a model (path or `default`) and an optional layer range.
+#[derive(Clone, Debug)]
+pub struct ServeSpec {
+    model: String,
+    layers: Option<(u32, u32)>,
+}
+
+impl std::str::FromStr for ServeSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        // The range suffix is `:a-b` with digits; a path may itself contain ':'.
+        if let Some((model, range)) = s.rsplit_once(':') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    if a >= b {
+                        return Err(format!(
+                            "layer range {a}-{b}: expected a < b (end exclusive)"
+                        ));
+                    }
+                    return Ok(ServeSpec {
+                        model: model.to_owned(),
+                        layers: Some((a, b)),
+                    });
+                }
+            }
+        }
+        if s.is_empty() {
+            return Err("expected MODEL[:a-b]".into());
+        }
+        Ok(ServeSpec {
+            model: s.to_owned(),
+            layers: None,
+        })
+    }
+}
+
+fn free_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Loads the model, measures decode speed briefly and builds the announcement.
+fn announcement(spec: &ServeSpec, threads: usize) -> Result<Announcement, BoxError> {
+    let engine: GgmlEngine = crate::load(&spec.model, threads)?;
+    let n_layers = engine.info().n_layers as u32;
+    let (a, b) = spec.layers.unwrap_or((0, n_layers));
+    if b > n_layers {
+        return Err(format!(
+            "--serve {}: the model has {n_layers} layers, range {a}-{b} exceeds it",
+            spec.model
+        )
+        .into());
+    }
+    let mut session = engine.new_session(64)?;
+    let bench = generate::bench(&engine, &mut session, 8, 16, 1)?;
+    // Decode time scales with the number of layers served.
+    let tps = bench.tg_tps * f64::from(n_layers) / f64::from(b - a);
+    Ok(Announcement {
+        model: engine.info().id,
+        layers: a..b,
+        free_memory: free_memory(),
+        tokens_per_sec: tps as f32,
+    })
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    match e {
+        Event::Listening { addr } => json!({"event": "listening", "addr": addr.to_string()}),
+        Event::PeerConnected { peer } => {
+            json!({"event": "peer_connected", "peer_id": peer.to_string()})
+        }
+        Event::PeerDisconnected { peer } => {
+            json!({"event": "peer_disconnected", "peer_id": peer.to_string()})
+        }
+        Event::ProvidersChanged {
+            model,
+            peer,
+            layers,
+        } => json!({
+            "event": "providers_changed", "model": model.to_hex(), "peer_id": peer.to_string(),
+            "layers": layers.as_ref().map(|r| vec![r.start, r.end]),
+        }),
+        Event::Rtt { peer, rtt } => {
+            json!({"event": "rtt", "peer_id": peer.to_string(), "ms": rtt.as_secs_f64() * 1e3})
+        }
+        _ => json!({"event": "other", "debug": format!("{e:?}")}),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `mesh node`.
+pub fn node(
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    identity: Option<PathBuf>,
+    serve: Vec<ServeSpec>,
+    mdns: bool,
+    threads: usize,
+) -> Result<(), BoxError> {
+    let identity = match identity {
+        Some(path) => Identity::load_or_create(&path)?,
+        None => Identity::ephemeral(),
+    };
+    // Load and measure before going online, so announcements are real.
+    let announcements = serve
+        .iter()
+        .map(|s| announcement(s, threads))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let mut config = P2pConfig::new(identity);
+        config.listen = if listen.is_empty() {
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ]
+        } else {
+            listen
+        };
+        config.bootstrap = bootstrap;
+        config.mdns = mdns;
+        let net = P2pNetwork::start(config).await?;
+        let mut events = net.events();
+        let addrs: Vec<String> = net
+            .listen_addrs()
+            .await?
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        println!(
+            "{}",
+            json!({"peer_id": net.local_peer_id().to_string(), "listen": addrs})
+        );
+        for a in announcements {
+            net.announce(a).await?;
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                e = events.recv() => match e {
+                    Ok(e) => println!("{}", event_json(&e)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        println!("{}", json!({"event": "lagged", "missed": n}))
+                    }
+                    Err(_) => break,
+                },
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+        }
+        net.shutdown().await?;
+        println!("{}", json!({"event": "shutdown"}));
+        Ok(())
+    })
+}
+
+/// `mesh find`.
+pub fn find(
+    bootstrap: Vec<Multiaddr>,
+    model: String,
+    layer: Option<u32>,
+    timeout: f64,
+) -> Result<(), BoxError> {
+    if bootstrap.is_empty() {
+        return Err("mesh find: expected at least one --bootstrap MULTIADDR".into());
+    }
+    let model = match ModelId::from_hex(&model) {
+        Ok(id) => id,
+        // Not an id: a model path (or `default`), identified by its hash.
+        Err(_) => crate::load(&model, 1)?.info().id,
+    };
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(format!("--timeout {timeout}: expected a positive number of seconds").into());
+    }
+    let timeout = Duration::from_secs_f64(timeout);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let net = P2pNetwork::start(P2pConfig::new(Identity::ephemeral())).await?;
+        let mut dialled = 0;
+        let mut last_err = None;
+        for addr in bootstrap {
+            match tokio::time::timeout_at(deadline, net.dial(addr)).await {
+                Ok(Ok(())) => dialled += 1,
+                Ok(Err(e)) => last_err = Some(e),
+                Err(_) => break,
+            }
+        }
+        if dialled == 0 {
+            let e: BoxError = match last_err {
+                Some(e) => e.into(),
+                None => mesh_core::Error::from(NetworkError::Timeout {
+                    what: "a bootstrap connection".into(),
+                    after: timeout,
+                })
+                .into(),
+            };
+            return Err(e);
+        }
+        // Records may still be propagating: ask again until something is found or time is up.
+        let mut providers = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            providers = net.find_providers(model, layer, left).await?;
+            if !providers.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(left)).await;
+        }
+        let list: Vec<_> = providers
+            .iter()
+            .map(|p| {
+                json!({
+                    "peer_id": p.peer_id.to_string(), "layers": [p.layers.start, p.layers.end],
+                    "addrs": p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "free_memory": p.free_memory, "tokens_per_sec": p.tokens_per_sec,
+                })
+            })
+            .collect();
+        println!("{}", json!({"providers": list}));
+        net.shutdown().await?;
+        Ok(())
+    })
+}

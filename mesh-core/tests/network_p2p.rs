@@ -1,0 +1,492 @@
+//! The libp2p network on loopback: five nodes bootstrapped through one find
+//! layer-range providers, gossip reaches everyone, tensors travel both ways,
+//! limits and failures are typed errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_core::engine::ModelId;
+use mesh_core::network::p2p::{P2pConfig, P2pNetwork};
+use mesh_core::network::{
+    Announcement, Event, Identity, Limits, Multiaddr, Network, NetworkError, RemoteStatus, Request,
+    Response, Validation,
+};
+use mesh_core::Error;
+use tokio::time::{sleep, timeout, Instant};
+
+const MODEL: ModelId = ModelId([7; 32]);
+
+async fn node(seed: u8, bootstrap: Option<&Multiaddr>) -> P2pNetwork {
+    node_with(seed, bootstrap, Limits::default()).await
+}
+
+async fn node_with(seed: u8, bootstrap: Option<&Multiaddr>, limits: Limits) -> P2pNetwork {
+    let mut config = P2pConfig::loopback(Identity::from_seed([seed; 32]));
+    config.bootstrap = bootstrap.into_iter().cloned().collect();
+    config.limits = limits;
+    config.gossip_heartbeat = Duration::from_millis(200);
+    P2pNetwork::start(config).await.expect("node starts")
+}
+
+fn tcp_addr(addrs: &[Multiaddr]) -> Multiaddr {
+    addrs
+        .iter()
+        .find(|a| a.to_string().contains("/tcp/"))
+        .expect("a TCP listen address")
+        .clone()
+}
+
+/// Polls `check` until it is true or `limit` passes (then panics with `what`).
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if check().await {
+            return;
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not reached within {limit:?}");
+}
+
+fn ann(layers: std::ops::Range<u32>) -> Announcement {
+    Announcement {
+        model: MODEL,
+        layers,
+        free_memory: 1 << 30,
+        tokens_per_sec: 100.0,
+    }
+}
+
+async fn echo_server(net: &P2pNetwork, method: &str) {
+    let mut rx = net.handle(method).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = rx.recv().await {
+            let mut t = req.request.tensor.to_vec();
+            t.reverse();
+            let meta = req.request.meta.clone();
+            req.respond(Response {
+                meta,
+                tensor: Bytes::from(t),
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_discover_gossip_and_exchange_tensors() {
+    let boot = node(1, None).await;
+    let boot_addr = tcp_addr(&boot.listen_addrs().await.unwrap());
+    let mut nodes = vec![boot];
+    for seed in 2..=5 {
+        nodes.push(node(seed, Some(&boot_addr)).await);
+    }
+    // Layer ranges: node 1 serves 0..10, node 2 10..20, node 3 20..30, node 4 the whole model.
+    let ranges = [0..10, 10..20, 20..30, 0..30];
+    let mut events = nodes[0].events();
+    for (n, r) in nodes[1..].iter().zip(ranges.iter()) {
+        n.announce(ann(r.clone())).await.unwrap();
+    }
+    // Every node finds, for layers 0, 15 and 29, exactly the providers serving it.
+    for (i, n) in nodes.iter().enumerate() {
+        for layer in [0u32, 15, 29] {
+            let want: Vec<_> = nodes[1..]
+                .iter()
+                .zip(ranges.iter())
+                .filter(|(_, r)| r.contains(&layer))
+                .map(|(p, r)| (p.local_peer_id(), r.clone()))
+                .collect();
+            eventually(
+                &format!("node {i} finds providers of layer {layer}"),
+                Duration::from_secs(30),
+                || async {
+                    let got = n
+                        .find_providers(MODEL, Some(layer), Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    let mut got: Vec<_> = got.into_iter().map(|p| (p.peer_id, p.layers)).collect();
+                    got.sort_by_key(|(p, _)| *p);
+                    let mut want = want.clone();
+                    want.sort_by_key(|(p, _)| *p);
+                    got == want
+                },
+            )
+            .await;
+        }
+        let all = n
+            .find_providers(MODEL, None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(all.len() >= 3, "node {i}: model providers {all:?}");
+        assert!(
+            all.iter().all(|p| !p.addrs.is_empty()),
+            "providers report their addresses"
+        );
+    }
+    // The bootstrap node heard the announcements by gossip.
+    let mut changed = std::collections::HashSet::new();
+    while let Ok(Ok(e)) = timeout(Duration::from_millis(500), events.recv()).await {
+        if let Event::ProvidersChanged {
+            peer,
+            layers: Some(_),
+            ..
+        } = e
+        {
+            changed.insert(peer);
+        }
+    }
+    assert!(
+        !changed.is_empty(),
+        "ProvidersChanged events from announce gossip"
+    );
+
+    // Gossip: everyone subscribes; a message from node 4 reaches all others.
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("mesh-test/chat").await.unwrap());
+    }
+    let start = Instant::now();
+    let mut received = vec![false; nodes.len()];
+    received[4] = true;
+    while received.iter().any(|r| !r) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "gossip reached {received:?}"
+        );
+        let _ = nodes[4]
+            .publish("mesh-test/chat", Bytes::from_static(b"hello mesh"))
+            .await;
+        sleep(Duration::from_millis(300)).await;
+        for (i, s) in subs.iter_mut().enumerate() {
+            while let Ok(m) = s.try_recv() {
+                assert_eq!(&m.data[..], b"hello mesh");
+                assert_eq!(m.source, nodes[4].local_peer_id());
+                received[i] = true;
+            }
+        }
+    }
+
+    // 1 MiB request/response round trip, node 3 -> node 0 (dialled by peer id).
+    echo_server(&nodes[0], "test/echo").await;
+    let tensor: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let reply = nodes[3]
+        .request(
+            nodes[0].local_peer_id(),
+            Request {
+                method: "test/echo".into(),
+                meta: Bytes::from_static(b"meta"),
+                tensor: Bytes::from(tensor.clone()),
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let mut expect = tensor;
+    expect.reverse();
+    assert_eq!(&reply.meta[..], b"meta");
+    assert!(reply.tensor[..] == expect[..], "echoed tensor");
+    // Unknown method: a typed remote error.
+    let err = nodes[3]
+        .request(
+            nodes[0].local_peer_id(),
+            Request {
+                method: "test/nothing".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::Remote {
+                status: RemoteStatus::UnknownMethod,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let (n3, n0) = (&nodes[3], nodes[0].local_peer_id());
+    eventually("a measured RTT", Duration::from_secs(15), || async {
+        n3.rtt(n0).await.unwrap().is_some()
+    })
+    .await;
+    for n in &nodes {
+        n.shutdown().await.unwrap();
+    }
+    let err = nodes[0].listen_addrs().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Network(NetworkError::Shutdown)),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_messages_are_typed_errors_on_both_sides() {
+    let small = Limits {
+        max_request_bytes: 64 << 10,
+        ..Limits::default()
+    };
+    let server = node_with(11, None, small.clone()).await;
+    echo_server(&server, "test/echo").await;
+    let addr = tcp_addr(&server.listen_addrs().await.unwrap());
+    let client = node(12, Some(&addr)).await;
+    client.dial(addr).await.unwrap();
+    let big = Request {
+        method: "test/echo".into(),
+        meta: Bytes::new(),
+        tensor: Bytes::from(vec![1u8; 128 << 10]),
+    };
+    // The server's limit is smaller than the client's: the server refuses it
+    // after reading only the length, and says why.
+    let err = client
+        .request(server.local_peer_id(), big.clone(), Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::Remote {
+                status: RemoteStatus::TooLarge,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    // The connection still works afterwards.
+    let ok = client
+        .request(
+            server.local_peer_id(),
+            Request {
+                method: "test/echo".into(),
+                meta: Bytes::new(),
+                tensor: Bytes::from_static(b"abc"),
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&ok.tensor[..], b"cba");
+    // Over the sender's own limit: refused before anything is sent.
+    let tiny = node_with(
+        13,
+        Some(&tcp_addr(&server.listen_addrs().await.unwrap())),
+        small,
+    )
+    .await;
+    let err = tiny
+        .request(server.local_peer_id(), big, Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::TooLarge {
+                what: "request",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    // A response over the responder's limit becomes a TooLarge error frame.
+    let mut rx = server.handle("test/huge").await.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = rx.recv().await {
+            req.respond(Response {
+                meta: Bytes::new(),
+                tensor: Bytes::from(vec![0u8; 65 << 20]),
+            });
+        }
+    });
+    let err = client
+        .request(
+            server.local_peer_id(),
+            Request {
+                method: "test/huge".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::Remote {
+                status: RemoteStatus::TooLarge,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    for n in [&server, &client, &tiny] {
+        n.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_request_gives_an_error_not_a_hang() {
+    let server = node(21, None).await;
+    let addr = tcp_addr(&server.listen_addrs().await.unwrap());
+    // A handler that never answers.
+    let mut rx = server.handle("test/stall").await.unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let held = rx.recv().await;
+        let _ = got_tx.send(());
+        sleep(Duration::from_secs(3600)).await;
+        drop(held);
+    });
+    let client = Arc::new(node(22, Some(&addr)).await);
+    client.dial(addr).await.unwrap();
+    let c = client.clone();
+    let server_id = server.local_peer_id();
+    let started = Instant::now();
+    let pending = tokio::spawn(async move {
+        c.request(
+            server_id,
+            Request {
+                method: "test/stall".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(60),
+        )
+        .await
+    });
+    got_rx.await.unwrap();
+    drop(server); // kill: the swarm task is aborted, its sockets close
+    let err = timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("no hang")
+        .unwrap()
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        !matches!(err, Error::Network(NetworkError::Timeout { .. })),
+        "{err}"
+    );
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::ConnectionClosed { .. } | NetworkError::Dial { .. })
+        ),
+        "{err}"
+    );
+    client.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_ban_validators_and_bad_arguments() {
+    let a = node(31, None).await;
+    echo_server(&a, "test/echo").await;
+    let quic = a
+        .listen_addrs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|x| x.to_string().contains("quic-v1"))
+        .unwrap();
+    let b = node(32, None).await;
+    b.dial(quic).await.unwrap();
+    let reply = b
+        .request(
+            a.local_peer_id(),
+            Request {
+                method: "test/echo".into(),
+                meta: Bytes::new(),
+                tensor: Bytes::from(vec![5u8; 100 << 10]),
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.tensor.len(), 100 << 10);
+
+    // A validator that rejects everything: the subscriber gets nothing.
+    let mut sub = a.subscribe("mesh-test/v").await.unwrap();
+    a.set_validator(
+        "mesh-test/v",
+        Arc::new(|_: &_, data: &[u8]| {
+            if data == b"ok" {
+                Validation::Accept
+            } else {
+                Validation::Reject
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    let _bsub = b.subscribe("mesh-test/v").await.unwrap();
+    let start = Instant::now();
+    let mut got_ok = false;
+    while !got_ok {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "accepted message never arrived"
+        );
+        let _ = b.publish("mesh-test/v", Bytes::from_static(b"bad")).await;
+        let _ = b.publish("mesh-test/v", Bytes::from_static(b"ok")).await;
+        sleep(Duration::from_millis(300)).await;
+        while let Ok(m) = sub.try_recv() {
+            assert_eq!(&m.data[..], b"ok", "a rejected message was delivered");
+            got_ok = true;
+        }
+    }
+
+    // Bad arguments are typed errors.
+    assert!(matches!(
+        a.handle("test/echo").await.unwrap_err(),
+        Error::Network(NetworkError::Method { .. })
+    ));
+    assert!(matches!(
+        a.handle("mesh/describe").await.unwrap_err(),
+        Error::Network(NetworkError::Method { .. })
+    ));
+    assert!(matches!(
+        a.handle("has space").await.unwrap_err(),
+        Error::Network(NetworkError::Method { .. })
+    ));
+    assert!(a.publish("", Bytes::new()).await.is_err());
+    let err = a
+        .publish("t", Bytes::from(vec![0u8; 2 << 20]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Network(NetworkError::TooLarge { .. })),
+        "{err}"
+    );
+    assert!(a.announce(ann(5..5)).await.is_err(), "empty layer range");
+    let err = a
+        .dial("/ip4/127.0.0.1/tcp/1".parse().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Network(NetworkError::Dial { .. })),
+        "{err}"
+    );
+
+    // Ban: b refuses a from now on.
+    b.ban(a.local_peer_id()).await.unwrap();
+    let err = b
+        .request(
+            a.local_peer_id(),
+            Request {
+                method: "test/echo".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Network(NetworkError::Banned(_))),
+        "{err}"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -144,6 +144,15 @@ enum mesh_status
    * error kind); the message says what happened.
    */
   MESH_STATUS_INTERNAL = 18,
+  /**
+   * Sealing or opening a private-delegation envelope failed (mesh_core `Seal`).
+   */
+  MESH_STATUS_SEAL = 19,
+  /**
+   * A network operation failed: dial, timeout, size limit, remote error
+   * (mesh_core `Network`).
+   */
+  MESH_STATUS_NETWORK = 20,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -64,10 +64,15 @@ pub enum mesh_status {
     /// An error this version of the C API has no status for (a newer mesh-core
     /// error kind); the message says what happened.
     Internal = 18,
+    /// Sealing or opening a private-delegation envelope failed (mesh_core `Seal`).
+    Seal = 19,
+    /// A network operation failed: dial, timeout, size limit, remote error
+    /// (mesh_core `Network`).
+    Network = 20,
 }
 
 /// Every status, in numeric order.
-const ALL_STATUSES: [mesh_status; 19] = [
+const ALL_STATUSES: [mesh_status; 21] = [
     mesh_status::Ok,
     mesh_status::NullArg,
     mesh_status::MisalignedArg,
@@ -87,6 +92,8 @@ const ALL_STATUSES: [mesh_status; 19] = [
     mesh_status::Cancelled,
     mesh_status::Panic,
     mesh_status::Internal,
+    mesh_status::Seal,
+    mesh_status::Network,
 ];
 
 impl mesh_status {
@@ -127,6 +134,8 @@ impl mesh_status {
             mesh_status::Cancelled => b"MESH_STATUS_CANCELLED\0",
             mesh_status::Panic => b"MESH_STATUS_PANIC\0",
             mesh_status::Internal => b"MESH_STATUS_INTERNAL\0",
+            mesh_status::Seal => b"MESH_STATUS_SEAL\0",
+            mesh_status::Network => b"MESH_STATUS_NETWORK\0",
         }
     }
 }
@@ -170,6 +179,8 @@ impl From<mesh_core::Error> for Failure {
             E::Fetch(_) => mesh_status::Fetch,
             E::Ggml(_) => mesh_status::Ggml,
             E::Cancelled => mesh_status::Cancelled,
+            E::Seal(_) => mesh_status::Seal,
+            E::Network(_) => mesh_status::Network,
             // mesh_core::Error is non_exhaustive: a kind added later is reported
             // with its message until it gets a status of its own.
             _ => mesh_status::Internal,

@@ -86,6 +86,8 @@ class Status(enum.IntEnum):
     CANCELLED = 16
     PANIC = 17
     INTERNAL = 18
+    SEAL = 19
+    NETWORK = 20
 
 
 class StopReason(enum.IntEnum):

@@ -677,7 +677,7 @@ fn outbound_error(peer: PeerId, e: &OutboundFailure) -> Error {
             message: format!("peer does not speak {RR_PROTOCOL}"),
         },
         OutboundFailure::Io(e) => {
-            wire::network_error_of(e).unwrap_or_else(|| NetworkError::ConnectionClosed { peer })
+            wire::network_error_of(e).unwrap_or(NetworkError::ConnectionClosed { peer })
         }
     }
     .into()
@@ -937,7 +937,12 @@ impl State {
             }
             Command::Publish(topic, data, ack) => {
                 let t = gossipsub::IdentTopic::new(topic.clone());
-                let result = match self.swarm.behaviour_mut().gossipsub.publish(t, data.to_vec()) {
+                let result = match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(t, data.to_vec())
+                {
                     // Nobody listens (yet): like publishing to an empty room, not an error.
                     Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
                     Err(e) => Err(NetworkError::Gossip(format!("publish on {topic}: {e}")).into()),
@@ -1270,13 +1275,11 @@ impl State {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.rtts.remove(&peer_id);
-                    self.emit(Event::PeerDisconnected { peer: peer_id });
-                }
+                self.rtts.remove(&peer_id);
+                self.emit(Event::PeerDisconnected { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -1347,11 +1350,10 @@ impl State {
                         self.on_find_dht_done(id);
                     }
                 }
-                kad::QueryResult::GetProviders(_) => {
-                    if step.last {
+                kad::QueryResult::GetProviders(_)
+                    if step.last => {
                         self.on_find_dht_done(id);
                     }
-                }
                 kad::QueryResult::StartProviding(Err(e)) => tracing::debug!("providing: {e}"),
                 _ => {}
             },
@@ -1360,16 +1362,15 @@ impl State {
                 message_id,
                 message,
             }) => self.on_gossip(propagation_source, message_id, message),
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
                 // A new listener of announcements: tell it what we serve, once
                 // per second at most however many peers join.
                 if topic == gossipsub::IdentTopic::new(ANNOUNCE_TOPIC).hash()
                     && !self.announcements.is_empty()
                     && self.announce_due.is_none()
-                {
+                => {
                     self.announce_due = Some(Instant::now() + Duration::from_secs(1));
                 }
-            }
             BehaviourEvent::Rr(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what a fresh Debian machine lacks to build mesh-llm: cmake (ggml's build)
-# and libclang (bindgen). Safe to run repeatedly; needs root (or sudo) only when
+# and libclang (bindgen); iproute2 for the network-namespace test. Safe to run repeatedly; needs root (or sudo) only when
 # something is missing.
 set -euo pipefail
 
@@ -11,6 +11,8 @@ if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/de
 fi
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
+# `ip` and `tc` for the network-namespace test (it skips, saying why, without them).
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -359,6 +359,22 @@ async fn a_node_killed_mid_request_gives_an_error_not_a_hang() {
         .await
     });
     got_rx.await.unwrap();
+    // A peer that stalls: the caller's deadline turns it into a Timeout.
+    let err = client
+        .request(
+            server.local_peer_id(),
+            Request {
+                method: "test/stall".into(),
+                ..Default::default()
+            },
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Network(NetworkError::Timeout { .. })),
+        "{err}"
+    );
     drop(server); // kill: the swarm task is aborted, its sockets close
     let err = timeout(Duration::from_secs(30), pending)
         .await
@@ -489,4 +505,33 @@ async fn quic_ban_validators_and_bad_arguments() {
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_extra_peers() {
+    let one = Limits {
+        max_connections: 1,
+        ..Limits::default()
+    };
+    let server = node_with(41, None, one).await;
+    let addr = tcp_addr(&server.listen_addrs().await.unwrap());
+    let first = node(42, None).await;
+    first.dial(addr.clone()).await.unwrap();
+    let second = node(43, None).await;
+    // The server accepts the TCP connection, then denies it over its limit: the
+    // second peer ends up without a connection (a dial error or an immediate close).
+    let result = second.dial(addr).await;
+    sleep(Duration::from_millis(500)).await;
+    let connected = second.connected_peers().await.unwrap();
+    assert!(
+        result.is_err() || !connected.contains(&server.local_peer_id()),
+        "second peer connected over the limit: {result:?}, {connected:?}"
+    );
+    assert_eq!(
+        server.connected_peers().await.unwrap(),
+        vec![first.local_peer_id()]
+    );
+    for n in [&server, &first, &second] {
+        n.shutdown().await.unwrap();
+    }
 }

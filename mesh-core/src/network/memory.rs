@@ -810,23 +810,12 @@ impl World {
     fn learn_announcements(&mut self, at: usize, source: PeerId, list: Vec<Announcement>) {
         let node = &mut self.nodes[at];
         let old = node.known.remove(&source).unwrap_or_default();
-        let models: BTreeSet<ModelId> = old.iter().chain(list.iter()).map(|a| a.model).collect();
-        for model in models {
-            let before = old
-                .iter()
-                .find(|a| a.model == model)
-                .map(|a| a.layers.clone());
-            let after = list
-                .iter()
-                .find(|a| a.model == model)
-                .map(|a| a.layers.clone());
-            if before != after {
-                node.emit(Event::ProvidersChanged {
-                    model,
-                    peer: source,
-                    layers: after,
-                });
-            }
+        for (model, layers) in super::announcement_changes(&old, &list) {
+            node.emit(Event::ProvidersChanged {
+                model,
+                peer: source,
+                layers,
+            });
         }
         if !list.is_empty() && node.known.len() < 4096 {
             node.known.insert(source, list);

@@ -404,6 +404,8 @@ pub trait Network: Send + Sync {
     async fn listen_addrs(&self) -> Result<Vec<Multiaddr>>;
 
     /// Connects to a peer at `addr` (with or without a trailing `/p2p/<id>`).
+    /// The peer may still close the connection right after (e.g. when it is
+    /// over its connection limit): [`Event::PeerDisconnected`] then follows.
     async fn dial(&self, addr: Multiaddr) -> Result<()>;
 
     /// Peers with an established connection.
@@ -458,6 +460,28 @@ pub trait Network: Send + Sync {
     /// Withdraws every announcement, closes all connections and stops the
     /// node. Later calls fail with [`NetworkError::Shutdown`].
     async fn shutdown(&self) -> Result<()>;
+}
+
+/// What changed between two announcement lists of one peer: each model whose
+/// served range differs, with its new range (`None`: withdrawn). Both
+/// implementations turn announce gossip into [`Event::ProvidersChanged`] with it.
+pub(crate) fn announcement_changes(
+    old: &[Announcement],
+    new: &[Announcement],
+) -> Vec<(ModelId, Option<Range<u32>>)> {
+    let mut models: Vec<ModelId> = old.iter().chain(new).map(|a| a.model).collect();
+    models.sort();
+    models.dedup();
+    let range = |list: &[Announcement], m: ModelId| {
+        list.iter().find(|a| a.model == m).map(|a| a.layers.clone())
+    };
+    models
+        .into_iter()
+        .filter_map(|m| {
+            let after = range(new, m);
+            (range(old, m) != after).then_some((m, after))
+        })
+        .collect()
 }
 
 /// Checks a method name handlers may claim: 1..=64 printable ASCII bytes, not

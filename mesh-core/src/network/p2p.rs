@@ -1203,25 +1203,12 @@ impl State {
             .remote_announcements
             .insert(peer, list.clone())
             .unwrap_or_default();
-        let mut models: Vec<ModelId> = old.iter().chain(list.iter()).map(|a| a.model).collect();
-        models.sort();
-        models.dedup();
-        for model in models {
-            let before = old
-                .iter()
-                .find(|a| a.model == model)
-                .map(|a| a.layers.clone());
-            let after = list
-                .iter()
-                .find(|a| a.model == model)
-                .map(|a| a.layers.clone());
-            if before != after {
-                self.emit(Event::ProvidersChanged {
-                    model,
-                    peer,
-                    layers: after,
-                });
-            }
+        for (model, layers) in super::announcement_changes(&old, &list) {
+            self.emit(Event::ProvidersChanged {
+                model,
+                peer,
+                layers,
+            });
         }
     }
 

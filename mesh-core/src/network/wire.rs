@@ -176,6 +176,18 @@ fn check_version(found: u32) -> Result<()> {
     Ok(())
 }
 
+fn check_size(what: &'static str, size: usize, limit: usize) -> Result<()> {
+    if size > limit {
+        return Err(NetworkError::TooLarge {
+            what,
+            size: size as u64,
+            limit: limit as u64,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 fn decode_err(what: &str, e: prost::DecodeError) -> crate::Error {
     NetworkError::Malformed(format!("{what}: {e}")).into()
 }
@@ -188,29 +200,14 @@ pub fn encode_request(request: &Request, limit: usize) -> Result<Bytes> {
         meta: request.meta.clone(),
         tensor: request.tensor.clone(),
     };
-    let len = frame.encoded_len();
-    if len > limit {
-        return Err(NetworkError::TooLarge {
-            what: "request",
-            size: len as u64,
-            limit: limit as u64,
-        }
-        .into());
-    }
+    check_size("request", frame.encoded_len(), limit)?;
     Ok(Bytes::from(frame.encode_to_vec()))
 }
 
 /// Decodes a request body (without its length prefix); `tensor` and `meta`
 /// share `bytes`' buffer.
 pub fn decode_request(bytes: Bytes, limit: usize) -> Result<Request> {
-    if bytes.len() > limit {
-        return Err(NetworkError::TooLarge {
-            what: "request",
-            size: bytes.len() as u64,
-            limit: limit as u64,
-        }
-        .into());
-    }
+    check_size("request", bytes.len(), limit)?;
     let frame = RequestFrame::decode(bytes).map_err(|e| decode_err("request", e))?;
     check_version(frame.version)?;
     if frame.method.is_empty() || frame.method.len() > MAX_METHOD_LEN {
@@ -270,14 +267,7 @@ pub fn encode_response(
 /// Decodes a response body from `peer`: `Ok` status gives the [`Response`],
 /// any other status [`NetworkError::Remote`].
 pub fn decode_response(bytes: Bytes, limit: usize, peer: super::PeerId) -> Result<Response> {
-    if bytes.len() > limit {
-        return Err(NetworkError::TooLarge {
-            what: "response",
-            size: bytes.len() as u64,
-            limit: limit as u64,
-        }
-        .into());
-    }
+    check_size("response", bytes.len(), limit)?;
     let frame = ResponseFrame::decode(bytes).map_err(|e| decode_err("response", e))?;
     check_version(frame.version)?;
     let status = match Status::try_from(frame.status) {

@@ -537,3 +537,48 @@ async fn connection_limits_refuse_extra_peers() {
         n.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reachable_only_through_a_relay_answers_requests() {
+    // R relays; B listens only through a reservation on R (as a node behind NAT
+    // would); C reaches B through the circuit address.
+    let mut rc = P2pConfig::loopback(Identity::from_seed([51; 32]));
+    rc.relay_server = true;
+    let relay = P2pNetwork::start(rc).await.unwrap();
+    let r_addr = tcp_addr(&relay.listen_addrs().await.unwrap());
+    let circuit: Multiaddr = format!("{r_addr}/p2p-circuit").parse().unwrap();
+    let mut bc = P2pConfig::new(Identity::from_seed([52; 32]));
+    bc.listen = vec![circuit.clone()];
+    let behind = P2pNetwork::start(bc).await.unwrap();
+    let b_id = behind.local_peer_id();
+    echo_server(&behind, "test/echo").await;
+    let b_addrs = behind.listen_addrs().await.unwrap();
+    assert!(
+        b_addrs
+            .iter()
+            .any(|a| a.to_string().contains("/p2p-circuit")),
+        "B listens through the relay: {b_addrs:?}"
+    );
+    let c = P2pNetwork::start(P2pConfig::new(Identity::from_seed([53; 32])))
+        .await
+        .unwrap();
+    c.dial(format!("{circuit}/p2p/{b_id}").parse().unwrap())
+        .await
+        .unwrap();
+    let reply = c
+        .request(
+            b_id,
+            Request {
+                method: "test/echo".into(),
+                meta: Bytes::new(),
+                tensor: Bytes::from_static(b"through the relay"),
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&reply.tensor[..], b"yaler eht hguorht");
+    for n in [&relay, &behind, &c] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -140,6 +140,12 @@ enum Command {
         /// Discover peers on the LAN with mDNS.
         #[arg(long)]
         mdns: bool,
+        /// Relay for peers behind NAT (they listen on `<this node>/p2p-circuit`).
+        #[arg(long)]
+        relay_server: bool,
+        /// An address others can reach this node at (repeatable).
+        #[arg(long)]
+        external: Vec<mesh_core::network::Multiaddr>,
         /// Compute threads for the served model's speed measurement.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -428,8 +434,19 @@ fn run(command: Command) -> Result<(), BoxError> {
             identity,
             serve,
             mdns,
+            relay_server,
+            external,
             threads,
-        } => net::node(listen, bootstrap, identity, serve, mdns, threads)?,
+        } => net::node(net::NodeArgs {
+            listen,
+            bootstrap,
+            identity,
+            serve,
+            mdns,
+            relay_server,
+            external,
+            threads,
+        })?,
         Command::Find {
             bootstrap,
             model,

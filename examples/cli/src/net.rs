@@ -116,15 +116,30 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
         .build()?)
 }
 
+/// What `mesh node` was asked to do.
+pub struct NodeArgs {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub identity: Option<PathBuf>,
+    pub serve: Vec<ServeSpec>,
+    pub mdns: bool,
+    pub relay_server: bool,
+    pub external: Vec<Multiaddr>,
+    pub threads: usize,
+}
+
 /// `mesh node`.
-pub fn node(
-    listen: Vec<Multiaddr>,
-    bootstrap: Vec<Multiaddr>,
-    identity: Option<PathBuf>,
-    serve: Vec<ServeSpec>,
-    mdns: bool,
-    threads: usize,
-) -> Result<(), BoxError> {
+pub fn node(args: NodeArgs) -> Result<(), BoxError> {
+    let NodeArgs {
+        listen,
+        bootstrap,
+        identity,
+        serve,
+        mdns,
+        relay_server,
+        external,
+        threads,
+    } = args;
     let identity = match identity {
         Some(path) => Identity::load_or_create(&path)?,
         None => Identity::ephemeral(),
@@ -147,6 +162,8 @@ pub fn node(
         };
         config.bootstrap = bootstrap;
         config.mdns = mdns;
+        config.relay_server = relay_server;
+        config.external = external;
         let net = P2pNetwork::start(config).await?;
         let mut events = net.events();
         let addrs: Vec<String> = net

@@ -74,8 +74,13 @@ pub struct P2pConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the LAN with mDNS.
     pub mdns: bool,
-    /// Also act as a relay for peers behind NAT.
+    /// Also act as a relay for peers behind NAT. A relay must be reachable at
+    /// the addresses it hands out: its listen addresses are taken as its
+    /// external addresses (plus `external`).
     pub relay_server: bool,
+    /// Addresses others can reach this node at (e.g. a public address behind
+    /// port forwarding); confirmed to the swarm as external addresses.
+    pub external: Vec<Multiaddr>,
     /// Size and connection limits.
     pub limits: Limits,
     /// Connections idle this long are closed.
@@ -99,6 +104,7 @@ impl P2pConfig {
             bootstrap: Vec::new(),
             mdns: false,
             relay_server: false,
+            external: Vec::new(),
             limits: Limits::default(),
             idle_timeout: Duration::from_secs(120),
             gossip_heartbeat: Duration::from_millis(500),
@@ -408,6 +414,8 @@ struct State {
     reprovide_at: Instant,
     reprovide_interval: Duration,
     had_peers: bool,
+    /// Listen addresses count as external (relay servers).
+    listen_is_external: bool,
     /// When to re-publish our announcements (a peer subscribed to them since).
     announce_due: Option<Instant>,
     shutting_down: Option<Ack<()>>,
@@ -436,6 +444,9 @@ impl P2pNetwork {
     pub async fn start(config: P2pConfig) -> Result<P2pNetwork> {
         let mut swarm = build_swarm(&config)?;
         let peer_id = *swarm.local_peer_id();
+        for addr in &config.external {
+            swarm.add_external_address(addr.clone());
+        }
         let mut listeners = 0;
         for addr in &config.listen {
             swarm
@@ -464,6 +475,7 @@ impl P2pNetwork {
             reprovide_at: Instant::now() + config.reprovide_interval,
             reprovide_interval: config.reprovide_interval,
             had_peers: false,
+            listen_is_external: config.relay_server,
             announce_due: None,
             shutting_down: None,
         };
@@ -1229,6 +1241,9 @@ impl State {
                 let full = address.clone().with(Protocol::P2p(me));
                 if !self.listen.contains(&full) {
                     self.listen.push(full);
+                }
+                if self.listen_is_external && !address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    self.swarm.add_external_address(address.clone());
                 }
                 self.emit(Event::Listening { addr: address });
             }

@@ -357,41 +357,61 @@ macro_rules! tiled_kernel {
                 r0: usize,
             ) {
                 let mut acc = [[_mm256_setzero_pd(); C]; R];
+                // The min terms: 4 tokens in one f64 vector per row when C == 4,
+                // else scalars (mw·sx is exact, so fma and mul + add agree).
+                let mut summs4 = [_mm256_setzero_pd(); R];
                 let mut summs = [[0f64; C]; R];
                 let low = _mm256_set1_epi8(0x0f);
                 let y_stride = a.nb * Y_BLOCK;
                 for b in 0..a.nb {
                     let mut qx = [_mm256_setzero_si256(); R];
-                    let mut dw = [0f32; R];
-                    let mut mw = [0f64; R];
+                    let mut dw = [_mm_setzero_ps(); R];
+                    let mut mw = [_mm256_setzero_pd(); R];
                     for r in 0..R {
                         let blk = w.add(r * w_stride + b * W_BLOCK);
                         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<i32>().read_unaligned()));
-                        dw[r] = _mm_cvtss_f32(dm);
-                        mw[r] = f64::from(_mm_cvtss_f32(_mm_permute_ps(dm, 0x55)));
+                        dw[r] = _mm_broadcastss_ps(dm);
+                        mw[r] = _mm256_cvtps_pd(_mm_permute_ps(dm, 0x55));
                         let tmp = _mm_loadu_si128(blk.add(4).cast());
                         qx[r] = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
                     }
                     let d_row = a.d.add((b * a.n + c0) * D_REPEAT);
                     let s_row = a.s.add(b * a.n + c0);
+                    if C == 4 {
+                        let s4 = _mm256_cvtps_pd(_mm_loadu_ps(s_row));
+                        for r in 0..R {
+                            summs4[r] = _mm256_fmadd_pd(mw[r], s4, summs4[r]);
+                        }
+                    } else {
+                        for r in 0..R {
+                            let m = _mm256_cvtsd_f64(mw[r]);
+                            for c in 0..C {
+                                summs[r][c] += m * f64::from(*s_row.add(c));
+                            }
+                        }
+                    }
                     for c in 0..C {
                         let y = a.q.add((c0 + c) * y_stride + b * Y_BLOCK);
                         let qy = _mm256_loadu_si256(y.add(4).cast());
-                        let dx = *d_row.add(c * D_REPEAT);
-                        let sx = f64::from(*s_row.add(c));
+                        let dx = _mm_loadu_ps(d_row.add(c * D_REPEAT));
                         for r in 0..R {
                             let i8l = idot(qx[r], qy);
                             let i4 = _mm_add_epi32(
                                 _mm256_castsi256_si128(i8l),
                                 _mm256_extracti128_si256(i8l, 1),
                             );
-                            let dd = _mm256_set1_pd(f64::from(dw[r] * dx));
+                            // d_w·d_x is exact in f32.
+                            let dd = _mm256_cvtps_pd(_mm_mul_ps(dw[r], dx));
                             acc[r][c] = _mm256_fmadd_pd(dd, _mm256_cvtepi32_pd(i4), acc[r][c]);
-                            summs[r][c] += mw[r] * sx;
                         }
                     }
                 }
                 for r in 0..R {
+                    if C == 4 {
+                        let mut s = [0f64; 4];
+                        _mm256_storeu_pd(s.as_mut_ptr(), summs4[r]);
+                        summs[r].copy_from_slice(&s[..C]);
+                    }
                     for c in 0..C {
                         *out.add((c0 + c) * rows + r0 + r) =
                             (hsum_pd(acc[r][c]) + summs[r][c]) as f32;

@@ -55,3 +55,71 @@ fn batched_logits_are_bit_identical_with_and_without_the_kernel() {
     check(common::THREADS);
     check(2);
 }
+
+/// Exact accumulation (`set_exact_accumulation`) computes every Q4_1 output
+/// independently of batching and threads: last-token logits of a prompt are the
+/// same processed in one batch or token by token, with 1 or 2 threads; with the
+/// mode off again, the default path is unchanged.
+#[test]
+fn exact_accumulation_ignores_batching_and_threads() {
+    let tokens: Vec<u32> = {
+        let e = GgmlEngine::load(common::model_path(), 1).expect("load default model");
+        e.tokenizer()
+            .encode(
+                "Exact sums do not care how the work is split.",
+                false,
+                false,
+            )
+            .unwrap()
+    };
+    let mut results = Vec::new();
+    for threads in [1, 2] {
+        let e = GgmlEngine::load(common::model_path(), threads).expect("load default model");
+        let mut s = e.new_session(64).unwrap();
+        let default = e.forward(&tokens, Logits::Last, &mut s).unwrap();
+        assert!(e.set_exact_accumulation(true), "needs AVX2/FMA/F16C");
+        let mut s = e.new_session(64).unwrap();
+        let batched = e.forward(&tokens, Logits::Last, &mut s).unwrap();
+        let mut s = e.new_session(64).unwrap();
+        let mut single = Vec::new();
+        for t in &tokens {
+            single = e.forward(&[*t], Logits::Last, &mut s).unwrap();
+        }
+        e.set_exact_accumulation(false);
+        let mut s = e.new_session(64).unwrap();
+        let again = e.forward(&tokens, Logits::Last, &mut s).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&default),
+            bits(&again),
+            "{threads} threads: default changed"
+        );
+        assert_ne!(
+            bits(&default),
+            bits(&batched),
+            "exact mode should change something"
+        );
+        let argmax = |v: &[f32]| mesh_core::sampling::argmax(v).unwrap();
+        assert_eq!(argmax(&batched), argmax(&single));
+        results.push((bits(&batched), bits(&single)));
+    }
+    let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    for (k, (batched, single)) in results.iter().enumerate() {
+        eprintln!(
+            "exact, {} thread(s): batched vs token by token: {} of {} logits differ",
+            k + 1,
+            diff(batched, single),
+            batched.len()
+        );
+    }
+    eprintln!(
+        "exact, 1 vs 2 threads: batched {} differ, token by token {} differ",
+        diff(&results[0].0, &results[1].0),
+        diff(&results[0].1, &results[1].1)
+    );
+    assert_eq!(results[0].0, results[1].0, "batched: 1 vs 2 threads");
+    assert_eq!(results[0].1, results[1].1, "token by token: 1 vs 2 threads");
+    for (batched, single) in &results {
+        assert_eq!(batched, single, "batched vs token by token");
+    }
+}

@@ -84,6 +84,11 @@ enum Command {
         /// by N (>= 2) in-process helpers, with sealed messages and verified results.
         #[arg(long, value_name = "N")]
         private: Option<usize>,
+        /// Exact accumulation: every Q4_1 projection is the exact product of the
+        /// quantized integers rounded once to f32 (as private mode computes it)
+        /// instead of ggml's f32 accumulation.
+        #[arg(long)]
+        exact: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -112,6 +117,11 @@ enum Command {
         gen_tokens: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Exact accumulation: every Q4_1 projection is the exact product of the
+        /// quantized integers rounded once to f32 (as private mode computes it)
+        /// instead of ggml's f32 accumulation.
+        #[arg(long)]
+        exact: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -212,6 +222,16 @@ fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
     GgmlEngine::load(model_path(spec)?, threads)
 }
 
+/// Turns on exact accumulation if asked (an error if this CPU cannot run it).
+fn set_exact(engine: &GgmlEngine, exact: bool) -> Result<(), mesh_core::Error> {
+    if exact && !engine.set_exact_accumulation(true) {
+        return Err(mesh_core::Error::Unsupported(
+            "--exact needs an x86-64 CPU with AVX2, FMA and F16C".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> Result<(), BoxError> {
     match command {
         Command::Generate {
@@ -231,9 +251,11 @@ fn run(command: Command) -> Result<(), BoxError> {
             ctx,
             ignore_eos,
             private,
+            exact,
             format,
         } => {
             let engine = load(&model, threads)?;
+            set_exact(&engine, exact)?;
             let prompt = if chat {
                 let system = system.map(|s| ChatMessage::new("system", s));
                 let user = ChatMessage::new("user", prompt);
@@ -393,16 +415,18 @@ fn run(command: Command) -> Result<(), BoxError> {
             prompt_tokens,
             gen_tokens,
             runs,
+            exact,
             format,
         } => {
             let engine = load(&model, threads)?;
+            set_exact(&engine, exact)?;
             let mut session = engine.new_session(prompt_tokens.max(gen_tokens).max(1))?;
             let r = generate::bench(&engine, &mut session, prompt_tokens, gen_tokens, runs)?;
             match format {
                 Format::Json => println!(
                     "{}",
                     json!({"pp_tps": r.pp_tps, "tg_tps": r.tg_tps, "prompt_tokens": prompt_tokens,
-                           "gen_tokens": gen_tokens, "threads": engine.n_threads()})
+                           "gen_tokens": gen_tokens, "threads": engine.n_threads(), "exact": exact})
                 ),
                 Format::Text => println!(
                     "pp{prompt_tokens}: {:.1} t/s   tg{gen_tokens}: {:.1} t/s   ({} threads)",

@@ -96,6 +96,8 @@ pub struct GgmlEngine {
     n_threads: usize,
     /// Batched Q4_1 projections use [`q4_1`]'s tiled kernel (bit-identical to ggml).
     custom_gemm: AtomicBool,
+    /// Every Q4_1 projection (decode too) uses [`q4_1`]'s exact-accumulation kernel.
+    exact: AtomicBool,
     /// Most rows of any layer projection (sizes the shape tensor of the kernel's op).
     max_proj_rows: usize,
     mmap: Mmap,
@@ -228,6 +230,7 @@ impl GgmlEngine {
             template,
             n_threads,
             custom_gemm: AtomicBool::new(q4_1::available()),
+            exact: AtomicBool::new(false),
             max_proj_rows,
             mmap,
         })
@@ -240,6 +243,21 @@ impl GgmlEngine {
     pub fn set_custom_gemm(&self, on: bool) -> bool {
         let on = on && q4_1::available();
         self.custom_gemm.store(on, Ordering::Relaxed);
+        on
+    }
+
+    /// Exact accumulation (off by default): every Q4_1 projection, including
+    /// single-token decode, computes the exact `Σ_b d_w·d_x·isum_b + m_w·d_x·Σq_b`
+    /// of the Q8_1-quantized input (with `Σq_b` summed from the int8s, not Q8_1's
+    /// fp16-rounded `s`) and rounds it once to f32, instead of ggml's f32
+    /// accumulation. The result then matches a computation of the exact product
+    /// elsewhere (e.g. private delegation) and does not depend on batching or
+    /// threads, except where an f64 rounding lands on an f32 rounding boundary
+    /// (probability ~2^-29 per output). The Q8_0 output head stays on ggml.
+    /// Returns whether the mode is now on (false if this CPU cannot run the kernel).
+    pub fn set_exact_accumulation(&self, on: bool) -> bool {
+        let on = on && q4_1::available();
+        self.exact.store(on, Ordering::Relaxed);
         on
     }
 
@@ -438,8 +456,8 @@ impl GgmlEngine {
     unsafe fn mat_mul(&self, g: &mut Graph, w: T, x: T, n: usize) -> T {
         let ctx = g.ctx;
         let (cols, rows) = ((*w).ne[0] as usize, (*w).ne[1] as usize);
-        let use_kernel = self.custom_gemm.load(Ordering::Relaxed)
-            && n >= 2
+        let exact = self.exact.load(Ordering::Relaxed);
+        let use_kernel = (exact || (self.custom_gemm.load(Ordering::Relaxed) && n >= 2))
             && (*w).type_ == sys::ggml_type_GGML_TYPE_Q4_1
             && (*w).ne[2] == 1
             && (*w).ne[3] == 1
@@ -464,30 +482,26 @@ impl GgmlEngine {
         if rows * n > elems {
             return sys::ggml_mul_mat(ctx, w, x);
         }
-        let xq = match g.quantized.iter().find(|(src, _)| *src == x) {
-            Some(&(_, xq)) => xq,
+        let userdata = if exact {
+            q4_1::exact_userdata()
+        } else {
+            ptr::null_mut()
+        };
+        let xq = match g
+            .quantized
+            .iter()
+            .find(|(src, ex, _)| *src == x && *ex == exact)
+        {
+            Some(&(_, _, xq)) => xq,
             None => {
-                let xq = sys::ggml_map_custom1(
-                    ctx,
-                    x,
-                    Some(q4_1::quantize_op),
-                    N_TASKS_MAX,
-                    ptr::null_mut(),
-                );
-                g.quantized.push((x, xq));
+                let xq =
+                    sys::ggml_map_custom1(ctx, x, Some(q4_1::quantize_op), N_TASKS_MAX, userdata);
+                g.quantized.push((x, exact, xq));
                 xq
             }
         };
         let view = sys::ggml_view_2d(ctx, shape, rows as i64, n as i64, 4 * rows, 0);
-        sys::ggml_map_custom3(
-            ctx,
-            view,
-            w,
-            xq,
-            Some(q4_1::gemm_op),
-            N_TASKS_MAX,
-            ptr::null_mut(),
-        )
+        sys::ggml_map_custom3(ctx, view, w, xq, Some(q4_1::gemm_op), N_TASKS_MAX, userdata)
     }
 
     /// Positions and the causal mask of `n` tokens at `pos`, as graph inputs.
@@ -696,8 +710,9 @@ struct Graph {
     inputs: Vec<(T, Vec<u8>)>,
     /// Shape source for the Q4_1 kernel's outputs and its capacity in floats.
     gemm_shape: Option<(T, usize)>,
-    /// Activations already quantized for the Q4_1 kernel: (F32 input, Q8_1 node).
-    quantized: Vec<(T, T)>,
+    /// Activations already quantized for the Q4_1 kernel: (F32 input, exact mode,
+    /// Q8_1 node).
+    quantized: Vec<(T, bool, T)>,
 }
 
 impl Graph {
@@ -1121,7 +1136,13 @@ impl Engine for GgmlEngine {
         self.compute(&mut s.scratch, |g| {
             let xt = g.input_f32(x, &ne);
             // SAFETY: `w` is cols x rows and `xt` cols x n.
-            unsafe { sys::ggml_mul_mat(g.ctx, w, xt) }
+            unsafe {
+                if self.exact.load(Ordering::Relaxed) {
+                    self.mat_mul(g, w, xt, ne[1] as usize)
+                } else {
+                    sys::ggml_mul_mat(g.ctx, w, xt)
+                }
+            }
         })
     }
 }

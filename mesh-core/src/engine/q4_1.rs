@@ -127,7 +127,7 @@ fn self_test() -> bool {
         .map(|_| ((next() % 20_001) as f32 - 10_000.0) * 3e-4)
         .collect();
     match (
-        matmul(use_avx512(), &w, rows, cols, &x, n),
+        matmul(use_avx512(), &w, rows, cols, &x, n, false),
         reference(&w, rows, cols, &x, n),
     ) {
         (Some(a), Some(b)) => a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -160,12 +160,23 @@ fn type_traits(t: sys::ggml_type) -> sys::ggml_type_traits_t {
 }
 
 /// Quantize activation rows `c0..c1` of `x` (`n` rows of `cols` floats) into `buf`.
+/// With `exact`, the `s` table holds `d * Σq` computed from the block's int8s (exact
+/// in f32: an 11-bit fp16 significand times an integer below 2^12) instead of the
+/// block's fp16-rounded `s`.
 ///
 /// # Safety
 /// `x` holds `n * cols` floats, `buf` is 4-byte aligned and holds
 /// `ActLayout::new(cols, n).bytes()` bytes; `cols % 32 == 0`, `c1 <= n`. Calls for
 /// disjoint row ranges may run concurrently.
-unsafe fn quantize_rows(x: *const f32, buf: *mut u8, cols: usize, n: usize, c0: usize, c1: usize) {
+unsafe fn quantize_rows(
+    x: *const f32,
+    buf: *mut u8,
+    cols: usize,
+    n: usize,
+    c0: usize,
+    c1: usize,
+    exact: bool,
+) {
     // Always present for Q8_1; were it missing, `available()`'s self-test (which runs
     // this function) would fail and the kernel would never be used.
     let Some(from_float) = type_traits(sys::ggml_type_GGML_TYPE_Q8_1).from_float else {
@@ -185,7 +196,14 @@ unsafe fn quantize_rows(x: *const f32, buf: *mut u8, cols: usize, n: usize, c0: 
             for k in 0..D_REPEAT {
                 *d_tab.add((b * n + c) * D_REPEAT + k) = d;
             }
-            *s_tab.add(b * n + c) = sys::ggml_fp16_to_fp32(s);
+            *s_tab.add(b * n + c) = if exact {
+                let sumq: i32 = (0..QK)
+                    .map(|k| i32::from(*blk.add(4 + k).cast::<i8>()))
+                    .sum();
+                d * sumq as f32
+            } else {
+                sys::ggml_fp16_to_fp32(s)
+            };
         }
     }
 }
@@ -208,9 +226,10 @@ unsafe fn gemm_rows(
     out: *mut f32,
     r0: usize,
     r1: usize,
+    exact: bool,
 ) {
     let vnni = use_avx512();
-    gemm_rows_with(vnni, w, w_stride, rows, cols, buf, n, out, r0, r1);
+    gemm_rows_with(vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
 }
 
 /// The AVX-512 variant where the CPU has it (cached).
@@ -219,7 +238,10 @@ fn use_avx512() -> bool {
     *V.get_or_init(has_avx512_vnni)
 }
 
-/// [`gemm_rows`] with the variant chosen by the caller.
+/// [`gemm_rows`] with the variant chosen by the caller. With `exact` (and `buf`
+/// quantized with `exact`), each output is the exact
+/// `Σ_b d_w·d_x·isum_b + m_w·d_x·Σq_b` accumulated in f64 and rounded once to f32
+/// (see `exact_tile`), instead of ggml's f32 accumulation.
 ///
 /// # Safety
 /// As [`gemm_rows`]; with `vnni`, the CPU also has AVX-512 F/VL/BW/VNNI.
@@ -235,6 +257,7 @@ unsafe fn gemm_rows_with(
     out: *mut f32,
     r0: usize,
     r1: usize,
+    exact: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -249,15 +272,16 @@ unsafe fn gemm_rows_with(
         };
         // SAFETY: the caller guarantees the buffers and the CPU features of the
         // chosen variant (see # Safety).
-        if vnni {
-            avx512::gemm(w, w_stride, rows, &a, out, r0, r1);
-        } else {
-            avx2::gemm(w, w_stride, rows, &a, out, r0, r1);
+        match (vnni, exact) {
+            (true, false) => avx512::gemm(w, w_stride, rows, &a, out, r0, r1),
+            (false, false) => avx2::gemm(w, w_stride, rows, &a, out, r0, r1),
+            (true, true) => avx512::gemm_exact(w, w_stride, rows, &a, out, r0, r1),
+            (false, true) => avx2::gemm_exact(w, w_stride, rows, &a, out, r0, r1),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (vnni, w, w_stride, rows, cols, buf, n, out, r0, r1);
+        let _ = (vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
         unreachable!("q4_1::available() is false off x86_64");
     }
 }
@@ -273,7 +297,7 @@ struct Act {
 }
 
 /// Defines module `$m`: the tiled kernel compiled for `$features`, with `$dot` as
-/// the integer dot product of 32 u8 (weights) x 32 i8 (activations) in 8 lanes.
+/// the integer dot product of 32 u8 (weights) x 32 i8 (activations) in 8 i32 lanes.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tiled_kernel {
     ($m:ident, $features:literal, |$qx:ident, $qy:ident| $dot:block) => {
@@ -293,10 +317,157 @@ macro_rules! tiled_kernel {
                 _mm_cvtss_f32(res)
             }
 
+            /// u8 x i8 products summed in fours, as 8 i32 lanes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn idot($qx: __m256i, $qy: __m256i) -> __m256i $dot
+
             /// ggml's `mul_sum_us8_pairs_float`: u8 x i8 products summed in fours, as floats.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn dot($qx: __m256i, $qy: __m256i) -> __m256 $dot
+            unsafe fn dot(qx: __m256i, qy: __m256i) -> __m256 {
+                _mm256_cvtepi32_ps(idot(qx, qy))
+            }
+
+            /// Sum of 4 f64 lanes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn hsum_pd(x: __m256d) -> f64 {
+                let s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+                _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+            }
+
+            /// Exact-accumulation outputs of `R` weight rows x `C` tokens: per block,
+            /// `d_w·d_x` (exact in f32: two 11-bit significands) times the integer
+            /// dot (folded to 4 i32 lanes, each below 2^14) accumulated in f64 with
+            /// FMA (each product exact), plus `m_w · (d_x·Σq)` (exact in f64) in a
+            /// scalar f64 sum; rounded once to f32. Every output runs the same
+            /// operations whatever `R`, `C` or the thread split, so the result does
+            /// not depend on batching or threads.
+            #[allow(clippy::needless_range_loop)]
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_exact<const R: usize, const C: usize>(
+                w: *const u8,
+                w_stride: usize,
+                a: &Act,
+                c0: usize,
+                out: *mut f32,
+                rows: usize,
+                r0: usize,
+            ) {
+                let mut acc = [[_mm256_setzero_pd(); C]; R];
+                // The min terms: 4 tokens in one f64 vector per row when C == 4,
+                // else scalars (mw·sx is exact, so fma and mul + add agree).
+                let mut summs4 = [_mm256_setzero_pd(); R];
+                let mut summs = [[0f64; C]; R];
+                let low = _mm256_set1_epi8(0x0f);
+                let y_stride = a.nb * Y_BLOCK;
+                for b in 0..a.nb {
+                    let mut qx = [_mm256_setzero_si256(); R];
+                    let mut dw = [_mm_setzero_ps(); R];
+                    let mut mw = [_mm256_setzero_pd(); R];
+                    for r in 0..R {
+                        let blk = w.add(r * w_stride + b * W_BLOCK);
+                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<i32>().read_unaligned()));
+                        dw[r] = _mm_broadcastss_ps(dm);
+                        mw[r] = _mm256_cvtps_pd(_mm_permute_ps(dm, 0x55));
+                        let tmp = _mm_loadu_si128(blk.add(4).cast());
+                        qx[r] = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
+                    }
+                    let d_row = a.d.add((b * a.n + c0) * D_REPEAT);
+                    let s_row = a.s.add(b * a.n + c0);
+                    if C == 4 {
+                        let s4 = _mm256_cvtps_pd(_mm_loadu_ps(s_row));
+                        for r in 0..R {
+                            summs4[r] = _mm256_fmadd_pd(mw[r], s4, summs4[r]);
+                        }
+                    } else {
+                        for r in 0..R {
+                            let m = _mm256_cvtsd_f64(mw[r]);
+                            for c in 0..C {
+                                summs[r][c] += m * f64::from(*s_row.add(c));
+                            }
+                        }
+                    }
+                    for c in 0..C {
+                        let y = a.q.add((c0 + c) * y_stride + b * Y_BLOCK);
+                        let qy = _mm256_loadu_si256(y.add(4).cast());
+                        let dx = _mm_loadu_ps(d_row.add(c * D_REPEAT));
+                        for r in 0..R {
+                            let i8l = idot(qx[r], qy);
+                            let i4 = _mm_add_epi32(
+                                _mm256_castsi256_si128(i8l),
+                                _mm256_extracti128_si256(i8l, 1),
+                            );
+                            // d_w·d_x is exact in f32.
+                            let dd = _mm256_cvtps_pd(_mm_mul_ps(dw[r], dx));
+                            acc[r][c] = _mm256_fmadd_pd(dd, _mm256_cvtepi32_pd(i4), acc[r][c]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    if C == 4 {
+                        let mut s = [0f64; 4];
+                        _mm256_storeu_pd(s.as_mut_ptr(), summs4[r]);
+                        summs[r].copy_from_slice(&s[..C]);
+                    }
+                    for c in 0..C {
+                        *out.add((c0 + c) * rows + r0 + r) =
+                            (hsum_pd(acc[r][c]) + summs[r][c]) as f32;
+                    }
+                }
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_row_exact<const R: usize>(
+                w: *const u8,
+                w_stride: usize,
+                a: &Act,
+                cols: std::ops::Range<usize>,
+                out: *mut f32,
+                rows: usize,
+                r0: usize,
+            ) {
+                let mut c = cols.start;
+                while c + 4 <= cols.end {
+                    tile_exact::<R, 4>(w, w_stride, a, c, out, rows, r0);
+                    c += 4;
+                }
+                match cols.end - c {
+                    3 => tile_exact::<R, 3>(w, w_stride, a, c, out, rows, r0),
+                    2 => tile_exact::<R, 2>(w, w_stride, a, c, out, rows, r0),
+                    1 => tile_exact::<R, 1>(w, w_stride, a, c, out, rows, r0),
+                    _ => {}
+                }
+            }
+
+            /// See `super::gemm_rows_with` with `exact`.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn gemm_exact(
+                w: *const u8,
+                w_stride: usize,
+                rows: usize,
+                a: &Act,
+                out: *mut f32,
+                r0: usize,
+                r1: usize,
+            ) {
+                let mut cb = 0;
+                while cb < a.n {
+                    let cols = cb..(cb + COL_BLOCK).min(a.n);
+                    let mut r = r0;
+                    while r + 2 <= r1 {
+                        tile_row_exact::<2>(w.add(r * w_stride), w_stride, a, cols.clone(), out, rows, r);
+                        r += 2;
+                    }
+                    if r < r1 {
+                        tile_row_exact::<1>(w.add(r * w_stride), w_stride, a, cols.clone(), out, rows, r);
+                    }
+                    cb = cols.end;
+                }
+            }
 
             /// Outputs of `R` weight rows (from `w`) x `C` tokens (from `c0`).
             // Index loops over the register tile's small fixed-size arrays read best here.
@@ -426,7 +597,7 @@ macro_rules! tiled_kernel {
 #[cfg(target_arch = "x86_64")]
 tiled_kernel!(avx2, "avx2,fma,f16c", |qx, qy| {
     let pairs = _mm256_maddubs_epi16(qx, qy);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), pairs))
+    _mm256_madd_epi16(_mm256_set1_epi16(1), pairs)
 });
 
 // With AVX-512 VNNI + VL: one `vpdpbusd` (u8 x i8, summed in fours). Inline asm
@@ -443,7 +614,7 @@ tiled_kernel!(avx512, "avx2,fma,f16c", |qx, qy| {
         y = in(ymm_reg) qy,
         options(pure, nomem, nostack, preserves_flags),
     );
-    _mm256_cvtepi32_ps(sums)
+    sums
 });
 
 /// Whether the CPU can run the `avx512` (VNNI) variant.
@@ -470,7 +641,7 @@ pub(crate) unsafe extern "C" fn quantize_op(
     a: *const sys::ggml_tensor,
     ith: i32,
     nth: i32,
-    _userdata: *mut c_void,
+    userdata: *mut c_void,
 ) {
     let cols = (*a).ne[0] as usize;
     let n = (*a).ne[1] as usize;
@@ -485,6 +656,7 @@ pub(crate) unsafe extern "C" fn quantize_op(
         n,
         c0,
         c1,
+        !userdata.is_null(),
     );
 }
 
@@ -501,7 +673,7 @@ pub(crate) unsafe extern "C" fn gemm_op(
     xq: *const sys::ggml_tensor,
     ith: i32,
     nth: i32,
-    _userdata: *mut c_void,
+    userdata: *mut c_void,
 ) {
     let cols = (*w).ne[0] as usize;
     let rows = (*w).ne[1] as usize;
@@ -522,7 +694,15 @@ pub(crate) unsafe extern "C" fn gemm_op(
         (*dst).data as *mut f32,
         r0,
         r1,
+        !userdata.is_null(),
     );
+}
+
+/// The `userdata` of [`quantize_op`] and [`gemm_op`] that selects exact accumulation
+/// (null selects ggml's order). Only compared with null, never dereferenced.
+pub(crate) fn exact_userdata() -> *mut c_void {
+    static EXACT: u8 = 1;
+    (&EXACT as *const u8).cast_mut().cast()
 }
 
 /// Check that a graph's `[cols, n]` F32 tensor has room for the quantized form.
@@ -533,7 +713,15 @@ pub(crate) fn fits(cols: usize, n: usize) -> bool {
 /// `w · x` (`rows x n` outputs, token-major) with this kernel (the AVX-512 variant
 /// if `vnni`), single-threaded;
 /// None if unavailable or the shapes do not match.
-fn matmul(vnni: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize) -> Option<Vec<f32>> {
+fn matmul(
+    vnni: bool,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    exact: bool,
+) -> Option<Vec<f32>> {
     if !cpu_supported()
         || (vnni && !has_avx512_vnni())
         || !cols.is_multiple_of(QK)
@@ -550,7 +738,7 @@ fn matmul(vnni: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize) -
     // SAFETY: sizes checked above; `buf` is f32-aligned; the CPU features were checked.
     unsafe {
         let b = buf.as_mut_ptr().cast::<u8>();
-        quantize_rows(x.as_ptr(), b, cols, n, 0, n);
+        quantize_rows(x.as_ptr(), b, cols, n, 0, n, exact);
         gemm_rows_with(
             vnni,
             w.as_ptr(),
@@ -562,6 +750,7 @@ fn matmul(vnni: bool, w: &[u8], rows: usize, cols: usize, x: &[f32], n: usize) -
             out.as_mut_ptr(),
             0,
             rows,
+            exact,
         );
     }
     Some(out)
@@ -654,7 +843,7 @@ mod tests {
                         .collect();
                     let want = reference(&w, rows, cols, &x, n).expect("reference");
                     for &vnni in variants() {
-                        let got = matmul(vnni, &w, rows, cols, &x, n).expect("kernel");
+                        let got = matmul(vnni, &w, rows, cols, &x, n, false).expect("kernel");
                         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(
                                 g.to_bits(),
@@ -691,7 +880,7 @@ mod tests {
                 let b = buf.as_mut_ptr().cast::<u8>();
                 for ith in 0..nth {
                     let (c0, c1) = share(n, ith, nth);
-                    quantize_rows(x.as_ptr(), b, cols, n, c0, c1);
+                    quantize_rows(x.as_ptr(), b, cols, n, c0, c1, false);
                 }
                 for ith in 0..nth {
                     let (r0, r1) = share(rows, ith, nth);
@@ -706,6 +895,7 @@ mod tests {
                         out.as_mut_ptr(),
                         r0,
                         r1,
+                        false,
                     );
                 }
             }
@@ -714,6 +904,164 @@ mod tests {
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "nth {nth} vnni {vnni}");
+        }
+    }
+
+    /// `(mantissa, exponent)` with `v == mantissa * 2^exponent` for a finite f32.
+    fn split(v: f32) -> (i128, i32) {
+        if v == 0.0 {
+            return (0, 0);
+        }
+        let bits = v.to_bits();
+        let exp = ((bits >> 23) & 0xff) as i32;
+        let frac = i128::from(bits & 0x7f_ffff);
+        let (m, e) = if exp == 0 {
+            (frac, -149)
+        } else {
+            (frac | 0x80_0000, exp - 150)
+        };
+        (if v < 0.0 { -m } else { m }, e)
+    }
+
+    /// The exact `Σ_b d_w·d_x·isum_b + m_w·d_x·Σq_b` of one weight row and one
+    /// Q8_1 activation row, as an i128 multiple of 2^-100, rounded once to f32.
+    fn exact_reference(w_row: &[u8], y_row: &[u8]) -> f32 {
+        const SHIFT: i32 = 100;
+        // SAFETY: a pure conversion.
+        let f16 = |b: &[u8]| unsafe { sys::ggml_fp16_to_fp32(u16::from_le_bytes([b[0], b[1]])) };
+        let term = |a: f32, b: f32, k: i128| -> i128 {
+            let ((ma, ea), (mb, eb)) = (split(a), split(b));
+            let e = ea + eb + SHIFT;
+            assert!(e >= 0, "scale too small");
+            (ma * mb * k) << e
+        };
+        let mut total = 0i128;
+        for (wb, yb) in w_row.chunks_exact(W_BLOCK).zip(y_row.chunks_exact(Y_BLOCK)) {
+            let (dw, mw, dx) = (f16(&wb[..2]), f16(&wb[2..4]), f16(&yb[..2]));
+            let qy = |k: usize| i128::from(yb[4 + k] as i8);
+            let qw = |k: usize| {
+                i128::from(if k < 16 {
+                    wb[4 + k] & 15
+                } else {
+                    wb[4 + k - 16] >> 4
+                })
+            };
+            let isum: i128 = (0..QK).map(|k| qw(k) * qy(k)).sum();
+            let sumq: i128 = (0..QK).map(qy).sum();
+            total += term(dw, dx, isum) + term(mw, dx, sumq);
+        }
+        // i128 -> f32 rounds to nearest (once); the power-of-two scale is exact.
+        (total as f32) * 2f32.powi(-SHIFT)
+    }
+
+    #[test]
+    fn exact_mode_is_the_correctly_rounded_exact_product() {
+        if !cpu_supported() {
+            return;
+        }
+        assert!(init_ggml_tables());
+        let from_float = type_traits(sys::ggml_type_GGML_TYPE_Q8_1)
+            .from_float
+            .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let mut checked = 0usize;
+        for cols in [32usize, 96, 576, 1536] {
+            for n in [1usize, 3, 4, 9] {
+                let rows = 7;
+                let w = random_weights(&mut rng, rows, cols);
+                let scale: f32 = rng.gen_range(0.01..30.0);
+                let x: Vec<f32> = (0..cols * n)
+                    .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+                    .collect();
+                let (w_row, y_row) = (cols / QK * W_BLOCK, cols / QK * Y_BLOCK);
+                let mut y = vec![0u8; n * y_row];
+                for c in 0..n {
+                    // SAFETY: a full row of floats into a full Q8_1 row.
+                    unsafe {
+                        from_float(
+                            x[c * cols..].as_ptr(),
+                            y[c * y_row..].as_mut_ptr().cast(),
+                            cols as i64,
+                        )
+                    };
+                }
+                for &vnni in variants() {
+                    let got = matmul(vnni, &w, rows, cols, &x, n, true).unwrap();
+                    for c in 0..n {
+                        for r in 0..rows {
+                            let want = exact_reference(
+                                &w[r * w_row..(r + 1) * w_row],
+                                &y[c * y_row..(c + 1) * y_row],
+                            );
+                            let g = got[c * rows + r];
+                            assert_eq!(
+                                g.to_bits(),
+                                want.to_bits(),
+                                "cols {cols} n {n} r {r} c {c}: {g} vs {want}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked >= 16 * 7 * 4);
+    }
+
+    #[test]
+    fn exact_mode_ignores_batching_and_threads() {
+        if !cpu_supported() {
+            return;
+        }
+        assert!(init_ggml_tables());
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let (rows, cols, n) = (13, 576, 70);
+        let w = random_weights(&mut rng, rows, cols);
+        let x: Vec<f32> = (0..cols * n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        for &vnni in variants() {
+            let batched = matmul(vnni, &w, rows, cols, &x, n, true).unwrap();
+            // One token at a time.
+            for c in 0..n {
+                let one =
+                    matmul(vnni, &w, rows, cols, &x[c * cols..(c + 1) * cols], 1, true).unwrap();
+                for r in 0..rows {
+                    assert_eq!(one[r].to_bits(), batched[c * rows + r].to_bits());
+                }
+            }
+            // Thread splits.
+            let l = ActLayout::new(cols, n);
+            for nth in 2..4 {
+                let mut buf = vec![0f32; l.bytes().div_ceil(4)];
+                let mut out = vec![f32::NAN; rows * n];
+                // SAFETY: buffers sized as the functions require; CPU features checked.
+                unsafe {
+                    let b = buf.as_mut_ptr().cast::<u8>();
+                    for ith in 0..nth {
+                        let (c0, c1) = share(n, ith, nth);
+                        quantize_rows(x.as_ptr(), b, cols, n, c0, c1, true);
+                    }
+                    for ith in 0..nth {
+                        let (r0, r1) = share(rows, ith, nth);
+                        gemm_rows_with(
+                            vnni,
+                            w.as_ptr(),
+                            cols / QK * W_BLOCK,
+                            rows,
+                            cols,
+                            b,
+                            n,
+                            out.as_mut_ptr(),
+                            r0,
+                            r1,
+                            true,
+                        );
+                    }
+                }
+                assert!(out
+                    .iter()
+                    .zip(&batched)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
         }
     }
 

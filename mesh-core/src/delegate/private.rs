@@ -252,9 +252,11 @@ impl Helper {
     }
 }
 
-/// Request payload: `n_tokens` (u32 LE), then the 32-byte seed or the full
-/// share (`n_tokens·cols` u64 LE). Returns the share as a full vector.
-fn decode_request(kind: u8, payload: &[u8], cols: usize) -> Result<Vec<u64>> {
+/// Parses an opened request payload (untrusted: what a helper receives):
+/// `n_tokens` (u32 LE), then the 32-byte seed (`kind` 1) or the full share
+/// (`kind` 2, `n_tokens·cols` u64 LE). Returns the share as a full vector.
+/// Sizes are checked before anything is allocated.
+pub fn decode_request(kind: u8, payload: &[u8], cols: usize) -> Result<Vec<u64>> {
     let bad = |what: String| Err(Error::InvalidArgument(format!("request payload: {what}")));
     let Some((n, body)) = payload.split_at_checked(4) else {
         return bad(format!(
@@ -292,6 +294,19 @@ fn decode_request(kind: u8, payload: &[u8], cols: usize) -> Result<Vec<u64>> {
         }
         other => bad(format!("unknown message kind {other}")),
     }
+}
+
+/// Parses an opened reply payload (untrusted: what the owner receives): exactly
+/// `words` ring elements, u64 LE. The length is checked before allocating.
+pub fn decode_reply(payload: &[u8], words: usize) -> Result<Vec<u64>> {
+    if Some(payload.len()) != words.checked_mul(8) {
+        return Err(Error::InvalidArgument(format!(
+            "reply payload: expected {words} values ({} bytes), found {} bytes",
+            words.saturating_mul(8),
+            payload.len()
+        )));
+    }
+    Ok(bytes_to_words(payload))
 }
 
 fn words_to_bytes(w: &[u64]) -> Vec<u8> {
@@ -813,16 +828,10 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 ..header
             };
             let mut opened = self.links[i].from_helper.open(&expected, &reply)?;
-            if opened.payload.len() != y.len() * 8 {
-                opened.payload.zeroize();
-                return Err(Error::InvalidArgument(format!(
-                    "helper {i}, {name}: expected {} result bytes, found {}",
-                    y.len() * 8,
-                    opened.payload.len()
-                )));
-            }
-            let part = bytes_to_words(&opened.payload);
+            let part = decode_reply(&opened.payload, y.len())
+                .map_err(|e| Error::InvalidArgument(format!("helper {i}, {name}: {e}")));
             opened.payload.zeroize();
+            let part = part?;
             ring::add_assign(&mut y, &part);
             parts.push(part);
         }

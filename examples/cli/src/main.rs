@@ -160,6 +160,21 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Simulate a mesh in memory (virtual time, deterministic per seed): nodes
+    /// join, announce layer ranges, churn; prints when every live node can find
+    /// a provider for every layer range, and the messages it took, as JSON.
+    Sim {
+        #[arg(long, default_value_t = 200)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Random joins and leaves after the initial join window.
+        #[arg(long, default_value_t = 40)]
+        churn: usize,
+        /// Message loss rate on every link (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+    },
     /// Find the providers of a model (id, path or `default`): prints
     /// `{"providers":[{"peer_id", "layers":[a,b], "addrs"}]}`.
     Find {
@@ -471,6 +486,12 @@ fn run(command: Command) -> Result<(), BoxError> {
             external,
             threads,
         })?,
+        Command::Sim {
+            nodes,
+            seed,
+            churn,
+            loss,
+        } => net::sim(nodes, seed, churn, loss)?,
         Command::Find {
             bootstrap,
             model,

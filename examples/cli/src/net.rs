@@ -270,3 +270,51 @@ pub fn find(
         Ok(())
     })
 }
+
+/// `mesh sim`.
+pub fn sim(nodes: usize, seed: u64, churn: usize, loss: f64) -> Result<(), BoxError> {
+    use mesh_core::network::sim::{simulate, SimConfig};
+    if nodes < 2 || !(0.0..1.0).contains(&loss) {
+        return Err(format!(
+            "mesh sim: expected --nodes >= 2 and 0 <= --loss < 1, found {nodes} and {loss}"
+        )
+        .into());
+    }
+    let config = SimConfig {
+        nodes,
+        seed,
+        churn_joins: churn,
+        churn_leaves: churn.min(nodes / 2),
+        loss,
+        ..SimConfig::default()
+    };
+    // Virtual time: a current-thread runtime with the clock paused advances
+    // straight to the next timer, so minutes of simulated time take seconds.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()?;
+    let r = rt.block_on(simulate(config))?;
+    let stats = |s: &mesh_core::network::memory::NetStats| {
+        json!({"messages_sent": s.messages_sent, "messages_delivered": s.messages_delivered,
+               "bytes_delivered": s.bytes_delivered, "messages_lost": s.messages_lost,
+               "kad_messages": s.kad_messages})
+    };
+    println!(
+        "{}",
+        json!({
+            "nodes_started": r.nodes_started, "live_nodes": r.live_nodes, "killed": r.killed,
+            "shut_down": r.shut_down, "ranges": r.ranges, "converged": r.converged,
+            "time_to_converge_s": r.time_to_converge.as_secs_f64(),
+            "time_after_churn_s": r.time_after_churn.as_secs_f64(),
+            "finds": r.finds, "find_time_mean_s": r.find_time_mean.as_secs_f64(),
+            "find_time_max_s": r.find_time_max.as_secs_f64(), "messages_per_find": r.messages_per_find,
+            "stats": stats(&r.stats), "stats_after_churn": stats(&r.stats_after_churn),
+            "wall_time_s": r.wall_time.as_secs_f64(),
+        })
+    );
+    if !r.converged {
+        return Err("the simulated mesh did not converge".into());
+    }
+    Ok(())
+}

@@ -211,3 +211,37 @@ fn bad_input_is_a_clear_error_with_a_failing_exit_code() {
     let (ok, _, stderr) = mesh(&["generate", "--model", &m, "--prompt", "x", "--private", "1"]);
     assert!(!ok, "one helper would see everything: {stderr}");
 }
+
+#[test]
+fn sim_converges_and_is_deterministic_per_seed() {
+    let args = ["sim", "--nodes", "40", "--churn", "6", "--seed", "9"];
+    let mut a = json(&args);
+    let mut b = json(&args);
+    assert_eq!(a["converged"], true, "{a}");
+    assert_eq!(a["ranges"], 8);
+    assert!(a["stats"]["messages_delivered"].as_u64().unwrap() > 0);
+    // Same seed, same simulated run (wall time aside).
+    a.as_object_mut().unwrap().remove("wall_time_s");
+    b.as_object_mut().unwrap().remove("wall_time_s");
+    assert_eq!(a, b);
+    let (ok, _, err) = mesh(&["sim", "--nodes", "1"]);
+    assert!(!ok && err.contains("--nodes >= 2"), "{err}");
+}
+
+#[test]
+fn node_and_find_report_bad_arguments() {
+    let (ok, _, err) = mesh(&["find", "--model", "default"]);
+    assert!(!ok && err.contains("--bootstrap"), "{err}");
+    let (ok, _, err) = mesh(&["node", "--serve", "default:9-3"]);
+    assert!(!ok && err.contains("expected a < b"), "{err}");
+    let (ok, _, err) = mesh(&[
+        "find",
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/1",
+        "--model",
+        &"ab".repeat(32),
+        "--timeout",
+        "3",
+    ]);
+    assert!(!ok && err.contains("dial"), "{err}");
+}

@@ -368,6 +368,9 @@ fn bytes_per_decoded_token() {
             layers.round_trips + head.round_trips
         );
         assert_eq!(layers.projections as usize, 7 * n_layers);
+        // Both sides did measurable work and the owner's time excludes the helpers'.
+        assert!(layers.owner_nanos > 0 && layers.helper_nanos > 0, "{layers:?}");
+        assert!(head.owner_nanos > 0 && head.helper_nanos > 0, "{head:?}");
         assert_eq!((layers.checks_failed, head.checks_failed), (0, 0));
         // Replies: every helper returns 8 bytes per output value.
         let info = e.info();

@@ -322,8 +322,15 @@ fn run(command: Command) -> Result<(), BoxError> {
                 )?,
                 Some(n) => {
                     let mut pp = PrivateProjector::new(&engine, n, ChaCha20Rng::from_entropy())?;
+                    // Check vectors are computed once per model and kept with the
+                    // model cache (owner-local, 0600); without a cache directory
+                    // they are recomputed on every run.
+                    if let Ok(dir) = mesh_core::fetch::cache_dir() {
+                        pp = pp.with_cache_dir(dir.join("checks"));
+                    }
                     // Traffic of single-token (decode) steps: what a token costs.
                     let (mut decode_bytes, mut decode_steps) = (0u64, 0u64);
+                    let mut decode_owner_nanos = 0u64;
                     let n_layers = engine.info().n_layers;
                     let mut forward = |tokens: &[u32], s: &mut GgmlSession| {
                         let before = pp.stats();
@@ -336,6 +343,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                             let after = pp.stats();
                             decode_bytes += (after.bytes_sent + after.bytes_received)
                                 - (before.bytes_sent + before.bytes_received);
+                            decode_owner_nanos += after.owner_nanos - before.owner_nanos;
                             decode_steps += 1;
                         }
                         Ok(logits)
@@ -357,7 +365,10 @@ fn run(command: Command) -> Result<(), BoxError> {
                         }
                         steps => decode_bytes / steps,
                     };
-                    private_stats = Some((n, bytes_per_token, stats));
+                    // Owner overhead of one decode step (sharing, sealing, checks).
+                    let owner_ms_per_token =
+                        decode_owner_nanos as f64 / 1e6 / decode_steps.max(1) as f64;
+                    private_stats = Some((n, bytes_per_token, owner_ms_per_token, stats));
                     result
                 }
             };
@@ -372,9 +383,12 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "generate_ms": result.generate_ms,
                     "stop": format!("{:?}", result.stop),
                 });
-                if let Some((n, bytes_per_token, stats)) = &private_stats {
+                if let Some((n, bytes_per_token, owner_ms, stats)) = &private_stats {
                     v["private"] = json!(n);
                     v["bytes_per_token"] = json!(bytes_per_token);
+                    v["owner_ms_per_token"] = json!(owner_ms);
+                    v["owner_ms"] = json!(stats.owner_nanos as f64 / 1e6);
+                    v["helpers_ms"] = json!(stats.helper_nanos as f64 / 1e6);
                     v["checks_failed"] = json!(stats.checks_failed);
                     v["round_trips"] = json!(stats.round_trips);
                 }

@@ -40,6 +40,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use rand::{CryptoRng, RngCore};
 use zeroize::Zeroize;
@@ -129,6 +130,16 @@ pub struct PrivateStats {
     /// Cache files rejected as invalid (then recomputed and rewritten) or
     /// that could not be written.
     pub checker_cache_errors: u64,
+    /// Wall time the owner spent on its side of delegation, in nanoseconds:
+    /// quantizing and encoding inputs, sharing, hashing and sealing requests,
+    /// opening and parsing replies, reconstructing, checking and decoding.
+    /// Excludes the helpers' work and the one-time set-up of a matrix (its
+    /// column bounds and check vectors). This is the owner overhead of
+    /// private mode, to compare with the local compute it replaces.
+    pub owner_nanos: u64,
+    /// Wall time spent inside the (in-process) helpers, in nanoseconds:
+    /// opening, seed expansion, the integer kernels and sealing the replies.
+    pub helper_nanos: u64,
 }
 
 /// Fault injection: how a dishonest helper alters its partial result.
@@ -699,8 +710,31 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
 
     /// One request (wire code `op`) for the projections `group` of `layer`,
     /// which share their input: one sharing of `x`, one round trip to every
-    /// helper, one checked and decoded output per projection.
+    /// helper, one checked and decoded output per projection. Accounts the
+    /// owner's and the helpers' time in the stats.
     fn delegate(
+        &mut self,
+        layer: usize,
+        op: u8,
+        group: &[Projection],
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        // One-time set-up of the matrices is not per-token overhead.
+        for p in group {
+            self.matrix_state(layer, *p)?;
+        }
+        let start = Instant::now();
+        let helpers_before = self.stats.helper_nanos;
+        let result = self.delegate_timed(layer, op, group, x, n);
+        let total = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let in_helpers = self.stats.helper_nanos - helpers_before;
+        self.stats.owner_nanos += total.saturating_sub(in_helpers);
+        result
+    }
+
+    /// [`Self::delegate`] without the time accounting.
+    fn delegate_timed(
         &mut self,
         layer: usize,
         op: u8,
@@ -820,7 +854,11 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             let request = sealed?;
             self.stats.bytes_sent += request.len() as u64;
             // The transport: the header travels in the clear next to the envelope.
-            let reply = self.helpers[i].handle(self.engine, &header, &request)?;
+            let in_helper = Instant::now();
+            let reply = self.helpers[i].handle(self.engine, &header, &request);
+            self.stats.helper_nanos +=
+                u64::try_from(in_helper.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let reply = reply?;
             self.stats.bytes_received += reply.len() as u64;
             let expected = EnvelopeHeader {
                 direction: Direction::HelperToOwner,

@@ -328,6 +328,93 @@ fn a_cheating_helper_is_caught() {
 }
 
 #[test]
+fn a_failing_helper_is_dropped_and_the_step_redone_on_a_spare() {
+    let e = engine();
+    let x = activations(2, e.info().n_embd);
+    let want = projector(2, 9).project(0, Projection::Q, &x, 2).unwrap();
+    // Every way a helper can fail, at either share position (0 gets a seed,
+    // 1 the full vector).
+    for cheat in [
+        Cheat::FlipBit,
+        Cheat::AddOne,
+        Cheat::Fail,
+        Cheat::CorruptEnvelope,
+    ] {
+        for bad in [0, 1] {
+            let mut pp =
+                PrivateProjector::with_spares(e, 2, 2, ChaCha20Rng::seed_from_u64(7)).unwrap();
+            pp.set_cheat(Some((bad, cheat))).unwrap();
+            // The result is the honest one: shares differ, the exact product does not.
+            let got = pp.project(0, Projection::Q, &x, 2).unwrap();
+            assert_eq!(got, want, "{cheat:?} at {bad}");
+            let st = pp.stats();
+            assert_eq!(
+                (st.helpers_dropped, st.retries),
+                (1, 1),
+                "{cheat:?} at {bad}"
+            );
+            let wrong_result = matches!(cheat, Cheat::FlipBit | Cheat::AddOne);
+            assert_eq!(st.checks_failed, u64::from(wrong_result), "{cheat:?}");
+            let d = &pp.dropped_helpers()[0];
+            assert_eq!((d.helper, d.layer, d.attempt), (bad, 0, 0), "{d:?}");
+            assert_eq!(d.op, mesh_core::delegate::private::OP_QKV);
+            let expect = if wrong_result {
+                "wrong result"
+            } else {
+                "no usable answer"
+            };
+            assert!(d.reason.contains(expect), "{cheat:?}: {}", d.reason);
+            // Spare 2 took the dropped helper's share position.
+            let mut active = [0, 1];
+            active[bad] = 2;
+            assert_eq!(pp.active_helpers(), &active[..]);
+            assert_eq!(pp.spares_left(), 1);
+            // Later steps run on the new set without further failures.
+            pp.project(3, Projection::Down, &activations(1, e.info().n_ff), 1)
+                .unwrap();
+            assert_eq!(pp.stats().helpers_dropped, 1);
+        }
+    }
+}
+
+#[test]
+fn generation_survives_lying_helpers_until_the_spares_run_out() {
+    let e = engine();
+    let toks = e
+        .tokenizer()
+        .encode(
+            "The capital of France is Paris, and the capital of Italy is",
+            false,
+            false,
+        )
+        .unwrap();
+    let (_, honest) = private_greedy(&mut projector(2, 11), &toks, 6);
+    let mut pp = PrivateProjector::with_spares(e, 2, 1, ChaCha20Rng::seed_from_u64(12)).unwrap();
+    pp.set_cheat(Some((1, Cheat::AddOne))).unwrap();
+    let (_, tokens) = private_greedy(&mut pp, &toks, 6);
+    assert_eq!(
+        tokens, honest,
+        "a replaced liar must not change a single token"
+    );
+    assert_eq!(pp.dropped_helpers().len(), 1);
+    assert_eq!(pp.active_helpers(), &[0, 2]);
+    // Now the spare lies too and nobody is left to take over: an error, no logits.
+    pp.set_cheat(Some((2, Cheat::FlipBit))).unwrap();
+    let mut h = e.embed(&toks[..1], 0).unwrap();
+    let mut s = e.new_session(4).unwrap();
+    let err = e
+        .run_layers_with(0..1, &mut h, &mut s, &mut |l, p, x, n| {
+            pp.project(l, p, x, n)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("helper 2 returned a wrong result"), "{err}");
+    assert_eq!(pp.stats().helpers_dropped, 1);
+    assert!(PrivateProjector::with_spares(e, 1, 5, ChaCha20Rng::seed_from_u64(1)).is_err());
+    assert!(PrivateProjector::with_spares(e, 2, 65534, ChaCha20Rng::seed_from_u64(1)).is_err());
+}
+
+#[test]
 fn bytes_per_decoded_token() {
     let e = engine();
     let n_layers = e.info().n_layers;
@@ -369,7 +456,10 @@ fn bytes_per_decoded_token() {
         );
         assert_eq!(layers.projections as usize, 7 * n_layers);
         // Both sides did measurable work and the owner's time excludes the helpers'.
-        assert!(layers.owner_nanos > 0 && layers.helper_nanos > 0, "{layers:?}");
+        assert!(
+            layers.owner_nanos > 0 && layers.helper_nanos > 0,
+            "{layers:?}"
+        );
         assert!(head.owner_nanos > 0 && head.helper_nanos > 0, "{head:?}");
         assert_eq!((layers.checks_failed, head.checks_failed), (0, 0));
         // Replies: every helper returns 8 bytes per output value.

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mesh_core::chat::ChatMessage;
-use mesh_core::delegate::private::PrivateProjector;
+use mesh_core::delegate::private::{Cheat, PrivateProjector};
 use mesh_core::engine::{Engine, GgmlEngine, GgmlSession, Logits, Projection};
 use mesh_core::fetch::{resolve_model, FetchProgress};
 use mesh_core::generate::{self, GenerateParams, Prompt};
@@ -84,6 +84,15 @@ enum Command {
         /// by N (>= 2) in-process helpers, with sealed messages and verified results.
         #[arg(long, value_name = "N")]
         private: Option<usize>,
+        /// Private mode: K more helpers in reserve. A helper whose result fails the
+        /// check (or that fails to answer) is dropped and the step redone on a spare.
+        #[arg(long, value_name = "K", default_value_t = 0, requires = "private")]
+        spares: usize,
+        /// Private mode, for demonstrations and tests: make helper I misbehave
+        /// (KIND: flip-bit, add-one, fail, corrupt-envelope). Helpers are numbered
+        /// 0..N, spares N..N+K.
+        #[arg(long, value_name = "I:KIND", requires = "private", value_parser = parse_fault)]
+        inject_fault: Option<(usize, Cheat)>,
         /// Exact accumulation: every Q4_1 projection is the exact product of the
         /// quantized integers rounded once to f32 (as private mode computes it)
         /// instead of ggml's f32 accumulation.
@@ -266,6 +275,8 @@ fn run(command: Command) -> Result<(), BoxError> {
             ctx,
             ignore_eos,
             private,
+            spares,
+            inject_fault,
             exact,
             format,
         } => {
@@ -321,7 +332,13 @@ fn run(command: Command) -> Result<(), BoxError> {
                     &mut on_text,
                 )?,
                 Some(n) => {
-                    let mut pp = PrivateProjector::new(&engine, n, ChaCha20Rng::from_entropy())?;
+                    let mut pp = PrivateProjector::with_spares(
+                        &engine,
+                        n,
+                        spares,
+                        ChaCha20Rng::from_entropy(),
+                    )?;
+                    pp.set_cheat(inject_fault)?;
                     // Check vectors are computed once per model and kept with the
                     // model cache (owner-local, 0600); without a cache directory
                     // they are recomputed on every run.
@@ -368,7 +385,31 @@ fn run(command: Command) -> Result<(), BoxError> {
                     // Owner overhead of one decode step (sharing, sealing, checks).
                     let owner_ms_per_token =
                         decode_owner_nanos as f64 / 1e6 / decode_steps.max(1) as f64;
-                    private_stats = Some((n, bytes_per_token, owner_ms_per_token, stats));
+                    let dropped: Vec<_> = pp
+                        .dropped_helpers()
+                        .iter()
+                        .map(|d| {
+                            json!({
+                                "helper": d.helper,
+                                "layer": d.layer,
+                                "op": d.op,
+                                "step": d.step,
+                                "attempt": d.attempt,
+                                "reason": d.reason,
+                            })
+                        })
+                        .collect();
+                    for d in &dropped {
+                        eprintln!("mesh: private: dropped a helper and redid its step: {d}");
+                    }
+                    private_stats = Some((
+                        n,
+                        bytes_per_token,
+                        owner_ms_per_token,
+                        stats,
+                        dropped,
+                        pp.active_helpers().to_vec(),
+                    ));
                     result
                 }
             };
@@ -383,7 +424,8 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "generate_ms": result.generate_ms,
                     "stop": format!("{:?}", result.stop),
                 });
-                if let Some((n, bytes_per_token, owner_ms, stats)) = &private_stats {
+                if let Some((n, bytes_per_token, owner_ms, stats, dropped, active)) = &private_stats
+                {
                     v["private"] = json!(n);
                     v["bytes_per_token"] = json!(bytes_per_token);
                     v["owner_ms_per_token"] = json!(owner_ms);
@@ -391,6 +433,9 @@ fn run(command: Command) -> Result<(), BoxError> {
                     v["helpers_ms"] = json!(stats.helper_nanos as f64 / 1e6);
                     v["checks_failed"] = json!(stats.checks_failed);
                     v["round_trips"] = json!(stats.round_trips);
+                    v["retries"] = json!(stats.retries);
+                    v["helpers_dropped"] = json!(dropped);
+                    v["active_helpers"] = json!(active);
                 }
                 writeln!(out, "{v}")?;
             }
@@ -514,4 +559,26 @@ fn run(command: Command) -> Result<(), BoxError> {
         } => net::find(bootstrap, model, layer, timeout)?,
     }
     Ok(())
+}
+
+/// `I:KIND` for `--inject-fault`.
+fn parse_fault(s: &str) -> std::result::Result<(usize, Cheat), String> {
+    let (i, kind) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected I:KIND, found {s:?}"))?;
+    let i = i
+        .parse()
+        .map_err(|_| format!("helper index: expected a number, found {i:?}"))?;
+    let cheat = match kind {
+        "flip-bit" => Cheat::FlipBit,
+        "add-one" => Cheat::AddOne,
+        "fail" => Cheat::Fail,
+        "corrupt-envelope" => Cheat::CorruptEnvelope,
+        other => {
+            return Err(format!(
+                "fault kind: expected flip-bit, add-one, fail or corrupt-envelope, found {other:?}"
+            ))
+        }
+    };
+    Ok((i, cheat))
 }

@@ -135,6 +135,60 @@ fn private_generation_reports_traffic_and_checks() {
 }
 
 #[test]
+fn a_lying_helper_is_replaced_by_a_spare() {
+    let m = model();
+    let base = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        "--private",
+        "2",
+        "--format",
+        "json",
+    ];
+    let honest = json(&base);
+    assert_eq!(honest["helpers_dropped"], serde_json::json!([]), "{honest}");
+    let mut args = base.to_vec();
+    args.extend(["--spares", "1", "--inject-fault", "0:flip-bit"]);
+    let v = json(&args);
+    assert_eq!(v["token_ids"], honest["token_ids"], "{v}");
+    assert_eq!(v["checks_failed"], 1, "{v}");
+    assert_eq!(v["retries"], 1, "{v}");
+    assert_eq!(v["active_helpers"], serde_json::json!([2, 1]), "{v}");
+    let dropped = v["helpers_dropped"].as_array().unwrap();
+    assert_eq!(dropped.len(), 1, "{v}");
+    assert_eq!(dropped[0]["helper"], 0, "{v}");
+    assert!(
+        dropped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wrong result"),
+        "{v}"
+    );
+    // Without a spare the same fault is a clear error and no text.
+    let mut args = base.to_vec();
+    args.extend(["--inject-fault", "1:fail"]);
+    let (ok, stdout, stderr) = mesh(&args);
+    assert!(!ok && stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("helper 1 gave no usable answer"),
+        "{stderr}"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--inject-fault", "0:sneeze"]);
+    let (ok, _, stderr) = mesh(&args);
+    assert!(!ok && stderr.contains("fault kind"), "{stderr}");
+}
+
+#[test]
 fn perplexity_and_bench_print_json() {
     let m = model();
     let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));

@@ -23,9 +23,13 @@
 //! helper `i` its share sealed in that helper's HPKE context. The helper opens
 //! it, expands a seed if needed, computes `W·X_i` with [`Matrix::mul`] and seals
 //! the reply; the owner opens every reply, sums them, runs the Freivalds and
-//! range check ([`Checker`]) and only then decodes to `f32`. A failed check is
-//! an error naming the layer, the projection and (by Freivalds on each share
-//! alone) the helper that lied.
+//! range check ([`Checker`]) and only then decodes to `f32`. A failed check
+//! names the layer, the projection and (by Freivalds on each share alone) the
+//! helper that lied. With spares ([`PrivateProjector::with_spares`]) the liar
+//! (or a helper that fails to answer) is dropped for the session with its
+//! evidence and the step is redone with fresh shares and the next `attempt`
+//! number on a spare; without one the failure is an error. No result is used
+//! before it passed the check.
 //!
 //! Q, K and V of a layer (and gate and up) share their input, so by default
 //! they travel as one request ([`OP_QKV`], [`OP_GATE_UP`]): four round trips
@@ -140,15 +144,44 @@ pub struct PrivateStats {
     /// Wall time spent inside the (in-process) helpers, in nanoseconds:
     /// opening, seed expansion, the integer kernels and sealing the replies.
     pub helper_nanos: u64,
+    /// Helpers dropped for the session after a wrong or missing result (see
+    /// [`PrivateProjector::dropped_helpers`]).
+    pub helpers_dropped: u64,
+    /// Requests redone with fresh shares after a failed attempt.
+    pub retries: u64,
 }
 
-/// Fault injection: how a dishonest helper alters its partial result.
+/// Evidence kept when a helper is dropped for the session: what it was asked
+/// and why its answer was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedHelper {
+    /// The helper's index in the projector's pool (`0..n + spares`).
+    pub helper: usize,
+    /// Its peer id as bound into the envelopes' AAD.
+    pub peer: Vec<u8>,
+    /// Layer of the request.
+    pub layer: u32,
+    /// Wire op code of the request ([`op_code`], [`OP_QKV`], [`OP_GATE_UP`]).
+    pub op: u8,
+    /// The projector's step counter of the request.
+    pub step: u64,
+    /// Which attempt of that step failed (0 = the first).
+    pub attempt: u32,
+    /// Why the answer was rejected.
+    pub reason: String,
+}
+
+/// Fault injection: how a dishonest or broken helper answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cheat {
     /// Flip one bit (bit 17 of the first value) of the partial result.
     FlipBit,
     /// Add one to the first value of the partial result.
     AddOne,
+    /// Answer with an error instead of a result (a crash or a refusal).
+    Fail,
+    /// Flip a byte of the sealed reply (the envelope fails to open).
+    CorruptEnvelope,
 }
 
 /// What the owner keeps per weight matrix: the column bounds for the
@@ -190,6 +223,12 @@ impl Helper {
         header: &EnvelopeHeader,
         envelope: &[u8],
     ) -> Result<Vec<u8>> {
+        if self.cheat == Some(Cheat::Fail) {
+            return Err(Error::InvalidArgument(format!(
+                "helper {}: out of service",
+                self.index
+            )));
+        }
         let refuse = |why: String| {
             Err(Error::InvalidArgument(format!(
                 "helper {}: request refused: {why}",
@@ -197,7 +236,7 @@ impl Helper {
             )))
         };
         if header.direction != Direction::OwnerToHelper
-            || header.helper_index != self.index
+            || header.helper_index >= header.n
             || header.helper_peer != self.peer
             || header.model_hash != engine.info().id.0
         {
@@ -248,7 +287,7 @@ impl Helper {
         match self.cheat {
             Some(Cheat::FlipBit) => y[0] ^= 1 << 17,
             Some(Cheat::AddOne) => y[0] = y[0].wrapping_add(1),
-            None => {}
+            Some(Cheat::Fail | Cheat::CorruptEnvelope) | None => {}
         }
         let mut payload = words_to_bytes(&y);
         y.zeroize();
@@ -259,7 +298,12 @@ impl Helper {
         };
         let sealed = self.to_owner.seal(&reply, &payload);
         payload.zeroize();
-        sealed
+        let mut sealed = sealed?;
+        if self.cheat == Some(Cheat::CorruptEnvelope) {
+            let last = sealed.len() - 1;
+            sealed[last] ^= 0x40;
+        }
+        Ok(sealed)
     }
 }
 
@@ -370,6 +414,32 @@ fn write_cache_file(
     result
 }
 
+/// Why one attempt of a delegated step failed.
+enum Failure {
+    /// Not the helpers' doing (invalid input, a local error): not retried.
+    Fatal(Box<Error>),
+    /// The helpers at these share positions answered wrongly or not at all
+    /// (empty: a wrong result nobody could be named for).
+    Helpers {
+        culprits: Vec<usize>,
+        error: Box<Error>,
+    },
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Fatal(Box::new(e))
+    }
+}
+
+/// Clears an abandoned attempt's secrets: the encoded input, the partial sum
+/// and the helpers' partial results.
+fn wipe(xr: &mut Vec<u64>, y: &mut Vec<u64>, parts: &mut [Vec<u64>]) {
+    xr.zeroize();
+    y.zeroize();
+    parts.iter_mut().for_each(|p| p.zeroize());
+}
+
 /// The owner side of private delegation with `n >= 2` in-process helpers
 /// (see the [module docs](self)). One projector is one delegation session:
 /// its session id, HPKE contexts and step counter live as long as it does.
@@ -379,8 +449,18 @@ pub struct PrivateProjector<'e, E: Engine, R: RngCore + CryptoRng> {
     session_id: [u8; 16],
     model_hash: [u8; 32],
     step: u64,
+    /// The owner's ends of every pooled helper's contexts, by pool index.
     links: Vec<OwnerLink>,
+    /// Every helper of the pool: the `n` active ones and the spares.
     helpers: Vec<Helper>,
+    /// Pool indices of the helpers holding shares, in share order (the last
+    /// one gets the full vector).
+    active: Vec<usize>,
+    /// Pool indices of helpers not used yet, taken in order when an active
+    /// helper is dropped.
+    spares: Vec<usize>,
+    /// Evidence on every helper dropped so far.
+    dropped: Vec<DroppedHelper>,
     matrices: HashMap<(usize, Projection), MatrixState>,
     stats: PrivateStats,
     fuse: bool,
@@ -413,21 +493,38 @@ fn input_hash(x: &[f32], n: usize) -> [u8; 32] {
 }
 
 impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
-    /// A session with `n_helpers >= 2` helpers over `engine`'s weights. Every
-    /// secret (session id, HPKE keys, share seeds, check vectors) comes from
-    /// `rng`.
-    pub fn new(engine: &'e E, n_helpers: usize, mut rng: R) -> Result<Self> {
-        if n_helpers < 2 || n_helpers > usize::from(u16::MAX) {
+    /// A session with `n_helpers >= 2` helpers over `engine`'s weights and no
+    /// spares: a wrong result is an error. Every secret (session id, HPKE
+    /// keys, share seeds, check vectors) comes from `rng`.
+    pub fn new(engine: &'e E, n_helpers: usize, rng: R) -> Result<Self> {
+        Self::with_spares(engine, n_helpers, 0, rng)
+    }
+
+    /// A session with `n_helpers >= 2` active helpers and `spares` more in
+    /// reserve (`SMPC.md`, integrity): when a result fails the check, or a
+    /// helper fails to answer (an error, an envelope that does not open, a
+    /// reply of the wrong size), the helpers found responsible are dropped
+    /// for the session with their evidence ([`Self::dropped_helpers`]),
+    /// replaced by spares, and the request is redone with fresh shares and
+    /// the next attempt number. A result is used only once it passed the
+    /// check; when no spare is left the failure is an error. A failure that
+    /// cannot be attributed (an error confined to the top bits of a share,
+    /// probability about `2^-40`) is retried once with fresh shares on the
+    /// same helpers.
+    pub fn with_spares(engine: &'e E, n_helpers: usize, spares: usize, mut rng: R) -> Result<Self> {
+        let pool = n_helpers.saturating_add(spares);
+        if n_helpers < 2 || pool > usize::from(u16::MAX) {
             return Err(Error::InvalidArgument(format!(
-                "private delegation with {n_helpers} helpers: expected 2..=65535"
+                "private delegation with {n_helpers} helpers and {spares} spares: expected \
+                 at least 2 helpers and at most 65535 in all"
             )));
         }
         let mut session_id = [0u8; 16];
         rng.fill_bytes(&mut session_id);
         let owner_key = SecretKey::generate(&mut rng);
-        let mut links = Vec::with_capacity(n_helpers);
-        let mut helpers = Vec::with_capacity(n_helpers);
-        for i in 0..n_helpers {
+        let mut links = Vec::with_capacity(pool);
+        let mut helpers = Vec::with_capacity(pool);
+        for i in 0..pool {
             let helper_key = SecretKey::generate(&mut rng);
             let to_helper = SealContext::new(&mut rng, &helper_key.public_key())?;
             let to_owner = SealContext::new(&mut rng, &owner_key.public_key())?;
@@ -453,6 +550,9 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             step: 0,
             links,
             helpers,
+            active: (0..n_helpers).collect(),
+            spares: (n_helpers..pool).collect(),
+            dropped: Vec::new(),
             matrices: HashMap::new(),
             stats: PrivateStats::default(),
             fuse: true,
@@ -485,9 +585,24 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         self.last_cache_error.as_ref()
     }
 
-    /// Number of helpers `n`.
+    /// Number of helpers `n` holding shares.
     pub fn n_helpers(&self) -> usize {
-        self.helpers.len()
+        self.active.len()
+    }
+
+    /// Spares not used yet.
+    pub fn spares_left(&self) -> usize {
+        self.spares.len()
+    }
+
+    /// Pool indices of the helpers holding shares, in share order.
+    pub fn active_helpers(&self) -> &[usize] {
+        &self.active
+    }
+
+    /// Every helper dropped for this session, with the evidence.
+    pub fn dropped_helpers(&self) -> &[DroppedHelper] {
+        &self.dropped
     }
 
     /// Whether Q, K, V (and gate, up) of a layer travel as one request (the
@@ -540,8 +655,9 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         std::mem::take(&mut self.stats)
     }
 
-    /// Fault injection for tests: make helper `i` alter every partial result
-    /// it returns (`Some((i, cheat))`), or make every helper honest (`None`).
+    /// Fault injection for tests: make helper `i` (pool index, spares after
+    /// the `n` first helpers) alter every answer it gives (`Some((i, cheat))`),
+    /// or make every helper honest (`None`).
     pub fn set_cheat(&mut self, cheat: Option<(usize, Cheat)>) -> Result<()> {
         if let Some((i, _)) = cheat {
             if i >= self.helpers.len() {
@@ -733,7 +849,9 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         result
     }
 
-    /// [`Self::delegate`] without the time accounting.
+    /// [`Self::delegate`] without the time accounting: one step, attempted
+    /// again with fresh shares (on spares, once the culprits are dropped) as
+    /// long as the helpers are at fault and someone can take their place.
     fn delegate_timed(
         &mut self,
         layer: usize,
@@ -742,6 +860,68 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         x: &[f32],
         n: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        self.step += 1;
+        let mut attempt = 0u32;
+        let mut unattributed_retry = false;
+        loop {
+            let (culprits, error) = match self.attempt(layer, op, group, x, n, attempt) {
+                Ok(outs) => return Ok(outs),
+                Err(Failure::Fatal(e)) => return Err(*e),
+                Err(Failure::Helpers { culprits, error }) => (culprits, *error),
+            };
+            if culprits.is_empty() {
+                // Nobody named: fresh shares on the same helpers, once.
+                if unattributed_retry {
+                    return Err(error);
+                }
+                unattributed_retry = true;
+            } else {
+                if culprits.len() > self.spares.len() {
+                    return Err(error);
+                }
+                for &position in &culprits {
+                    let helper = self.active[position];
+                    let spare = self.spares.remove(0);
+                    tracing::warn!(
+                        helper,
+                        spare,
+                        layer,
+                        op,
+                        step = self.step,
+                        attempt,
+                        "private delegation: dropping a helper: {error}"
+                    );
+                    self.dropped.push(DroppedHelper {
+                        helper,
+                        peer: self.helpers[helper].peer.clone(),
+                        layer: layer as u32,
+                        op,
+                        step: self.step,
+                        attempt,
+                        reason: error.to_string(),
+                    });
+                    self.stats.helpers_dropped += 1;
+                    self.active[position] = spare;
+                }
+            }
+            self.stats.retries += 1;
+            attempt = attempt.checked_add(1).ok_or_else(|| {
+                Error::InvalidArgument("private delegation: too many attempts".into())
+            })?;
+        }
+    }
+
+    /// One attempt of a step: fresh shares of `x` to the active helpers,
+    /// their replies checked and decoded.
+    fn attempt(
+        &mut self,
+        layer: usize,
+        op: u8,
+        group: &[Projection],
+        x: &[f32],
+        n: usize,
+        attempt: u32,
+    ) -> std::result::Result<Vec<Vec<f32>>, Failure> {
         let name = format!("layer {layer} {:?}", group);
         let mut shapes = Vec::with_capacity(group.len());
         let mut format = None;
@@ -755,7 +935,8 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             } else if bounds.len() != st.cols {
                 return Err(Error::InvalidArgument(format!(
                     "{name}: the fused matrices differ in width"
-                )));
+                ))
+                .into());
             } else {
                 bounds
                     .iter_mut()
@@ -766,7 +947,8 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             if format.is_some_and(|f| f != st.format) {
                 return Err(Error::InvalidArgument(format!(
                     "{name}: the fused matrices take differently quantized inputs"
-                )));
+                ))
+                .into());
             }
             format = Some(st.format);
         }
@@ -777,7 +959,8 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             return Err(Error::InvalidArgument(format!(
                 "{name} input: expected {n} tokens of {cols} values, found {} values",
                 x.len()
-            )));
+            ))
+            .into());
         }
         let (rows32, cols32, n32) =
             match (u32::try_from(rows), u32::try_from(cols), u32::try_from(n)) {
@@ -785,7 +968,8 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 _ => {
                     return Err(Error::InvalidArgument(format!(
                         "{name}: {n} tokens of a {rows}x{cols} matrix do not fit the wire format"
-                    )))
+                    ))
+                    .into())
                 }
             };
         // The values ggml's quantized mat-vec would multiply (its integers
@@ -808,16 +992,19 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         };
         xq.zeroize();
         let (mut xr, params) = encoded?;
-        let shares = share(&xr, self.helpers.len(), &mut self.rng)?;
-        self.step += 1;
+        let n_helpers = self.active.len();
+        let shares = share(&xr, n_helpers, &mut self.rng)?;
         self.stats.round_trips += 1;
-        self.stats.projections += group.len() as u64;
-        let n_helpers = self.helpers.len();
+        if attempt == 0 {
+            self.stats.projections += group.len() as u64;
+        }
         let mut y = vec![0u64; n * rows];
         // Each helper's partial result, kept until the checks pass so a
         // failure can be attributed to a helper.
         let mut parts: Vec<Vec<u64>> = Vec::with_capacity(n_helpers);
         for i in 0..n_helpers {
+            // Share position `i` goes to pool helper `h`.
+            let h = self.active[i];
             let (kind, mut payload) = {
                 let mut p =
                     Vec::with_capacity(4 + if i + 1 < n_helpers { 32 } else { xr.len() * 8 });
@@ -841,37 +1028,60 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 layer: layer as u32,
                 session_id: self.session_id,
                 owner_peer: OWNER_PEER.to_vec(),
-                helper_peer: self.helpers[i].peer.clone(),
+                helper_peer: self.helpers[h].peer.clone(),
                 model_hash: self.model_hash,
                 step: self.step,
                 rows: rows32,
                 cols: cols32,
-                attempt: 0,
+                attempt,
                 request_hash: *blake3::hash(&payload).as_bytes(),
             };
-            let sealed = self.links[i].to_helper.seal(&header, &payload);
+            let sealed = self.links[h].to_helper.seal(&header, &payload);
             payload.zeroize();
-            let request = sealed?;
+            let request = match sealed {
+                Ok(r) => r,
+                Err(e) => {
+                    wipe(&mut xr, &mut y, &mut parts);
+                    return Err(e.into());
+                }
+            };
             self.stats.bytes_sent += request.len() as u64;
             // The transport: the header travels in the clear next to the envelope.
             let in_helper = Instant::now();
-            let reply = self.helpers[i].handle(self.engine, &header, &request);
+            let reply = self.helpers[h].handle(self.engine, &header, &request);
             self.stats.helper_nanos +=
                 u64::try_from(in_helper.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let reply = reply?;
-            self.stats.bytes_received += reply.len() as u64;
             let expected = EnvelopeHeader {
                 direction: Direction::HelperToOwner,
                 kind: KIND_RESULT,
                 ..header
             };
-            let mut opened = self.links[i].from_helper.open(&expected, &reply)?;
-            let part = decode_reply(&opened.payload, y.len())
-                .map_err(|e| Error::InvalidArgument(format!("helper {i}, {name}: {e}")));
-            opened.payload.zeroize();
-            let part = part?;
-            ring::add_assign(&mut y, &part);
-            parts.push(part);
+            // No answer, an envelope that does not open, a reply of the wrong
+            // size: this helper's fault.
+            let part = reply.and_then(|reply| {
+                self.stats.bytes_received += reply.len() as u64;
+                let mut opened = self.links[h].from_helper.open(&expected, &reply)?;
+                let part = decode_reply(&opened.payload, y.len());
+                opened.payload.zeroize();
+                part
+            });
+            match part {
+                Ok(part) => {
+                    ring::add_assign(&mut y, &part);
+                    parts.push(part);
+                }
+                Err(e) => {
+                    wipe(&mut xr, &mut y, &mut parts);
+                    return Err(Failure::Helpers {
+                        culprits: vec![i],
+                        error: Box::new(Error::InvalidArgument(format!(
+                            "delegated {name} (step {}, attempt {attempt}): helper {h} gave \
+                             no usable answer: {e}",
+                            self.step
+                        ))),
+                    });
+                }
+            }
         }
         // Check every product before decoding any of them.
         let mut failed = None;
@@ -893,22 +1103,28 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             let slices: Vec<&[u64]> = parts.iter().map(|v| &v[span.clone()]).collect();
             let culprits = self.attribute(layer, p, &shares, &slices);
             parts.iter_mut().for_each(|p| p.zeroize());
-            let who = match culprits {
-                Ok(c) if !c.is_empty() => format!(
+            let culprits = culprits.unwrap_or_default();
+            let who = if culprits.is_empty() {
+                format!("one of helpers {:?} (not attributable)", self.active)
+            } else {
+                format!(
                     "helper{} {}",
-                    if c.len() > 1 { "s" } else { "" },
-                    c.iter()
-                        .map(|i| i.to_string())
+                    if culprits.len() > 1 { "s" } else { "" },
+                    culprits
+                        .iter()
+                        .map(|&i| self.active[i].to_string())
                         .collect::<Vec<_>>()
                         .join(", ")
-                ),
-                _ => format!("one of helpers 0..{n_helpers} (not attributable)"),
+                )
             };
-            return Err(Error::InvalidArgument(format!(
-                "delegated layer {layer} {p:?} (step {}): {who} returned a wrong result; \
-                 the reconstruction failed the integrity check ({failure})",
-                self.step
-            )));
+            return Err(Failure::Helpers {
+                culprits,
+                error: Box::new(Error::InvalidArgument(format!(
+                    "delegated layer {layer} {p:?} (step {}, attempt {attempt}): {who} returned \
+                     a wrong result; the reconstruction failed the integrity check ({failure})",
+                    self.step
+                ))),
+            });
         }
         parts.iter_mut().for_each(|p| p.zeroize());
         drop(shares);

@@ -43,7 +43,7 @@ DEFAULT_OUT = os.path.join(REPO, "mesh-core", "tests", "data", "golden.json")
 N_CTX = 512
 N_BATCH = 512
 N_THREADS = 2
-N_GENERATE = 32
+N_GENERATE = 64
 TOP_K = 10
 
 # ---------------------------------------------------------------------------
@@ -651,6 +651,16 @@ PROMPTS = [
     ("chatml_no_system", IM_START + "user\nList three colors." + IM_END + "\n" + IM_START + "assistant\n"),
     ("raw_fox", "The quick brown fox"),
     ("raw_code", "def fibonacci(n):\n"),
+    ("raw_capital_italy", "The capital of France is Paris, and the capital of Italy is"),
+    ("raw_fibonacci_body", "def fibonacci(n):\n    if n < 2:\n        return n\n   "),
+    ("raw_village", "Once upon a time, in a small village by the sea, there lived"),
+    ("raw_thermodynamics", "The three laws of thermodynamics state that"),
+    ("raw_recipe", "Here is a recipe for chocolate chip cookies. Ingredients:"),
+    ("raw_armstrong", "In 1969, Neil Armstrong became the first person to"),
+    ("raw_sql", "SELECT name, age FROM users WHERE"),
+    ("raw_language", "The most important thing to remember when learning a new language is"),
+    ("raw_photosynthesis", "Photosynthesis is the process by which plants"),
+    ("chatml_haiku", IM_START + "user\nWrite a haiku about the sea." + IM_END + "\n" + IM_START + "assistant\n"),
 ]
 
 

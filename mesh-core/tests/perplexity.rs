@@ -7,7 +7,7 @@ use mesh_core::engine::{Engine, GgmlEngine};
 use mesh_core::generate::{perplexity, DEFAULT_BATCH};
 
 #[test]
-fn perplexity_matches_upstream_within_one_percent() {
+fn perplexity_matches_upstream() {
     let want: serde_json::Value =
         serde_json::from_str(include_str!("data/perplexity.json")).unwrap();
     let ctx = want["ctx"].as_u64().unwrap() as usize;
@@ -28,8 +28,10 @@ fn perplexity_matches_upstream_within_one_percent() {
     );
     let upstream = want["ppl"].as_f64().unwrap();
     let rel = (got.ppl - upstream).abs() / upstream;
+    // The same computation as upstream's: 164.33015312267315 vs 164.3301531226733
+    // measured; the tolerance allows for the output head's last-bit differences.
     assert!(
-        rel < 0.01,
+        rel < 1e-6,
         "perplexity {} vs upstream {upstream} ({rel:.4} relative)",
         got.ppl
     );

@@ -100,6 +100,8 @@ pub struct GgmlEngine {
     exact: AtomicBool,
     /// Most rows of any layer projection (sizes the shape tensor of the kernel's op).
     max_proj_rows: usize,
+    /// RoPE parameters for [`kernels::rope_op`] (boxed: graphs hold its address).
+    rope: Box<kernels::RopeParams>,
     mmap: Mmap,
 }
 
@@ -120,9 +122,24 @@ pub struct GgmlSession {
     scratch: Scratch,
 }
 
+/// Attention spans whole multiples of this many cache cells (the cells past
+/// the sequence are masked and hold zeros): ggml's tiled f16 kernel needs a
+/// multiple of 16, and with 64 its single-token f16 dot products and the
+/// softmax sums run in whole SIMD steps, as in current llama.cpp (which pads
+/// to 256; the extra cells only add exact zeros).
+const KV_PAD: usize = 64;
+
+/// Cache cells attention reads for a sequence of `len` positions.
+fn kv_span(len: usize) -> usize {
+    len.div_ceil(KV_PAD) * KV_PAD
+}
+
 /// K and V of every layer, F16; V is stored transposed (a row per dimension).
+/// Cells hold zeros until written, so padded cells are finite.
 struct KvCache {
     n_ctx: usize,
+    /// Allocated cells: `n_ctx` rounded up to [`KV_PAD`].
+    cap: usize,
     len: Vec<usize>,
     ctx: NonNull<sys::ggml_context>,
     k: Vec<T>,
@@ -168,7 +185,7 @@ impl GgmlSession {
 
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.n_layers * 2 * self.kv_dim * self.kv.n_ctx * 2
+        self.n_layers * 2 * self.kv_dim * self.kv.cap * 2
     }
 }
 
@@ -222,6 +239,12 @@ impl GgmlEngine {
         } else {
             n_threads
         };
+        let rope = Box::new(kernels::RopeParams {
+            n_dims: info.head_dim,
+            neox: info.rope_kind == RopeKind::Neox,
+            freq_base: info.rope_freq_base,
+            freq_scale: info.rope_freq_scale,
+        });
         Ok(GgmlEngine {
             tensors,
             weights,
@@ -232,6 +255,7 @@ impl GgmlEngine {
             custom_gemm: AtomicBool::new(q4_1::available()),
             exact: AtomicBool::new(false),
             max_proj_rows,
+            rope,
             mmap,
         })
     }
@@ -506,7 +530,7 @@ impl GgmlEngine {
 
     /// Positions and the causal mask of `n` tokens at `pos`, as graph inputs.
     fn position_inputs(&self, g: &mut Graph, pos: usize, n: usize) -> (T, T) {
-        let n_kv = pos + n;
+        let n_kv = kv_span(pos + n);
         let positions: Vec<i32> = (pos..pos + n).map(|p| p as i32).collect();
         let inp_pos = g.input_i32(&positions);
         let mut mask = vec![0f32; n_kv * n];
@@ -542,33 +566,25 @@ impl GgmlEngine {
     ) -> T {
         let info = &self.info;
         let (ctx, gf) = (g.ctx, g.gf);
-        let n_kv = pos + n;
+        let n_kv = kv_span(pos + n);
         let hd = info.head_dim as i64;
         let kv_dim = info.n_head_kv * info.head_dim;
-        let rope_mode = match info.rope_kind {
-            RopeKind::Normal => 0,
-            RopeKind::Neox => 2,
-        };
         let kq_scale = 1.0 / (info.head_dim as f32).sqrt();
         let (kc, vc) = (s.k[il], s.v[il]);
         let k_esz = sys::ggml_element_size(kc);
         let v_esz = sys::ggml_element_size(vc);
+        // Our RoPE rather than ggml's: the pinned ggml rounds the rotation
+        // differently from current llama.cpp in rare elements.
+        let rope_params = &*self.rope as *const kernels::RopeParams as *mut std::ffi::c_void;
         let rope = |t: T, heads: usize| {
             let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
-            sys::ggml_rope_custom(
+            sys::ggml_map_custom2(
                 ctx,
                 t,
                 inp_pos,
-                info.head_dim as i32,
-                rope_mode,
-                0,
-                info.n_ctx_train as i32,
-                info.rope_freq_base,
-                info.rope_freq_scale,
-                0.0,
-                1.0,
-                32.0,
-                1.0,
+                Some(kernels::rope_op),
+                N_TASKS_MAX,
+                rope_params,
             )
         };
         let q = rope(q, info.n_head);
@@ -578,19 +594,35 @@ impl GgmlEngine {
         let k_dst = sys::ggml_view_1d(ctx, kc, (n * kv_dim) as i64, k_esz * kv_dim * pos);
         sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, k, k_dst));
         let v_t = sys::ggml_transpose(ctx, sys::ggml_reshape_2d(ctx, v, kv_dim as i64, n as i64));
-        let v_dst = sys::ggml_view_2d(
-            ctx,
-            vc,
-            n as i64,
-            kv_dim as i64,
-            v_esz * s.n_ctx,
-            v_esz * pos,
-        );
+        let v_dst = sys::ggml_view_2d(ctx, vc, n as i64, kv_dim as i64, v_esz * s.cap, v_esz * pos);
         sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
 
         // Contiguous queries let ggml use its tiled (llamafile) F16 x F32 kernel for
-        // K·Q instead of one dot product per pair: ~10% of prompt time.
+        // K·Q instead of one dot product per pair: ~10% of prompt time. Rounded
+        // to fp16 first, as current ggml converts them before its f16 x f16
+        // kernel (same per-element order): K·Q is then bit-identical to it.
+        //
+        // One token (decode) is the exception, as in current llama.cpp: its
+        // products are ggml's f16 dot products (queries and softmax weights
+        // converted to f16 tensors, which routes ggml past the tiled kernel),
+        // so a decode step computes what upstream's does.
+        let to_f16 = |t: T| {
+            let ne = &(*t).ne;
+            let h = sys::ggml_new_tensor_3d(ctx, sys::ggml_type_GGML_TYPE_F16, ne[0], ne[1], ne[2]);
+            sys::ggml_cpy(ctx, t, h)
+        };
         let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
+        let qp = if n == 1 {
+            to_f16(qp)
+        } else {
+            sys::ggml_map_custom1(
+                ctx,
+                qp,
+                Some(kernels::round_f16_op),
+                N_TASKS_MAX,
+                ptr::null_mut(),
+            )
+        };
         let keys = sys::ggml_view_3d(
             ctx,
             kc,
@@ -616,10 +648,11 @@ impl GgmlEngine {
             n_kv as i64,
             hd,
             info.n_head_kv as i64,
-            v_esz * s.n_ctx,
-            v_esz * s.n_ctx * info.head_dim,
+            v_esz * s.cap,
+            v_esz * s.cap * info.head_dim,
             0,
         );
+        let kq = if n == 1 { to_f16(kq) } else { kq };
         let kqv = sys::ggml_mul_mat(ctx, values, kq);
         let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
         sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64)
@@ -857,8 +890,9 @@ impl Engine for GgmlEngine {
         }
         let info = &self.info;
         let kv_dim = info.n_head_kv * info.head_dim;
+        let cap = kv_span(n_ctx);
         let per_tensor = kv_dim
-            .checked_mul(n_ctx)
+            .checked_mul(cap)
             .and_then(|e| e.checked_mul(2))
             .ok_or_else(|| Error::InvalidArgument(format!("context size {n_ctx} is too large")))?;
         // SAFETY: pure size computation.
@@ -878,20 +912,21 @@ impl Engine for GgmlEngine {
         for _ in 0..info.n_layers {
             // SAFETY: tensors in the KV context, sized within `mem_size`.
             unsafe {
-                k.push(sys::ggml_new_tensor_1d(
-                    kv_ctx.as_ptr(),
-                    sys::ggml_type_GGML_TYPE_F16,
-                    (kv_dim * n_ctx) as i64,
-                ));
-                v.push(sys::ggml_new_tensor_1d(
-                    kv_ctx.as_ptr(),
-                    sys::ggml_type_GGML_TYPE_F16,
-                    (kv_dim * n_ctx) as i64,
-                ));
+                for list in [&mut k, &mut v] {
+                    let t = sys::ggml_new_tensor_1d(
+                        kv_ctx.as_ptr(),
+                        sys::ggml_type_GGML_TYPE_F16,
+                        (kv_dim * cap) as i64,
+                    );
+                    // Zero cells: padded cells are read (and masked) before any write.
+                    ptr::write_bytes((*t).data as *mut u8, 0, sys::ggml_nbytes(t));
+                    list.push(t);
+                }
             }
         }
         let kv = KvCache {
             n_ctx,
+            cap,
             len: vec![0; info.n_layers],
             ctx: kv_ctx,
             k,

@@ -1,6 +1,11 @@
-//! Element-wise kernels the pinned ggml computes with fp16 lookup tables
-//! (SiLU and the softmax's exp round their input to fp16, ~1e-3 relative error),
-//! done here in f32 the way current llama.cpp does, as ggml custom operations.
+//! Kernels the pinned ggml computes differently from current llama.cpp, done
+//! here with upstream's arithmetic as ggml custom operations, so the forward
+//! pass is bit-identical to upstream's: SwiGLU and softmax (the pinned ggml uses
+//! fp16 lookup tables for their exponentials; upstream a vectorized `expf`,
+//! reproduced by [`exp_f32`], and AVX-512 chunked softmax sums), RoPE (fused
+//! rotation, f32 theta recurrence), and the fp16 rounding upstream applies to
+//! the f32 operand of its fp16 attention products. Exactness against
+//! llama-cpp-python is checked by `tests/engine_golden.rs`.
 //!
 //! Each kernel gets the thread index `ith` of `nth` and handles its share of rows.
 //! Inputs are contiguous F32 tensors built by the graph code in `ggml.rs`.
@@ -9,26 +14,62 @@ use std::ffi::c_void;
 
 use ggml_sys_bleedingedge as sys;
 
-/// `exp(x)` in f32 to within ~2 ulp, branch-free so loops over it vectorize.
-/// Inputs below -87.3 give ~0 (not exactly 0); above 88.3 saturate.
+/// `exp(x)` in f32 to within ~2 ulp, with the arithmetic of current
+/// llama.cpp's vectorized exponential (x86 builds), so softmax and SiLU round
+/// exactly as upstream does: `x = n·ln2 + b` with `n` rounded by the
+/// `1.5·2^23` shift and `ln2` in two parts, a degree-5 minimax polynomial in
+/// `b` evaluated with fused multiply-adds (ARM optimized-routines'
+/// coefficients), then one rounding of `p·2^n`. `|n| > 192` gives 0 or +inf.
+/// Branch-free, so loops over it vectorize.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    // Taylor series of e^r on |r| <= ln2/2 to degree 7 (error < 1e-8 relative).
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    const SHIFT: f32 = 12_582_912.0; // 1.5·2^23
+    let log2e = f32::from_bits(0x3fb8_aa3b);
+    let ln2_hi = f32::from_bits(0x3f31_7200);
+    let ln2_lo = f32::from_bits(0x35bf_be8e);
+    let c1 = f32::from_bits(0x3f7f_fff6);
+    let c2 = f32::from_bits(0x3eff_fedb);
+    let c3 = f32::from_bits(0x3e2a_af33);
+    let c4 = f32::from_bits(0x3d2b_9f17);
+    let c5 = f32::from_bits(0x3c07_2010);
+    let n = x.mul_add(log2e, SHIFT) - SHIFT;
+    let b = (-n).mul_add(ln2_lo, (-n).mul_add(ln2_hi, x));
+    let u = b * b;
+    let p = c5
+        .mul_add(b, c4)
+        .mul_add(u, c3.mul_add(b, c2))
+        .mul_add(u, c1.mul_add(b, 1.0));
+    // p·2^n rounded once: exact in f64 (2^n is normal there for |n| <= 192).
+    let ni = (n as i64).clamp(-1000, 1000);
+    let scaled = (f64::from(p) * f64::from_bits(((ni + 1023) as u64) << 52)) as f32;
+    if n.abs() > 192.0 {
+        if n <= 0.0 {
+            0.0
+        } else {
+            f32::INFINITY
+        }
+    } else {
+        scaled
+    }
+}
+
+/// `x` rounded to the nearest fp16 value (ties to even), as an f32: what
+/// ggml's conversion of a matrix product's f32 operand to fp16 keeps.
+#[inline(always)]
+pub(crate) fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// Sum of 16 values in the order of x86's `_mm512_reduce_add_ps` (halves
+/// added pairwise: lanes `i` and `i + 8`, then `i + 4`, `i + 2`, `i + 1`).
+#[inline(always)]
+fn reduce_add_16(c: &[f32]) -> f32 {
+    let mut t = [0f32; 8];
+    for i in 0..8 {
+        t[i] = c[i] + c[i + 8];
+    }
+    let t4 = [t[0] + t[4], t[1] + t[5], t[2] + t[6], t[3] + t[7]];
+    (t4[0] + t4[2]) + (t4[1] + t4[3])
 }
 
 /// The rows `[start, end)` of `rows` that thread `ith` of `nth` handles.
@@ -73,9 +114,11 @@ pub(crate) unsafe extern "C" fn swiglu_op(
     swiglu(&mut out[range.clone()], &a[range.clone()], &b[range]);
 }
 
-/// Defines `$name` to run `$body` through a copy compiled for AVX2 when the CPU
-/// has it (the loops vectorize 8-wide there); the arithmetic is identical either
-/// way, since Rust never contracts `a * b + c` into an FMA on its own.
+/// Defines `$name` to run `$body` through a copy compiled for AVX2 and FMA when
+/// the CPU has them (the loops vectorize 8-wide there); the arithmetic is
+/// identical either way: Rust never contracts `a * b + c` into an FMA on its
+/// own, and an explicit `mul_add` is a fused multiply-add on both paths (a
+/// hardware instruction or libm's `fmaf`).
 macro_rules! dispatch {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         pub(crate) fn $name($($arg: $ty),*) {
@@ -83,12 +126,14 @@ macro_rules! dispatch {
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2")]
+                #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2 (checked just above).
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -103,41 +148,143 @@ dispatch!(swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 });
 
+// Softmax of `x · scale + m` into `o`, rounded to fp16 values, in the order
+// current llama.cpp computes it on AVX-512 (so results are bit-identical):
+// exponentials in chunks of 16 with [`exp_f32`] (the libm `expf` for a tail
+// shorter than 16), each chunk summed as `_mm512_reduce_add_ps` does and the
+// chunk sums accumulated in f64, then every value scaled by `1/sum` rounded
+// to f32. The fp16 rounding is what ggml's K·Q·V product does to this operand.
+// Masked (`-inf`) entries give exactly 0.
 dispatch!(soft_max_row(o: &mut [f32], x: &[f32], m: &[f32], scale: f32) {
-    // Masked (-inf) entries past the last visible key are exact zeros: skip them.
-    let len = m.iter().rposition(|&v| v != f32::NEG_INFINITY).map_or(0, |p| p + 1);
-    let (o, tail) = o.split_at_mut(len);
-    tail.fill(0.0);
     for (o, (&x, &m)) in o.iter_mut().zip(x.iter().zip(m)) {
         *o = x * scale + m;
     }
-    // Eight independent lanes so the reductions vectorize.
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = o.chunks_exact(8);
+    let max = o.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let mut sum = 0f64;
+    let mut chunks = o.chunks_exact_mut(16);
     for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = if v > *l { v } else { *l };
+        for v in c.iter_mut() {
+            *v = exp_f32(*v - max);
         }
+        sum += f64::from(reduce_add_16(c));
     }
-    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    let mut sums = [0f32; 8];
-    let mut chunks = o.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c) {
-            *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp_f32(*v - max) };
-            *s += *v;
-        }
-    }
-    let mut sum: f32 = sums.iter().sum();
     for v in chunks.into_remainder() {
-        *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp_f32(*v - max) };
-        sum += *v;
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
     }
-    let inv = 1.0 / sum;
+    let inv = (1.0 / sum) as f32;
     for v in o.iter_mut() {
-        *v *= inv;
+        *v = round_f16(*v * inv);
     }
 });
+
+/// Rotary position embedding parameters, handed to [`rope_op`] through its
+/// userdata pointer (owned by the engine, so it outlives every graph).
+#[derive(Debug)]
+pub(crate) struct RopeParams {
+    /// Rotated dimensions per head (the rest are copied).
+    pub n_dims: usize,
+    /// NeoX layout (pairs `i`, `i + n_dims/2`) instead of adjacent pairs.
+    pub neox: bool,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+}
+
+/// The cos/sin of every rotated pair at position `pos`: `theta` starts at
+/// `pos·freq_scale` and is multiplied by `freq_base^(-2/n_dims)` per pair in
+/// f32, as current llama.cpp computes its rope cache (libm `cosf`/`sinf`).
+fn rope_cache(p: &RopeParams, pos: i32, cache: &mut Vec<(f32, f32)>) {
+    cache.clear();
+    let theta_scale = p.freq_base.powf(-2.0 / p.n_dims as f32);
+    let mut theta = pos as f32;
+    for _ in 0..p.n_dims / 2 {
+        let t = p.freq_scale * theta;
+        cache.push((t.cos(), t.sin()));
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates one head row in place of `dst`: each pair `(x0, x1)` becomes
+/// `(x0·cos − x1·sin, x0·sin + x1·cos)` with the first product fused (one
+/// rounding each, as upstream's compiled kernel does).
+#[inline(always)]
+fn rope_row(p: &RopeParams, cache: &[(f32, f32)], src: &[f32], dst: &mut [f32]) {
+    dst.copy_from_slice(src);
+    let half = p.n_dims / 2;
+    for (i, &(c, s)) in cache.iter().enumerate() {
+        let (i0, i1) = if p.neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (src[i0], src[i1]);
+        dst[i0] = x0.mul_add(c, -(x1 * s));
+        dst[i1] = x0.mul_add(s, x1 * c);
+    }
+}
+
+/// `dst = rope(a, positions)` for `a` of shape `[head_dim, n_heads, n_tokens]`
+/// and I32 `positions` of `n_tokens`.
+///
+/// # Safety
+/// Called by ggml with contiguous F32 `dst` and `a` of equal shape, a
+/// contiguous I32 `positions` of `ne[2]` values, and `userdata` pointing to a
+/// live [`RopeParams`] with `n_dims <= head_dim`, `n_dims` even.
+pub(crate) unsafe extern "C" fn rope_op(
+    dst: *mut sys::ggml_tensor,
+    a: *const sys::ggml_tensor,
+    positions: *const sys::ggml_tensor,
+    ith: i32,
+    nth: i32,
+    userdata: *mut c_void,
+) {
+    let p = &*(userdata as *const RopeParams);
+    let ne = (*a).ne;
+    let (d, heads, n) = (ne[0] as usize, ne[1] as usize, ne[2] as usize);
+    let src = std::slice::from_raw_parts((*a).data as *const f32, d * heads * n);
+    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, d * heads * n);
+    let pos = std::slice::from_raw_parts((*positions).data as *const i32, n);
+    let (r0, r1) = share(heads * n, ith, nth);
+    let mut cache = Vec::with_capacity(p.n_dims / 2);
+    let mut cached = None;
+    for r in r0..r1 {
+        let t = r / heads;
+        if cached != Some(t) {
+            rope_cache(p, pos[t], &mut cache);
+            cached = Some(t);
+        }
+        rope_row(
+            p,
+            &cache,
+            &src[r * d..(r + 1) * d],
+            &mut out[r * d..(r + 1) * d],
+        );
+    }
+}
+
+/// `dst = round_f16(a)` element-wise: the fp16 rounding ggml applies to a
+/// matrix product's f32 operand when the other one is fp16, done up front so
+/// the pinned ggml's f16 x f32 kernel multiplies the same values.
+///
+/// # Safety
+/// Called by ggml with contiguous F32 `dst` and `a` of equal shape.
+pub(crate) unsafe extern "C" fn round_f16_op(
+    dst: *mut sys::ggml_tensor,
+    a: *const sys::ggml_tensor,
+    ith: i32,
+    nth: i32,
+    _userdata: *mut c_void,
+) {
+    let (a, ne0) = rows_of(a);
+    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, a.len());
+    let (r0, r1) = share(a.len() / ne0.max(1), ith, nth);
+    for (o, &v) in out[r0 * ne0..r1 * ne0]
+        .iter_mut()
+        .zip(&a[r0 * ne0..r1 * ne0])
+    {
+        *o = round_f16(v);
+    }
+}
 
 /// `dst = softmax(a * scale + mask)` over rows of `a` (`[n_kv, n_tokens, n_head]`),
 /// with `mask` of shape `[n_kv, n_tokens]` (0 or -inf), scale from the userdata.
@@ -210,12 +357,78 @@ mod tests {
             let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
             for (j, (&got, v)) in o.iter().zip(&z).enumerate() {
                 let want = (v - max).exp() / sum;
+                // fp16 output: within half an fp16 ulp (2^-11 relative) plus f32 noise.
+                assert_eq!(got, round_f16(got), "n={n} j={j}: not an fp16 value");
                 assert!(
-                    (got as f64 - want).abs() < 1e-6,
+                    (got as f64 - want).abs() <= want * 4.9e-4 + 1e-7,
                     "n={n} j={j}: {got} vs {want}"
                 );
                 if m[j] == f32::NEG_INFINITY {
                     assert_eq!(got, 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_special_values() {
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(200.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        // Subnormal results are rounded once, not flushed.
+        let tiny = exp_f32(-90.0);
+        assert!(tiny > 0.0 && tiny < f32::MIN_POSITIVE);
+        assert!(((tiny as f64) / (-90f64).exp() - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn round_f16_is_nearest_even() {
+        assert_eq!(round_f16(1.0), 1.0);
+        // 1 + 2^-11 is halfway between 1 and 1 + 2^-10: ties go to even (1.0).
+        assert_eq!(round_f16(1.0 + 2f32.powi(-11)), 1.0);
+        assert_eq!(
+            round_f16(1.0 + 3.0 * 2f32.powi(-11)),
+            1.0 + 2.0 * 2f32.powi(-10)
+        );
+        assert_eq!(round_f16(70000.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_like_an_f64_reference() {
+        for neox in [false, true] {
+            let p = RopeParams {
+                n_dims: 64,
+                neox,
+                freq_base: 100_000.0,
+                freq_scale: 1.0,
+            };
+            let src: Vec<f32> = (0..64)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.37)
+                .collect();
+            let mut cache = Vec::new();
+            for pos in [0, 1, 7, 300] {
+                rope_cache(&p, pos, &mut cache);
+                let mut dst = vec![0f32; 64];
+                rope_row(&p, &cache, &src, &mut dst);
+                for i in 0..32 {
+                    let (i0, i1) = if neox {
+                        (i, i + 32)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let theta = pos as f64 * 100_000f64.powf(-2.0 * i as f64 / 64.0);
+                    let (x0, x1) = (src[i0] as f64, src[i1] as f64);
+                    let want0 = x0 * theta.cos() - x1 * theta.sin();
+                    let want1 = x0 * theta.sin() + x1 * theta.cos();
+                    // theta is accumulated in f32 over the pairs (as upstream does).
+                    let tol = 1e-5 * (1.0 + theta.abs());
+                    assert!((dst[i0] as f64 - want0).abs() < tol, "pos {pos} pair {i}");
+                    assert!((dst[i1] as f64 - want1).abs() < tol, "pos {pos} pair {i}");
+                }
+                if pos == 0 {
+                    assert_eq!(dst, src, "position 0 is the identity");
                 }
             }
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mesh_core::delegate::private::PrivateProjector;
 use mesh_core::delegate::ring::FixedPoint;
+use mesh_core::delegate::seal::{Direction, EnvelopeHeader, OpenContext, SealContext, SecretKey};
 use mesh_core::delegate::Matrix;
 use mesh_core::engine::{Engine, GgmlEngine, GgmlSession, Logits, Projection};
 use mesh_core::generate::{tokenize_prompt, Prompt};
@@ -281,7 +282,13 @@ fn bench_private_token(c: &mut Criterion, engine: &GgmlEngine) {
     });
     // The owner's own share of a step, timed inside the projector (excludes
     // the helpers and the local non-linear work).
-    let owner_measured = pp.take_stats().owner_nanos as f64 / 7.0;
+    let step_stats = pp.take_stats();
+    let owner_measured = step_stats.owner_nanos as f64 / 7.0;
+    let owner_bytes = (step_stats.bytes_sent + step_stats.bytes_received) as f64 / 7.0;
+    // The floor under the owner's overhead: sealing and opening the envelope
+    // bytes a step must move (ChaCha20-Poly1305, which SMPC.md prescribes).
+    let aead_ns_per_byte = aead_ns_per_byte();
+    let aead_floor = aead_ns_per_byte * owner_bytes;
     let kernels_one = median_ns(7, kernel_pass);
     let local = median_ns(7, || {
         local_step();
@@ -294,7 +301,9 @@ fn bench_private_token(c: &mut Criterion, engine: &GgmlEngine) {
          (2 x {:.1} ms), rest (owner + local non-linear work + helper HPKE/seed expansion) \
          {:.1} ms, local step {:.1} ms; private/local {:.2}x, rest/local {:.2}x, \
          helper kernels/local {:.2}x; owner overhead (sharing, sealing, opening, checks, \
-         timed in the projector) {:.2} ms = {:.2}x local",
+         timed in the projector) {:.2} ms = {:.2}x local; of which at least {:.2} ms \
+         = {:.2}x local is AEAD over the step's {:.2} MB of envelopes ({:.2} ns/byte, \
+         {:.2} GB/s per pass)",
         a / 1e6,
         b / 1e6,
         kernels_one / 1e6,
@@ -304,8 +313,47 @@ fn bench_private_token(c: &mut Criterion, engine: &GgmlEngine) {
         owner / local,
         b / local,
         owner_measured / 1e6,
-        owner_measured / local
+        owner_measured / local,
+        aead_floor / 1e6,
+        aead_floor / local,
+        owner_bytes / 1e6,
+        aead_ns_per_byte,
+        1.0 / aead_ns_per_byte
     );
+}
+
+/// Nanoseconds per payload byte to seal one 1 MiB envelope and open it again
+/// (median of 9), checking the round trip.
+fn aead_ns_per_byte() -> f64 {
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let key = SecretKey::generate(&mut rng);
+    let mut seal = SealContext::new(&mut rng, &key.public_key()).unwrap();
+    let mut open = OpenContext::new(&key, &seal.enc()).unwrap();
+    let header = EnvelopeHeader {
+        direction: Direction::HelperToOwner,
+        kind: 3,
+        n: 2,
+        helper_index: 0,
+        op: 8,
+        layer: 0,
+        session_id: [1; 16],
+        owner_peer: b"owner".to_vec(),
+        helper_peer: b"helper".to_vec(),
+        model_hash: [2; 32],
+        step: 1,
+        rows: 1,
+        cols: 1,
+        attempt: 0,
+        request_hash: [3; 32],
+    };
+    let payload: Vec<u8> = (0..1 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    let ns = median_ns(9, || {
+        let sealed = seal.seal(&header, &payload).unwrap();
+        let opened = open.open(&header, &sealed).unwrap();
+        assert_eq!(opened.payload.len(), payload.len());
+    });
+    // Seal and open each pass over the payload once.
+    ns / (2.0 * payload.len() as f64)
 }
 
 /// Envelope bytes of one private decode step, per layer and for the head.

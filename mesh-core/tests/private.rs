@@ -382,11 +382,7 @@ fn generation_survives_lying_helpers_until_the_spares_run_out() {
     let e = engine();
     let toks = e
         .tokenizer()
-        .encode(
-            "The capital of France is Paris, and the capital of Italy is",
-            false,
-            false,
-        )
+        .encode(GREEDY_PROMPTS[1], false, false)
         .unwrap();
     let (_, honest) = private_greedy(&mut projector(2, 11), &toks, 6);
     let mut pp = PrivateProjector::with_spares(e, 2, 1, ChaCha20Rng::seed_from_u64(12)).unwrap();

@@ -104,43 +104,12 @@ fn raw_parses_special_tokens_and_chat_applies_the_template() {
     assert!(n_chat > 5, "the chat template wraps the prompt: {chat}");
 }
 
-#[test]
-fn private_generation_reports_traffic_and_checks() {
-    let m = model();
-    let v = json(&[
+/// `mesh generate` in private mode with 2 helpers, greedy, 3 tokens, JSON.
+fn private_generate<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
         "generate",
         "--model",
-        &m,
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "3",
-        "--temperature",
-        "0",
-        "--threads",
-        "1",
-        "--private",
-        "2",
-        "--format",
-        "json",
-    ]);
-    assert_eq!(v["checks_failed"], 0, "{v}");
-    let bytes = v["bytes_per_token"].as_u64().unwrap();
-    // 30 layers x ~110 KB + the lm_head's shares and replies.
-    assert!(
-        (3_000_000..6_000_000).contains(&bytes),
-        "bytes_per_token {bytes}"
-    );
-    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
-}
-
-#[test]
-fn a_lying_helper_is_replaced_by_a_spare() {
-    let m = model();
-    let base = [
-        "generate",
-        "--model",
-        &m,
+        model,
         "--prompt",
         "The capital of France is",
         "--max-tokens",
@@ -154,11 +123,34 @@ fn a_lying_helper_is_replaced_by_a_spare() {
         "--format",
         "json",
     ];
-    let honest = json(&base);
-    assert_eq!(honest["helpers_dropped"], serde_json::json!([]), "{honest}");
-    let mut args = base.to_vec();
-    args.extend(["--spares", "1", "--inject-fault", "0:flip-bit"]);
-    let v = json(&args);
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn private_generation_reports_traffic_and_checks() {
+    let m = model();
+    let v = json(&private_generate(&m, &[]));
+    assert_eq!(v["checks_failed"], 0, "{v}");
+    let bytes = v["bytes_per_token"].as_u64().unwrap();
+    // 30 layers x ~110 KB + the lm_head's shares and replies.
+    assert!(
+        (3_000_000..6_000_000).contains(&bytes),
+        "bytes_per_token {bytes}"
+    );
+    assert!(v["text"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["helpers_dropped"], serde_json::json!([]), "{v}");
+    assert!(v["owner_ms_per_token"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn a_lying_helper_is_replaced_by_a_spare() {
+    let m = model();
+    let honest = json(&private_generate(&m, &[]));
+    let v = json(&private_generate(
+        &m,
+        &["--spares", "1", "--inject-fault", "0:flip-bit"],
+    ));
     assert_eq!(v["token_ids"], honest["token_ids"], "{v}");
     assert_eq!(v["checks_failed"], 1, "{v}");
     assert_eq!(v["retries"], 1, "{v}");
@@ -174,17 +166,13 @@ fn a_lying_helper_is_replaced_by_a_spare() {
         "{v}"
     );
     // Without a spare the same fault is a clear error and no text.
-    let mut args = base.to_vec();
-    args.extend(["--inject-fault", "1:fail"]);
-    let (ok, stdout, stderr) = mesh(&args);
+    let (ok, stdout, stderr) = mesh(&private_generate(&m, &["--inject-fault", "1:fail"]));
     assert!(!ok && stdout.is_empty(), "{stdout}");
     assert!(
         stderr.contains("helper 1 gave no usable answer"),
         "{stderr}"
     );
-    let mut args = base.to_vec();
-    args.extend(["--inject-fault", "0:sneeze"]);
-    let (ok, _, stderr) = mesh(&args);
+    let (ok, _, stderr) = mesh(&private_generate(&m, &["--inject-fault", "0:sneeze"]));
     assert!(!ok && stderr.contains("fault kind"), "{stderr}");
 }
 

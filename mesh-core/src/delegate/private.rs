@@ -14,7 +14,7 @@
 //!
 //! Per call the owner first replaces each token row by the values ggml's
 //! quantized mat-vec would multiply for that matrix's format
-//! ([`quantize_like_ggml`](super::activations::quantize_like_ggml): Q8_1 for
+//! ([`quantize_like_ggml`]: Q8_1 for
 //! Q4_1 weights, Q8_0 for Q8_0/Q4_0, Q8_K for K-quants, fp16 for F16), so the
 //! helpers' exact ring product is the dot of the same integers the local path
 //! uses; it then encodes each row in the ring with its own private

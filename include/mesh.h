@@ -229,7 +229,8 @@ typedef struct mesh_model_params {
    */
   size_t struct_size;
   /**
-   * Compute threads new contexts use by default; 0 = all available cores.
+   * Compute threads new contexts use by default; 0 = the cores idle at load
+   * time (at least 1). More than the available cores is `MESH_STATUS_INVALID_ARG`.
    */
   size_t n_threads;
 } mesh_model_params;

@@ -46,6 +46,17 @@ N_THREADS = 2
 N_GENERATE = 64
 TOP_K = 10
 
+def cpu_class():
+    """The x86 SIMD class llama.cpp's CPU kernels were built for ("avx512",
+    "avx2" or "other"), from its system info string."""
+    info = L.llama_print_system_info().decode()
+    if "AVX512 = 1" in info:
+        return "avx512"
+    if "AVX2 = 1" in info:
+        return "avx2"
+    return "other"
+
+
 # ---------------------------------------------------------------------------
 # corpus
 
@@ -722,6 +733,9 @@ def generate(model_path):
             "tokenize": "add_special=true, parse_special=true",
             "prompt_decode": "one llama_batch_get_one batch; then one token per llama_decode",
             "top_logits": f"top {TOP_K} (id, logit rounded to 4 decimals), ties by lower id",
+            # Which kernels upstream ran: its logits depend on the CPU class
+            # (tests/engine_golden.rs compares bit for bit only on the same class).
+            "cpu_class": cpu_class(),
         },
         "prompts": prompts,
     }

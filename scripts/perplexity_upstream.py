@@ -5,7 +5,8 @@
 
     ~/.cache/mesh-llm/venv/bin/python scripts/perplexity_upstream.py MODEL FILE CTX
 
-Prints one JSON object: {"ppl", "tokens", "ctx", "llama_cpp_python_version"}.
+Prints one JSON object: {"ppl", "tokens", "ctx", "llama_cpp_python_version", "cpu_class"}
+(the SIMD class of upstream's kernels: its logits' last bits depend on it).
 Used to produce mesh-core/tests/data/perplexity.json.
 """
 import json, sys
@@ -27,5 +28,7 @@ for w in range(len(toks) // ctx):
         m = row.max()
         nll += m + np.log(np.exp(row - m).sum()) - row[win[i + 1]]
         n += 1
+info = llama_cpp.llama_print_system_info().decode()
+cpu_class = "avx512" if "AVX512 = 1" in info else "avx2" if "AVX2 = 1" in info else "other"
 print(json.dumps({"ppl": float(np.exp(nll / n)), "tokens": n, "ctx": ctx,
-                  "llama_cpp_python_version": llama_cpp.__version__}))
+                  "llama_cpp_python_version": llama_cpp.__version__, "cpu_class": cpu_class}))

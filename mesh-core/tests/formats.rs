@@ -104,6 +104,19 @@ fn vector(name: &str, len: usize, seed: u64, base: f32) -> Tensor {
 /// Write a tiny model of architecture `arch` ("llama" or "qwen2", the latter with
 /// q/k/v biases) whose matrices are stored as `ty`.
 fn write_model(path: &Path, arch: &str, ty: GgmlType, exact_f32: bool, tied: bool) {
+    write_model_claiming(path, arch, ty, exact_f32, tied, N_LAYERS as u32)
+}
+
+/// [`write_model`] whose metadata claims `block_count` layers (the tensors are
+/// those of `N_LAYERS`).
+fn write_model_claiming(
+    path: &Path,
+    arch: &str,
+    ty: GgmlType,
+    exact_f32: bool,
+    tied: bool,
+    block_count: u32,
+) {
     let mut tokens = byte_tokens();
     tokens.push("Ġt".into());
     tokens.push("<|endoftext|>".into());
@@ -114,7 +127,7 @@ fn write_model(path: &Path, arch: &str, ty: GgmlType, exact_f32: bool, tied: boo
     let k = |key: &str| format!("{arch}.{key}");
     let metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), s(arch)),
-        (k("block_count"), Value::U32(N_LAYERS as u32)),
+        (k("block_count"), Value::U32(block_count)),
         (k("embedding_length"), Value::U32(N_EMBD as u32)),
         (k("feed_forward_length"), Value::U32(N_FF as u32)),
         (k("attention.head_count"), Value::U32(N_HEAD)),
@@ -306,4 +319,59 @@ fn qwen2_layer_ranges_compose_with_biases() {
         vec![72, 101, 108, 108, 111, 256]
     );
     std::fs::remove_file(&path).ok();
+}
+
+/// Sizes from a hostile file or caller are typed errors, never an abort inside
+/// ggml or the allocator (each of these used to abort or hang the process).
+#[test]
+fn hostile_sizes_are_errors_not_aborts() {
+    use mesh_core::engine::available_cores;
+    use mesh_core::Error;
+    // A block count the tensor index cannot back: no allocation of 1e8 layers.
+    let path = tmp("claims-1e8-layers.gguf");
+    write_model_claiming(&path, "llama", GgmlType::F32, true, true, 100_000_000);
+    match GgmlEngine::load(&path, 1) {
+        Err(Error::Gguf(m)) => assert!(m.contains("block_count"), "{m}"),
+        other => panic!("expected a block_count error, got {other:?}"),
+    }
+    // Context sizes past the trained context (128 here), up to ones whose KV
+    // span would wrap around: errors that say what is possible.
+    let path = tmp("hostile-llama.gguf");
+    write_model(&path, "llama", GgmlType::F32, true, true);
+    let e = GgmlEngine::load(&path, 1).unwrap();
+    assert!(e.new_session(128).is_ok());
+    for n_ctx in [129, 1_000_000, 1 << 40, usize::MAX - 1, usize::MAX] {
+        match e.new_session(n_ctx) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("128"), "{m}"),
+            Err(other) => panic!("n_ctx {n_ctx}: unexpected error {other}"),
+            Ok(_) => panic!("n_ctx {n_ctx}: accepted"),
+        }
+    }
+    // Thread counts: more than the cores is refused, 0 picks a safe default.
+    let cores = available_cores();
+    for n in [cores + 1, 100_000, usize::MAX] {
+        assert!(
+            matches!(GgmlEngine::load(&path, n), Err(Error::InvalidArgument(_))),
+            "{n} threads accepted"
+        );
+    }
+    let e = GgmlEngine::load(&path, 0).unwrap();
+    assert!((1..=cores).contains(&e.n_threads()));
+    let mut s = e.new_session(8).unwrap();
+    assert!(s.set_threads(cores + 1).is_err());
+    assert!(s.set_threads(1).is_ok());
+    // Something that is not a regular file (a FIFO would block the open forever).
+    let fifo = tmp("model.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        match GgmlEngine::load(&fifo, 1) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("FIFO"), "{m}"),
+            other => panic!("expected a FIFO error, got {other:?}"),
+        }
+    }
+    match GgmlEngine::load(std::env::temp_dir(), 1) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("directory"), "{m}"),
+        other => panic!("expected a directory error, got {other:?}"),
+    }
 }

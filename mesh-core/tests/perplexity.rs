@@ -3,7 +3,7 @@
 
 mod common;
 
-use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::engine::{cpu_class, Engine, GgmlEngine};
 use mesh_core::generate::{perplexity, DEFAULT_BATCH};
 
 #[test]
@@ -28,10 +28,22 @@ fn perplexity_matches_upstream() {
     );
     let upstream = want["ppl"].as_f64().unwrap();
     let rel = (got.ppl - upstream).abs() / upstream;
-    // The same computation as upstream's: 164.33015312267315 vs 164.3301531226733
-    // measured; the tolerance allows for the output head's last-bit differences.
+    // On the CPU class upstream's value was recorded on, the same computation:
+    // 164.33015312267315 vs 164.3301531226733 measured; the tolerance allows for
+    // the output head's last-bit differences. On another class the dot products
+    // sum in another order (as upstream's own builds for that class do):
+    // measured 164.1757 on AVX2 (9.4e-4 relative); allowed: 2e-3.
+    let same_class = want["cpu_class"].as_str() == Some(cpu_class().name());
+    let tolerance = if same_class { 1e-6 } else { 2e-3 };
+    eprintln!(
+        "perplexity {} vs upstream {upstream} ({rel:.3e} relative; upstream recorded on {}, \
+         this build {})",
+        got.ppl,
+        want["cpu_class"],
+        cpu_class()
+    );
     assert!(
-        rel < 1e-6,
+        rel < tolerance,
         "perplexity {} vs upstream {upstream} ({rel:.4} relative)",
         got.ppl
     );

@@ -492,7 +492,9 @@ fn generate_both(
     use mesh_core::generate::{generate, generate_with, GenerateParams};
     use mesh_core::sampling::SamplerParams;
     let le = local_engine;
-    let e = engine();
+    // The owner's own work (norms, attention) runs on the local engine too, so
+    // in exact mode both sides use the exact attention products.
+    let e = local_engine;
     let toks = e.tokenizer().encode(prompt, false, false).unwrap();
     let params = GenerateParams {
         max_tokens: steps,
@@ -791,8 +793,24 @@ fn local_error_is_f32_accumulation_and_q8_1_s() {
         );
         assert!(rel_l2_f64(&private_exact, &exact) <= 1e-7);
         // Without the owner's quantization the gap would be ~1e-2; with it the
-        // local path is within f32 rounding plus the `s` rounding.
-        assert!(rel_l2_f64(&local, &exact) < 1e-3);
+        // local path is within f32 rounding plus the `s` rounding. How large
+        // the `s` term is depends on the activations (1.4e-3 on layer 10's
+        // down projection with an AVX2 build, below 1e-3 with AVX-512, whose
+        // hidden states differ in their last bits), so it is bounded by what
+        // the rounding itself moves, not by a constant.
+        let den: f64 = exact.iter().map(|v| v * v).sum();
+        let s_effect = (with_s
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            / den)
+            .sqrt();
+        assert!(
+            rel_l2_f64(&local, &exact) <= s_effect + 1e-5,
+            "local vs exact {:.3e}, of which the s rounding explains {s_effect:.3e}",
+            rel_l2_f64(&local, &exact)
+        );
         assert!(rel_l2_f64(&local, &with_s) < 1e-5);
     }
 }

@@ -76,7 +76,7 @@ impl Context {
         };
         let mut session = model.new_session(n_ctx)?;
         if params.n_threads > 0 {
-            session.set_threads(params.n_threads);
+            session.set_threads(params.n_threads)?;
         }
         Ok(Context {
             model,

@@ -34,7 +34,8 @@ impl Castable for mesh_model {
 pub struct mesh_model_params {
     /// `sizeof(mesh_model_params)`; set by `mesh_model_params_default()`.
     pub struct_size: usize,
-    /// Compute threads new contexts use by default; 0 = all available cores.
+    /// Compute threads new contexts use by default; 0 = the cores idle at load
+    /// time (at least 1). More than the available cores is `MESH_STATUS_INVALID_ARG`.
     pub n_threads: usize,
 }
 

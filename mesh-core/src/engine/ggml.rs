@@ -19,7 +19,7 @@ use memmap2::Mmap;
 use super::kernels;
 use super::model::{ModelInfo, RopeKind, Weights};
 use super::q4_1;
-use super::{Engine, Hidden, Logits, ModelId, Projection, Projector, WeightView};
+use super::{CpuClass, Engine, Hidden, Logits, ModelId, Projection, Projector, WeightView};
 use crate::chat::ChatTemplate;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
 use crate::tokenizer::Tokenizer;
@@ -41,11 +41,63 @@ type T = *mut sys::ggml_tensor;
 /// ggml's "use every thread" task count for custom ops.
 const N_TASKS_MAX: i32 = -1;
 
-/// Default number of compute threads: the machine's available parallelism.
-pub fn default_threads() -> usize {
+/// Cores this process may run on.
+pub fn available_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// Default number of compute threads: the cores that are idle right now (at
+/// least 1). The pinned ggml's workers spin while they wait for each other,
+/// so a thread that shares its core with another busy process stalls every
+/// step of the graph (measured: 2 threads next to one busy process on 2 cores
+/// ran 5-100x slower than 1 thread). Idle means: not taken by the other
+/// runnable tasks the kernel counts right now (`procs_running` in
+/// `/proc/stat`, this thread excluded); where that is unknown, all cores.
+pub fn default_threads() -> usize {
+    let cores = available_cores();
+    let running = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("procs_running "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    match running {
+        Some(r) => cores.saturating_sub(r.saturating_sub(1)).max(1),
+        None => cores,
+    }
+}
+
+/// Checks a caller's thread count: 0 means [`default_threads`]; more threads
+/// than cores is refused (spinning workers would then wait on each other).
+pub fn resolve_threads(n_threads: usize) -> Result<usize> {
+    let cores = available_cores();
+    match n_threads {
+        0 => Ok(default_threads()),
+        n if n > cores => Err(Error::InvalidArgument(format!(
+            "threads: expected at most {cores} (the cores available to this process), found {n}"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// The SIMD class of the default path's kernels on this build and CPU.
+///
+/// ggml's own kernels are compiled for the build machine (`-march=native`), and
+/// their float summation order follows the vector width: AVX-512 builds sum
+/// K·Q, softmax·V and other dot products in other orders than AVX2 builds, so
+/// the default path's logits (and upstream llama.cpp's) differ in their last
+/// bits between classes. The exact-accumulation mode does not depend on it.
+pub fn cpu_class() -> CpuClass {
+    // SAFETY: pure functions reporting ggml's compile-time features.
+    let (avx512, avx2) = unsafe { (sys::ggml_cpu_has_avx512(), sys::ggml_cpu_has_avx2()) };
+    if avx512 != 0 {
+        CpuClass::Avx512
+    } else if avx2 != 0 {
+        CpuClass::Avx2
+    } else {
+        CpuClass::Other
+    }
 }
 
 struct LayerTensors {
@@ -98,8 +150,6 @@ pub struct GgmlEngine {
     custom_gemm: AtomicBool,
     /// Every Q4_1 projection (decode too) uses [`q4_1`]'s exact-accumulation kernel.
     exact: AtomicBool,
-    /// Most rows of any layer projection (sizes the shape tensor of the kernel's op).
-    max_proj_rows: usize,
     /// RoPE parameters for [`kernels::rope_op`] (boxed: graphs hold its address).
     rope: Box<kernels::RopeParams>,
     mmap: Mmap,
@@ -178,9 +228,11 @@ impl GgmlSession {
         self.kv.n_ctx
     }
 
-    /// Set the number of compute threads used by this session (at least 1).
-    pub fn set_threads(&mut self, n_threads: usize) {
-        self.scratch.n_threads = n_threads.max(1);
+    /// Set the number of compute threads used by this session: 1 up to the
+    /// available cores (see [`resolve_threads`]; 0 = the idle cores now).
+    pub fn set_threads(&mut self, n_threads: usize) -> Result<()> {
+        self.scratch.n_threads = resolve_threads(n_threads)?;
+        Ok(())
     }
 
     /// Bytes held by the KV cache.
@@ -189,15 +241,56 @@ impl GgmlSession {
     }
 }
 
+/// What a non-regular file is, for error messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "FIFO";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "device";
+        }
+    }
+    if meta.is_dir() {
+        "directory"
+    } else {
+        "non-regular file"
+    }
+}
+
+/// Bytes of memory the system can still give us (`MemAvailable`), where known.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 fn ggml_type(t: GgmlType) -> sys::ggml_type {
     t as u32 as sys::ggml_type
 }
 
 impl GgmlEngine {
     /// Memory-map and validate a GGUF model, using `n_threads` compute threads
-    /// (0 = all available cores).
+    /// (0 = the idle cores, see [`default_threads`]; more than the cores is an error).
     pub fn load(path: impl AsRef<Path>, n_threads: usize) -> Result<GgmlEngine> {
         let path = path.as_ref();
+        // A FIFO or device would block the open or the mapping forever: only
+        // regular files (symlinks followed) are models.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: expected a regular GGUF file, found a {}",
+                path.display(),
+                file_kind(&meta)
+            )));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the mapping is read-only; if another process truncates the file
         // while it is mapped, reads fault (SIGBUS) — the same contract as llama.cpp.
@@ -227,18 +320,7 @@ impl GgmlEngine {
             None => ChatTemplate::chatml(),
         };
         let tensors = create_weight_tensors(&mmap, &weights)?;
-        let max_proj_rows = weights
-            .layers
-            .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
-            .map(|t| t.rows() as usize)
-            .max()
-            .unwrap_or(0);
-        let n_threads = if n_threads == 0 {
-            default_threads()
-        } else {
-            n_threads
-        };
+        let n_threads = resolve_threads(n_threads)?;
         let rope = Box::new(kernels::RopeParams {
             n_dims: info.head_dim,
             neox: info.rope_kind == RopeKind::Neox,
@@ -254,7 +336,6 @@ impl GgmlEngine {
             n_threads,
             custom_gemm: AtomicBool::new(q4_1::available()),
             exact: AtomicBool::new(false),
-            max_proj_rows,
             rope,
             mmap,
         })
@@ -434,8 +515,8 @@ impl GgmlEngine {
                 ctx: ctx.as_ptr(),
                 gf,
                 inputs: Vec::new(),
-                gemm_shape: None,
                 quantized: Vec::new(),
+                shape: None,
             };
             let out = build(&mut g);
             // SAFETY: every tensor was created in `ctx` by the builders below, with
@@ -491,19 +572,8 @@ impl GgmlEngine {
             && (*x).ne[1] as usize == n
             && (*x).ne[2] == 1
             && (*x).ne[3] == 1
-            && rows <= self.max_proj_rows
             && q4_1::fits(cols, n);
         if !use_kernel {
-            return sys::ggml_mul_mat(ctx, w, x);
-        }
-        // The custom op's result takes the shape of its first argument: a view of
-        // one tensor per graph that nothing reads or writes (views add no memory).
-        let (shape, elems) = *g.gemm_shape.get_or_insert_with(|| {
-            let elems = self.max_proj_rows * n;
-            let t = sys::ggml_new_tensor_1d(ctx, sys::ggml_type_GGML_TYPE_F32, elems as i64);
-            (t, elems)
-        });
-        if rows * n > elems {
             return sys::ggml_mul_mat(ctx, w, x);
         }
         let userdata = if exact {
@@ -524,8 +594,17 @@ impl GgmlEngine {
                 xq
             }
         };
-        let view = sys::ggml_view_2d(ctx, shape, rows as i64, n as i64, 4 * rows, 0);
-        sys::ggml_map_custom3(ctx, view, w, xq, Some(q4_1::gemm_op), N_TASKS_MAX, userdata)
+        // The custom op's result takes the shape of its first argument.
+        let shape = g.shape_3d(rows as i64, n as i64, 1);
+        sys::ggml_map_custom3(
+            ctx,
+            shape,
+            w,
+            xq,
+            Some(q4_1::gemm_op),
+            N_TASKS_MAX,
+            userdata,
+        )
     }
 
     /// Positions and the causal mask of `n` tokens at `pos`, as graph inputs.
@@ -611,8 +690,11 @@ impl GgmlEngine {
             let h = sys::ggml_new_tensor_3d(ctx, sys::ggml_type_GGML_TYPE_F16, ne[0], ne[1], ne[2]);
             sys::ggml_cpy(ctx, t, h)
         };
+        let exact = self.exact.load(Ordering::Relaxed);
         let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
-        let qp = if n == 1 {
+        let qp = if exact {
+            qp
+        } else if n == 1 {
             to_f16(qp)
         } else {
             sys::ggml_map_custom1(
@@ -633,7 +715,25 @@ impl GgmlEngine {
             k_esz * info.head_dim,
             0,
         );
-        let kq = sys::ggml_mul_mat(ctx, keys, qp);
+        // Exact mode: both products in a CPU-independent summation order (ggml's
+        // own follow its vector width, which differs between AVX2 and AVX-512
+        // builds), so exact results are bit-identical on every CPU.
+        let product = |g: &mut Graph, a: T, b: T| {
+            if !exact {
+                return sys::ggml_mul_mat(ctx, a, b);
+            }
+            let shape = g.shape_3d((*a).ne[1], (*b).ne[1], (*b).ne[2]);
+            sys::ggml_map_custom3(
+                ctx,
+                shape,
+                a,
+                b,
+                Some(kernels::dot_f16_op),
+                N_TASKS_MAX,
+                ptr::null_mut(),
+            )
+        };
+        let kq = product(g, keys, qp);
         let kq = sys::ggml_map_custom2(
             ctx,
             kq,
@@ -652,8 +752,8 @@ impl GgmlEngine {
             v_esz * s.cap * info.head_dim,
             0,
         );
-        let kq = if n == 1 { to_f16(kq) } else { kq };
-        let kqv = sys::ggml_mul_mat(ctx, values, kq);
+        let kq = if n == 1 && !exact { to_f16(kq) } else { kq };
+        let kqv = product(g, values, kq);
         let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
         sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64)
     }
@@ -741,14 +841,43 @@ struct Graph {
     ctx: *mut sys::ggml_context,
     gf: *mut sys::ggml_cgraph,
     inputs: Vec<(T, Vec<u8>)>,
-    /// Shape source for the Q4_1 kernel's outputs and its capacity in floats.
-    gemm_shape: Option<(T, usize)>,
     /// Activations already quantized for the Q4_1 kernel: (F32 input, exact mode,
     /// Q8_1 node).
     quantized: Vec<(T, bool, T)>,
+    /// Shape source for custom ops' outputs, and its capacity in floats.
+    shape: Option<(T, usize)>,
 }
 
 impl Graph {
+    /// An F32 `[ne0, ne1, ne2]` tensor that only gives a custom op its output
+    /// shape: a view of one tensor per graph that nothing reads or writes, grown
+    /// (replaced) when a larger shape is asked for.
+    ///
+    /// # Safety
+    /// The sizes are positive and their product fits in memory.
+    unsafe fn shape_3d(&mut self, ne0: i64, ne1: i64, ne2: i64) -> T {
+        let elems = (ne0 * ne1 * ne2) as usize;
+        let (t, cap) = match self.shape {
+            Some((t, cap)) if cap >= elems => (t, cap),
+            _ => {
+                let t =
+                    sys::ggml_new_tensor_1d(self.ctx, sys::ggml_type_GGML_TYPE_F32, elems as i64);
+                (t, elems)
+            }
+        };
+        self.shape = Some((t, cap));
+        sys::ggml_view_3d(
+            self.ctx,
+            t,
+            ne0,
+            ne1,
+            ne2,
+            4 * ne0 as usize,
+            4 * (ne0 * ne1) as usize,
+            0,
+        )
+    }
+
     fn input_i32(&mut self, data: &[i32]) -> T {
         // SAFETY: a new 1-d tensor in this graph's context.
         let t = unsafe {
@@ -889,15 +1018,34 @@ impl Engine for GgmlEngine {
             ));
         }
         let info = &self.info;
+        // The trained context bounds positions RoPE was trained for, and every
+        // size below (this ggml aborts rather than failing an allocation).
+        if n_ctx > info.n_ctx_train {
+            return Err(Error::InvalidArgument(format!(
+                "context size {n_ctx}: this model was trained for at most {} positions",
+                info.n_ctx_train
+            )));
+        }
         let kv_dim = info.n_head_kv * info.head_dim;
         let cap = kv_span(n_ctx);
-        let per_tensor = kv_dim
-            .checked_mul(cap)
-            .and_then(|e| e.checked_mul(2))
-            .ok_or_else(|| Error::InvalidArgument(format!("context size {n_ctx} is too large")))?;
         // SAFETY: pure size computation.
         let overhead = unsafe { sys::ggml_tensor_overhead() };
-        let mem_size = (per_tensor + overhead + 64) * 2 * info.n_layers + 1024;
+        let mem_size = kv_dim
+            .checked_mul(cap)
+            .and_then(|e| e.checked_mul(2))
+            .and_then(|t| t.checked_add(overhead + 64))
+            .and_then(|t| t.checked_mul(2 * info.n_layers))
+            .and_then(|t| t.checked_add(1024))
+            .ok_or_else(|| Error::InvalidArgument(format!("context size {n_ctx} is too large")))?;
+        if let Some(avail) = available_memory() {
+            if mem_size > avail {
+                return Err(Error::InvalidArgument(format!(
+                    "context size {n_ctx} needs a {} MiB KV cache; {} MiB of memory is available",
+                    mem_size >> 20,
+                    avail >> 20
+                )));
+            }
+        }
         let params = sys::ggml_init_params {
             mem_size,
             mem_buffer: ptr::null_mut(),

@@ -313,6 +313,90 @@ pub(crate) unsafe extern "C" fn soft_max_op(
     }
 }
 
+/// Dot product of fp16 values `a` (raw bits, as f32) with `b`, in a fixed order
+/// that does not depend on the CPU: eight running lane sums (`lane[k % 8]`) in
+/// f32, then one fixed tree. Every product of two fp16 values is exact in f32,
+/// so a fused multiply-add and a multiply-then-add round the same, and the
+/// vectorized (AVX2) and scalar builds of this loop give identical bits.
+#[inline(always)]
+fn dot_fixed(a: &[f32], b: &[f32]) -> f32 {
+    let mut lane = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..8 {
+            lane[k] += x[k] * y[k];
+        }
+    }
+    for (k, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        lane[k] += x * y;
+    }
+    ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]))
+}
+
+dispatch!(dot_rows_fixed(out: &mut [f32], rows: &[f32], b: &[f32]) {
+    let k = b.len();
+    for (o, row) in out.iter_mut().zip(rows.chunks_exact(k.max(1))) {
+        *o = dot_fixed(row, b);
+    }
+});
+
+/// `dst = a · fp16(b)` with `a` an F16 tensor (any strides, contiguous rows)
+/// `[K, M, Ha]` and `b` a contiguous F32 `[K, N, Hb]` (`Hb` a multiple of
+/// `Ha`, broadcast as ggml's `mul_mat` does: head `h` of `b` uses head
+/// `h / (Hb / Ha)` of `a`); `dst` is `[M, N, Hb]`, its shape taken from the
+/// op's first source. The same product as ggml's `mul_mat`, but summed in the
+/// CPU-independent order of [`dot_fixed`] instead of ggml's per-ISA vector
+/// width: the exact-accumulation mode uses it for the attention products (K·Q
+/// and softmax·V) so its results are bit-identical on every CPU.
+///
+/// # Safety
+/// Called by ggml with `dst` a contiguous F32 tensor of `M·N·Hb` elements, `a`
+/// an F16 tensor with `nb[0] == 2`, `b` a contiguous F32 tensor, shapes as
+/// above.
+pub(crate) unsafe extern "C" fn dot_f16_op(
+    dst: *mut sys::ggml_tensor,
+    _shape: *const sys::ggml_tensor,
+    a: *const sys::ggml_tensor,
+    b: *const sys::ggml_tensor,
+    ith: i32,
+    nth: i32,
+    _userdata: *mut c_void,
+) {
+    let (ane, anb) = ((*a).ne, (*a).nb);
+    let (k, m, ha) = (ane[0] as usize, ane[1] as usize, ane[2].max(1) as usize);
+    let (bne, bnb) = ((*b).ne, (*b).nb);
+    let (n, hb) = (bne[1] as usize, bne[2].max(1) as usize);
+    let ratio = (hb / ha).max(1);
+    let b_data = (*b).data as *const u8;
+    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, m * n * hb);
+    // Thread `ith` takes a share of the `Hb · N` output rows; it converts the
+    // fp16 rows of `a` for one head at a time (once per head, not per row).
+    let (r0, r1) = share(hb * n, ith, nth);
+    let mut rows = vec![0f32; m * k];
+    let mut rows_head = usize::MAX;
+    let mut bv = vec![0f32; k];
+    for r in r0..r1 {
+        let (h, t) = (r / n, r % n);
+        let ah = h / ratio;
+        if ah != rows_head {
+            let base = ((*a).data as *const u8).add(ah * anb[2]);
+            for (i, row) in rows.chunks_exact_mut(k).enumerate() {
+                let src = std::slice::from_raw_parts(base.add(i * anb[1]).cast::<u16>(), k);
+                for (d, &s) in row.iter_mut().zip(src) {
+                    *d = half::f16::from_bits(s).to_f32();
+                }
+            }
+            rows_head = ah;
+        }
+        let src = b_data.add(h * bnb[2] + t * bnb[1]).cast::<f32>();
+        for (d, &s) in bv.iter_mut().zip(std::slice::from_raw_parts(src, k)) {
+            *d = round_f16(s);
+        }
+        dot_rows_fixed(&mut out[r * m..(r + 1) * m], &rows, &bv);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

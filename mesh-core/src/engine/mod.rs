@@ -18,13 +18,43 @@ mod quant;
 use std::fmt;
 use std::ops::Range;
 
-pub use self::ggml::{GgmlEngine, GgmlSession};
+pub use self::ggml::{
+    available_cores, cpu_class, default_threads, resolve_threads, GgmlEngine, GgmlSession,
+};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};
 pub use self::quant::{dequantize, quantize, QUANT_TYPES};
 use crate::chat::ChatTemplate;
 use crate::gguf::GgmlType;
 use crate::tokenizer::Tokenizer;
 use crate::Result;
+
+/// Which SIMD kernels compute the default path (see [`cpu_class`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuClass {
+    /// x86-64 with AVX-512 (ggml built with it).
+    Avx512,
+    /// x86-64 with AVX2 and FMA, without AVX-512.
+    Avx2,
+    /// Anything else (scalar or other ISAs).
+    Other,
+}
+
+impl CpuClass {
+    /// Short name: `avx512`, `avx2` or `other` (as `scripts/golden.py` records it).
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuClass::Avx512 => "avx512",
+            CpuClass::Avx2 => "avx2",
+            CpuClass::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for CpuClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Identity of a model: the BLAKE3 hash of its GGUF file.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

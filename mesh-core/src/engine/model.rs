@@ -194,6 +194,17 @@ impl ModelInfo {
         };
         expect_matrix(&output, n_embd, n_vocab)?;
 
+        // Each layer has at least 9 tensors (2 norms, 7 projections): a block
+        // count the tensor index cannot back is an error before any allocation.
+        let most_layers = g.tensors.len() / 9;
+        if n_layers == 0 || n_layers > most_layers {
+            return Err(Error::Gguf(format!(
+                "{}: expected 1..={most_layers} layers (the file has {} tensors, 9 or more \
+                 per layer), found {n_layers}",
+                key("block_count"),
+                g.tensors.len()
+            )));
+        }
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let m = |name: &str, cols: usize, rows: usize| -> Result<TensorInfo> {

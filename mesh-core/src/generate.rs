@@ -152,7 +152,7 @@ impl Utf8Stream {
 }
 
 /// Evaluate `tokens` into the session in batches; returns the last token's logits.
-/// `cancel` is checked between batches ([`Error::Cancelled`]).
+/// `cancel` is checked before every [`CANCEL_UBATCH`] tokens ([`Error::Cancelled`]).
 pub fn process_prompt<E: Engine>(
     engine: &E,
     session: &mut E::Session,
@@ -175,7 +175,7 @@ fn prompt_with<S>(
         return Err(Error::InvalidArgument("the prompt has no tokens".into()));
     }
     let mut logits = Vec::new();
-    for chunk in tokens.chunks(batch.max(1)) {
+    for chunk in cancel_points(tokens, batch) {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Cancelled);
         }
@@ -184,10 +184,29 @@ fn prompt_with<S>(
     Ok(logits)
 }
 
+/// Most prompt tokens evaluated between two looks at the cancellation flag.
+pub const CANCEL_UBATCH: usize = 64;
+
+/// `tokens` in batches of at most `batch`, each cut into pieces of at most
+/// [`CANCEL_UBATCH`] so a cancellation waits for one piece at most. No piece
+/// of a multi-token batch is a single token (a 1-token tail joins the piece
+/// before it): the engine's batched path gives the same logits however a
+/// batch of two or more tokens is split, while a single token takes the
+/// decode path, whose last bits differ (as upstream's do).
+fn cancel_points(tokens: &[u32], batch: usize) -> impl Iterator<Item = &[u32]> {
+    tokens.chunks(batch.max(1)).flat_map(|chunk| {
+        let n = chunk.len();
+        let pieces = n.div_ceil(CANCEL_UBATCH).max(1);
+        // Equal pieces (sizes differ by at most one), so none is 1 token unless
+        // the whole batch is.
+        (0..pieces).map(move |i| &chunk[i * n / pieces..(i + 1) * n / pieces])
+    })
+}
+
 /// Generate from `prompt_ids` appended to `session`, calling `on_text` with each
 /// piece of text as it becomes valid UTF-8 (return `false` to stop; it is not
-/// called again). `cancel` may be set from another thread: it is checked between
-/// prompt batches ([`Error::Cancelled`]) and between generated tokens
+/// called again). `cancel` may be set from another thread: it is checked before
+/// every [`CANCEL_UBATCH`] prompt tokens ([`Error::Cancelled`]) and between generated tokens
 /// ([`StopReason::Cancelled`]).
 pub fn generate<E: Engine>(
     engine: &E,
@@ -408,6 +427,22 @@ fn median(v: &mut [f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_points_cover_the_prompt_in_small_multi_token_pieces() {
+        for n in [1usize, 2, 63, 64, 65, 128, 129, 511, 512, 513, 1500] {
+            for batch in [1usize, 7, 64, 512] {
+                let tokens: Vec<u32> = (0..n as u32).collect();
+                let pieces: Vec<&[u32]> = cancel_points(&tokens, batch).collect();
+                assert_eq!(pieces.concat(), tokens, "n={n} batch={batch}");
+                for p in &pieces {
+                    assert!(p.len() <= CANCEL_UBATCH.min(batch), "n={n} batch={batch}");
+                    // A single token only where the batch itself is one token.
+                    assert!(p.len() >= 2 || batch == 1 || n % batch == 1 || n == 1);
+                }
+            }
+        }
+    }
 
     #[test]
     fn utf8_stream_holds_back_split_characters() {

@@ -45,8 +45,15 @@ enum Command {
         #[arg(long, default_value = "default")]
         model: String,
         /// The prompt.
-        #[arg(long)]
-        prompt: String,
+        #[arg(
+            long,
+            required_unless_present = "prompt_file",
+            conflicts_with = "prompt_file"
+        )]
+        prompt: Option<String>,
+        /// Read the prompt from a file (UTF-8), or from standard input with `-`.
+        #[arg(long, value_name = "PATH")]
+        prompt_file: Option<PathBuf>,
         /// Feed the prompt as is: special tokens parsed, BOS only if the model asks.
         #[arg(long, conflicts_with = "chat")]
         raw: bool,
@@ -71,7 +78,7 @@ enum Command {
         repeat_penalty: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Compute threads (default: all cores).
+        /// Compute threads, at most the cores (default 0: the cores idle right now).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// KV cache size in tokens (default: prompt + max tokens).
@@ -242,6 +249,25 @@ fn model_path(spec: &str) -> Result<PathBuf, mesh_core::Error> {
     Ok(path)
 }
 
+/// The prompt text of `--prompt-file` (`-` = standard input).
+fn read_prompt_file(path: &std::path::Path) -> Result<String, BoxError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin().read_to_end(&mut bytes)?;
+    } else {
+        bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{}: expected UTF-8 text, found an invalid byte at offset {}",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+        .into()
+    })
+}
+
 fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
     GgmlEngine::load(model_path(spec)?, threads)
 }
@@ -261,6 +287,7 @@ fn run(command: Command) -> Result<(), BoxError> {
         Command::Generate {
             model,
             prompt,
+            prompt_file,
             raw,
             chat,
             system,
@@ -280,6 +307,11 @@ fn run(command: Command) -> Result<(), BoxError> {
             exact,
             format,
         } => {
+            let prompt = match (prompt, prompt_file) {
+                (Some(p), _) => p,
+                (None, Some(path)) => read_prompt_file(&path)?,
+                (None, None) => return Err("--prompt or --prompt-file is required".into()),
+            };
             let engine = load(&model, threads)?;
             set_exact(&engine, exact)?;
             let prompt = if chat {
@@ -292,7 +324,14 @@ fn run(command: Command) -> Result<(), BoxError> {
                 Prompt::Text(prompt)
             };
             let prompt_ids = generate::tokenize_prompt(&engine, &prompt)?;
-            let n_ctx = ctx.unwrap_or(prompt_ids.len() + max_tokens);
+            // Default: room for the prompt and every token asked for, up to
+            // the context the model was trained for.
+            let n_ctx = ctx.unwrap_or_else(|| {
+                prompt_ids
+                    .len()
+                    .saturating_add(max_tokens)
+                    .min(engine.info().n_ctx_train)
+            });
             let mut session = engine.new_session(n_ctx.max(1))?;
             let params = GenerateParams {
                 max_tokens,

@@ -217,7 +217,8 @@ pub fn find(
     if !(timeout.is_finite() && timeout > 0.0) {
         return Err(format!("--timeout {timeout}: expected a positive number of seconds").into());
     }
-    let timeout = Duration::from_secs_f64(timeout);
+    let timeout = Duration::try_from_secs_f64(timeout)
+        .map_err(|_| format!("--timeout {timeout}: too large (at most ~5.8e11 years)"))?;
     let rt = runtime()?;
     rt.block_on(async move {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -287,3 +287,126 @@ fn node_and_find_report_bad_arguments() {
     ]);
     assert!(!ok && err.contains("dial"), "{err}");
 }
+
+/// Sizes that used to abort the process (or hang it) are errors with a failing
+/// exit code and a message; none of them may panic.
+#[test]
+fn hostile_sizes_are_clear_errors() {
+    let m = model();
+    let no_panic = |stderr: &str| assert!(!stderr.contains("panicked"), "{stderr}");
+    for ctx in ["1099511627776", "18446744073709551615", "1000000"] {
+        let (ok, _, stderr) = mesh(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "x",
+            "--ctx",
+            ctx,
+            "--threads",
+            "1",
+        ]);
+        assert!(
+            !ok && stderr.contains("trained for at most"),
+            "--ctx {ctx}: {stderr}"
+        );
+        no_panic(&stderr);
+    }
+    let (ok, _, stderr) = mesh(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--threads",
+        "100000",
+    ]);
+    assert!(!ok && stderr.contains("threads"), "{stderr}");
+    no_panic(&stderr);
+    // A huge --max-tokens caps the default context at the trained one and
+    // stops at the end of the answer.
+    let (ok, stdout, stderr) = mesh(&[
+        "generate",
+        "--model",
+        &m,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "18446744073709551615",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Paris"), "{stdout}");
+    let (ok, _, stderr) = mesh(&[
+        "find",
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/1",
+        "--model",
+        "default",
+        "--timeout",
+        "1e20",
+    ]);
+    assert!(!ok && stderr.contains("--timeout"), "{stderr}");
+    no_panic(&stderr);
+}
+
+/// `--prompt-file PATH` and `--prompt-file -` (standard input) give the same
+/// tokens as `--prompt`.
+#[test]
+fn prompt_file_and_stdin() {
+    use std::io::Write;
+    let m = model();
+    let text = "The capital of France is";
+    let args = |how: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = ["generate", "--model", &m, "--max-tokens", "4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(how.iter().map(|s| s.to_string()));
+        v.extend(["--temperature", "0", "--threads", "1", "--format", "json"].map(String::from));
+        v
+    };
+    let direct = {
+        let a = args(&["--prompt", text]);
+        json(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let path = std::env::temp_dir().join(format!("mesh-prompt-{}.txt", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_str().unwrap().to_string();
+    let from_file = {
+        let mut a = args(&[]);
+        a.extend(["--prompt-file".to_string(), p]);
+        json(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert_eq!(direct["token_ids"], from_file["token_ids"]);
+    assert_eq!(direct["prompt_ids"], from_file["prompt_ids"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(args(&["--prompt-file", "-"]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let from_stdin: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(direct["token_ids"], from_stdin["token_ids"]);
+    std::fs::write(&path, b"\xff\xfe not utf-8").unwrap();
+    let mut a = args(&[]);
+    a.extend([
+        "--prompt-file".to_string(),
+        path.to_str().unwrap().to_string(),
+    ]);
+    let (ok, _, stderr) = mesh(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && stderr.contains("UTF-8"), "{stderr}");
+    let _ = std::fs::remove_file(&path);
+}

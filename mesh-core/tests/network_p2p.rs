@@ -582,3 +582,35 @@ async fn a_node_reachable_only_through_a_relay_answers_requests() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// A `/dns4/localhost/...` address (as hosts and bootstrap lists usually name
+/// peers) is resolved and dialed like the IP address it stands for. The
+/// resolver answers `localhost` itself (RFC 6761): no query leaves the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_addresses_are_dialed() {
+    let server = node(51, None).await;
+    let ip = tcp_addr(&server.listen_addrs().await.unwrap());
+    let port = ip
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("a TCP port");
+    let dns: Multiaddr = format!("/dns4/localhost/tcp/{port}/p2p/{}", server.local_peer_id())
+        .parse()
+        .unwrap();
+    let client = node(52, None).await;
+    timeout(Duration::from_secs(20), client.dial(dns.clone()))
+        .await
+        .expect("dial finished in time")
+        .unwrap_or_else(|e| panic!("dialing {dns}: {e}"));
+    assert!(client
+        .connected_peers()
+        .await
+        .unwrap()
+        .contains(&server.local_peer_id()));
+    for n in [&server, &client] {
+        n.shutdown().await.unwrap();
+    }
+}

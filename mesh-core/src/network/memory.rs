@@ -87,7 +87,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::{
-    check_method, wire, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
+    check_method, keys, wire, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
     Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
     Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
 };
@@ -252,18 +252,21 @@ fn peer_key(peer: &PeerId) -> Key {
     sha256(&[&peer.to_bytes()])
 }
 
+/// Distances between provider keys ([`keys`]) are taken between their
+/// SHA-256 hashes, as libp2p's Kademlia does.
 fn model_key(model: &ModelId) -> Key {
-    sha256(&[b"model", &model.0])
+    sha256(&[&keys::model_key(model)])
 }
 
 fn layer_key(model: &ModelId, layer: u32) -> Key {
-    sha256(&[b"layer", &model.0, &layer.to_be_bytes()])
+    sha256(&[&keys::layer_key(model, layer)])
 }
 
 /// The provider keys of an announcement: the model and each of its layers.
 fn announcement_keys(a: &Announcement) -> Vec<Key> {
-    std::iter::once(model_key(&a.model))
-        .chain(a.layers.clone().map(|l| layer_key(&a.model, l)))
+    keys::announcement_keys(a)
+        .iter()
+        .map(|k| sha256(&[k]))
         .collect()
 }
 

@@ -35,6 +35,7 @@ use crate::engine::ModelId;
 use crate::Result;
 
 pub mod identity;
+pub mod keys;
 pub mod memory;
 pub mod p2p;
 pub mod sim;

@@ -43,9 +43,9 @@ use tokio::time::Instant;
 
 use super::wire::{self, Frame};
 use super::{
-    check_method, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits, Multiaddr,
-    Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response, Validation,
-    Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
+    check_method, keys, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
+    Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
+    Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
 };
 use crate::engine::ModelId;
 use crate::{Error, Result};
@@ -237,24 +237,20 @@ struct Behaviour {
     autonat: autonat::Behaviour,
 }
 
-/// DHT key of a model.
+/// DHT key of a model (its CID, see [`keys`](super::keys)).
 pub fn model_key(model: &ModelId) -> kad::RecordKey {
-    let mut k = b"mesh-llm/model/".to_vec();
-    k.extend_from_slice(&model.0);
-    kad::RecordKey::new(&k)
+    kad::RecordKey::new(&keys::model_key(model))
 }
 
-/// DHT key of one layer of a model.
+/// DHT key of one layer of a model (a CID, see [`keys`](super::keys)).
 pub fn layer_key(model: &ModelId, layer: u32) -> kad::RecordKey {
-    let mut k = b"mesh-llm/layer/".to_vec();
-    k.extend_from_slice(&model.0);
-    k.extend_from_slice(&layer.to_be_bytes());
-    kad::RecordKey::new(&k)
+    kad::RecordKey::new(&keys::layer_key(model, layer))
 }
 
 fn keys_of(a: &Announcement) -> Vec<kad::RecordKey> {
-    std::iter::once(model_key(&a.model))
-        .chain(a.layers.clone().map(|l| layer_key(&a.model, l)))
+    keys::announcement_keys(a)
+        .iter()
+        .map(kad::RecordKey::new)
         .collect()
 }
 
@@ -276,6 +272,10 @@ fn build_swarm(config: &P2pConfig) -> Result<Swarm<Behaviour>> {
         )
         .map_err(|e| transport_err("tcp", &e))?
         .with_quic()
+        // `/dns4/`, `/dns6/` and `/dns/` addresses, resolved with the system's
+        // resolver configuration (hosts file included).
+        .with_dns()
+        .map_err(|e| transport_err("dns", &e))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| transport_err("relay client", &e))?
         .with_behaviour(|key, relay_client| {

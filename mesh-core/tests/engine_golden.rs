@@ -43,6 +43,20 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// A recorded prompt's name, its tokens (checked against ours) and upstream's
+/// greedy tokens.
+fn recorded_run<'a>(engine: &GgmlEngine, p: &'a Value) -> (&'a str, Vec<u32>, Vec<u32>) {
+    let name = p["name"].as_str().unwrap();
+    let prompt = engine
+        .tokenizer()
+        .encode(p["text"].as_str().unwrap(), true, true)
+        .unwrap();
+    assert_eq!(prompt, ids(&p["prompt_ids"]), "{name}: prompt tokens");
+    let want = ids(&p["greedy_ids"]);
+    assert!(want.len() >= 64, "{name}: {} tokens recorded", want.len());
+    (name, prompt, want)
+}
+
 /// Largest |ours - upstream| over upstream's top-10 logits.
 fn top_logit_diff(ours: &[f32], top: &Value) -> f32 {
     top.as_array()
@@ -78,14 +92,7 @@ fn greedy_tokens_and_logits_match_upstream_llama_cpp() {
     assert!(prompts.len() >= 10);
     let mut tokens = 0;
     for p in prompts {
-        let name = p["name"].as_str().unwrap();
-        let prompt = engine
-            .tokenizer()
-            .encode(p["text"].as_str().unwrap(), true, true)
-            .unwrap();
-        assert_eq!(prompt, ids(&p["prompt_ids"]), "{name}: prompt tokens");
-        let want = ids(&p["greedy_ids"]);
-        assert!(want.len() >= 64, "{name}: {} tokens recorded", want.len());
+        let (name, prompt, want) = recorded_run(&engine, p);
 
         let mut s = engine.new_session(prompt.len() + want.len() + 1).unwrap();
         let mut logits = engine.forward(&prompt, Logits::Last, &mut s).unwrap();
@@ -129,13 +136,7 @@ fn cross_class_check(g: &Value) {
     let tolerance = kernel_spread(&engine, prompts);
     let (mut steps, mut same, mut worst_logit, mut worst_tie) = (0, 0, 0f32, 0f32);
     for p in prompts {
-        let name = p["name"].as_str().unwrap();
-        let prompt = engine
-            .tokenizer()
-            .encode(p["text"].as_str().unwrap(), true, true)
-            .unwrap();
-        assert_eq!(prompt, ids(&p["prompt_ids"]), "{name}: prompt tokens");
-        let want = ids(&p["greedy_ids"]);
+        let (name, prompt, want) = recorded_run(&engine, p);
         let mut s = engine.new_session(prompt.len() + want.len() + 1).unwrap();
         let mut logits = engine.forward(&prompt, Logits::Last, &mut s).unwrap();
         let d = top_logit_diff(&logits, &p["top_logits_last_prompt"]);

@@ -294,33 +294,21 @@ fn node_and_find_report_bad_arguments() {
 fn hostile_sizes_are_clear_errors() {
     let m = model();
     let no_panic = |stderr: &str| assert!(!stderr.contains("panicked"), "{stderr}");
+    // `mesh generate` on a one-character prompt with the given options.
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", &m, "--prompt", "x"];
+        args.extend_from_slice(extra);
+        mesh(&args)
+    };
     for ctx in ["1099511627776", "18446744073709551615", "1000000"] {
-        let (ok, _, stderr) = mesh(&[
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "x",
-            "--ctx",
-            ctx,
-            "--threads",
-            "1",
-        ]);
+        let (ok, _, stderr) = generate(&["--ctx", ctx, "--threads", "1"]);
         assert!(
             !ok && stderr.contains("trained for at most"),
             "--ctx {ctx}: {stderr}"
         );
         no_panic(&stderr);
     }
-    let (ok, _, stderr) = mesh(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "x",
-        "--threads",
-        "100000",
-    ]);
+    let (ok, _, stderr) = generate(&["--threads", "100000"]);
     assert!(!ok && stderr.contains("threads"), "{stderr}");
     no_panic(&stderr);
     // A huge --max-tokens caps the default context at the trained one and

@@ -55,6 +55,9 @@ pub enum Error {
     /// A network operation failed (dial, timeout, size limit, remote error, ...).
     #[error("network: {0}")]
     Network(crate::network::NetworkError),
+    /// Pipeline inference across peers failed (no cover, stage error, failover).
+    #[error("pipeline: {0}")]
+    Pipeline(Box<crate::pipeline::PipelineError>),
 }
 
 impl Error {

@@ -366,6 +366,20 @@ impl GgmlEngine {
         on
     }
 
+    /// Whether exact accumulation is on (see [`GgmlEngine::set_exact_accumulation`]).
+    pub fn exact_accumulation(&self) -> bool {
+        self.exact.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the KV cache of a session of `n_ctx` positions holds (what
+    /// [`GgmlSession::kv_bytes`] will report), or `None` if it overflows.
+    pub fn kv_bytes_for(&self, n_ctx: usize) -> Option<usize> {
+        let kv_dim = self.info.n_head_kv * self.info.head_dim;
+        kv_dim
+            .checked_mul(n_ctx.checked_add(KV_PAD - 1)? / KV_PAD * KV_PAD)?
+            .checked_mul(4 * self.info.n_layers)
+    }
+
     /// Number of compute threads new sessions use.
     pub fn n_threads(&self) -> usize {
         self.n_threads

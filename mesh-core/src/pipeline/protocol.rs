@@ -1,0 +1,590 @@
+//! The stage protocol: request/response messages a pipeline client sends to a
+//! node that serves a range of a model's layers.
+//!
+//! One method, [`STAGE_METHOD`], carries a [`StageRequest`] (protobuf, in the
+//! request's `meta`) and hidden-state rows (raw little-endian, in its
+//! `tensor`); the answer is a [`StageReply`] and the output rows. The schema,
+//! for other implementations:
+//!
+//! ```proto
+//! syntax = "proto3";
+//! package mesh.stage.v1;
+//! enum DType { F32 = 0; F16 = 1; }
+//! message Open     { bytes model = 1; uint32 layer_start = 2; uint32 layer_end = 3;
+//!                    uint64 n_ctx = 4; bool exact = 5; }
+//! message Forward  { uint64 session = 1; uint64 pos = 2; uint32 n_tokens = 3; DType dtype = 4; }
+//! message Truncate { uint64 session = 1; uint64 len = 2; }
+//! message Close    { uint64 session = 1; }
+//! message StageRequest { uint32 version = 1;
+//!                        oneof op { Open open = 2; Forward forward = 3; Truncate truncate = 4; Close close = 5; } }
+//! enum ErrorCode { NONE = 0; UNKNOWN_SESSION = 1; WRONG_MODEL = 2; LAYERS_NOT_SERVED = 3;
+//!                  BAD_SHAPE = 4; POSITION_MISMATCH = 5; CONTEXT_FULL = 6; BUSY = 7;
+//!                  MODE_MISMATCH = 8; TOO_LARGE = 9; MALFORMED = 10; INTERNAL = 11;
+//!                  UNSUPPORTED_VERSION = 12; }
+//! message StageReply { uint32 version = 1; uint64 session = 2; uint64 len = 3; ErrorCode error = 4;
+//!                      string message = 5; uint64 compute_us = 6; uint32 n_tokens = 7; DType dtype = 8; }
+//! ```
+//!
+//! A `Forward` carries `n_tokens` rows of the model's embedding width, in
+//! `dtype`, for positions `pos..pos + n_tokens`; `pos` must equal the number
+//! of positions the session holds (truncate first to rewrite history). The
+//! reply carries the rows after the session's layers, in the same dtype.
+//! Every size is checked before anything is allocated.
+
+use std::fmt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::engine::ModelId;
+use crate::network::wire::MAX_LAYERS;
+
+/// Method name of the stage protocol (version in the name and in every message).
+pub const STAGE_METHOD: &str = "mesh/stage/1";
+
+/// Version of the stage messages this build speaks.
+pub const STAGE_VERSION: u32 = 1;
+
+/// Most token rows in one `Forward` (a prompt batch).
+pub const MAX_BATCH_TOKENS: u32 = 4096;
+
+/// Largest context a session may ask for.
+pub const MAX_SESSION_CTX: u64 = 1 << 20;
+
+/// Element type of hidden-state rows on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum DType {
+    /// IEEE f32, little-endian: exactly what the engine computes.
+    F32 = 0,
+    /// IEEE f16, little-endian: half the bytes; rounds every hidden value, so
+    /// tokens may differ from local generation.
+    F16 = 1,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// Why a stage refused or failed a request (carried in [`StageReply::error`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    /// No error.
+    None = 0,
+    /// The session does not exist (never opened, closed, expired, or opened by another peer).
+    UnknownSession = 1,
+    /// The node does not serve this model.
+    WrongModel = 2,
+    /// The node does not serve (all of) the requested layers.
+    LayersNotServed = 3,
+    /// Hidden rows of the wrong width or byte length.
+    BadShape = 4,
+    /// `pos` is not the number of positions the session holds.
+    PositionMismatch = 5,
+    /// The rows would go past the session's context.
+    ContextFull = 6,
+    /// The node has no memory (KV budget) or session slot left right now.
+    Busy = 7,
+    /// The session asks for a numeric mode (exact accumulation) the node does not run.
+    ModeMismatch = 8,
+    /// A size exceeds a protocol limit.
+    TooLarge = 9,
+    /// The request could not be decoded.
+    Malformed = 10,
+    /// The engine failed.
+    Internal = 11,
+    /// The request's version is not [`STAGE_VERSION`].
+    UnsupportedVersion = 12,
+}
+
+impl ErrorCode {
+    /// Short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::None => "ok",
+            ErrorCode::UnknownSession => "unknown session",
+            ErrorCode::WrongModel => "wrong model",
+            ErrorCode::LayersNotServed => "layers not served",
+            ErrorCode::BadShape => "bad shape",
+            ErrorCode::PositionMismatch => "position mismatch",
+            ErrorCode::ContextFull => "context full",
+            ErrorCode::Busy => "busy",
+            ErrorCode::ModeMismatch => "mode mismatch",
+            ErrorCode::TooLarge => "too large",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::Internal => "internal",
+            ErrorCode::UnsupportedVersion => "unsupported version",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Open a session over `layer_start..layer_end` of a model.
+#[derive(Clone, PartialEq, Message)]
+pub struct OpenMsg {
+    /// BLAKE3 of the GGUF file, 32 bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub model: Vec<u8>,
+    /// First layer.
+    #[prost(uint32, tag = "2")]
+    pub layer_start: u32,
+    /// One past the last layer.
+    #[prost(uint32, tag = "3")]
+    pub layer_end: u32,
+    /// Positions the session's KV cache must hold.
+    #[prost(uint64, tag = "4")]
+    pub n_ctx: u64,
+    /// The client expects exact accumulation (see `GgmlEngine::set_exact_accumulation`).
+    #[prost(bool, tag = "5")]
+    pub exact: bool,
+}
+
+/// Run the session's layers on rows at `pos`.
+#[derive(Clone, PartialEq, Message)]
+pub struct ForwardMsg {
+    /// Session id from the open reply.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Position of the first row.
+    #[prost(uint64, tag = "2")]
+    pub pos: u64,
+    /// Rows in the tensor.
+    #[prost(uint32, tag = "3")]
+    pub n_tokens: u32,
+    /// Element type of the rows (the reply uses the same).
+    #[prost(enumeration = "DType", tag = "4")]
+    pub dtype: i32,
+}
+
+/// Forget every position from `len` on.
+#[derive(Clone, PartialEq, Message)]
+pub struct TruncateMsg {
+    /// Session id.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// Positions to keep.
+    #[prost(uint64, tag = "2")]
+    pub len: u64,
+}
+
+/// Close a session and free its KV cache.
+#[derive(Clone, PartialEq, Message)]
+pub struct CloseMsg {
+    /// Session id.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+}
+
+/// The operation of a [`StageRequest`].
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum StageOp {
+    /// Open a session.
+    #[prost(message, tag = "2")]
+    Open(OpenMsg),
+    /// Forward rows.
+    #[prost(message, tag = "3")]
+    Forward(ForwardMsg),
+    /// Truncate the KV cache.
+    #[prost(message, tag = "4")]
+    Truncate(TruncateMsg),
+    /// Close the session.
+    #[prost(message, tag = "5")]
+    Close(CloseMsg),
+}
+
+/// A stage request (the `meta` of a [`STAGE_METHOD`] request).
+#[derive(Clone, PartialEq, Message)]
+pub struct StageRequest {
+    /// [`STAGE_VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// What to do.
+    #[prost(oneof = "StageOp", tags = "2, 3, 4, 5")]
+    pub op: Option<StageOp>,
+}
+
+/// A stage reply (the `meta` of the response; output rows in its `tensor`).
+#[derive(Clone, PartialEq, Message)]
+pub struct StageReply {
+    /// [`STAGE_VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The session the reply is about.
+    #[prost(uint64, tag = "2")]
+    pub session: u64,
+    /// Positions the session holds after the operation.
+    #[prost(uint64, tag = "3")]
+    pub len: u64,
+    /// [`ErrorCode::None`] on success.
+    #[prost(enumeration = "ErrorCode", tag = "4")]
+    pub error: i32,
+    /// What went wrong, for people.
+    #[prost(string, tag = "5")]
+    pub message: String,
+    /// Microseconds the stage spent computing (excludes queueing).
+    #[prost(uint64, tag = "6")]
+    pub compute_us: u64,
+    /// Rows in the tensor.
+    #[prost(uint32, tag = "7")]
+    pub n_tokens: u32,
+    /// Element type of the rows.
+    #[prost(enumeration = "DType", tag = "8")]
+    pub dtype: i32,
+}
+
+impl StageReply {
+    /// A reply that reports `code` with `message`.
+    pub fn failure(session: u64, code: ErrorCode, message: impl Into<String>) -> StageReply {
+        StageReply {
+            version: STAGE_VERSION,
+            session,
+            error: code as i32,
+            message: message.into(),
+            ..StageReply::default()
+        }
+    }
+
+    /// The error code (unknown codes read as [`ErrorCode::Internal`]).
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::try_from(self.error).unwrap_or(ErrorCode::Internal)
+    }
+}
+
+/// A request refused before it reached a session: the code and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Error code for the reply.
+    pub code: ErrorCode,
+    /// Message for the reply.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A decoded, range-checked stage request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageCall {
+    /// Open a session.
+    Open {
+        /// The model.
+        model: ModelId,
+        /// Its layers.
+        layers: Range<u32>,
+        /// KV positions.
+        n_ctx: usize,
+        /// Exact accumulation expected.
+        exact: bool,
+    },
+    /// Forward rows.
+    Forward {
+        /// Session id.
+        session: u64,
+        /// Position of the first row.
+        pos: usize,
+        /// Number of rows.
+        n_tokens: usize,
+        /// Element type of the rows on the wire.
+        dtype: DType,
+        /// The rows as f32 (widened from f16 if that was the wire type).
+        rows: Vec<f32>,
+    },
+    /// Truncate to `len` positions.
+    Truncate {
+        /// Session id.
+        session: u64,
+        /// Positions kept.
+        len: usize,
+    },
+    /// Close.
+    Close {
+        /// Session id.
+        session: u64,
+    },
+}
+
+/// Decodes the `meta` and `tensor` of a stage request. Checks the version,
+/// sizes and ranges; the row width against the model is the server's check.
+/// Never panics; allocates at most `tensor.len() * 2` bytes.
+pub fn decode_request(meta: &[u8], tensor: &[u8]) -> Result<StageCall, Refusal> {
+    let msg = StageRequest::decode(meta)
+        .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("stage request: {e}")))?;
+    if msg.version != STAGE_VERSION {
+        return Err(Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "stage version {} is not supported (this node speaks {STAGE_VERSION})",
+                msg.version
+            ),
+        ));
+    }
+    let op = msg
+        .op
+        .ok_or_else(|| Refusal::new(ErrorCode::Malformed, "stage request without an operation"))?;
+    let no_tensor = |what: &str| {
+        if tensor.is_empty() {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::Malformed,
+                format!(
+                    "{what} carries no rows, found {} tensor bytes",
+                    tensor.len()
+                ),
+            ))
+        }
+    };
+    match op {
+        StageOp::Open(o) => {
+            no_tensor("open")?;
+            let model: [u8; 32] = o.model.as_slice().try_into().map_err(|_| {
+                Refusal::new(
+                    ErrorCode::Malformed,
+                    format!("model id: expected 32 bytes, found {}", o.model.len()),
+                )
+            })?;
+            if o.layer_start >= o.layer_end || o.layer_end > MAX_LAYERS {
+                return Err(Refusal::new(
+                    ErrorCode::Malformed,
+                    format!(
+                        "layer range: expected a non-empty range below {MAX_LAYERS}, found {}..{}",
+                        o.layer_start, o.layer_end
+                    ),
+                ));
+            }
+            if o.n_ctx == 0 || o.n_ctx > MAX_SESSION_CTX {
+                return Err(Refusal::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "context: expected 1 to {MAX_SESSION_CTX} positions, found {}",
+                        o.n_ctx
+                    ),
+                ));
+            }
+            Ok(StageCall::Open {
+                model: ModelId(model),
+                layers: o.layer_start..o.layer_end,
+                n_ctx: o.n_ctx as usize,
+                exact: o.exact,
+            })
+        }
+        StageOp::Forward(f) => {
+            let dtype = DType::try_from(f.dtype).map_err(|_| {
+                Refusal::new(
+                    ErrorCode::Malformed,
+                    format!("dtype: expected 0 (f32) or 1 (f16), found {}", f.dtype),
+                )
+            })?;
+            if f.n_tokens == 0 || f.n_tokens > MAX_BATCH_TOKENS {
+                return Err(Refusal::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "batch: expected 1 to {MAX_BATCH_TOKENS} rows, found {}",
+                        f.n_tokens
+                    ),
+                ));
+            }
+            if f.pos > MAX_SESSION_CTX {
+                return Err(Refusal::new(
+                    ErrorCode::ContextFull,
+                    format!("position {} is past any session's context", f.pos),
+                ));
+            }
+            let row_bytes = f.n_tokens as usize * dtype.size();
+            if tensor.is_empty() || !tensor.len().is_multiple_of(row_bytes) {
+                return Err(Refusal::new(
+                    ErrorCode::BadShape,
+                    format!(
+                        "{} tensor bytes are not {} rows of {} values",
+                        tensor.len(),
+                        f.n_tokens,
+                        dtype.size()
+                    ),
+                ));
+            }
+            Ok(StageCall::Forward {
+                session: f.session,
+                pos: f.pos as usize,
+                n_tokens: f.n_tokens as usize,
+                dtype,
+                rows: decode_rows(tensor, dtype),
+            })
+        }
+        StageOp::Truncate(t) => {
+            no_tensor("truncate")?;
+            Ok(StageCall::Truncate {
+                session: t.session,
+                len: t.len.min(MAX_SESSION_CTX) as usize,
+            })
+        }
+        StageOp::Close(c) => {
+            no_tensor("close")?;
+            Ok(StageCall::Close { session: c.session })
+        }
+    }
+}
+
+/// Encodes a request for the wire: `(meta, tensor)`.
+pub fn encode_request(op: StageOp, rows: Bytes) -> (Bytes, Bytes) {
+    let msg = StageRequest {
+        version: STAGE_VERSION,
+        op: Some(op),
+    };
+    (Bytes::from(msg.encode_to_vec()), rows)
+}
+
+/// Rows as little-endian bytes of `dtype` (f16 rounds to nearest even).
+pub fn encode_rows(rows: &[f32], dtype: DType) -> Bytes {
+    let mut out = Vec::with_capacity(rows.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for v in rows {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for v in rows {
+                out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Rows from little-endian bytes of `dtype` (a trailing partial element is ignored).
+pub fn decode_rows(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn forward(n_tokens: u32, dtype: DType) -> Vec<u8> {
+        StageRequest {
+            version: STAGE_VERSION,
+            op: Some(StageOp::Forward(ForwardMsg {
+                session: 7,
+                pos: 3,
+                n_tokens,
+                dtype: dtype as i32,
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn forward_round_trips_f32_and_f16() {
+        let rows = vec![1.0f32, -2.5, 0.125, 65504.0];
+        for dtype in [DType::F32, DType::F16] {
+            let tensor = encode_rows(&rows, dtype);
+            let call = decode_request(&forward(2, dtype), &tensor).unwrap();
+            assert_eq!(
+                call,
+                StageCall::Forward {
+                    session: 7,
+                    pos: 3,
+                    n_tokens: 2,
+                    dtype,
+                    rows: rows.clone()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_typed_refusals() {
+        let code = |meta: &[u8], tensor: &[u8]| decode_request(meta, tensor).unwrap_err().code;
+        assert_eq!(code(b"\xff\xff", b""), ErrorCode::Malformed);
+        let v2 = StageRequest {
+            version: 2,
+            op: None,
+        }
+        .encode_to_vec();
+        assert_eq!(code(&v2, b""), ErrorCode::UnsupportedVersion);
+        let none = StageRequest {
+            version: STAGE_VERSION,
+            op: None,
+        }
+        .encode_to_vec();
+        assert_eq!(code(&none, b""), ErrorCode::Malformed);
+        // 3 bytes are not 2 rows of f32.
+        assert_eq!(code(&forward(2, DType::F32), b"abc"), ErrorCode::BadShape);
+        assert_eq!(code(&forward(0, DType::F32), b""), ErrorCode::TooLarge);
+        assert_eq!(
+            code(&forward(MAX_BATCH_TOKENS + 1, DType::F32), &[0; 8]),
+            ErrorCode::TooLarge
+        );
+        let open = |start, end, n_ctx, model: Vec<u8>| {
+            StageRequest {
+                version: STAGE_VERSION,
+                op: Some(StageOp::Open(OpenMsg {
+                    model,
+                    layer_start: start,
+                    layer_end: end,
+                    n_ctx,
+                    exact: false,
+                })),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(code(&open(3, 3, 8, vec![0; 32]), b""), ErrorCode::Malformed);
+        assert_eq!(code(&open(0, 3, 8, vec![0; 31]), b""), ErrorCode::Malformed);
+        assert_eq!(code(&open(0, 3, 0, vec![0; 32]), b""), ErrorCode::TooLarge);
+        assert_eq!(
+            code(&open(0, 3, MAX_SESSION_CTX + 1, vec![0; 32]), b""),
+            ErrorCode::TooLarge
+        );
+        assert_eq!(
+            code(&open(0, 3, 8, vec![0; 32]), b"x"),
+            ErrorCode::Malformed
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(meta in proptest::collection::vec(any::<u8>(), 0..64),
+                                tensor in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_request(&meta, &tensor);
+        }
+
+        #[test]
+        fn forward_rows_round_trip(rows in proptest::collection::vec(-1e4f32..1e4, 1..32)) {
+            let n = rows.len() as u32;
+            let call = decode_request(&forward(n, DType::F32), &encode_rows(&rows, DType::F32)).unwrap();
+            match call {
+                StageCall::Forward { rows: got, .. } => prop_assert_eq!(got, rows),
+                other => prop_assert!(false, "decoded {:?}", other),
+            }
+        }
+    }
+}

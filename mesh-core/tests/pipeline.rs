@@ -1,0 +1,439 @@
+//! Pipeline inference across peers over the in-memory network: a model's
+//! layers on three stage nodes, generation from a fourth, failover when a
+//! stage dies, typed errors when nothing is left, hostile stage requests.
+//! (Time per token against the latency model: `pipeline_timing.rs`.)
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::generate::{GenerateParams, Prompt};
+use mesh_core::network::memory::MemoryNet;
+use mesh_core::network::{Identity, Limits, PeerId};
+use mesh_core::node::{GenerateRequest, Mode, Node, NodeEvent, NodeOptions};
+use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent};
+use mesh_core::pipeline::planner::Target;
+use mesh_core::pipeline::protocol::{
+    encode_request, encode_rows, CloseMsg, DType, ErrorCode, ForwardMsg, OpenMsg, StageOp,
+    StageReply, TruncateMsg,
+};
+use mesh_core::pipeline::server::{StageConfig, StageServer};
+use mesh_core::pipeline::PipelineError;
+use mesh_core::sampling::SamplerParams;
+use mesh_core::Error;
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+];
+
+fn engine() -> Arc<GgmlEngine> {
+    Arc::new(GgmlEngine::load(common::model_path(), common::THREADS).unwrap())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn options() -> NodeOptions {
+    NodeOptions {
+        stage: StageConfig::default(),
+        pipeline: PipelineConfig {
+            stage_timeout: Duration::from_secs(5),
+            find_timeout: Duration::from_secs(3),
+            ..PipelineConfig::default()
+        },
+    }
+}
+
+/// A mesh of stage nodes serving `ranges` plus a client node, all connected.
+struct Mesh {
+    net: MemoryNet,
+    stages: Vec<Node>,
+    client: Node,
+}
+
+fn mesh(rt: &tokio::runtime::Runtime, engine: &Arc<GgmlEngine>, ranges: &[(u32, u32)]) -> Mesh {
+    let net = MemoryNet::new(7);
+    let node = || {
+        let n = net.add_node(Identity::ephemeral(), Limits::default());
+        Node::with_network(Arc::new(n), rt.handle().clone(), options())
+    };
+    let client = node();
+    let stages: Vec<Node> = ranges.iter().map(|_| node()).collect();
+    let hub = client.listen_addrs().unwrap()[0].clone();
+    for s in &stages {
+        s.dial(hub.clone()).unwrap();
+    }
+    for (s, &(a, b)) in stages.iter().zip(ranges) {
+        s.serve(engine.clone(), a..b).unwrap();
+    }
+    Mesh {
+        net,
+        stages,
+        client,
+    }
+}
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampler: SamplerParams::greedy(),
+        ignore_eos: true,
+        ..GenerateParams::default()
+    }
+}
+
+fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest::new(Prompt::Text(prompt.into()), greedy(max_tokens))
+}
+
+#[test]
+fn three_stages_give_the_tokens_of_local_generation() {
+    let rt = runtime();
+    let engine = engine();
+    let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (20, 30)]);
+    for prompt in PROMPTS {
+        let req = request(prompt, 32);
+        let local = m
+            .client
+            .generate(&engine, &req, Mode::Local, None, &mut |_| true)
+            .unwrap();
+        let piped = m
+            .client
+            .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
+            .unwrap();
+        assert_eq!(piped.output.token_ids, local.output.token_ids, "{prompt}");
+        let report = piped.pipeline.unwrap();
+        let plan: Vec<_> = report.plan.iter().map(|h| h.layers.clone()).collect();
+        assert_eq!(plan, vec![0..10, 10..20, 20..30]);
+        let stage_ids: Vec<PeerId> = m.stages.iter().map(|s| s.peer_id()).collect();
+        for (hop, id) in report.plan.iter().zip(&stage_ids) {
+            assert_eq!(hop.target, Target::Peer(*id));
+        }
+        assert_eq!(report.stats.failovers, 0);
+        // 576 f32 values out and back per hop per token.
+        assert_eq!(report.stats.bytes_per_token(), 3.0 * 2.0 * 576.0 * 4.0);
+    }
+    // Sessions close when a generation ends.
+    std::thread::sleep(Duration::from_millis(300));
+    for s in &m.stages {
+        assert_eq!(s.stages().session_count(), 0);
+    }
+}
+
+#[test]
+fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
+    let rt = runtime();
+    let engine = engine();
+    // Two nodes serve 10..20: whichever the plan picks dies at token 10.
+    let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (10, 20), (20, 30)]);
+    let req = request(PROMPTS[1], 32);
+    let local = m
+        .client
+        .generate(&engine, &req, Mode::Local, None, &mut |_| true)
+        .unwrap();
+    let mut events = m.client.events();
+    let mut pieces = 0;
+    let mut killed = None;
+    let out = m
+        .client
+        .generate(&engine, &req, Mode::Pipeline, None, &mut |_| {
+            pieces += 1;
+            if pieces == 10 {
+                while let Ok(e) = events.try_recv() {
+                    if let NodeEvent::Pipeline(PipelineEvent::Plan { hops, .. }) = e {
+                        let Target::Peer(p) = hops[1].target else {
+                            panic!("middle hop is local")
+                        };
+                        killed = Some(p);
+                    }
+                }
+                assert!(m.net.kill(killed.expect("a plan event")));
+            }
+            true
+        })
+        .unwrap();
+    let killed = killed.unwrap();
+    assert_eq!(out.output.token_ids, local.output.token_ids);
+    let report = out.pipeline.unwrap();
+    assert_eq!(report.stats.failovers, 1);
+    assert_eq!(report.stats.failed, vec![killed]);
+    assert_eq!(report.plan.len(), 3);
+    assert_eq!(report.plan[1].layers, 10..20);
+    assert_ne!(report.plan[1].target, Target::Peer(killed));
+}
+
+#[test]
+fn all_stages_gone_is_a_typed_error_within_the_deadline() {
+    let rt = runtime();
+    let engine = engine();
+    let m = mesh(&rt, &engine, &[(0, 15), (15, 30)]);
+    let req = request(PROMPTS[0], 32);
+    let started = Instant::now();
+    let mut pieces = 0;
+    let ids: Vec<PeerId> = m.stages.iter().map(|s| s.peer_id()).collect();
+    let err = m
+        .client
+        .generate(&engine, &req, Mode::Pipeline, None, &mut |_| {
+            pieces += 1;
+            if pieces == 5 {
+                for id in &ids {
+                    m.net.kill(*id);
+                }
+            }
+            true
+        })
+        .unwrap_err();
+    // stage timeout (5 s) + find timeout (3 s), with slack for a busy machine.
+    assert!(started.elapsed() < Duration::from_secs(30), "{err}");
+    match err {
+        Error::Pipeline(p) => match *p {
+            PipelineError::FailoverImpossible { missing, .. } => assert!(!missing.is_empty()),
+            other => panic!("expected FailoverImpossible, found {other}"),
+        },
+        other => panic!("expected FailoverImpossible, found {other}"),
+    }
+    // No provider at all: the missing layers are named up front.
+    let lonely = mesh(&rt, &engine, &[(0, 10)]);
+    let err = lonely
+        .client
+        .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Pipeline(p) if matches!(&**p, PipelineError::Uncovered { missing } if missing.len() == 1 && missing[0] == (10..30))),
+        "{err}"
+    );
+    assert!(err.to_string().contains("10-29"), "{err}");
+}
+
+#[test]
+fn cancel_stops_a_pipeline_generation() {
+    let rt = runtime();
+    let engine = engine();
+    let m = mesh(&rt, &engine, &[(0, 30)]);
+    let cancel = AtomicBool::new(false);
+    let mut n = 0;
+    let out = m
+        .client
+        .generate(
+            &engine,
+            &request(PROMPTS[2], 64),
+            Mode::Pipeline,
+            Some(&cancel),
+            &mut |_| {
+                n += 1;
+                if n == 3 {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                true
+            },
+        )
+        .unwrap();
+    assert_eq!(out.output.stop, mesh_core::generate::StopReason::Cancelled);
+    assert!(out.output.token_ids.len() < 64);
+}
+
+fn call(server: &StageServer, peer: PeerId, op: StageOp, rows: Bytes) -> (StageReply, Bytes) {
+    let (meta, tensor) = encode_request(op, rows);
+    server.handle(peer, &meta, &tensor)
+}
+
+fn open(model: [u8; 32], a: u32, b: u32, n_ctx: u64) -> StageOp {
+    StageOp::Open(OpenMsg {
+        model: model.to_vec(),
+        layer_start: a,
+        layer_end: b,
+        n_ctx,
+        exact: false,
+    })
+}
+
+fn fwd(session: u64, pos: u64, n_tokens: u32) -> StageOp {
+    StageOp::Forward(ForwardMsg {
+        session,
+        pos,
+        n_tokens,
+        dtype: DType::F32 as i32,
+    })
+}
+
+#[test]
+fn hostile_stage_requests_get_typed_errors_and_corrupt_nothing() {
+    let engine = engine();
+    let info = engine.info().clone();
+    let n_embd = info.n_embd;
+    let server = StageServer::new(StageConfig {
+        kv_budget_bytes: engine.kv_bytes_for(256).unwrap() as u64 * 2,
+        ..StageConfig::default()
+    });
+    server.add_model(engine.clone(), 10..20);
+    let me = Identity::from_seed([1; 32]).peer_id();
+    let other = Identity::from_seed([2; 32]).peer_id();
+    let id = info.id.0;
+    let code = |r: &(StageReply, Bytes)| r.0.code();
+
+    assert_eq!(
+        code(&call(&server, me, open([9; 32], 10, 20, 64), Bytes::new())),
+        ErrorCode::WrongModel
+    );
+    assert_eq!(
+        code(&call(&server, me, open(id, 5, 20, 64), Bytes::new())),
+        ErrorCode::LayersNotServed
+    );
+    let exact = StageOp::Open(OpenMsg {
+        model: id.to_vec(),
+        layer_start: 10,
+        layer_end: 20,
+        n_ctx: 64,
+        exact: true,
+    });
+    assert_eq!(
+        code(&call(&server, me, exact, Bytes::new())),
+        ErrorCode::ModeMismatch
+    );
+    assert_eq!(
+        code(&call(&server, me, open(id, 10, 20, 1 << 19), Bytes::new())),
+        ErrorCode::TooLarge
+    );
+    let (reply, _) = call(&server, me, open(id, 12, 18, 256), Bytes::new());
+    assert_eq!(reply.code(), ErrorCode::None, "{}", reply.message);
+    let s = reply.session;
+    // Budget: a second 256-position session fits, a third does not.
+    let (second, _) = call(&server, me, open(id, 10, 20, 256), Bytes::new());
+    assert_eq!(second.code(), ErrorCode::None);
+    assert_eq!(
+        code(&call(&server, me, open(id, 10, 20, 256), Bytes::new())),
+        ErrorCode::Busy
+    );
+    assert_eq!(
+        code(&call(
+            &server,
+            me,
+            StageOp::Close(CloseMsg {
+                session: second.session
+            }),
+            Bytes::new()
+        )),
+        ErrorCode::None
+    );
+
+    let rows = |n: usize, width: usize| encode_rows(&vec![0.01f32; n * width], DType::F32);
+    assert_eq!(
+        code(&call(&server, me, fwd(s ^ 1, 0, 2), rows(2, n_embd))),
+        ErrorCode::UnknownSession
+    );
+    // Another peer naming this session's id sees no session.
+    assert_eq!(
+        code(&call(&server, other, fwd(s, 0, 2), rows(2, n_embd))),
+        ErrorCode::UnknownSession
+    );
+    assert_eq!(
+        code(&call(&server, me, fwd(s, 0, 2), rows(2, n_embd - 1))),
+        ErrorCode::BadShape
+    );
+    assert_eq!(
+        code(&call(&server, me, fwd(s, 5, 2), rows(2, n_embd))),
+        ErrorCode::PositionMismatch
+    );
+    let nan = encode_rows(&vec![f32::NAN; 2 * n_embd], DType::F32);
+    assert_eq!(
+        code(&call(&server, me, fwd(s, 0, 2), nan)),
+        ErrorCode::BadShape
+    );
+    assert_eq!(
+        code(&call(&server, me, fwd(s, 0, 300), rows(300, n_embd))),
+        ErrorCode::ContextFull
+    );
+    assert_eq!(
+        code(&call(&server, me, fwd(s, 0, 5000), rows(1, n_embd))),
+        ErrorCode::TooLarge
+    );
+
+    // After all that, the session still works and computes what the engine
+    // computes for those layers.
+    let input: Vec<f32> = (0..3 * n_embd)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+        .collect();
+    let (reply, out) = call(&server, me, fwd(s, 0, 3), encode_rows(&input, DType::F32));
+    assert_eq!(reply.code(), ErrorCode::None, "{}", reply.message);
+    assert_eq!(reply.len, 3);
+    let mut want = mesh_core::engine::Hidden {
+        n_embd,
+        pos: 0,
+        data: input.clone(),
+    };
+    let mut session = engine.new_session(256).unwrap();
+    engine.run_layers(12..18, &mut want, &mut session).unwrap();
+    let got = mesh_core::pipeline::protocol::decode_rows(&out, DType::F32);
+    assert_eq!(got, want.data);
+    // Truncate past the end is refused; to 1 works and forward resumes at 1.
+    assert_eq!(
+        code(&call(
+            &server,
+            me,
+            StageOp::Truncate(TruncateMsg { session: s, len: 9 }),
+            Bytes::new()
+        )),
+        ErrorCode::PositionMismatch
+    );
+    let (t, _) = call(
+        &server,
+        me,
+        StageOp::Truncate(TruncateMsg { session: s, len: 1 }),
+        Bytes::new(),
+    );
+    assert_eq!((t.code(), t.len), (ErrorCode::None, 1));
+    let (again, _) = call(
+        &server,
+        me,
+        fwd(s, 1, 2),
+        encode_rows(&input[n_embd..], DType::F32),
+    );
+    assert_eq!(again.code(), ErrorCode::None);
+    assert_eq!(server.session_count(), 1);
+    // Garbage meta is malformed, never a panic.
+    let (garbage, _) = server.handle(me, b"\x0a\xff\xff\xff", b"");
+    assert_eq!(garbage.code(), ErrorCode::Malformed);
+}
+
+#[test]
+fn idle_sessions_expire() {
+    let engine = engine();
+    let server = StageServer::new(StageConfig {
+        idle_ttl: Duration::from_millis(100),
+        ..StageConfig::default()
+    });
+    server.add_model(engine.clone(), 0..30);
+    let me = Identity::from_seed([1; 32]).peer_id();
+    let mut events = server.events();
+    let (reply, _) = call(
+        &server,
+        me,
+        open(engine.info().id.0, 0, 30, 64),
+        Bytes::new(),
+    );
+    assert_eq!(reply.code(), ErrorCode::None);
+    assert_eq!(server.session_count(), 1);
+    std::thread::sleep(Duration::from_millis(250));
+    server.expire_idle();
+    assert_eq!(server.session_count(), 0);
+    assert_eq!(server.kv_bytes_in_use(), 0);
+    let _opened = events.try_recv().unwrap();
+    match events.try_recv().unwrap() {
+        mesh_core::pipeline::server::StageEvent::Closed { reason, .. } => {
+            assert_eq!(reason, mesh_core::pipeline::server::CloseReason::Expired)
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -105,6 +105,24 @@ enum Command {
         /// instead of ggml's f32 accumulation.
         #[arg(long)]
         exact: bool,
+        /// Pipeline mode: run the model's layers on the peers that serve them
+        /// (found through --bootstrap), planned for the least time per token;
+        /// a stage that fails is replaced without changing the output.
+        #[arg(long, requires = "bootstrap", conflicts_with = "private")]
+        mesh: bool,
+        /// With --mesh: a peer to bootstrap from (repeatable).
+        #[arg(long, requires = "mesh")]
+        bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// With --mesh: seconds a stage may take to answer before it is replaced.
+        #[arg(long, default_value_t = 30.0)]
+        stage_timeout: f64,
+        /// With --mesh: seconds to look for providers of every layer.
+        #[arg(long, default_value_t = 10.0)]
+        find_timeout: f64,
+        /// With --mesh: print the plan, failovers and each text piece as JSON
+        /// lines on standard error while generating.
+        #[arg(long, requires = "mesh")]
+        events: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -305,6 +323,11 @@ fn run(command: Command) -> Result<(), BoxError> {
             spares,
             inject_fault,
             exact,
+            mesh,
+            bootstrap,
+            stage_timeout,
+            find_timeout,
+            events,
             format,
         } => {
             let prompt = match (prompt, prompt_file) {
@@ -361,7 +384,52 @@ fn run(command: Command) -> Result<(), BoxError> {
                 true
             };
             let mut private_stats = None;
+            let mut mesh_stats = None;
             let result = match private {
+                None if mesh => {
+                    let node = net::client_node(bootstrap, stage_timeout, find_timeout)?;
+                    let printer = events.then(|| {
+                        let mut rx = node.events();
+                        std::thread::spawn(move || loop {
+                            use tokio::sync::broadcast::error::RecvError;
+                            match rx.blocking_recv() {
+                                Ok(e @ mesh_core::node::NodeEvent::Pipeline(_)) => {
+                                    eprintln!("{}", net::node_event_json(&e))
+                                }
+                                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                                Err(RecvError::Closed) => break,
+                            }
+                        })
+                    });
+                    let engine = std::sync::Arc::new(engine);
+                    let request = mesh_core::node::GenerateRequest {
+                        prompt: Prompt::Tokens(prompt_ids.clone()),
+                        params: params.clone(),
+                        n_ctx: Some(n_ctx.max(1)),
+                    };
+                    let mut pieces = 0usize;
+                    let mut on_piece = |piece: &str| {
+                        pieces += 1;
+                        if events {
+                            eprintln!("{}", json!({"event": "piece", "index": pieces}));
+                        }
+                        on_text(piece)
+                    };
+                    let out = node.generate(
+                        &engine,
+                        &request,
+                        mesh_core::node::Mode::Pipeline,
+                        None,
+                        &mut on_piece,
+                    );
+                    node.shutdown()?;
+                    if let Some(t) = printer {
+                        let _ = t.join();
+                    }
+                    let out = out?;
+                    mesh_stats = out.pipeline;
+                    out.output
+                }
                 None => generate::generate(
                     &engine,
                     &mut session,
@@ -463,6 +531,19 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "generate_ms": result.generate_ms,
                     "stop": format!("{:?}", result.stop),
                 });
+                if let Some(report) = &mesh_stats {
+                    v["plan"] = net::hops_json(&report.plan);
+                    v["hop_ms"] = json!(report.stats.hop_ms());
+                    v["failovers"] = json!(report.stats.failovers);
+                    v["failed"] = json!(report
+                        .stats
+                        .failed
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>());
+                    v["bytes_per_token"] = json!(report.stats.bytes_per_token());
+                    v["stage_compute_ms"] = json!(report.stats.stage_compute_us as f64 / 1e3);
+                }
                 if let Some((n, bytes_per_token, owner_ms, stats, dropped, active)) = &private_stats
                 {
                     v["private"] = json!(n);

@@ -3,10 +3,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_core::engine::{Engine, GgmlEngine, ModelId};
-use mesh_core::generate;
+use std::sync::Arc;
+
+use mesh_core::engine::{Engine, ModelId};
 use mesh_core::network::p2p::{P2pConfig, P2pNetwork};
-use mesh_core::network::{Announcement, Event, Identity, Multiaddr, Network, NetworkError};
+use mesh_core::network::{Event, Identity, Multiaddr, Network, NetworkError};
+use mesh_core::node::{Node, NodeEvent, NodeOptions};
+use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent};
+use mesh_core::pipeline::planner::Hop;
+use mesh_core::pipeline::server::StageEvent;
 use serde_json::json;
 
 use crate::BoxError;
@@ -46,43 +51,6 @@ impl std::str::FromStr for ServeSpec {
             layers: None,
         })
     }
-}
-
-fn free_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
-/// Loads the model, measures decode speed briefly and builds the announcement.
-fn announcement(spec: &ServeSpec, threads: usize) -> Result<Announcement, BoxError> {
-    let engine: GgmlEngine = crate::load(&spec.model, threads)?;
-    let n_layers = engine.info().n_layers as u32;
-    let (a, b) = spec.layers.unwrap_or((0, n_layers));
-    if b > n_layers {
-        return Err(format!(
-            "--serve {}: the model has {n_layers} layers, range {a}-{b} exceeds it",
-            spec.model
-        )
-        .into());
-    }
-    let mut session = engine.new_session(64)?;
-    let bench = generate::bench(&engine, &mut session, 8, 16, 1)?;
-    // Decode time scales with the number of layers served.
-    let tps = bench.tg_tps * f64::from(n_layers) / f64::from(b - a);
-    Ok(Announcement {
-        model: engine.info().id,
-        layers: a..b,
-        free_memory: free_memory(),
-        tokens_per_sec: tps as f32,
-    })
 }
 
 fn event_json(e: &Event) -> serde_json::Value {
@@ -144,46 +112,59 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         Some(path) => Identity::load_or_create(&path)?,
         None => Identity::ephemeral(),
     };
-    // Load and measure before going online, so announcements are real.
-    let announcements = serve
-        .iter()
-        .map(|s| announcement(s, threads))
-        .collect::<Result<Vec<_>, _>>()?;
-    let rt = runtime()?;
-    rt.block_on(async move {
-        let mut config = P2pConfig::new(identity);
-        config.listen = if listen.is_empty() {
-            vec![
-                "/ip4/0.0.0.0/tcp/0".parse()?,
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-            ]
-        } else {
-            listen
-        };
-        config.bootstrap = bootstrap;
-        config.mdns = mdns;
-        config.relay_server = relay_server;
-        config.external = external;
-        let net = P2pNetwork::start(config).await?;
-        let mut events = net.events();
-        let addrs: Vec<String> = net
-            .listen_addrs()
-            .await?
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+    // Load every model before going online, so a bad path fails fast.
+    let mut engines = Vec::new();
+    for spec in &serve {
+        let engine = Arc::new(crate::load(&spec.model, threads)?);
+        let n_layers = engine.info().n_layers as u32;
+        let (a, b) = spec.layers.unwrap_or((0, n_layers));
+        if b > n_layers {
+            return Err(format!(
+                "--serve {}: the model has {n_layers} layers, range {a}-{b} exceeds it",
+                spec.model
+            )
+            .into());
+        }
+        engines.push((engine, a..b));
+    }
+    let mut config = P2pConfig::new(identity);
+    config.listen = if listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/tcp/0".parse()?,
+            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+        ]
+    } else {
+        listen
+    };
+    config.bootstrap = bootstrap;
+    config.mdns = mdns;
+    config.relay_server = relay_server;
+    config.external = external;
+    let node = Node::open(config, NodeOptions::default())?;
+    let mut events = node.events();
+    let addrs: Vec<String> = node.listen_addrs()?.iter().map(|a| a.to_string()).collect();
+    println!(
+        "{}",
+        json!({"peer_id": node.peer_id().to_string(), "listen": addrs})
+    );
+    // Measure, start answering stage requests, announce.
+    for (engine, layers) in engines {
+        let a = node.serve(engine, layers)?;
         println!(
             "{}",
-            json!({"peer_id": net.local_peer_id().to_string(), "listen": addrs})
+            json!({"event": "serving", "model": a.model.to_hex(),
+                   "layers": [a.layers.start, a.layers.end], "tokens_per_sec": a.tokens_per_sec})
         );
-        for a in announcements {
-            net.announce(a).await?;
-        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
             tokio::select! {
                 e = events.recv() => match e {
-                    Ok(e) => println!("{}", event_json(&e)),
+                    Ok(e) => println!("{}", node_event_json(&e)),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         println!("{}", json!({"event": "lagged", "missed": n}))
                     }
@@ -193,10 +174,84 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
                 _ = term.recv() => break,
             }
         }
-        net.shutdown().await?;
-        println!("{}", json!({"event": "shutdown"}));
-        Ok(())
-    })
+        Ok::<(), BoxError>(())
+    })?;
+    node.shutdown()?;
+    println!("{}", json!({"event": "shutdown"}));
+    Ok(())
+}
+
+/// One JSON line for a node event.
+pub fn node_event_json(e: &NodeEvent) -> serde_json::Value {
+    match e {
+        NodeEvent::Network(e) => event_json(e),
+        NodeEvent::Stage(StageEvent::Opened {
+            peer,
+            session,
+            model,
+            layers,
+            n_ctx,
+        }) => json!({
+            "event": "session_opened", "peer_id": peer.to_string(), "session": format!("{session:016x}"),
+            "model": model.to_hex(), "layers": [layers.start, layers.end], "n_ctx": n_ctx,
+        }),
+        NodeEvent::Stage(StageEvent::Closed {
+            peer,
+            session,
+            reason,
+            rows,
+        }) => json!({
+            "event": "session_closed", "peer_id": peer.to_string(), "session": format!("{session:016x}"),
+            "reason": format!("{reason:?}").to_lowercase(), "rows": rows,
+        }),
+        NodeEvent::Pipeline(PipelineEvent::Plan { hops, expected_ms }) => json!({
+            "event": "plan", "hops": hops_json(hops), "expected_ms": expected_ms,
+        }),
+        NodeEvent::Pipeline(PipelineEvent::Failover {
+            peer,
+            layers,
+            error,
+            replacement,
+        }) => json!({
+            "event": "failover", "peer_id": peer.to_string(), "layers": [layers.start, layers.end],
+            "error": error, "replacement": hops_json(replacement),
+        }),
+    }
+}
+
+/// `[{"peer_id": "...", "layers": [a, b]}]` (`peer_id` is "local" for this node).
+pub fn hops_json(hops: &[Hop]) -> serde_json::Value {
+    hops.iter()
+        .map(|h| json!({"peer_id": h.target.to_string(), "layers": [h.layers.start, h.layers.end]}))
+        .collect()
+}
+
+/// A node for `mesh generate --mesh`: dials `bootstrap`, listens nowhere.
+pub fn client_node(
+    bootstrap: Vec<Multiaddr>,
+    stage_timeout: f64,
+    find_timeout: f64,
+) -> Result<Node, BoxError> {
+    if bootstrap.is_empty() {
+        return Err("--mesh: expected at least one --bootstrap MULTIADDR".into());
+    }
+    let secs = |name: &str, v: f64| -> Result<Duration, BoxError> {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("{name} {v}: expected a positive number of seconds").into());
+        }
+        Duration::try_from_secs_f64(v).map_err(|_| format!("{name} {v}: too large").into())
+    };
+    let mut config = P2pConfig::new(Identity::ephemeral());
+    config.bootstrap = bootstrap;
+    let options = NodeOptions {
+        pipeline: PipelineConfig {
+            stage_timeout: secs("--stage-timeout", stage_timeout)?,
+            find_timeout: secs("--find-timeout", find_timeout)?,
+            ..PipelineConfig::default()
+        },
+        ..NodeOptions::default()
+    };
+    Ok(Node::open(config, options)?)
 }
 
 /// `mesh find`.

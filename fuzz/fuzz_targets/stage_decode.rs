@@ -1,0 +1,34 @@
+//! Fuzz target: the pipeline stage request decoder on arbitrary bytes. The
+//! first two bytes (little-endian) split the rest into the request's `meta`
+//! and `tensor`. Decoding must return a call or a typed refusal, never panic;
+//! a decoded forward's rows are exactly the tensor's values, and f32 rows
+//! re-encode to the same bytes.
+//!
+//! With cargo-fuzz (nightly): `cargo fuzz run stage_decode`; on stable: `fuzz/run.sh`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mesh_core::pipeline::protocol::{decode_request, encode_rows, DType, StageCall, MAX_BATCH_TOKENS};
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 2 {
+        return;
+    }
+    let split = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
+    let (meta, tensor) = data[2..].split_at(split);
+    match decode_request(meta, tensor) {
+        Ok(StageCall::Forward { n_tokens, dtype, rows, .. }) => {
+            assert!(n_tokens >= 1 && n_tokens <= MAX_BATCH_TOKENS as usize);
+            assert_eq!(rows.len() * dtype.size(), tensor.len());
+            assert_eq!(rows.len() % n_tokens, 0);
+            if dtype == DType::F32 {
+                assert_eq!(&encode_rows(&rows, dtype)[..], tensor);
+            }
+        }
+        Ok(StageCall::Open { layers, n_ctx, .. }) => {
+            assert!(layers.start < layers.end);
+            assert!(n_ctx >= 1);
+        }
+        Ok(_) | Err(_) => {}
+    }
+});

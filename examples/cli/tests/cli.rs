@@ -312,14 +312,16 @@ fn hostile_sizes_are_clear_errors() {
     assert!(!ok && stderr.contains("threads"), "{stderr}");
     no_panic(&stderr);
     // A huge --max-tokens caps the default context at the trained one and
-    // stops at the end of the answer.
+    // stops at the end of the answer. (The demo's prompt: greedy answers it in
+    // one sentence on every CPU class and in exact mode; without "Answer in
+    // one sentence." the AVX-512 kernels run on in French to the context end.)
     let (ok, stdout, stderr) = mesh(&[
         "generate",
         "--model",
         &m,
         "--chat",
         "--prompt",
-        "What is the capital of France?",
+        "What is the capital of France? Answer in one sentence.",
         "--max-tokens",
         "18446744073709551615",
         "--temperature",

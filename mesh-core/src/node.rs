@@ -86,6 +86,83 @@ pub enum NodeEvent {
     Pipeline(PipelineEvent),
 }
 
+impl NodeEvent {
+    /// The event as one JSON object with an `"event"` name (what `mesh node`
+    /// prints and the C ABI's event callback receives): `listening`,
+    /// `peer_connected`, `peer_disconnected`, `providers_changed`, `rtt`,
+    /// `session_opened`, `session_closed`, `plan`, `failover`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            NodeEvent::Network(e) => match e {
+                network::Event::Listening { addr } => {
+                    json!({"event": "listening", "addr": addr.to_string()})
+                }
+                network::Event::PeerConnected { peer } => {
+                    json!({"event": "peer_connected", "peer_id": peer.to_string()})
+                }
+                network::Event::PeerDisconnected { peer } => {
+                    json!({"event": "peer_disconnected", "peer_id": peer.to_string()})
+                }
+                network::Event::ProvidersChanged {
+                    model,
+                    peer,
+                    layers,
+                } => json!({
+                    "event": "providers_changed", "model": model.to_hex(), "peer_id": peer.to_string(),
+                    "layers": layers.as_ref().map(|r| vec![r.start, r.end]),
+                }),
+                network::Event::Rtt { peer, rtt } => json!({
+                    "event": "rtt", "peer_id": peer.to_string(), "ms": rtt.as_secs_f64() * 1e3,
+                }),
+            },
+            NodeEvent::Stage(StageEvent::Opened {
+                peer,
+                session,
+                model,
+                layers,
+                n_ctx,
+            }) => json!({
+                "event": "session_opened", "peer_id": peer.to_string(),
+                "session": format!("{session:016x}"), "model": model.to_hex(),
+                "layers": [layers.start, layers.end], "n_ctx": n_ctx,
+            }),
+            NodeEvent::Stage(StageEvent::Closed {
+                peer,
+                session,
+                reason,
+                rows,
+            }) => json!({
+                "event": "session_closed", "peer_id": peer.to_string(),
+                "session": format!("{session:016x}"),
+                "reason": format!("{reason:?}").to_lowercase(), "rows": rows,
+            }),
+            NodeEvent::Pipeline(PipelineEvent::Plan { hops, expected_ms }) => json!({
+                "event": "plan", "hops": hops_json(hops), "expected_ms": expected_ms,
+            }),
+            NodeEvent::Pipeline(PipelineEvent::Failover {
+                peer,
+                layers,
+                error,
+                replacement,
+            }) => json!({
+                "event": "failover", "peer_id": peer.to_string(),
+                "layers": [layers.start, layers.end], "error": error,
+                "replacement": hops_json(replacement),
+            }),
+        }
+    }
+}
+
+/// `[{"peer_id": "...", "layers": [a, b]}]` (`peer_id` is `"local"` for this node).
+pub fn hops_json(hops: &[Hop]) -> serde_json::Value {
+    hops.iter()
+        .map(|h| {
+            serde_json::json!({"peer_id": h.target.to_string(), "layers": [h.layers.start, h.layers.end]})
+        })
+        .collect()
+}
+
 /// What to generate.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateRequest {
@@ -418,7 +495,7 @@ impl Node {
             t.abort();
         }
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
         result
     }
@@ -435,7 +512,7 @@ impl Drop for Node {
             let _ = rt.block_on(async move {
                 tokio::time::timeout(std::time::Duration::from_secs(2), net.shutdown()).await
             });
-            rt.shutdown_background();
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
     }
 }

@@ -396,7 +396,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                             use tokio::sync::broadcast::error::RecvError;
                             match rx.blocking_recv() {
                                 Ok(e @ mesh_core::node::NodeEvent::Pipeline(_)) => {
-                                    eprintln!("{}", net::node_event_json(&e))
+                                    eprintln!("{}", e.to_json())
                                 }
                                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                                 Err(RecvError::Closed) => break,
@@ -534,7 +534,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "stop": format!("{:?}", result.stop),
                 });
                 if let Some(report) = &mesh_stats {
-                    v["plan"] = net::hops_json(&report.plan);
+                    v["plan"] = mesh_core::node::hops_json(&report.plan);
                     v["hop_ms"] = json!(report.stats.hop_ms());
                     v["failovers"] = json!(report.stats.failovers);
                     v["failed"] = json!(report
@@ -545,6 +545,8 @@ fn run(command: Command) -> Result<(), BoxError> {
                         .collect::<Vec<_>>());
                     v["bytes_per_token"] = json!(report.stats.bytes_per_token());
                     v["stage_compute_ms"] = json!(report.stats.stage_compute_us as f64 / 1e3);
+                    v["forwards"] = json!(report.stats.forwards);
+                    v["hop_overhead_us"] = json!(report.stats.hop_overhead_us());
                 }
                 if let Some((n, bytes_per_token, owner_ms, stats, dropped, active)) = &private_stats
                 {

@@ -7,11 +7,9 @@ use std::sync::Arc;
 
 use mesh_core::engine::{Engine, ModelId};
 use mesh_core::network::p2p::{P2pConfig, P2pNetwork};
-use mesh_core::network::{Event, Identity, Multiaddr, Network, NetworkError};
-use mesh_core::node::{Node, NodeEvent, NodeOptions};
-use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent};
-use mesh_core::pipeline::planner::Hop;
-use mesh_core::pipeline::server::StageEvent;
+use mesh_core::network::{Identity, Multiaddr, Network, NetworkError};
+use mesh_core::node::{Node, NodeOptions};
+use mesh_core::pipeline::client::PipelineConfig;
 use serde_json::json;
 
 use crate::BoxError;
@@ -50,30 +48,6 @@ impl std::str::FromStr for ServeSpec {
             model: s.to_owned(),
             layers: None,
         })
-    }
-}
-
-fn event_json(e: &Event) -> serde_json::Value {
-    match e {
-        Event::Listening { addr } => json!({"event": "listening", "addr": addr.to_string()}),
-        Event::PeerConnected { peer } => {
-            json!({"event": "peer_connected", "peer_id": peer.to_string()})
-        }
-        Event::PeerDisconnected { peer } => {
-            json!({"event": "peer_disconnected", "peer_id": peer.to_string()})
-        }
-        Event::ProvidersChanged {
-            model,
-            peer,
-            layers,
-        } => json!({
-            "event": "providers_changed", "model": model.to_hex(), "peer_id": peer.to_string(),
-            "layers": layers.as_ref().map(|r| vec![r.start, r.end]),
-        }),
-        Event::Rtt { peer, rtt } => {
-            json!({"event": "rtt", "peer_id": peer.to_string(), "ms": rtt.as_secs_f64() * 1e3})
-        }
-        _ => json!({"event": "other", "debug": format!("{e:?}")}),
     }
 }
 
@@ -164,7 +138,7 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         loop {
             tokio::select! {
                 e = events.recv() => match e {
-                    Ok(e) => println!("{}", node_event_json(&e)),
+                    Ok(e) => println!("{}", e.to_json()),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         println!("{}", json!({"event": "lagged", "missed": n}))
                     }
@@ -179,51 +153,6 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
     node.shutdown()?;
     println!("{}", json!({"event": "shutdown"}));
     Ok(())
-}
-
-/// One JSON line for a node event.
-pub fn node_event_json(e: &NodeEvent) -> serde_json::Value {
-    match e {
-        NodeEvent::Network(e) => event_json(e),
-        NodeEvent::Stage(StageEvent::Opened {
-            peer,
-            session,
-            model,
-            layers,
-            n_ctx,
-        }) => json!({
-            "event": "session_opened", "peer_id": peer.to_string(), "session": format!("{session:016x}"),
-            "model": model.to_hex(), "layers": [layers.start, layers.end], "n_ctx": n_ctx,
-        }),
-        NodeEvent::Stage(StageEvent::Closed {
-            peer,
-            session,
-            reason,
-            rows,
-        }) => json!({
-            "event": "session_closed", "peer_id": peer.to_string(), "session": format!("{session:016x}"),
-            "reason": format!("{reason:?}").to_lowercase(), "rows": rows,
-        }),
-        NodeEvent::Pipeline(PipelineEvent::Plan { hops, expected_ms }) => json!({
-            "event": "plan", "hops": hops_json(hops), "expected_ms": expected_ms,
-        }),
-        NodeEvent::Pipeline(PipelineEvent::Failover {
-            peer,
-            layers,
-            error,
-            replacement,
-        }) => json!({
-            "event": "failover", "peer_id": peer.to_string(), "layers": [layers.start, layers.end],
-            "error": error, "replacement": hops_json(replacement),
-        }),
-    }
-}
-
-/// `[{"peer_id": "...", "layers": [a, b]}]` (`peer_id` is "local" for this node).
-pub fn hops_json(hops: &[Hop]) -> serde_json::Value {
-    hops.iter()
-        .map(|h| json!({"peer_id": h.target.to_string(), "layers": [h.layers.start, h.layers.end]}))
-        .collect()
 }
 
 /// A node for `mesh generate --mesh`: dials `bootstrap`, listens nowhere.

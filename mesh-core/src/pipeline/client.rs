@@ -115,6 +115,13 @@ impl PipelineStats {
         self.forward_nanos as f64 / 1e6 / self.forwards.max(1) as f64
     }
 
+    /// Mean time a forward request spent outside the stage's computation
+    /// (serialize, send, queue, receive, deserialize), microseconds.
+    pub fn hop_overhead_us(&self) -> f64 {
+        let total_us = self.forward_nanos as f64 / 1e3;
+        (total_us - self.stage_compute_us as f64) / self.forwards.max(1) as f64
+    }
+
     /// Mean tensor bytes per generated token (over single-token steps).
     pub fn bytes_per_token(&self) -> f64 {
         self.decode_bytes as f64 / self.decode_steps.max(1) as f64

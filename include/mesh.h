@@ -192,6 +192,36 @@ typedef int32_t mesh_stop_reason;
 #endif // __cplusplus
 
 /**
+ * Where a generation's layers run.
+ */
+enum mesh_mode
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Every layer on this node.
+   */
+  MESH_MODE_LOCAL = 0,
+  /**
+   * The layers on the peers that serve them (and this node's own served
+   * layers), planned for the least time per token, with failover.
+   */
+  MESH_MODE_PIPELINE = 1,
+  /**
+   * Private mode across peers: not available yet (`MESH_STATUS_UNSUPPORTED`).
+   */
+  MESH_MODE_PRIVATE = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum mesh_mode mesh_mode;
+#else
+typedef int32_t mesh_mode;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * A generation context: a KV cache of `n_ctx` positions over a model, and
  * the scratch buffers to run it.
  *
@@ -218,6 +248,21 @@ typedef struct mesh_context mesh_context;
  * may be called from any thread, concurrently.
  */
 typedef struct mesh_model mesh_model;
+
+/**
+ * A mesh node: a libp2p identity and connections, the layer ranges it
+ * serves to peers, and generation (local or across the mesh).
+ *
+ * Ownership: one owner. `mesh_node_open` returns it, `mesh_node_free` shuts
+ * it down (withdraws its announcements, closes its connections) and frees
+ * it. The node keeps its own references to the models it serves.
+ *
+ * Threads: every function may be called from any thread, and several
+ * `mesh_node_generate` calls may run at once (they take turns on the
+ * process's compute pool). `mesh_node_free` only once no other call on the
+ * node runs or will start.
+ */
+typedef struct mesh_node mesh_node;
 
 /**
  * How to load a model. Fill it with `mesh_model_params_default()`, then change
@@ -375,6 +420,118 @@ typedef struct mesh_generate_stats {
    */
   mesh_stop_reason stop_reason;
 } mesh_generate_stats;
+
+/**
+ * How to open a node. Fill it with `mesh_node_params_default()`, then change
+ * fields.
+ */
+typedef struct mesh_node_params {
+  /**
+   * `sizeof(mesh_node_params)`; set by `mesh_node_params_default()`.
+   */
+  size_t struct_size;
+  /**
+   * Multiaddrs to listen on, e.g. `"/ip4/0.0.0.0/tcp/4001"`; `n_listen`
+   * entries. None (the default): the node listens nowhere, which is enough
+   * to generate through bootstrap peers; a node that serves must listen.
+   */
+  const char *const *listen;
+  /**
+   * Number of entries in `listen`.
+   */
+  size_t n_listen;
+  /**
+   * Multiaddrs of peers to bootstrap from (with `/p2p/<peer id>`).
+   */
+  const char *const *bootstrap;
+  /**
+   * Number of entries in `bootstrap`.
+   */
+  size_t n_bootstrap;
+  /**
+   * File holding the node's Ed25519 key (created with mode 0600 if
+   * missing); NULL (the default): a new key every time.
+   */
+  const char *identity_path;
+  /**
+   * Find peers on the LAN with mDNS. Default false.
+   */
+  bool mdns;
+  /**
+   * Milliseconds a stage may take to answer before pipeline generation
+   * replaces it; 0 = the default (30 s).
+   */
+  uint64_t stage_timeout_ms;
+  /**
+   * Milliseconds to look for providers of every layer; 0 = the default (10 s).
+   */
+  uint64_t find_timeout_ms;
+  /**
+   * Bytes of KV cache the stage sessions this node serves may hold
+   * together; 0 = the default (1 GiB).
+   */
+  uint64_t kv_budget_bytes;
+} mesh_node_params;
+
+/**
+ * Numbers about one `mesh_node_generate` call. The caller sets
+ * `struct_size` to `sizeof(mesh_node_generate_stats)`; the rest is written
+ * on success.
+ */
+typedef struct mesh_node_generate_stats {
+  /**
+   * `sizeof(mesh_node_generate_stats)`, set by the caller.
+   */
+  size_t struct_size;
+  /**
+   * Tokens in the prompt (after the chat template, BOS included).
+   */
+  size_t prompt_tokens;
+  /**
+   * Tokens generated (the end-of-generation token not counted).
+   */
+  size_t generated_tokens;
+  /**
+   * Milliseconds spent evaluating the prompt.
+   */
+  double prompt_ms;
+  /**
+   * Milliseconds spent generating.
+   */
+  double generate_ms;
+  /**
+   * Why generation ended.
+   */
+  mesh_stop_reason stop_reason;
+  /**
+   * Hops of the pipeline at the end (0 in local mode).
+   */
+  size_t n_hops;
+  /**
+   * Stages replaced during the generation.
+   */
+  size_t failovers;
+  /**
+   * Mean round trip of a forward request to one hop, milliseconds.
+   */
+  double hop_ms;
+  /**
+   * Hidden-state bytes sent and received per generated token.
+   */
+  double bytes_per_token;
+} mesh_node_generate_stats;
+
+/**
+ * Receives the node's events as JSON objects, one per call: `json` points to
+ * `len` bytes of UTF-8 followed by a NUL, valid only during the call. Each
+ * has an `"event"` field: `peer_connected`, `peer_disconnected`,
+ * `providers_changed`, `rtt`, `listening`, `session_opened`,
+ * `session_closed`, `plan`, `failover`.
+ *
+ * It runs on a thread of the node, one event at a time. It must return
+ * quickly, must not call `mesh_node_free` and must not unwind.
+ */
+typedef void (*mesh_node_event_callback)(void *userdata, const char *json, size_t len);
 
 /**
  * Severity of a log message; also the most verbose level `mesh_log_set`
@@ -734,6 +891,131 @@ mesh_status mesh_generate(struct mesh_context *ctx,
  * token callback. Returns at once.
  */
 mesh_status mesh_context_cancel(const struct mesh_context *ctx);
+
+/**
+ * Default node parameters: listens nowhere, no bootstrap peers, a new
+ * identity, no mDNS, default timeouts and KV budget.
+ *
+ * Threads: any thread. Never fails.
+ */
+struct mesh_node_params mesh_node_params_default(void);
+
+/**
+ * Start a node: listen, dial the bootstrap peers. `params` may be NULL for
+ * the defaults.
+ *
+ * On success `*out` receives a node the caller owns and must free with
+ * `mesh_node_free`. On failure `*out` is not written: `MESH_STATUS_INVALID_ARG`
+ * for an address that is not a multiaddr, `MESH_STATUS_IO` for an identity
+ * file that cannot be read or created, `MESH_STATUS_NETWORK` when listening
+ * fails.
+ *
+ * Lifetimes: the strings of `params` are used only during the call.
+ * Threads: any thread.
+ */
+mesh_status mesh_node_open(const struct mesh_node_params *params, struct mesh_node **out);
+
+/**
+ * Shut a node down (withdraw its announcements, close its connections,
+ * stop serving) and free it. NULL is a no-op.
+ *
+ * Lifetimes: no other call on `node` may be running or start afterwards;
+ * never call it from a callback of this node.
+ */
+void mesh_node_free(struct mesh_node *node);
+
+/**
+ * The node's peer id (e.g. `"12D3KooW..."`), NUL-terminated in `buf` of
+ * `cap` bytes; `*n_out` = its length. If `cap` is too small:
+ * `MESH_STATUS_BUFFER_TOO_SMALL` and `*n_out` = the size needed including the NUL.
+ *
+ * Threads: any thread.
+ */
+mesh_status mesh_node_peer_id(const struct mesh_node *node, char *buf, size_t cap, size_t *n_out);
+
+/**
+ * The addresses the node listens on, each ending in `/p2p/<peer id>` (ready
+ * to pass as another node's bootstrap), separated by `'\n'`, NUL-terminated
+ * in `buf` of `cap` bytes; buffer rules as `mesh_node_peer_id`.
+ *
+ * Threads: any thread.
+ */
+mesh_status mesh_node_listen_addrs(const struct mesh_node *node,
+                                   char *buf,
+                                   size_t cap,
+                                   size_t *n_out);
+
+/**
+ * Connect to a peer at `addr` (a NUL-terminated multiaddr, with or without
+ * `/p2p/<peer id>`).
+ *
+ * Threads: any thread; blocks until connected or failed.
+ */
+mesh_status mesh_node_dial(const struct mesh_node *node, const char *addr);
+
+/**
+ * Serve layers `layer_start..layer_end` (end exclusive; `layer_end` 0 = to
+ * the last layer) of `model` to peers: the node measures its speed over
+ * them, answers stage requests and announces the range. Serving the same
+ * model again replaces its range.
+ *
+ * `MESH_STATUS_INVALID_ARG` for an empty range or one past the model's layers.
+ *
+ * Threads: any thread; blocks for the speed measurement (well under a second
+ * for small models).
+ */
+mesh_status mesh_node_serve(const struct mesh_node *node,
+                            const struct mesh_model *model,
+                            uint32_t layer_start,
+                            uint32_t layer_end);
+
+/**
+ * Generate text after `prompt` (NUL-terminated UTF-8) with `model`, in
+ * `mode`, streaming it to `cb` (as `mesh_generate`, whose `params`,
+ * `cb`, `userdata` and return statuses this shares). In
+ * `MESH_MODE_PIPELINE` this node keeps the tokenizer, embeddings, head and
+ * sampler and runs the layers on the peers that serve them (and its own
+ * served layers); the model must be the same file the peers serve.
+ *
+ * Also: `MESH_STATUS_NETWORK` when no chain of peers covers the model's
+ * layers (the message names the missing layers) or when stages fail and no
+ * other peer can take their layers; `MESH_STATUS_UNSUPPORTED` for
+ * `MESH_MODE_PRIVATE`; `MESH_STATUS_CANCELLED` after `mesh_node_cancel`.
+ * `out_stats` may be NULL, else its `struct_size` must be set.
+ *
+ * Lifetimes: as `mesh_generate`.
+ * Threads: blocks the calling thread until done; any number at once.
+ */
+mesh_status mesh_node_generate(const struct mesh_node *node,
+                               const struct mesh_model *model,
+                               const char *prompt,
+                               const struct mesh_generate_params *params,
+                               int32_t mode,
+                               mesh_token_callback cb,
+                               void *userdata,
+                               struct mesh_node_generate_stats *out_stats);
+
+/**
+ * Ask every generation running on `node` to stop; each `mesh_node_generate`
+ * then returns `MESH_STATUS_CANCELLED` after at most one more token (or
+ * prompt piece of 64 tokens). Does nothing if none runs.
+ *
+ * Threads: any thread, including from a token callback. Returns at once.
+ */
+mesh_status mesh_node_cancel(const struct mesh_node *node);
+
+/**
+ * Receive the node's events (see `mesh_node_event_callback`); `cb` NULL
+ * stops them. Replaces an earlier callback; events before the call are not
+ * replayed.
+ *
+ * Lifetimes: `userdata` must stay valid until the callback is replaced or
+ * the node freed.
+ * Threads: any thread.
+ */
+mesh_status mesh_node_set_event_callback(const struct mesh_node *node,
+                                         mesh_node_event_callback cb,
+                                         void *userdata);
 
 /**
  * Send mesh's log messages of `level` and more severe to `cb` (with

@@ -7,7 +7,9 @@
 #  3. test_misuse runs under valgrind (memcheck: no errors, no definite leaks)
 #     in light mode (MESH_TEST_LIGHT=1: generations of a few tokens, no long
 #     cancellation run), because memcheck runs the model ~50x slower;
-#  4. examples/c/mesh-chat answers one line of stdin.
+#  4. examples/c/mesh-chat answers one line of stdin;
+#  5. examples/c/mesh-pipeline runs a two-node mesh on loopback (pipeline
+#     generation identical to local).
 #
 # Model: $MESH_MODEL, else "default" (fetched into the cache once).
 #
@@ -53,6 +55,7 @@ c++ -std=c++17 -Wall -Wextra -Werror -pedantic -DMESH_TEST_HOOKS -fsyntax-only -
 say "compiling the C programs"
 cc "${CFLAGS[@]}" -DMESH_TEST_HOOKS examples/c/test_misuse.c "$LIB" "${LIBS[@]}" -o "$OUT/test_misuse"
 cc "${CFLAGS[@]}" examples/c/mesh-chat.c "$LIB" "${LIBS[@]}" -o "$OUT/mesh-chat"
+cc "${CFLAGS[@]}" examples/c/mesh-pipeline.c "$LIB" "${LIBS[@]}" -o "$OUT/mesh-pipeline"
 cc "${CFLAGS[@]}" -DMESH_TEST_HOOKS -fsanitize=address -fno-omit-frame-pointer \
   examples/c/test_misuse.c "$LIB" "${LIBS[@]}" -o "$OUT/test_misuse_asan"
 if ! nm "$OUT/test_misuse_asan" | grep '__asan_init' >/dev/null; then
@@ -74,6 +77,10 @@ if [ -z "${reply//[[:space:]]/}" ]; then
   exit 1
 fi
 say "mesh-chat answered: $(echo "$reply" | head -c 200 | tr '\n' ' ')"
+
+say "mesh-pipeline: two nodes on loopback"
+"$OUT/mesh-pipeline" "$MESH_MODEL" 2>"$OUT/mesh-pipeline.events"
+say "mesh-pipeline: $(grep -c '"event"' "$OUT/mesh-pipeline.events") node events"
 
 if [ "${MESH_SKIP_VALGRIND:-0}" = 1 ]; then
   say "valgrind skipped (MESH_SKIP_VALGRIND=1)"

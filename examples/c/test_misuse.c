@@ -574,6 +574,73 @@ static double now_ms(void) {
                 failed == failed0_ ? "" : "  FAILED");                           \
     } while (0)
 
+
+/* ----------------------------------------------------------------- nodes */
+
+static void test_node_misuse_without_model(void) {
+    mesh_node *node = (mesh_node *)0x1;
+    EXPECT(mesh_node_open(NULL, NULL), MESH_STATUS_NULL_ARG);
+    mesh_node_params np = mesh_node_params_default();
+    CHECK(np.struct_size == sizeof(mesh_node_params));
+    CHECK(np.n_listen == 0 && np.listen == NULL && np.identity_path == NULL);
+    np.struct_size = 3;
+    EXPECT(mesh_node_open(&np, &node), MESH_STATUS_STRUCT_SIZE);
+    CHECK(node == (mesh_node *)0x1);
+    np = mesh_node_params_default();
+    const char *bad[] = {"not a multiaddr"};
+    np.listen = bad;
+    np.n_listen = 1;
+    EXPECT(mesh_node_open(&np, &node), MESH_STATUS_INVALID_ARG);
+    CONTAINS(last_error(), "params->listen[0]");
+    CHECK(node == (mesh_node *)0x1);
+    np.listen = NULL; /* n_listen 1 with a NULL array */
+    EXPECT(mesh_node_open(&np, &node), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_dial(NULL, "/ip4/127.0.0.1/tcp/1"), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_cancel(NULL), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_serve(NULL, NULL, 0, 0), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_generate(NULL, NULL, "x", NULL, MESH_MODE_LOCAL, NULL, NULL, NULL),
+           MESH_STATUS_NULL_ARG);
+    mesh_node_free(NULL);
+}
+
+static void test_node_misuse(const mesh_model *model) {
+    mesh_node_params np = mesh_node_params_default();
+    const char *listen[] = {"/ip4/127.0.0.1/tcp/0"};
+    np.listen = listen;
+    np.n_listen = 1;
+    mesh_node *node = NULL;
+    EXPECT(mesh_node_open(&np, &node), MESH_STATUS_OK);
+    if (!node) return;
+    char buf[512];
+    size_t n = 0;
+    EXPECT(mesh_node_peer_id(node, buf, 4, &n), MESH_STATUS_BUFFER_TOO_SMALL);
+    CHECK(n > 4);
+    EXPECT(mesh_node_peer_id(node, buf, sizeof buf, &n), MESH_STATUS_OK);
+    CHECK(strncmp(buf, "12D3KooW", 8) == 0 && n == strlen(buf));
+    EXPECT(mesh_node_listen_addrs(node, buf, sizeof buf, &n), MESH_STATUS_OK);
+    CONTAINS(buf, "/ip4/127.0.0.1/tcp/");
+    CONTAINS(buf, "/p2p/12D3KooW");
+    EXPECT(mesh_node_dial(node, "nonsense"), MESH_STATUS_INVALID_ARG);
+    /* Layer ranges: empty, past the model. */
+    EXPECT(mesh_node_serve(node, model, 5, 5), MESH_STATUS_INVALID_ARG);
+    EXPECT(mesh_node_serve(node, model, 0, 10000), MESH_STATUS_INVALID_ARG);
+    /* Modes: unknown, private (not across peers yet). */
+    mesh_generate_params gp = mesh_generate_params_default();
+    gp.max_tokens = 2;
+    EXPECT(mesh_node_generate(node, model, "Hi", &gp, 7, NULL, NULL, NULL), MESH_STATUS_INVALID_ARG);
+    EXPECT(mesh_node_generate(node, model, "Hi", &gp, MESH_MODE_PRIVATE, NULL, NULL, NULL),
+           MESH_STATUS_UNSUPPORTED);
+    mesh_node_generate_stats stats;
+    stats.struct_size = 1;
+    EXPECT(mesh_node_generate(node, model, "Hi", &gp, MESH_MODE_LOCAL, NULL, NULL, &stats),
+           MESH_STATUS_STRUCT_SIZE);
+    stats.struct_size = sizeof stats;
+    EXPECT(mesh_node_generate(node, model, "Hi", &gp, MESH_MODE_LOCAL, NULL, NULL, &stats),
+           MESH_STATUS_OK);
+    CHECK(stats.generated_tokens <= 2 && stats.n_hops == 0);
+    mesh_node_free(node);
+}
+
 int main(void) {
     const char *light_env = getenv("MESH_TEST_LIGHT");
     light = light_env && light_env[0] && strcmp(light_env, "0") != 0;
@@ -586,6 +653,7 @@ int main(void) {
     RUN(test_last_error_is_per_thread());
     RUN(test_panic());
     RUN(test_log());
+    RUN(test_node_misuse_without_model());
 
     const char *spec = getenv("MESH_MODEL");
     if (!spec || !spec[0]) spec = "default";
@@ -606,6 +674,10 @@ int main(void) {
         if (!light) {
             RUN(test_cancel_from_another_thread(model));
         }
+        if (!light) {
+            RUN(test_node_misuse(model));
+        }
+        /* Last: it gives up this function's reference to the model. */
         RUN(test_context_outlives_model(model));
     }
 

@@ -233,7 +233,7 @@ unsafe impl Params for mesh_generate_params {
 
 impl mesh_generate_params {
     /// The prompt as mesh-core sees it.
-    fn prompt(&self, text: &str) -> Prompt {
+    pub(crate) fn prompt(&self, text: &str) -> Prompt {
         match (self.chat, self.raw) {
             (true, _) => Prompt::Chat(vec![ChatMessage::new("user", text)]),
             (false, true) => Prompt::Raw(text.to_owned()),
@@ -242,7 +242,7 @@ impl mesh_generate_params {
     }
 
     /// mesh-core's settings, checked.
-    fn to_core(self) -> FfiResult<GenerateParams> {
+    pub(crate) fn to_core(self) -> FfiResult<GenerateParams> {
         let sampler = SamplerParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -298,7 +298,7 @@ pub struct mesh_generate_stats {
 unsafe impl Versioned for mesh_generate_stats {}
 
 impl mesh_generate_stats {
-    fn from_output(out: &GenerateOutput) -> FfiResult<mesh_generate_stats> {
+    pub(crate) fn from_output(out: &GenerateOutput) -> FfiResult<mesh_generate_stats> {
         let stop_reason = match out.stop {
             StopReason::EndOfGeneration => mesh_stop_reason::EndOfGeneration,
             StopReason::MaxTokens => mesh_stop_reason::MaxTokens,

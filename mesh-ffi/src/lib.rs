@@ -8,7 +8,8 @@
 //!   `mesh_last_error_message` gives the message of the last failure on the
 //!   calling thread.
 //! * Handles are opaque. `mesh_model` is refcounted and thread-safe;
-//!   `mesh_context` has one owner and one generation at a time.
+//!   `mesh_context` has one owner and one generation at a time; `mesh_node`
+//!   has one owner and is thread-safe.
 //! * NULL, misaligned pointers, invalid UTF-8 and wrong `struct_size`s are
 //!   statuses, and a panic is `MESH_STATUS_PANIC`; none of them reaches C as
 //!   undefined behaviour or unwinding.
@@ -33,6 +34,8 @@ mod text;
 
 mod context;
 
+mod node;
+
 mod log;
 
 use std::os::raw::c_char;
@@ -50,6 +53,12 @@ pub use model::{
     mesh_model, mesh_model_architecture, mesh_model_free, mesh_model_id, mesh_model_load,
     mesh_model_n_ctx_train, mesh_model_n_embd, mesh_model_n_layers, mesh_model_n_vocab,
     mesh_model_params, mesh_model_params_default, mesh_model_retain,
+};
+pub use node::{
+    mesh_mode, mesh_node, mesh_node_cancel, mesh_node_dial, mesh_node_event_callback,
+    mesh_node_free, mesh_node_generate, mesh_node_generate_stats, mesh_node_listen_addrs,
+    mesh_node_open, mesh_node_params, mesh_node_params_default, mesh_node_peer_id, mesh_node_serve,
+    mesh_node_set_event_callback,
 };
 pub use status::mesh_status;
 pub use text::{mesh_chat_apply_template, mesh_chat_message, mesh_detokenize, mesh_tokenize};

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import json
 import os
 import threading
 from ctypes import (
@@ -50,7 +51,10 @@ __all__ = [
     "GenerateStats",
     "LogLevel",
     "MeshError",
+    "Mode",
     "Model",
+    "Node",
+    "NodeGenerateStats",
     "Status",
     "StopReason",
     "abi_version",
@@ -152,12 +156,52 @@ class _GenerateStats(Structure):
     ]
 
 
+class _NodeParams(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("listen", POINTER(c_char_p)),
+        ("n_listen", c_size_t),
+        ("bootstrap", POINTER(c_char_p)),
+        ("n_bootstrap", c_size_t),
+        ("identity_path", c_char_p),
+        ("mdns", c_bool),
+        ("stage_timeout_ms", c_uint64),
+        ("find_timeout_ms", c_uint64),
+        ("kv_budget_bytes", c_uint64),
+    ]
+
+
+class _NodeGenerateStats(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("prompt_tokens", c_size_t),
+        ("generated_tokens", c_size_t),
+        ("prompt_ms", c_double),
+        ("generate_ms", c_double),
+        ("stop_reason", c_int32),
+        ("n_hops", c_size_t),
+        ("failovers", c_size_t),
+        ("hop_ms", c_double),
+        ("bytes_per_token", c_double),
+    ]
+
+
+class Mode(enum.IntEnum):
+    """mesh_mode values: where a generation's layers run."""
+
+    LOCAL = 0
+    PIPELINE = 1
+    PRIVATE = 2
+
+
 _TokenCallback = CFUNCTYPE(c_bool, c_void_p, POINTER(c_char), c_size_t)
+_EventCallback = CFUNCTYPE(None, c_void_p, POINTER(c_char), c_size_t)
 _LogCallback = CFUNCTYPE(c_bool, c_void_p, c_int32, c_char_p, c_char_p)
 
 _status = c_int32
 _model_p = c_void_p
 _context_p = c_void_p
+_node_p = c_void_p
 
 # name: (restype, argtypes)
 _SIGNATURES = {
@@ -204,6 +248,28 @@ _SIGNATURES = {
     ),
     "mesh_context_cancel": (_status, [_context_p]),
     "mesh_log_set": (_status, [_LogCallback, c_void_p, c_int32]),
+    "mesh_node_params_default": (_NodeParams, []),
+    "mesh_node_open": (_status, [POINTER(_NodeParams), POINTER(_node_p)]),
+    "mesh_node_free": (None, [_node_p]),
+    "mesh_node_peer_id": (_status, [_node_p, c_void_p, c_size_t, POINTER(c_size_t)]),
+    "mesh_node_listen_addrs": (_status, [_node_p, c_void_p, c_size_t, POINTER(c_size_t)]),
+    "mesh_node_dial": (_status, [_node_p, c_char_p]),
+    "mesh_node_serve": (_status, [_node_p, _model_p, c_uint32, c_uint32]),
+    "mesh_node_generate": (
+        _status,
+        [
+            _node_p,
+            _model_p,
+            c_char_p,
+            POINTER(_GenerateParams),
+            c_int32,
+            _TokenCallback,
+            c_void_p,
+            POINTER(_NodeGenerateStats),
+        ],
+    ),
+    "mesh_node_cancel": (_status, [_node_p]),
+    "mesh_node_set_event_callback": (_status, [_node_p, _EventCallback, c_void_p]),
 }
 
 _LIB_NAME = "libmesh_ffi.so"
@@ -480,6 +546,36 @@ class Model:
         return f"<mesh_llm.Model {self.path!r} ({state})>"
 
 
+def _prepare_generate(prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eos: bool, **sampler):
+    """The pieces every generate call needs: params (None = library default),
+    the prompt bytes, the list pieces are collected into, the list an
+    exception raised by on_piece lands in, and the C callback."""
+    lib = _L()
+    params = lib.mesh_generate_params_default()
+    params.chat = chat
+    params.raw = raw
+    params.ignore_eos = ignore_eos
+    for name, value in sampler.items():
+        if value is not None:
+            setattr(params, name, value)
+    data = _utf8(prompt, "prompt")
+    pieces: List[str] = []
+    error: List[BaseException] = []
+
+    def trampoline(_userdata, piece, length):
+        try:
+            text = ctypes.string_at(piece, length).decode("utf-8", errors="replace")
+            pieces.append(text)
+            if on_piece is None:
+                return True
+            return on_piece(text) is not False
+        except BaseException as e:  # never unwind into the library
+            error.append(e)
+            return False
+
+    return params, data, pieces, error, _TokenCallback(trampoline)
+
+
 # --- context -----------------------------------------------------------------
 
 
@@ -588,39 +684,22 @@ class Context:
         raised in on_piece stops generation and is re-raised here.
         Raises Cancelled (with .text) when cancel() stopped it.
         """
+        params, data, pieces, error, cb = _prepare_generate(
+            prompt,
+            on_piece,
+            chat=chat,
+            raw=raw,
+            ignore_eos=ignore_eos,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+        )
         lib = _L()
-        params = lib.mesh_generate_params_default()
-        params.chat = chat
-        params.raw = raw
-        params.ignore_eos = ignore_eos
-        for name, value in (
-            ("max_tokens", max_tokens),
-            ("temperature", temperature),
-            ("seed", seed),
-            ("top_k", top_k),
-            ("top_p", top_p),
-            ("min_p", min_p),
-            ("repeat_penalty", repeat_penalty),
-            ("repeat_last_n", repeat_last_n),
-        ):
-            if value is not None:
-                setattr(params, name, value)
-        data = _utf8(prompt, "prompt")
-        pieces: List[str] = []
-        error: List[BaseException] = []
-
-        def trampoline(_userdata, piece, length):
-            try:
-                text = ctypes.string_at(piece, length).decode("utf-8", errors="replace")
-                pieces.append(text)
-                if on_piece is None:
-                    return True
-                return on_piece(text) is not False
-            except BaseException as e:  # never unwind into the library
-                error.append(e)
-                return False
-
-        cb = _TokenCallback(trampoline)
         stats = _GenerateStats()
         stats.struct_size = ctypes.sizeof(_GenerateStats)
         with self._lock:
@@ -650,6 +729,202 @@ class Context:
                 stop_reason=StopReason(reason) if reason in StopReason._value2member_map_ else reason,
             ),
         )
+
+
+# --- node --------------------------------------------------------------------
+
+
+@dataclass
+class NodeGenerateStats(GenerateStats):
+    n_hops: int
+    failovers: int
+    hop_ms: float
+    bytes_per_token: float
+
+
+class Node:
+    """A mesh node (mesh_node): joins the mesh over libp2p, serves layer
+    ranges of models to peers, and generates locally or across the mesh.
+    Use as a context manager or call free() (which shuts it down).
+
+    listen / bootstrap: multiaddrs ("/ip4/127.0.0.1/tcp/0";
+    "/ip4/.../tcp/4001/p2p/12D3KooW..."). identity_path: a key file kept
+    across runs (None: a new identity). Timeouts in seconds (None: library
+    defaults, 30 s per stage request and 10 s to find providers).
+    on_event(dict) receives the node's events (peers, sessions, plans,
+    failovers) on a node thread; keep it quick.
+    """
+
+    def __init__(
+        self,
+        listen: Sequence[str] = (),
+        bootstrap: Sequence[str] = (),
+        identity_path: Optional[str] = None,
+        mdns: bool = False,
+        stage_timeout: Optional[float] = None,
+        find_timeout: Optional[float] = None,
+        kv_budget_bytes: Optional[int] = None,
+        on_event: Optional[Callable[[dict], None]] = None,
+    ):
+        lib = _L()
+        self._ptr: Optional[int] = None
+        self._lock = threading.Lock()
+        self._active = 0
+        params = lib.mesh_node_params_default()
+        listen_b = [_utf8(a, "listen") for a in listen]
+        boot_b = [_utf8(a, "bootstrap") for a in bootstrap]
+        listen_arr = (c_char_p * max(1, len(listen_b)))(*listen_b)
+        boot_arr = (c_char_p * max(1, len(boot_b)))(*boot_b)
+        params.listen = ctypes.cast(listen_arr, POINTER(c_char_p))
+        params.n_listen = len(listen_b)
+        params.bootstrap = ctypes.cast(boot_arr, POINTER(c_char_p))
+        params.n_bootstrap = len(boot_b)
+        if identity_path is not None:
+            params.identity_path = _utf8(os.fspath(identity_path), "identity_path")
+        params.mdns = mdns
+        if stage_timeout is not None:
+            params.stage_timeout_ms = max(1, int(stage_timeout * 1000))
+        if find_timeout is not None:
+            params.find_timeout_ms = max(1, int(find_timeout * 1000))
+        if kv_budget_bytes is not None:
+            params.kv_budget_bytes = kv_budget_bytes
+        out = _node_p()
+        _check(lib.mesh_node_open(byref(params), byref(out)), "opening node")
+        self._ptr = out.value
+        self._event_cb = None
+        if on_event is not None:
+
+            def deliver(_userdata, data, length):
+                try:
+                    on_event(json.loads(ctypes.string_at(data, length).decode("utf-8")))
+                except BaseException:  # never unwind into the library
+                    pass
+
+            self._event_cb = _EventCallback(deliver)
+            _check(lib.mesh_node_set_event_callback(self._ptr, self._event_cb, None), "events")
+
+    def _handle(self) -> int:
+        if self._ptr is None:
+            raise ValueError("node has been freed")
+        return self._ptr
+
+    @property
+    def peer_id(self) -> str:
+        return _buffer_call(_L().mesh_node_peer_id, (self._handle(),), "peer_id", 64).decode()
+
+    @property
+    def listen_addrs(self) -> List[str]:
+        """Listen addresses with /p2p/<peer id>, ready to bootstrap from."""
+        raw = _buffer_call(_L().mesh_node_listen_addrs, (self._handle(),), "listen_addrs", 512)
+        return [a for a in raw.decode().split("\n") if a]
+
+    def dial(self, addr: str) -> None:
+        _check(_L().mesh_node_dial(self._handle(), _utf8(addr, "addr")), "dial")
+
+    def serve(self, model: "Model", layers: Optional[tuple] = None) -> None:
+        """Serve layers (start, end) of model (end exclusive; None: all) to peers."""
+        start, end = layers if layers is not None else (0, 0)
+        _check(_L().mesh_node_serve(self._handle(), model._handle(), start, end), "serve")
+
+    def cancel(self) -> None:
+        """Stop every generate() running on this node (each raises Cancelled)."""
+        ptr = self._ptr
+        if ptr is not None:
+            _check(_L().mesh_node_cancel(ptr), "cancel")
+
+    def generate(
+        self,
+        model: "Model",
+        prompt: str,
+        mode: Mode = Mode.LOCAL,
+        chat: bool = False,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        seed: Optional[int] = None,
+        on_piece: Optional[Callable[[str], Optional[bool]]] = None,
+        *,
+        raw: bool = False,
+        ignore_eos: bool = False,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        repeat_last_n: Optional[int] = None,
+    ) -> Generation:
+        """As Context.generate, in `mode` (Mode.PIPELINE: across the mesh).
+        stats also has n_hops, failovers, hop_ms and bytes_per_token."""
+        params, data, pieces, error, cb = _prepare_generate(
+            prompt,
+            on_piece,
+            chat=chat,
+            raw=raw,
+            ignore_eos=ignore_eos,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+        )
+        stats = _NodeGenerateStats()
+        stats.struct_size = ctypes.sizeof(_NodeGenerateStats)
+        with self._lock:
+            handle = self._handle()
+            self._active += 1
+        try:
+            st = _L().mesh_node_generate(
+                handle, model._handle(), data, byref(params), int(mode), cb, None, byref(stats)
+            )
+        finally:
+            with self._lock:
+                self._active -= 1
+        if error:
+            raise error[0]
+        text = "".join(pieces)
+        try:
+            _check(st, "generate")
+        except Cancelled as e:
+            e.text = text
+            raise
+        reason = stats.stop_reason
+        return Generation(
+            text=text,
+            stats=NodeGenerateStats(
+                prompt_tokens=stats.prompt_tokens,
+                generated_tokens=stats.generated_tokens,
+                prompt_ms=stats.prompt_ms,
+                generate_ms=stats.generate_ms,
+                stop_reason=StopReason(reason) if reason in StopReason._value2member_map_ else reason,
+                n_hops=stats.n_hops,
+                failovers=stats.failovers,
+                hop_ms=stats.hop_ms,
+                bytes_per_token=stats.bytes_per_token,
+            ),
+        )
+
+    def free(self) -> None:
+        """Shut the node down and free it. Idempotent; raises RuntimeError
+        while a generate() runs."""
+        with self._lock:
+            if self._active:
+                raise RuntimeError("cannot free a node while it is generating")
+            ptr, self._ptr = self._ptr, None
+        if ptr is not None and _lib is not None:
+            _lib.mesh_node_free(ptr)
+
+    def __enter__(self) -> "Node":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
 
 
 # --- logging -----------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""A two-node mesh on loopback through the bindings: pipeline generation
+across the nodes gives the local text; bad addresses are typed errors."""
+
+import os
+import threading
+
+import pytest
+
+import mesh_llm
+
+MODEL = os.environ.get("MESH_MODEL", "default")
+
+
+@pytest.fixture(scope="module")
+def model():
+    with mesh_llm.Model(MODEL, n_threads=1) as m:
+        yield m
+
+
+def test_two_nodes_pipeline_equals_local(model):
+    events = []
+    lock = threading.Lock()
+
+    def on_event(e):
+        with lock:
+            events.append(e)
+
+    split = model.n_layers // 2
+    with mesh_llm.Node(listen=["/ip4/127.0.0.1/tcp/0"]) as a:
+        a_id = a.peer_id
+        assert a_id.startswith("12D3KooW")
+        addrs = a.listen_addrs
+        assert addrs and all(x.endswith("/p2p/" + a_id) for x in addrs)
+        a.serve(model, (0, split))
+        with mesh_llm.Node(bootstrap=[addrs[0]], on_event=on_event) as b:
+            b.serve(model, (split, model.n_layers))
+            kw = dict(temperature=0, max_tokens=16, ignore_eos=True)
+            piped = b.generate(model, "The capital of France is", mesh_llm.Mode.PIPELINE, **kw)
+            local = b.generate(model, "The capital of France is", mesh_llm.Mode.LOCAL, **kw)
+            assert piped.text == local.text and piped.text
+            assert piped.stats.n_hops == 2
+            assert piped.stats.failovers == 0
+            assert piped.stats.hop_ms > 0
+            assert local.stats.n_hops == 0
+    with lock:
+        plans = [e for e in events if e.get("event") == "plan"]
+    assert plans, events
+    hops = plans[-1]["hops"]
+    assert [h["layers"] for h in hops] == [[0, split], [split, model.n_layers]]
+    assert hops[0]["peer_id"] == a_id
+    assert hops[1]["peer_id"] == "local"
+
+
+def test_bad_addresses_and_modes_are_typed_errors(model):
+    with pytest.raises(mesh_llm.MeshError) as e:
+        mesh_llm.Node(listen=["not a multiaddr"])
+    assert e.value.status == mesh_llm.Status.INVALID_ARG
+    with mesh_llm.Node() as n:
+        with pytest.raises(mesh_llm.MeshError) as e:
+            n.dial("nonsense")
+        assert e.value.status == mesh_llm.Status.INVALID_ARG
+        with pytest.raises(mesh_llm.MeshError) as e:
+            n.generate(model, "Hi", mesh_llm.Mode.PRIVATE, max_tokens=2)
+        assert e.value.status == mesh_llm.Status.UNSUPPORTED

@@ -1,4 +1,4 @@
-//! `mesh node` and `mesh find` across two network namespaces joined by a
+//! `mesh node`, `mesh find` and `mesh generate --mesh` across two network namespaces joined by a
 //! veth pair, with 20 ms of `tc netem` delay on each side where the kernel
 //! has netem. The test creates and removes the namespaces itself and is
 //! skipped, saying why, where namespaces are not permitted (not root, no
@@ -259,6 +259,50 @@ fn nodes_in_two_namespaces_find_each_other_over_a_delayed_veth() {
     if delayed {
         assert!(rtt >= 38.0, "RTT {rtt} ms with 2 x 20 ms netem");
     }
+
+    // A 2-namespace pipeline: a client in B's namespace runs layers 0-15 on A
+    // (across the veth) and 15-30 on B, and gets the tokens of local generation.
+    let generate = |ns: &str, extra: &[&str]| -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, MESH, "generate", "--model", "default"])
+            .args(["--prompt", "The capital of France is", "--temperature", "0"])
+            .args(["--ignore-eos", "--max-tokens", "16", "--threads", "1"])
+            .args(["--format", "json"])
+            .args(extra)
+            .output()
+            .expect("run mesh generate");
+        assert!(
+            out.status.success(),
+            "mesh generate {extra:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("mesh generate prints JSON")
+    };
+    let local = generate(&b, &[]);
+    let piped = generate(&b, &["--mesh", "--bootstrap", &a_addr]);
+    assert_eq!(piped["token_ids"], local["token_ids"]);
+    let plan: Vec<(String, serde_json::Value)> = piped["plan"]
+        .as_array()
+        .expect("plan")
+        .iter()
+        .map(|h| {
+            (
+                h["peer_id"].as_str().unwrap().to_owned(),
+                h["layers"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        plan,
+        vec![
+            (a_id.clone(), serde_json::json!([0, 15])),
+            (b_id.clone(), serde_json::json!([15, 30]))
+        ]
+    );
+    eprintln!(
+        "pipeline across the namespaces: {:.2} ms per hop",
+        piped["hop_ms"].as_f64().unwrap()
+    );
 
     // SIGTERM: B withdraws and exits cleanly; A sees the withdrawal.
     let pid = ns.children[1].id();

@@ -274,7 +274,7 @@ fn hostile_stage_requests_get_typed_errors_and_corrupt_nothing() {
     let info = engine.info().clone();
     let n_embd = info.n_embd;
     let server = StageServer::new(StageConfig {
-        kv_budget_bytes: engine.kv_bytes_for(256).unwrap() as u64 * 2,
+        kv_budget_bytes: engine.kv_bytes_for(10, 256).unwrap() as u64 * 2,
         ..StageConfig::default()
     });
     server.add_model(engine.clone(), 10..20);
@@ -402,6 +402,15 @@ fn hostile_stage_requests_get_typed_errors_and_corrupt_nothing() {
     );
     assert_eq!(again.code(), ErrorCode::None);
     assert_eq!(server.session_count(), 1);
+    // A stage session caches only its layers: 6 of 30 layers' worth of KV,
+    // and other layers are refused.
+    let mut part = engine.new_session_for(12..18, 256).unwrap();
+    assert_eq!(part.kv_bytes() * 5, session.kv_bytes());
+    let mut h = engine.embed(&[1, 2], 0).unwrap();
+    assert!(engine.run_layers(0..12, &mut h, &mut part).is_err());
+    assert!(engine
+        .forward(&[1, 2], mesh_core::engine::Logits::Last, &mut part)
+        .is_err());
     // Garbage meta is malformed, never a panic.
     let (garbage, _) = server.handle(me, b"\x0a\xff\xff\xff", b"");
     assert_eq!(garbage.code(), ErrorCode::Malformed);

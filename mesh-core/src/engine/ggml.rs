@@ -190,6 +190,8 @@ struct KvCache {
     n_ctx: usize,
     /// Allocated cells: `n_ctx` rounded up to [`KV_PAD`].
     cap: usize,
+    /// Layers with a cache (the others' `k` and `v` are null).
+    layers: Range<usize>,
     len: Vec<usize>,
     ctx: NonNull<sys::ggml_context>,
     k: Vec<T>,
@@ -237,7 +239,7 @@ impl GgmlSession {
 
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.n_layers * 2 * self.kv_dim * self.kv.cap * 2
+        self.kv.layers.len() * 2 * self.kv_dim * self.kv.cap * 2
     }
 }
 
@@ -371,13 +373,120 @@ impl GgmlEngine {
         self.exact.load(Ordering::Relaxed)
     }
 
-    /// Bytes the KV cache of a session of `n_ctx` positions holds (what
-    /// [`GgmlSession::kv_bytes`] will report), or `None` if it overflows.
-    pub fn kv_bytes_for(&self, n_ctx: usize) -> Option<usize> {
+    /// Bytes the KV cache of a session of `n_ctx` positions over `n_layers`
+    /// layers holds (what [`GgmlSession::kv_bytes`] will report), or `None`
+    /// if it overflows.
+    pub fn kv_bytes_for(&self, n_layers: usize, n_ctx: usize) -> Option<usize> {
         let kv_dim = self.info.n_head_kv * self.info.head_dim;
         kv_dim
             .checked_mul(n_ctx.checked_add(KV_PAD - 1)? / KV_PAD * KV_PAD)?
-            .checked_mul(4 * self.info.n_layers)
+            .checked_mul(4 * n_layers)
+    }
+
+    /// A session whose KV cache holds `n_ctx` positions for `layers` only (a
+    /// pipeline stage's range): it can run those layers and no others, and
+    /// its cache is that share of a whole-model session's.
+    pub fn new_session_for(&self, layers: Range<usize>, n_ctx: usize) -> Result<GgmlSession> {
+        if layers.start >= layers.end || layers.end > self.info.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "session layers {}..{}: expected a non-empty range within 0..{}",
+                layers.start, layers.end, self.info.n_layers
+            )));
+        }
+        if n_ctx == 0 {
+            return Err(Error::InvalidArgument(
+                "context size must be at least 1".into(),
+            ));
+        }
+        let info = &self.info;
+        // The trained context bounds positions RoPE was trained for, and every
+        // size below (this ggml aborts rather than failing an allocation).
+        if n_ctx > info.n_ctx_train {
+            return Err(Error::InvalidArgument(format!(
+                "context size {n_ctx}: this model was trained for at most {} positions",
+                info.n_ctx_train
+            )));
+        }
+        let kv_dim = info.n_head_kv * info.head_dim;
+        let cap = kv_span(n_ctx);
+        // SAFETY: pure size computation.
+        let overhead = unsafe { sys::ggml_tensor_overhead() };
+        let mem_size = kv_dim
+            .checked_mul(cap)
+            .and_then(|e| e.checked_mul(2))
+            .and_then(|t| t.checked_add(overhead + 64))
+            .and_then(|t| t.checked_mul(2 * layers.len()))
+            .and_then(|t| t.checked_add(1024))
+            .ok_or_else(|| Error::InvalidArgument(format!("context size {n_ctx} is too large")))?;
+        if let Some(avail) = available_memory() {
+            if mem_size > avail {
+                return Err(Error::InvalidArgument(format!(
+                    "context size {n_ctx} needs a {} MiB KV cache; {} MiB of memory is available",
+                    mem_size >> 20,
+                    avail >> 20
+                )));
+            }
+        }
+        let params = sys::ggml_init_params {
+            mem_size,
+            mem_buffer: ptr::null_mut(),
+            no_alloc: false,
+        };
+        // SAFETY: ggml allocates and owns the KV buffer; freed in GgmlSession::drop.
+        let kv_ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
+            Error::Ggml(format!("could not allocate a KV cache of {mem_size} bytes"))
+        })?;
+        let mut k = Vec::with_capacity(info.n_layers);
+        let mut v = Vec::with_capacity(info.n_layers);
+        for l in 0..info.n_layers {
+            if !layers.contains(&l) {
+                // No cache for this layer: check_kv refuses to run it.
+                k.push(ptr::null_mut());
+                v.push(ptr::null_mut());
+                continue;
+            }
+            // SAFETY: tensors in the KV context, sized within `mem_size`.
+            unsafe {
+                for list in [&mut k, &mut v] {
+                    let t = sys::ggml_new_tensor_1d(
+                        kv_ctx.as_ptr(),
+                        sys::ggml_type_GGML_TYPE_F16,
+                        (kv_dim * cap) as i64,
+                    );
+                    // Zero cells: padded cells are read (and masked) before any write.
+                    ptr::write_bytes((*t).data as *mut u8, 0, sys::ggml_nbytes(t));
+                    list.push(t);
+                }
+            }
+        }
+        let kv = KvCache {
+            n_ctx,
+            cap,
+            layers: layers.clone(),
+            len: vec![0; info.n_layers],
+            ctx: kv_ctx,
+            k,
+            v,
+        };
+        // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
+        let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
+            .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
+        let nodes = max_nodes(info.n_layers);
+        // SAFETY: pure size computations.
+        let meta = unsafe {
+            sys::ggml_tensor_overhead() * nodes + sys::ggml_graph_overhead_custom(nodes, false)
+        };
+        Ok(GgmlSession {
+            n_layers: info.n_layers,
+            kv_dim,
+            kv,
+            scratch: Scratch {
+                n_threads: self.n_threads,
+                galloc,
+                meta: vec![0; meta],
+                work: Vec::new(),
+            },
+        })
     }
 
     /// Number of compute threads new sessions use.
@@ -425,6 +534,12 @@ impl GgmlEngine {
                 needed: pos + n,
                 capacity: s.n_ctx,
             });
+        }
+        if !layers.is_empty() && (layers.start < s.layers.start || layers.end > s.layers.end) {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {}..{}: this session holds a KV cache for layers {}..{} only",
+                layers.start, layers.end, s.layers.start, s.layers.end
+            )));
         }
         for l in layers.clone() {
             if s.len[l] != pos {
@@ -1026,93 +1141,7 @@ impl Engine for GgmlEngine {
     }
 
     fn new_session(&self, n_ctx: usize) -> Result<GgmlSession> {
-        if n_ctx == 0 {
-            return Err(Error::InvalidArgument(
-                "context size must be at least 1".into(),
-            ));
-        }
-        let info = &self.info;
-        // The trained context bounds positions RoPE was trained for, and every
-        // size below (this ggml aborts rather than failing an allocation).
-        if n_ctx > info.n_ctx_train {
-            return Err(Error::InvalidArgument(format!(
-                "context size {n_ctx}: this model was trained for at most {} positions",
-                info.n_ctx_train
-            )));
-        }
-        let kv_dim = info.n_head_kv * info.head_dim;
-        let cap = kv_span(n_ctx);
-        // SAFETY: pure size computation.
-        let overhead = unsafe { sys::ggml_tensor_overhead() };
-        let mem_size = kv_dim
-            .checked_mul(cap)
-            .and_then(|e| e.checked_mul(2))
-            .and_then(|t| t.checked_add(overhead + 64))
-            .and_then(|t| t.checked_mul(2 * info.n_layers))
-            .and_then(|t| t.checked_add(1024))
-            .ok_or_else(|| Error::InvalidArgument(format!("context size {n_ctx} is too large")))?;
-        if let Some(avail) = available_memory() {
-            if mem_size > avail {
-                return Err(Error::InvalidArgument(format!(
-                    "context size {n_ctx} needs a {} MiB KV cache; {} MiB of memory is available",
-                    mem_size >> 20,
-                    avail >> 20
-                )));
-            }
-        }
-        let params = sys::ggml_init_params {
-            mem_size,
-            mem_buffer: ptr::null_mut(),
-            no_alloc: false,
-        };
-        // SAFETY: ggml allocates and owns the KV buffer; freed in GgmlSession::drop.
-        let kv_ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
-            Error::Ggml(format!("could not allocate a KV cache of {mem_size} bytes"))
-        })?;
-        let mut k = Vec::with_capacity(info.n_layers);
-        let mut v = Vec::with_capacity(info.n_layers);
-        for _ in 0..info.n_layers {
-            // SAFETY: tensors in the KV context, sized within `mem_size`.
-            unsafe {
-                for list in [&mut k, &mut v] {
-                    let t = sys::ggml_new_tensor_1d(
-                        kv_ctx.as_ptr(),
-                        sys::ggml_type_GGML_TYPE_F16,
-                        (kv_dim * cap) as i64,
-                    );
-                    // Zero cells: padded cells are read (and masked) before any write.
-                    ptr::write_bytes((*t).data as *mut u8, 0, sys::ggml_nbytes(t));
-                    list.push(t);
-                }
-            }
-        }
-        let kv = KvCache {
-            n_ctx,
-            cap,
-            len: vec![0; info.n_layers],
-            ctx: kv_ctx,
-            k,
-            v,
-        };
-        // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
-        let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
-            .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
-        let nodes = max_nodes(info.n_layers);
-        // SAFETY: pure size computations.
-        let meta = unsafe {
-            sys::ggml_tensor_overhead() * nodes + sys::ggml_graph_overhead_custom(nodes, false)
-        };
-        Ok(GgmlSession {
-            n_layers: info.n_layers,
-            kv_dim,
-            kv,
-            scratch: Scratch {
-                n_threads: self.n_threads,
-                galloc,
-                meta: vec![0; meta],
-                work: Vec::new(),
-            },
-        })
+        self.new_session_for(0..self.info.n_layers, n_ctx)
     }
 
     fn embed(&self, tokens: &[u32], pos: usize) -> Result<Hidden> {

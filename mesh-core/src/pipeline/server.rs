@@ -277,7 +277,8 @@ impl StageServer {
                 ),
             );
         }
-        let Some(kv_bytes) = engine.kv_bytes_for(n_ctx).map(|b| b as u64) else {
+        let span = layers.start as usize..layers.end as usize;
+        let Some(kv_bytes) = engine.kv_bytes_for(span.len(), n_ctx).map(|b| b as u64) else {
             return StageReply::failure(0, ErrorCode::TooLarge, format!("context {n_ctx}"));
         };
         // Reserve the slot's budget first, then allocate outside the lock.
@@ -311,7 +312,8 @@ impl StageServer {
                 }
             }
         };
-        let session = match engine.new_session(n_ctx) {
+        // A cache for the session's layers only.
+        let session = match engine.new_session_for(span, n_ctx) {
             Ok(s) => s,
             Err(e) => return StageReply::failure(0, ErrorCode::Internal, e.to_string()),
         };

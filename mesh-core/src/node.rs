@@ -420,33 +420,16 @@ impl Node {
                     .min(engine.info().n_ctx_train)
             })
             .max(1);
-        let mut session = engine.new_session(n_ctx)?;
-        match mode {
-            Mode::Local => {
-                let mut forward = |tokens: &[u32], s: &mut GgmlSession| {
-                    compute::pool().run(|| engine.forward(tokens, Logits::Last, s))
-                };
-                let output = generate::generate_with(
-                    &**engine,
-                    &mut session,
-                    &prompt_ids,
-                    &request.params,
-                    cancel,
-                    on_text,
-                    &mut forward,
-                )?;
-                Ok(NodeOutput {
-                    output,
-                    mode,
-                    pipeline: None,
-                })
-            }
+        // Pipeline: this node keeps embeddings, head and sampler; the chain
+        // of stages runs the layers.
+        let mut pipeline = match mode {
+            Mode::Local => None,
             Mode::Pipeline => {
                 let tx = self.events.clone();
                 let sink: crate::pipeline::client::EventSink = Arc::new(move |e| {
                     let _ = tx.send(NodeEvent::Pipeline(e.clone()));
                 });
-                let mut pipeline = PipelineSession::open(
+                Some(PipelineSession::open(
                     self.net.clone(),
                     self.handle.clone(),
                     engine.clone(),
@@ -454,38 +437,43 @@ impl Node {
                     self.local_layers(engine),
                     self.options.pipeline.clone(),
                     Some(sink),
-                )?;
-                let mut pos = 0usize;
-                let mut forward = |tokens: &[u32], s: &mut GgmlSession| {
-                    let hidden = engine.embed(tokens, pos)?;
-                    let hidden = pipeline.forward(hidden, s)?;
-                    pos += tokens.len();
-                    compute::pool().run(|| engine.head(&hidden, Logits::Last, s))
-                };
-                let output = generate::generate_with(
-                    &**engine,
-                    &mut session,
-                    &prompt_ids,
-                    &request.params,
-                    cancel,
-                    on_text,
-                    &mut forward,
-                )?;
-                Ok(NodeOutput {
-                    output,
-                    mode,
-                    pipeline: Some(PipelineReport {
-                        plan: pipeline.plan(),
-                        stats: pipeline.stats().clone(),
-                    }),
-                })
+                )?)
             }
-            Mode::Private { .. } => Err(Error::Unsupported(
-                "private mode across peers is not available yet; private generation with \
-                 in-process helpers is `mesh_core::delegate::private::PrivateProjector`"
-                    .into(),
-            )),
-        }
+            Mode::Private { .. } => {
+                return Err(Error::Unsupported(
+                    "private mode across peers is not available yet; private generation with \
+                     in-process helpers is `mesh_core::delegate::private::PrivateProjector`"
+                        .into(),
+                ))
+            }
+        };
+        let mut session = engine.new_session(n_ctx)?;
+        let mut pos = 0usize;
+        let mut forward = |tokens: &[u32], s: &mut GgmlSession| match pipeline.as_mut() {
+            None => compute::pool().run(|| engine.forward(tokens, Logits::Last, s)),
+            Some(p) => {
+                let hidden = p.forward(engine.embed(tokens, pos)?, s)?;
+                pos += tokens.len();
+                compute::pool().run(|| engine.head(&hidden, Logits::Last, s))
+            }
+        };
+        let output = generate::generate_with(
+            &**engine,
+            &mut session,
+            &prompt_ids,
+            &request.params,
+            cancel,
+            on_text,
+            &mut forward,
+        )?;
+        Ok(NodeOutput {
+            output,
+            mode,
+            pipeline: pipeline.map(|p| PipelineReport {
+                plan: p.plan(),
+                stats: p.stats().clone(),
+            }),
+        })
     }
 
     /// Withdraws every announcement, stops serving and closes the network.

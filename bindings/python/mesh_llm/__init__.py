@@ -576,6 +576,44 @@ def _prepare_generate(prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eo
     return params, data, pieces, error, _TokenCallback(trampoline)
 
 
+def _run_generate(owner, call) -> int:
+    """Run call(handle) while `owner` (a Context or Node) counts it as active,
+    so free() refuses to run under it."""
+    with owner._lock:
+        handle = owner._handle()
+        owner._active += 1
+    try:
+        return call(handle)
+    finally:
+        with owner._lock:
+            owner._active -= 1
+
+
+def _finish_generate(status: int, pieces: List[str], error: List[BaseException]) -> str:
+    """The generated text, or the exception on_piece raised, or the status as
+    an exception (Cancelled carries the partial text)."""
+    if error:
+        raise error[0]
+    text = "".join(pieces)
+    try:
+        _check(status, "generate")
+    except Cancelled as e:
+        e.text = text
+        raise
+    return text
+
+
+def _base_stats(stats) -> dict:
+    reason = stats.stop_reason
+    return dict(
+        prompt_tokens=stats.prompt_tokens,
+        generated_tokens=stats.generated_tokens,
+        prompt_ms=stats.prompt_ms,
+        generate_ms=stats.generate_ms,
+        stop_reason=StopReason(reason) if reason in StopReason._value2member_map_ else reason,
+    )
+
+
 # --- context -----------------------------------------------------------------
 
 
@@ -699,36 +737,13 @@ class Context:
             repeat_penalty=repeat_penalty,
             repeat_last_n=repeat_last_n,
         )
-        lib = _L()
         stats = _GenerateStats()
         stats.struct_size = ctypes.sizeof(_GenerateStats)
-        with self._lock:
-            handle = self._handle()
-            self._active += 1
-        try:
-            st = lib.mesh_generate(handle, data, byref(params), cb, None, byref(stats))
-        finally:
-            with self._lock:
-                self._active -= 1
-        if error:
-            raise error[0]
-        text = "".join(pieces)
-        try:
-            _check(st, "generate")
-        except Cancelled as e:
-            e.text = text
-            raise
-        reason = stats.stop_reason
-        return Generation(
-            text=text,
-            stats=GenerateStats(
-                prompt_tokens=stats.prompt_tokens,
-                generated_tokens=stats.generated_tokens,
-                prompt_ms=stats.prompt_ms,
-                generate_ms=stats.generate_ms,
-                stop_reason=StopReason(reason) if reason in StopReason._value2member_map_ else reason,
-            ),
+        st = _run_generate(
+            self, lambda h: _L().mesh_generate(h, data, byref(params), cb, None, byref(stats))
         )
+        text = _finish_generate(st, pieces, error)
+        return Generation(text=text, stats=GenerateStats(**_base_stats(stats)))
 
 
 # --- node --------------------------------------------------------------------
@@ -870,33 +885,17 @@ class Node:
         )
         stats = _NodeGenerateStats()
         stats.struct_size = ctypes.sizeof(_NodeGenerateStats)
-        with self._lock:
-            handle = self._handle()
-            self._active += 1
-        try:
-            st = _L().mesh_node_generate(
-                handle, model._handle(), data, byref(params), int(mode), cb, None, byref(stats)
-            )
-        finally:
-            with self._lock:
-                self._active -= 1
-        if error:
-            raise error[0]
-        text = "".join(pieces)
-        try:
-            _check(st, "generate")
-        except Cancelled as e:
-            e.text = text
-            raise
-        reason = stats.stop_reason
+        st = _run_generate(
+            self,
+            lambda h: _L().mesh_node_generate(
+                h, model._handle(), data, byref(params), int(mode), cb, None, byref(stats)
+            ),
+        )
+        text = _finish_generate(st, pieces, error)
         return Generation(
             text=text,
             stats=NodeGenerateStats(
-                prompt_tokens=stats.prompt_tokens,
-                generated_tokens=stats.generated_tokens,
-                prompt_ms=stats.prompt_ms,
-                generate_ms=stats.generate_ms,
-                stop_reason=StopReason(reason) if reason in StopReason._value2member_map_ else reason,
+                **_base_stats(stats),
                 n_hops=stats.n_hops,
                 failovers=stats.failovers,
                 hop_ms=stats.hop_ms,

@@ -155,6 +155,15 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// A duration flag's value: a positive, finite number of seconds that fits a `Duration`.
+fn seconds(flag: &str, v: f64) -> Result<Duration, BoxError> {
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{flag} {v}: expected a positive number of seconds").into());
+    }
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("{flag} {v}: too large (at most ~5.8e11 years)").into())
+}
+
 /// A node for `mesh generate --mesh`: dials `bootstrap`, listens nowhere.
 pub fn client_node(
     bootstrap: Vec<Multiaddr>,
@@ -164,18 +173,12 @@ pub fn client_node(
     if bootstrap.is_empty() {
         return Err("--mesh: expected at least one --bootstrap MULTIADDR".into());
     }
-    let secs = |name: &str, v: f64| -> Result<Duration, BoxError> {
-        if !(v.is_finite() && v > 0.0) {
-            return Err(format!("{name} {v}: expected a positive number of seconds").into());
-        }
-        Duration::try_from_secs_f64(v).map_err(|_| format!("{name} {v}: too large").into())
-    };
     let mut config = P2pConfig::new(Identity::ephemeral());
     config.bootstrap = bootstrap;
     let options = NodeOptions {
         pipeline: PipelineConfig {
-            stage_timeout: secs("--stage-timeout", stage_timeout)?,
-            find_timeout: secs("--find-timeout", find_timeout)?,
+            stage_timeout: seconds("--stage-timeout", stage_timeout)?,
+            find_timeout: seconds("--find-timeout", find_timeout)?,
             ..PipelineConfig::default()
         },
         ..NodeOptions::default()
@@ -198,11 +201,7 @@ pub fn find(
         // Not an id: a model path (or `default`), identified by its hash.
         Err(_) => crate::load(&model, 1)?.info().id,
     };
-    if !(timeout.is_finite() && timeout > 0.0) {
-        return Err(format!("--timeout {timeout}: expected a positive number of seconds").into());
-    }
-    let timeout = Duration::try_from_secs_f64(timeout)
-        .map_err(|_| format!("--timeout {timeout}: too large (at most ~5.8e11 years)"))?;
+    let timeout = seconds("--timeout", timeout)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -253,34 +253,11 @@ impl Node {
     pub fn with_network(net: Arc<dyn Network>, handle: Handle, options: NodeOptions) -> Node {
         let (events, _) = broadcast::channel(1024);
         let stages = Arc::new(StageServer::new(options.stage.clone()));
-        let mut tasks = Vec::new();
         // Forward network and stage events to the node's subscribers.
-        let mut net_events = net.events();
-        let tx = events.clone();
-        tasks.push(handle.spawn(async move {
-            loop {
-                match net_events.recv().await {
-                    Ok(e) => {
-                        let _ = tx.send(NodeEvent::Network(e));
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        }));
-        let mut stage_events = stages.events();
-        let tx = events.clone();
-        tasks.push(handle.spawn(async move {
-            loop {
-                match stage_events.recv().await {
-                    Ok(e) => {
-                        let _ = tx.send(NodeEvent::Stage(e));
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        }));
+        let tasks = vec![
+            forward_events(&handle, net.events(), events.clone(), NodeEvent::Network),
+            forward_events(&handle, stages.events(), events.clone(), NodeEvent::Stage),
+        ];
         Node {
             runtime: None,
             handle,
@@ -343,7 +320,7 @@ impl Node {
         let announcement = Announcement {
             model: engine.info().id,
             layers: layers.clone(),
-            free_memory: free_memory(),
+            free_memory: crate::engine::available_memory().unwrap_or(0) as u64,
             tokens_per_sec,
         };
         let first = self.served.lock().map(|s| s.is_empty()).unwrap_or(true);
@@ -505,16 +482,23 @@ impl Drop for Node {
     }
 }
 
-/// Memory the system can still give (`MemAvailable`), 0 where unknown.
-fn free_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+/// Re-sends every event of `rx` to `tx` as a [`NodeEvent`] until `rx` closes
+/// (a lagging `rx` skips what it missed).
+fn forward_events<T: Clone + Send + 'static>(
+    handle: &Handle,
+    mut rx: broadcast::Receiver<T>,
+    tx: broadcast::Sender<NodeEvent>,
+    wrap: fn(T) -> NodeEvent,
+) -> JoinHandle<()> {
+    handle.spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let _ = tx.send(wrap(e));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    })
 }

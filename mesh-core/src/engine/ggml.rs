@@ -267,7 +267,7 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 }
 
 /// Bytes of memory the system can still give us (`MemAvailable`), where known.
-fn available_memory() -> Option<usize> {
+pub(crate) fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;

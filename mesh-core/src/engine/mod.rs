@@ -18,6 +18,7 @@ mod quant;
 use std::fmt;
 use std::ops::Range;
 
+pub(crate) use self::ggml::available_memory;
 pub use self::ggml::{
     available_cores, cpu_class, default_threads, resolve_threads, GgmlEngine, GgmlSession,
 };

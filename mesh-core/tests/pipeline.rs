@@ -445,4 +445,18 @@ fn idle_sessions_expire() {
         }
         other => panic!("{other:?}"),
     }
+    // A request to a session idle past the TTL finds it gone even before a
+    // sweep runs.
+    let (reply, _) = call(
+        &server,
+        me,
+        open(engine.info().id.0, 0, 30, 64),
+        Bytes::new(),
+    );
+    assert_eq!(reply.code(), ErrorCode::None);
+    std::thread::sleep(Duration::from_millis(250));
+    let rows = encode_rows(&vec![0.01f32; engine.info().n_embd], DType::F32);
+    let (late, _) = call(&server, me, fwd(reply.session, 0, 1), rows);
+    assert_eq!(late.code(), ErrorCode::UnknownSession);
+    assert_eq!(server.session_count(), 0);
 }

@@ -167,7 +167,6 @@ impl StageServer {
     /// Answers one request from `peer` (blocking: may compute). Never panics
     /// on any input; every refusal is a reply with its [`ErrorCode`].
     pub fn handle(&self, peer: PeerId, meta: &[u8], tensor: &[u8]) -> (StageReply, Bytes) {
-        self.expire_idle();
         let call = match decode_request(meta, tensor) {
             Ok(call) => call,
             Err(r) => return (StageReply::failure(0, r.code, r.message), Bytes::new()),
@@ -281,28 +280,15 @@ impl StageServer {
         let Some(kv_bytes) = engine.kv_bytes_for(span.len(), n_ctx).map(|b| b as u64) else {
             return StageReply::failure(0, ErrorCode::TooLarge, format!("context {n_ctx}"));
         };
-        // Reserve the slot's budget first, then allocate outside the lock.
+        // Idle sessions give their memory back before this one is weighed
+        // (the timer in `serve_queue` sweeps too, but only every TTL/4).
+        self.expire_idle();
+        // Check the limits, allocate outside the lock, then check again:
+        // another open may have taken the budget meanwhile.
         let id = {
             let sessions = self.lock_sessions();
-            let used: u64 = sessions.values().map(|s| s.kv_bytes).sum();
-            if sessions.len() >= self.config.max_sessions {
-                return StageReply::failure(
-                    0,
-                    ErrorCode::Busy,
-                    format!("{} sessions open, the limit", sessions.len()),
-                );
-            }
-            if used.saturating_add(kv_bytes) > self.config.kv_budget_bytes {
-                return StageReply::failure(
-                    0,
-                    ErrorCode::Busy,
-                    format!(
-                        "a {n_ctx}-position session needs {} KiB of KV cache; {} of {} KiB are in use",
-                        kv_bytes >> 10,
-                        used >> 10,
-                        self.config.kv_budget_bytes >> 10
-                    ),
-                );
+            if let Err(reply) = self.admit(&sessions, n_ctx, kv_bytes) {
+                return reply;
             }
             let mut rng = rand::thread_rng();
             loop {
@@ -313,14 +299,14 @@ impl StageServer {
             }
         };
         // A cache for the session's layers only.
-        let session = match engine.new_session_for(span, n_ctx) {
+        let session = match engine.new_session_for(span.clone(), n_ctx) {
             Ok(s) => s,
             Err(e) => return StageReply::failure(0, ErrorCode::Internal, e.to_string()),
         };
         let slot = Arc::new(Slot {
             owner: peer,
             engine,
-            layers: layers.start as usize..layers.end as usize,
+            layers: span,
             kv_bytes,
             state: Mutex::new(SlotState {
                 session,
@@ -330,12 +316,8 @@ impl StageServer {
         });
         {
             let mut sessions = self.lock_sessions();
-            let used: u64 = sessions.values().map(|s| s.kv_bytes).sum();
-            // Another open may have taken the budget while this one allocated.
-            if used.saturating_add(kv_bytes) > self.config.kv_budget_bytes
-                || sessions.len() >= self.config.max_sessions
-            {
-                return StageReply::failure(0, ErrorCode::Busy, "the KV budget is in use");
+            if let Err(reply) = self.admit(&sessions, n_ctx, kv_bytes) {
+                return reply;
             }
             sessions.insert(id, slot);
         }
@@ -349,17 +331,66 @@ impl StageServer {
         ok_reply(id, 0)
     }
 
-    /// The session `id` if `peer` owns it.
-    fn slot(&self, peer: PeerId, id: u64) -> std::result::Result<Arc<Slot>, StageReply> {
-        match self.lock_sessions().get(&id) {
-            Some(slot) if slot.owner == peer => Ok(slot.clone()),
-            // Someone else's session looks exactly like a missing one.
-            _ => Err(StageReply::failure(
-                id,
-                ErrorCode::UnknownSession,
-                format!("no session {id:#x} for this peer (closed, expired or never opened)"),
-            )),
+    /// Whether a session of `kv_bytes` fits next to `sessions`: a slot and
+    /// the KV budget, or a `busy` reply saying which is missing.
+    fn admit(
+        &self,
+        sessions: &HashMap<u64, Arc<Slot>>,
+        n_ctx: usize,
+        kv_bytes: u64,
+    ) -> std::result::Result<(), StageReply> {
+        if sessions.len() >= self.config.max_sessions {
+            return Err(StageReply::failure(
+                0,
+                ErrorCode::Busy,
+                format!("{} sessions open, the limit", sessions.len()),
+            ));
         }
+        let used: u64 = sessions.values().map(|s| s.kv_bytes).sum();
+        if used.saturating_add(kv_bytes) > self.config.kv_budget_bytes {
+            return Err(StageReply::failure(
+                0,
+                ErrorCode::Busy,
+                format!(
+                    "a {n_ctx}-position session needs {} KiB of KV cache; {} of {} KiB are in use",
+                    kv_bytes >> 10,
+                    used >> 10,
+                    self.config.kv_budget_bytes >> 10
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The session `id` if `peer` owns it and it has not been idle past the
+    /// TTL (an expired one is closed here, whenever the sweep would come).
+    fn slot(&self, peer: PeerId, id: u64) -> std::result::Result<Arc<Slot>, StageReply> {
+        let found = self
+            .lock_sessions()
+            .get(&id)
+            .filter(|slot| slot.owner == peer)
+            .cloned();
+        match found {
+            Some(slot) if !self.is_idle(&slot, Instant::now()) => Ok(slot),
+            expired => {
+                if expired.is_some() {
+                    self.remove(id, CloseReason::Expired);
+                }
+                // Someone else's session looks exactly like a missing one.
+                Err(StageReply::failure(
+                    id,
+                    ErrorCode::UnknownSession,
+                    format!("no session {id:#x} for this peer (closed, expired or never opened)"),
+                ))
+            }
+        }
+    }
+
+    /// Idle past the TTL at `now`. A session computing right now is busy, not idle.
+    fn is_idle(&self, slot: &Slot, now: Instant) -> bool {
+        slot.state
+            .try_lock()
+            .is_ok_and(|st| now.duration_since(st.last_used) > self.config.idle_ttl)
     }
 
     fn remove(&self, id: u64, reason: CloseReason) {
@@ -381,12 +412,7 @@ impl StageServer {
         let idle: Vec<u64> = self
             .lock_sessions()
             .iter()
-            .filter(|(_, s)| {
-                // A session computing right now is busy, not idle.
-                s.state
-                    .try_lock()
-                    .is_ok_and(|st| now.duration_since(st.last_used) > self.config.idle_ttl)
-            })
+            .filter(|(_, s)| self.is_idle(s, now))
             .map(|(&id, _)| id)
             .collect();
         for id in idle {

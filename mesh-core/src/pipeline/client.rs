@@ -132,7 +132,8 @@ struct ActiveHop {
     hop: Hop,
     /// Remote session id (0 for local hops).
     session: u64,
-    /// Every chunk of rows sent to this hop, in order.
+    /// Every chunk of rows sent to this hop, in order (remote hops only:
+    /// they are what a replacement replays).
     inputs: Vec<Hidden>,
     /// How many of `inputs` the current session has processed.
     done: usize,
@@ -390,11 +391,8 @@ impl PipelineSession {
         }
     }
 
-    fn forward_remote(&mut self, i: usize, input: &Hidden) -> Result<Hidden> {
-        let (peer, session) = match self.hops[i].hop.target {
-            Target::Peer(p) => (p, self.hops[i].session),
-            Target::Local => unreachable!("forward_remote on a local hop"),
-        };
+    fn forward_remote(&mut self, i: usize, peer: PeerId, input: &Hidden) -> Result<Hidden> {
+        let session = self.hops[i].session;
         let n_tokens = input.n_tokens();
         let op = StageOp::Forward(ForwardMsg {
             session,
@@ -442,46 +440,43 @@ impl PipelineSession {
         })
     }
 
-    /// Runs the chunks of hop `i` its session has not processed yet; returns
-    /// the output of the last one.
-    fn catch_up(&mut self, i: usize, local: &mut GgmlSession) -> Result<Hidden> {
+    /// Runs the chunks of remote hop `i` its session has not processed yet;
+    /// returns the output of the last one.
+    fn catch_up(&mut self, i: usize, peer: PeerId) -> Result<Hidden> {
         let mut last = None;
         while self.hops[i].done < self.hops[i].inputs.len() {
             let input = self.hops[i].inputs[self.hops[i].done].clone();
-            let out = match self.hops[i].hop.target {
-                Target::Local => {
-                    let mut h = input;
-                    let layers = self.hops[i].hop.layers.start as usize
-                        ..self.hops[i].hop.layers.end as usize;
-                    let engine = &self.engine;
-                    compute::pool().run(|| engine.run_layers(layers, &mut h, local))?;
-                    h
-                }
-                Target::Peer(_) => self.forward_remote(i, &input)?,
-            };
+            last = Some(self.forward_remote(i, peer, &input)?);
             self.hops[i].done += 1;
-            last = Some(out);
         }
         last.ok_or_else(|| Error::InvalidArgument("a hop with no input to run".into()))
     }
 
-    /// Appends `input` to hop `i` and runs it, failing over as needed.
-    /// Returns the output and the index of the hop after the chain that ran it.
+    /// Runs `input` through hop `i`, failing over as needed. Returns the
+    /// output and the index of the hop after the chain that ran it.
     fn run_hop(
         &mut self,
         i: usize,
         input: Hidden,
         local: &mut GgmlSession,
     ) -> Result<(Hidden, usize)> {
+        let peer = match self.hops[i].hop.target {
+            Target::Peer(peer) => peer,
+            Target::Local => {
+                // This node's own layers: nothing to fail over to, so no history.
+                let mut h = input;
+                let layers =
+                    self.hops[i].hop.layers.start as usize..self.hops[i].hop.layers.end as usize;
+                let engine = &self.engine;
+                compute::pool().run(|| engine.run_layers(layers, &mut h, local))?;
+                return Ok((h, i + 1));
+            }
+        };
         self.hops[i].inputs.push(input);
-        let err = match self.catch_up(i, local) {
+        let err = match self.catch_up(i, peer) {
             Ok(out) => return Ok((out, i + 1)),
             Err(Error::Cancelled) => return Err(Error::Cancelled),
             Err(e) => e,
-        };
-        let Target::Peer(peer) = self.hops[i].hop.target else {
-            // Our own engine failed: nothing to fail over to.
-            return Err(err);
         };
         self.stats.failovers += 1;
         self.stats.failed.push(peer);

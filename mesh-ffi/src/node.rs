@@ -155,15 +155,24 @@ unsafe fn multiaddrs(ptr: *const *const c_char, n: usize, name: &str) -> FfiResu
         .map(|(i, &s)| {
             let what = format!("{name}[{i}]");
             // SAFETY: caller's contract.
-            let text = unsafe { ffi::c_str(s, &what) }?;
-            text.parse::<Multiaddr>().map_err(|e| {
-                Failure::new(
-                    mesh_status::InvalidArg,
-                    format!("`{what}` ({text:?}) is not a multiaddr: {e}"),
-                )
-            })
+            unsafe { multiaddr(s, &what) }
         })
         .collect()
+}
+
+/// A multiaddr from a NUL-terminated string; `name` names it in errors.
+///
+/// # Safety
+/// `ptr` is NULL or a NUL-terminated string.
+unsafe fn multiaddr(ptr: *const c_char, name: &str) -> FfiResult<Multiaddr> {
+    // SAFETY: caller's contract.
+    let text = unsafe { ffi::c_str(ptr, name) }?;
+    text.parse::<Multiaddr>().map_err(|e| {
+        Failure::new(
+            mesh_status::InvalidArg,
+            format!("`{name}` ({text:?}) is not a multiaddr: {e}"),
+        )
+    })
 }
 
 impl NodeHandle {
@@ -431,13 +440,7 @@ pub unsafe extern "C" fn mesh_node_dial(
         // SAFETY: caller's contract.
         let node = unsafe { ffi::handle(node, "node") }?;
         // SAFETY: caller's contract.
-        let text = unsafe { ffi::c_str(addr, "addr") }?;
-        let addr = text.parse::<Multiaddr>().map_err(|e| {
-            Failure::new(
-                mesh_status::InvalidArg,
-                format!("`addr` ({text:?}) is not a multiaddr: {e}"),
-            )
-        })?;
+        let addr = unsafe { multiaddr(addr, "addr") }?;
         node.node().dial(addr)?;
         Ok(())
     })

@@ -103,6 +103,10 @@ pub struct PipelineStats {
     pub decode_steps: u64,
     /// Tensor bytes of single-token steps.
     pub decode_bytes: u64,
+    /// Round-trip nanoseconds of single-token forwards (all hops).
+    pub decode_forward_nanos: u64,
+    /// Microseconds the stages reported computing single-token forwards.
+    pub decode_compute_us: u64,
     /// Failovers so far.
     pub failovers: usize,
     /// Peers that failed.
@@ -409,6 +413,8 @@ impl PipelineSession {
         self.stats.stage_compute_us += reply.compute_us;
         if n_tokens == 1 {
             self.stats.decode_bytes += sent + tensor.len() as u64;
+            self.stats.decode_forward_nanos += started.elapsed().as_nanos() as u64;
+            self.stats.decode_compute_us += reply.compute_us;
         }
         let bad = |message: String| -> Error { PipelineError::BadReply { peer, message }.into() };
         if reply.session != session {

@@ -167,8 +167,8 @@ fn q8_flavor() -> Q8Flavor {
 }
 
 /// One Q8_0/Q8_1 block of 32: writes `fp16(d)·q_j` to `out` and returns
-/// ggml's `s = fp16(d·Σq)` (as f32).
-fn q8_block(flavor: Q8Flavor, x: &[f32], out: &mut [f64]) -> f32 {
+/// ggml's `s = fp16(d·Σq)` (as f32) and the scale `fp16(d)`.
+fn q8_block(flavor: Q8Flavor, x: &[f32], out: &mut [f64]) -> (f32, f64) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = match flavor {
@@ -205,7 +205,7 @@ fn q8_block(flavor: Q8Flavor, x: &[f32], out: &mut [f64]) -> f32 {
         let q = stored;
         *o = dh * f64::from(q);
     }
-    f16_to_f32(f32_to_f16(d * sum as f32))
+    (f16_to_f32(f32_to_f16(d * sum as f32)), dh)
 }
 
 /// `t.round_ties_even()` without a libm call where it cannot be inlined (no
@@ -335,8 +335,40 @@ pub fn q8_1_sums(x: &[f32]) -> Result<Vec<f32>> {
     let flavor = q8_flavor();
     let mut scratch = [0f64; 32];
     Ok(x.chunks_exact(32)
-        .map(|xb| q8_block(flavor, xb, &mut scratch))
+        .map(|xb| q8_block(flavor, xb, &mut scratch).0)
         .collect())
+}
+
+/// ggml's Q8_0 conversion of `x` (a whole number of blocks of 32) as
+/// integers: per block the fp16 scale (exactly, as f64) into `scales` and
+/// the 32 quants into `quants`. The same values [`quantize_like_ggml`]
+/// returns as `scale·quant`; for exact integer dot products.
+pub fn q8_0_quants(x: &[f32], scales: &mut [f64], quants: &mut [i8]) -> Result<()> {
+    check(ActivationFormat::Q8_0, x)?;
+    if scales.len() != x.len() / 32 || quants.len() != x.len() {
+        return Err(Error::InvalidArgument(format!(
+            "Q8_0 quants: expected room for {} scales and {} quants, found {} and {}",
+            x.len() / 32,
+            x.len(),
+            scales.len(),
+            quants.len()
+        )));
+    }
+    let flavor = q8_flavor();
+    let mut values = [0f64; 32];
+    for ((xb, qb), scale) in x
+        .chunks_exact(32)
+        .zip(quants.chunks_exact_mut(32))
+        .zip(scales.iter_mut())
+    {
+        let (_, dh) = q8_block(flavor, xb, &mut values);
+        *scale = dh;
+        for (q, v) in qb.iter_mut().zip(&values) {
+            // `v` is `dh·q` with |q| <= 128, exactly: the division is exact.
+            *q = if dh == 0.0 { 0 } else { (v / dh) as i8 };
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

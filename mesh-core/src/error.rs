@@ -45,6 +45,27 @@ pub enum Error {
     /// ggml failed to allocate or compute.
     #[error("ggml: {0}")]
     Ggml(String),
+    /// Private mode found too few helpers it may use: fewer nodes answered
+    /// as helpers of the model, or too many of them share a network (at most
+    /// one untrusted helper per IPv4 /24 or IPv6 /48).
+    #[error(
+        "private mode needs {needed} helpers (active and spares); found {found} usable among \
+         {candidates} that answered ({same_network} left out for sharing a network with \
+         another helper; trust peers by id to lift that rule){}",
+        if refused.is_empty() { String::new() } else { format!("; not helpers: {}", refused.join("; ")) }
+    )]
+    NotEnoughHelpers {
+        /// Helpers needed.
+        needed: usize,
+        /// Helpers usable.
+        found: usize,
+        /// Nodes that answered as helpers.
+        candidates: usize,
+        /// Nodes left out for sharing a network.
+        same_network: usize,
+        /// Providers of the model that did not answer as helpers, and why.
+        refused: Vec<String>,
+    },
     /// The operation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,

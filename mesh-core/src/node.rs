@@ -39,10 +39,15 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::compute;
+use crate::delegate::helper::{HelperConfig, HelperServer};
+use crate::delegate::link::{self, NetworkLinks, RemoteHelper};
+use crate::delegate::private::{DroppedHelper, PrivateProjector, PrivateStats};
+use crate::delegate::protocol::HELPER_METHOD;
+use crate::delegate::select::{select_helpers, Candidate, SelectionPolicy};
 use crate::engine::{Engine, GgmlEngine, GgmlSession, Logits};
 use crate::generate::{self, GenerateOutput, GenerateParams, Prompt};
 use crate::network::p2p::{P2pConfig, P2pNetwork};
-use crate::network::{self, Announcement, Multiaddr, Network, PeerId};
+use crate::network::{self, Announcement, Identity, Multiaddr, Network, PeerId};
 use crate::pipeline::client::{PipelineConfig, PipelineEvent, PipelineSession, PipelineStats};
 use crate::pipeline::planner::Hop;
 use crate::pipeline::server::{StageConfig, StageEvent, StageServer};
@@ -55,6 +60,37 @@ pub struct NodeOptions {
     pub stage: StageConfig,
     /// How this node's pipeline generations find, use and replace stages.
     pub pipeline: PipelineConfig,
+    /// Limits of the helper sessions this node serves ([`Node::serve_helper`]).
+    pub helper: HelperConfig,
+    /// How this node's private generations find and use helpers.
+    pub private: PrivateConfig,
+}
+
+/// How a node's private generations ([`Mode::Private`]) find and use helpers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrivateConfig {
+    /// How long to look for helpers (providers of the model that answer a
+    /// helper hello with a key signed by their identity).
+    pub find_timeout: std::time::Duration,
+    /// How long a helper may take to answer one request before it is
+    /// dropped and replaced by a spare.
+    pub helper_timeout: std::time::Duration,
+    /// Who may hold shares (one per network unless trusted).
+    pub selection: SelectionPolicy,
+    /// Where the owner caches its check vectors (secret, owner-local;
+    /// `None`: recomputed every generation).
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for PrivateConfig {
+    fn default() -> Self {
+        PrivateConfig {
+            find_timeout: std::time::Duration::from_secs(10),
+            helper_timeout: std::time::Duration::from_secs(30),
+            selection: SelectionPolicy::default(),
+            cache_dir: None,
+        }
+    }
 }
 
 /// Where a generation's layers run.
@@ -66,7 +102,12 @@ pub enum Mode {
     /// by the planner, with failover.
     Pipeline,
     /// The linear layers on additive secret shares held by `helpers` peers
-    /// (plus `spares` in reserve). Across peers: not yet available.
+    /// (plus `spares` in reserve), chosen by [`PrivateConfig::selection`];
+    /// this node keeps embeddings, norms, attention, the KV cache and
+    /// sampling. Helpers compute exact integer products: with
+    /// [`GgmlEngine::set_exact_accumulation`] on, the owner's own products
+    /// (attention) are exact too and greedy tokens equal local exact
+    /// generation's.
     Private {
         /// Helpers holding shares.
         helpers: usize,
@@ -194,6 +235,25 @@ pub struct PipelineReport {
     pub stats: PipelineStats,
 }
 
+/// What a private generation used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrivateReport {
+    /// The helper pool by pool index: the active helpers first, then spares.
+    pub helpers: Vec<PeerId>,
+    /// Pool indices holding shares at the end, in share order.
+    pub active: Vec<usize>,
+    /// Traffic, timing and integrity counters of the whole generation.
+    pub stats: PrivateStats,
+    /// Counters of the single-token (decode) steps only.
+    pub decode: PrivateStats,
+    /// Decode steps counted in `decode`.
+    pub decode_steps: u64,
+    /// Every helper dropped, with the evidence.
+    pub dropped: Vec<DroppedHelper>,
+    /// Measured round trip to each pool helper when selected (ms; `None`: unknown).
+    pub rtt_ms: Vec<Option<f64>>,
+}
+
 /// The result of [`Node::generate`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeOutput {
@@ -203,6 +263,8 @@ pub struct NodeOutput {
     pub mode: Mode,
     /// Present for [`Mode::Pipeline`].
     pub pipeline: Option<PipelineReport>,
+    /// Present for [`Mode::Private`].
+    pub private: Option<PrivateReport>,
 }
 
 struct Served {
@@ -219,6 +281,8 @@ pub struct Node {
     net: Arc<dyn Network>,
     options: NodeOptions,
     stages: Arc<StageServer>,
+    identity: Option<Identity>,
+    helper: Mutex<Option<Arc<HelperServer>>>,
     served: Mutex<Vec<Served>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     events: broadcast::Sender<NodeEvent>,
@@ -241,9 +305,11 @@ impl Node {
             .enable_all()
             .build()
             .map_err(|e| Error::Network(network::NetworkError::Transport(e.to_string())))?;
+        let identity = p2p.identity.clone();
         let net = runtime.block_on(P2pNetwork::start(p2p))?;
         let handle = runtime.handle().clone();
         let mut node = Node::with_network(Arc::new(net), handle, options);
+        node.identity = Some(identity);
         node.runtime = Some(runtime);
         Ok(node)
     }
@@ -264,10 +330,27 @@ impl Node {
             net,
             options,
             stages,
+            identity: None,
+            helper: Mutex::new(None),
             served: Mutex::new(Vec::new()),
             tasks: Mutex::new(tasks),
             events,
         }
+    }
+
+    /// Gives a node made with [`Node::with_network`] its identity (the key
+    /// behind its peer id), which [`Node::serve_helper`] signs its helper key
+    /// with. Fails if `identity` is not this node's.
+    pub fn with_identity(mut self, identity: Identity) -> Result<Node> {
+        if identity.peer_id() != self.peer_id() {
+            return Err(Error::InvalidArgument(format!(
+                "identity {} is not this node's ({})",
+                identity.peer_id(),
+                self.peer_id()
+            )));
+        }
+        self.identity = Some(identity);
+        Ok(self)
     }
 
     /// This node's peer id.
@@ -362,6 +445,231 @@ impl Node {
         Ok(announcement)
     }
 
+    /// Also answers private-mode requests for `engine`'s model: owners on
+    /// other nodes send this node sealed shares of their activations
+    /// ([`HELPER_METHOD`]) and get sealed partial products back; it never
+    /// sees anything but uniformly random shares. Owners find helpers among
+    /// the model's providers, so the whole model is served as a stage too if
+    /// it is not served yet. The helper key is signed with the node's
+    /// identity ([`Node::open`], or [`Node::with_identity`]).
+    pub fn serve_helper(&self, engine: Arc<GgmlEngine>) -> Result<()> {
+        let Some(identity) = &self.identity else {
+            return Err(Error::InvalidArgument(
+                "serving as a helper needs the node's identity (Node::with_identity)".into(),
+            ));
+        };
+        let (server, first) = {
+            let mut guard = self.helper.lock().unwrap_or_else(|p| p.into_inner());
+            let first = guard.is_none();
+            let server = guard
+                .get_or_insert_with(|| {
+                    Arc::new(HelperServer::new(
+                        self.peer_id(),
+                        &identity.signing_key(),
+                        self.options.helper.clone(),
+                    ))
+                })
+                .clone();
+            (server, first)
+        };
+        server.add_model(engine.clone());
+        if first {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let net = self.net.clone();
+            let task = self.handle.spawn(async move {
+                match net.handle(HELPER_METHOD).await {
+                    Ok(mut requests) => {
+                        let _ = ready_tx.send(Ok(()));
+                        server.serve_queue(&mut requests).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+            self.lock_tasks().push(task);
+            ready_rx
+                .recv()
+                .map_err(|_| Error::Network(network::NetworkError::Shutdown))??;
+        }
+        if self.local_layers(&engine).is_none() {
+            let n_layers = engine.info().n_layers as u32;
+            self.serve(engine, 0..n_layers)?;
+        }
+        Ok(())
+    }
+
+    /// The helper server, once [`Node::serve_helper`] was called.
+    pub fn helper_server(&self) -> Option<Arc<HelperServer>> {
+        self.helper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Providers of `model` that answer a helper hello with a key signed by
+    /// their identity, with the addresses their connections come from; and
+    /// why the others are not helpers. Looks again (records may still be
+    /// spreading) until `needed` answered or the find timeout passes.
+    async fn find_helpers(
+        &self,
+        model: crate::engine::ModelId,
+        needed: usize,
+    ) -> (Vec<(Candidate, RemoteHelper)>, Vec<String>) {
+        let cfg = &self.options.private;
+        let deadline = tokio::time::Instant::now() + cfg.find_timeout;
+        let me = self.peer_id();
+        let mut asked: Vec<PeerId> = vec![me];
+        let (mut found, mut refused) = (Vec::new(), Vec::new());
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let providers = self
+                .net
+                .find_providers(model, None, left.max(std::time::Duration::from_millis(1)))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::debug!("find providers: {e}");
+                    Vec::new()
+                });
+            let mut peers: Vec<PeerId> = providers.iter().map(|p| p.peer_id).collect();
+            peers.sort_by_key(|p| p.to_bytes());
+            peers.dedup();
+            peers.retain(|p| !asked.contains(p));
+            asked.extend(&peers);
+            let hellos = peers.iter().map(|&peer| {
+                let net = self.net.clone();
+                let timeout = cfg.helper_timeout.min(cfg.find_timeout);
+                async move { (peer, link::hello(&*net, peer, model, timeout).await) }
+            });
+            for (peer, helper) in futures::future::join_all(hellos).await {
+                match helper {
+                    Ok(helper) => {
+                        let candidate = Candidate {
+                            peer,
+                            observed: self.net.peer_addrs(peer).await.unwrap_or_default(),
+                            rtt: self.net.rtt(peer).await.ok().flatten(),
+                        };
+                        found.push((candidate, helper));
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, "not a helper: {e}");
+                        refused.push(format!("{peer}: {e}"));
+                    }
+                }
+            }
+            if found.len() >= needed || tokio::time::Instant::now() >= deadline {
+                return (found, refused);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100).min(left)).await;
+        }
+    }
+
+    /// [`Node::generate`] in [`Mode::Private`].
+    #[allow(clippy::too_many_arguments)]
+    fn generate_private(
+        &self,
+        engine: &Arc<GgmlEngine>,
+        request: &GenerateRequest,
+        (helpers, spares): (usize, usize),
+        prompt_ids: &[u32],
+        n_ctx: usize,
+        cancel: Option<&AtomicBool>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<NodeOutput> {
+        use rand::SeedableRng;
+        if helpers < 2 {
+            return Err(Error::InvalidArgument(format!(
+                "private mode with {helpers} helpers: expected at least 2"
+            )));
+        }
+        let needed = helpers.saturating_add(spares);
+        let cfg = &self.options.private;
+        let (found, refused) = self
+            .handle
+            .block_on(self.find_helpers(engine.info().id, needed));
+        let candidates: Vec<Candidate> = found.iter().map(|(c, _)| c.clone()).collect();
+        let chosen =
+            select_helpers(&candidates, needed, &self.peer_id(), &cfg.selection).map_err(|s| {
+                Error::NotEnoughHelpers {
+                    needed: s.needed,
+                    found: s.found,
+                    candidates: s.candidates,
+                    same_network: s.same_network,
+                    refused: refused.clone(),
+                }
+            })?;
+        let pool: Vec<RemoteHelper> = chosen
+            .iter()
+            .filter_map(|c| {
+                found
+                    .iter()
+                    .find(|(f, _)| f.peer == c.peer)
+                    .map(|(_, h)| h.clone())
+            })
+            .collect();
+        let rtt_ms = chosen
+            .iter()
+            .map(|c| c.rtt.map(|d| d.as_secs_f64() * 1e3))
+            .collect();
+        let peers: Vec<PeerId> = pool.iter().map(|h| h.peer).collect();
+        let links = NetworkLinks::new(
+            self.net.clone(),
+            self.handle.clone(),
+            pool,
+            cfg.helper_timeout,
+        );
+        let mut pp = PrivateProjector::with_links(
+            &**engine,
+            helpers,
+            Box::new(links),
+            rand_chacha::ChaCha20Rng::from_entropy(),
+        )?;
+        if let Some(dir) = &cfg.cache_dir {
+            pp = pp.with_cache_dir(dir.clone());
+        }
+        let mut decode = PrivateStats::default();
+        let mut decode_steps = 0u64;
+        let n_layers = engine.info().n_layers;
+        let mut session = engine.new_session(n_ctx)?;
+        let mut forward = |tokens: &[u32], s: &mut GgmlSession| {
+            let before = pp.stats();
+            let mut project = |l: usize, p: crate::engine::Projection, x: &[f32], n: usize| {
+                pp.project(l, p, x, n)
+            };
+            let mut h = engine.embed(tokens, engine.session_len(s, 0))?;
+            engine.run_layers_with(0..n_layers, &mut h, s, &mut project)?;
+            let logits = engine.head_with(&h, Logits::Last, s, &mut project)?;
+            if tokens.len() == 1 {
+                add_stats(&mut decode, &before, &pp.stats());
+                decode_steps += 1;
+            }
+            Ok(logits)
+        };
+        let output = generate::generate_with(
+            &**engine,
+            &mut session,
+            prompt_ids,
+            &request.params,
+            cancel,
+            on_text,
+            &mut forward,
+        )?;
+        Ok(NodeOutput {
+            output,
+            mode: Mode::Private { helpers, spares },
+            pipeline: None,
+            private: Some(PrivateReport {
+                helpers: peers,
+                active: pp.active_helpers().to_vec(),
+                stats: pp.stats(),
+                decode,
+                decode_steps,
+                dropped: pp.dropped_helpers().to_vec(),
+                rtt_ms,
+            }),
+        })
+    }
+
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -416,12 +724,16 @@ impl Node {
                     Some(sink),
                 )?)
             }
-            Mode::Private { .. } => {
-                return Err(Error::Unsupported(
-                    "private mode across peers is not available yet; private generation with \
-                     in-process helpers is `mesh_core::delegate::private::PrivateProjector`"
-                        .into(),
-                ))
+            Mode::Private { helpers, spares } => {
+                return self.generate_private(
+                    engine,
+                    request,
+                    (helpers, spares),
+                    &prompt_ids,
+                    n_ctx,
+                    cancel,
+                    on_text,
+                )
             }
         };
         let mut session = engine.new_session(n_ctx)?;
@@ -450,6 +762,7 @@ impl Node {
                 plan: p.plan(),
                 stats: p.stats().clone(),
             }),
+            private: None,
         })
     }
 
@@ -480,6 +793,20 @@ impl Drop for Node {
             rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
     }
+}
+
+/// Adds the counters that grew from `before` to `after` to `into`.
+fn add_stats(into: &mut PrivateStats, before: &PrivateStats, after: &PrivateStats) {
+    into.projections += after.projections - before.projections;
+    into.round_trips += after.round_trips - before.round_trips;
+    into.bytes_sent += after.bytes_sent - before.bytes_sent;
+    into.bytes_received += after.bytes_received - before.bytes_received;
+    into.checks_failed += after.checks_failed - before.checks_failed;
+    into.owner_nanos += after.owner_nanos - before.owner_nanos;
+    into.helper_nanos += after.helper_nanos - before.helper_nanos;
+    into.helper_compute_nanos += after.helper_compute_nanos - before.helper_compute_nanos;
+    into.helpers_dropped += after.helpers_dropped - before.helpers_dropped;
+    into.retries += after.retries - before.retries;
 }
 
 /// Re-sends every event of `rx` to `tx` as a [`NodeEvent`] until `rx` closes

@@ -53,6 +53,7 @@ fn options() -> NodeOptions {
             find_timeout: Duration::from_secs(3),
             ..PipelineConfig::default()
         },
+        ..NodeOptions::default()
     }
 }
 

@@ -88,7 +88,8 @@ enum Command {
         #[arg(long)]
         ignore_eos: bool,
         /// Private mode: evaluate every linear layer on additive secret shares held
-        /// by N (>= 2) in-process helpers, with sealed messages and verified results.
+        /// by N (>= 2) helpers, with sealed messages and verified results: helper
+        /// nodes found through --bootstrap, or in-process helpers without it.
         #[arg(long, value_name = "N")]
         private: Option<usize>,
         /// Private mode: K more helpers in reserve. A helper whose result fails the
@@ -110,18 +111,28 @@ enum Command {
         /// a stage that fails is replaced without changing the output.
         #[arg(long, requires = "bootstrap", conflicts_with = "private")]
         mesh: bool,
-        /// With --mesh: a peer to bootstrap from (repeatable).
-        #[arg(long, requires = "mesh")]
+        /// With --mesh or --private: a peer to bootstrap from (repeatable).
+        #[arg(long)]
         bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// With --private and --bootstrap: a helper peer id trusted to be an
+        /// independent party (repeatable). Untrusted helpers are taken at most
+        /// one per network (IPv4 /24, IPv6 /48) as their connections are seen.
+        #[arg(long, value_name = "PEER_ID", requires = "private")]
+        trust: Vec<mesh_core::network::PeerId>,
+        /// With --private and --bootstrap: seconds a helper may take to answer
+        /// one request before it is replaced by a spare.
+        #[arg(long, default_value_t = 30.0)]
+        helper_timeout: f64,
         /// With --mesh: seconds a stage may take to answer before it is replaced.
         #[arg(long, default_value_t = 30.0)]
         stage_timeout: f64,
         /// With --mesh: seconds to look for providers of every layer.
         #[arg(long, default_value_t = 10.0)]
         find_timeout: f64,
-        /// With --mesh: print the plan, failovers and each text piece as JSON
-        /// lines on standard error while generating.
-        #[arg(long, requires = "mesh")]
+        /// With --mesh (or --private and --bootstrap): print the plan,
+        /// failovers and each text piece as JSON lines on standard error while
+        /// generating.
+        #[arg(long, requires = "bootstrap")]
         events: bool,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
@@ -195,6 +206,15 @@ enum Command {
         /// sessions take turns on them).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Also serve as a private-mode helper of every served model: answer
+        /// sealed share products (`mesh/helper/1`) for owners on other nodes.
+        #[arg(long)]
+        helper: bool,
+        /// Testing and demonstrations: every helper session of this node
+        /// misbehaves (flip-bit, add-one, fail, corrupt-envelope,
+        /// stale-envelope, stall); owners catch it and replace the helper.
+        #[arg(long, value_name = "KIND", requires = "helper")]
+        helper_fault: Option<mesh_core::delegate::private::Cheat>,
     },
     /// Simulate a mesh in memory (virtual time, deterministic per seed): nodes
     /// join, announce layer ranges, churn; prints when every live node can find
@@ -292,6 +312,53 @@ fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
     GgmlEngine::load(model_path(spec)?, threads)
 }
 
+/// The JSON fields of a private generation across peers: helpers, their
+/// round trips, and time per decode token split into owner, network wait
+/// and helper compute.
+fn private_report_json(
+    r: &mesh_core::node::PrivateReport,
+) -> serde_json::Map<String, serde_json::Value> {
+    let steps = r.decode_steps.max(1) as f64;
+    let ms = |nanos: u64| nanos as f64 / 1e6 / steps;
+    let d = &r.decode;
+    let dropped: Vec<_> = r
+        .dropped
+        .iter()
+        .map(|d| {
+            json!({
+                "helper": d.helper,
+                "peer_id": r.helpers.get(d.helper).map(|p| p.to_string()),
+                "layer": d.layer, "op": d.op, "step": d.step, "attempt": d.attempt,
+                "reason": d.reason,
+            })
+        })
+        .collect();
+    for d in &dropped {
+        eprintln!("mesh: private: dropped a helper and redid its step: {d}");
+    }
+    let v = json!({
+        "helpers": r.helpers.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "active_helpers": r.active,
+        "rtt_ms": r.rtt_ms,
+        "round_trips_per_token": d.round_trips as f64 / steps,
+        "bytes_per_token": (d.bytes_sent + d.bytes_received) as f64 / steps,
+        "ms_per_token": {
+            "owner": ms(d.owner_nanos),
+            "network_wait": ms(d.helper_nanos.saturating_sub(d.helper_compute_nanos)),
+            "helper_compute": ms(d.helper_compute_nanos),
+        },
+        "decode_steps": r.decode_steps,
+        "checks_failed": r.stats.checks_failed,
+        "round_trips": r.stats.round_trips,
+        "retries": r.stats.retries,
+        "helpers_dropped": dropped,
+    });
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("built as an object"),
+    }
+}
+
 /// Turns on exact accumulation if asked (an error if this CPU cannot run it).
 fn set_exact(engine: &GgmlEngine, exact: bool) -> Result<(), mesh_core::Error> {
     if exact && !engine.set_exact_accumulation(true) {
@@ -327,6 +394,8 @@ fn run(command: Command) -> Result<(), BoxError> {
             exact,
             mesh,
             bootstrap,
+            trust,
+            helper_timeout,
             stage_timeout,
             find_timeout,
             events,
@@ -387,9 +456,28 @@ fn run(command: Command) -> Result<(), BoxError> {
             };
             let mut private_stats = None;
             let mut mesh_stats = None;
+            let mut remote_private = None;
+            let remote = private.is_some() && !bootstrap.is_empty();
+            if remote && inject_fault.is_some() {
+                return Err(
+                    "--inject-fault works on in-process helpers; start a helper node \
+                            with `mesh node --helper --helper-fault KIND` instead"
+                        .into(),
+                );
+            }
             let result = match private {
-                None if mesh => {
-                    let node = net::client_node(bootstrap, stage_timeout, find_timeout)?;
+                _ if mesh || remote => {
+                    let mode = match private {
+                        Some(n) => mesh_core::node::Mode::Private { helpers: n, spares },
+                        None => mesh_core::node::Mode::Pipeline,
+                    };
+                    let node = net::client_node(net::ClientArgs {
+                        bootstrap,
+                        stage_timeout,
+                        find_timeout,
+                        helper_timeout,
+                        trust,
+                    })?;
                     let printer = events.then(|| {
                         let mut rx = node.events();
                         std::thread::spawn(move || loop {
@@ -417,19 +505,14 @@ fn run(command: Command) -> Result<(), BoxError> {
                         }
                         on_text(piece)
                     };
-                    let out = node.generate(
-                        &engine,
-                        &request,
-                        mesh_core::node::Mode::Pipeline,
-                        None,
-                        &mut on_piece,
-                    );
+                    let out = node.generate(&engine, &request, mode, None, &mut on_piece);
                     node.shutdown()?;
                     if let Some(t) = printer {
                         let _ = t.join();
                     }
                     let out = out?;
                     mesh_stats = out.pipeline;
+                    remote_private = out.private;
                     out.output
                 }
                 None => generate::generate(
@@ -561,6 +644,12 @@ fn run(command: Command) -> Result<(), BoxError> {
                     v["helpers_dropped"] = json!(dropped);
                     v["active_helpers"] = json!(active);
                 }
+                if let Some(report) = &remote_private {
+                    v["private"] = json!(report.active.len());
+                    v.as_object_mut()
+                        .expect("an object")
+                        .extend(private_report_json(report));
+                }
                 writeln!(out, "{v}")?;
             }
         }
@@ -659,6 +748,8 @@ fn run(command: Command) -> Result<(), BoxError> {
             relay_server,
             external,
             threads,
+            helper,
+            helper_fault,
         } => net::node(net::NodeArgs {
             listen,
             bootstrap,
@@ -668,6 +759,8 @@ fn run(command: Command) -> Result<(), BoxError> {
             relay_server,
             external,
             threads,
+            helper,
+            helper_fault,
         })?,
         Command::Sim {
             nodes,
@@ -693,16 +786,6 @@ fn parse_fault(s: &str) -> std::result::Result<(usize, Cheat), String> {
     let i = i
         .parse()
         .map_err(|_| format!("helper index: expected a number, found {i:?}"))?;
-    let cheat = match kind {
-        "flip-bit" => Cheat::FlipBit,
-        "add-one" => Cheat::AddOne,
-        "fail" => Cheat::Fail,
-        "corrupt-envelope" => Cheat::CorruptEnvelope,
-        other => {
-            return Err(format!(
-                "fault kind: expected flip-bit, add-one, fail or corrupt-envelope, found {other:?}"
-            ))
-        }
-    };
+    let cheat = kind.parse::<Cheat>().map_err(|e| e.to_string())?;
     Ok((i, cheat))
 }

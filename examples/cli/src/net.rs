@@ -68,6 +68,10 @@ pub struct NodeArgs {
     pub relay_server: bool,
     pub external: Vec<Multiaddr>,
     pub threads: usize,
+    /// Also answer private-mode requests for every served model.
+    pub helper: bool,
+    /// Testing: every helper session of this node misbehaves this way.
+    pub helper_fault: Option<mesh_core::delegate::private::Cheat>,
 }
 
 /// `mesh node`.
@@ -81,6 +85,8 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         relay_server,
         external,
         threads,
+        helper,
+        helper_fault,
     } = args;
     let identity = match identity {
         Some(path) => Identity::load_or_create(&path)?,
@@ -114,7 +120,14 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
     config.mdns = mdns;
     config.relay_server = relay_server;
     config.external = external;
-    let node = Node::open(config, NodeOptions::default())?;
+    let options = NodeOptions {
+        helper: mesh_core::delegate::helper::HelperConfig {
+            fault: helper_fault,
+            ..Default::default()
+        },
+        ..NodeOptions::default()
+    };
+    let node = Node::open(config, options)?;
     let mut events = node.events();
     let addrs: Vec<String> = node.listen_addrs()?.iter().map(|a| a.to_string()).collect();
     println!(
@@ -123,12 +136,25 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
     );
     // Measure, start answering stage requests, announce.
     for (engine, layers) in engines {
-        let a = node.serve(engine, layers)?;
+        let a = node.serve(engine.clone(), layers)?;
         println!(
             "{}",
             json!({"event": "serving", "model": a.model.to_hex(),
                    "layers": [a.layers.start, a.layers.end], "tokens_per_sec": a.tokens_per_sec})
         );
+        if helper {
+            node.serve_helper(engine)?;
+            let key = node
+                .helper_server()
+                .map(|h| h.key().hpke_public)
+                .unwrap_or_default();
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            println!(
+                "{}",
+                json!({"event": "helping", "model": a.model.to_hex(), "hpke_public": hex,
+                       "fault": helper_fault.map(|f| format!("{f:?}"))})
+            );
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -164,22 +190,39 @@ fn seconds(flag: &str, v: f64) -> Result<Duration, BoxError> {
         .map_err(|_| format!("{flag} {v}: too large (at most ~5.8e11 years)").into())
 }
 
-/// A node for `mesh generate --mesh`: dials `bootstrap`, listens nowhere.
-pub fn client_node(
-    bootstrap: Vec<Multiaddr>,
-    stage_timeout: f64,
-    find_timeout: f64,
-) -> Result<Node, BoxError> {
-    if bootstrap.is_empty() {
+/// How `mesh generate` reaches the mesh.
+pub struct ClientArgs {
+    pub bootstrap: Vec<Multiaddr>,
+    pub stage_timeout: f64,
+    pub find_timeout: f64,
+    pub helper_timeout: f64,
+    pub trust: Vec<mesh_core::network::PeerId>,
+}
+
+/// A node for `mesh generate --mesh` or `--private N --bootstrap ...`:
+/// dials `bootstrap`, listens nowhere.
+pub fn client_node(args: ClientArgs) -> Result<Node, BoxError> {
+    if args.bootstrap.is_empty() {
         return Err("--mesh: expected at least one --bootstrap MULTIADDR".into());
     }
     let mut config = P2pConfig::new(Identity::ephemeral());
-    config.bootstrap = bootstrap;
+    config.bootstrap = args.bootstrap;
+    let find_timeout = seconds("--find-timeout", args.find_timeout)?;
     let options = NodeOptions {
         pipeline: PipelineConfig {
-            stage_timeout: seconds("--stage-timeout", stage_timeout)?,
-            find_timeout: seconds("--find-timeout", find_timeout)?,
+            stage_timeout: seconds("--stage-timeout", args.stage_timeout)?,
+            find_timeout,
             ..PipelineConfig::default()
+        },
+        private: mesh_core::node::PrivateConfig {
+            find_timeout,
+            helper_timeout: seconds("--helper-timeout", args.helper_timeout)?,
+            selection: mesh_core::delegate::select::SelectionPolicy {
+                trusted: args.trust,
+                ..Default::default()
+            },
+            // Check vectors are the owner's secret: cached with the model, 0600.
+            cache_dir: mesh_core::fetch::cache_dir().ok().map(|d| d.join("checks")),
         },
         ..NodeOptions::default()
     };

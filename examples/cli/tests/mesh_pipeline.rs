@@ -2,121 +2,17 @@
 //! stages, `mesh generate --mesh` from another process, kill -9 of a stage
 //! mid-generation, and every stage gone.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{generate_args, generate_watching, model, run_json, spawn_node, NodeProcess};
 use serde_json::Value;
-
-/// `$MESH_MODEL`, or `default` (fetched into the cache by the CLI itself).
-fn model() -> String {
-    std::env::var("MESH_MODEL").unwrap_or_else(|_| "default".into())
-}
-
-/// A `mesh node` process; killed (SIGKILL) when dropped.
-struct Stage {
-    child: Child,
-    peer_id: String,
-    addr: String,
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Starts `mesh node` serving `layers` (e.g. "0-10"), bootstrapping from
 /// `bootstrap`; returns once it serves.
-fn stage(layers: &str, bootstrap: Option<&str>) -> Stage {
-    let serve = format!("{}:{layers}", model());
-    let mut args = vec![
-        "node",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--serve",
-        &serve,
-    ];
-    if let Some(b) = bootstrap {
-        args.extend(["--bootstrap", b]);
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn mesh node");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("mesh node prints its listen line");
-    let peer_id = first["peer_id"].as_str().unwrap().to_owned();
-    let addr = first["listen"][0].as_str().unwrap().to_owned();
-    let addr = if addr.contains("/p2p/") {
-        addr
-    } else {
-        format!("{addr}/p2p/{peer_id}")
-    };
-    // Wait for the serving line (the speed measurement is done, handler up).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let v = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("mesh node reports serving");
-        if v["event"] == "serving" {
-            break;
-        }
-    }
-    // Keep draining events so the node never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
-    Stage {
-        child,
-        peer_id,
-        addr,
-    }
-}
-
-fn generate_args<'a>(prompt: &'a str, max_tokens: &'a str) -> Vec<&'a str> {
-    vec![
-        "generate",
-        "--prompt",
-        prompt,
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--max-tokens",
-        max_tokens,
-        "--format",
-        "json",
-        "--threads",
-        "1",
-    ]
-}
-
-fn run_json(args: &[&str], model: &str) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh"))
-        .args(args)
-        .args(["--model", model])
-        .output()
-        .expect("run mesh");
-    assert!(
-        out.status.success(),
-        "mesh {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
+fn stage(layers: &str, bootstrap: Option<&str>) -> NodeProcess {
+    spawn_node(&format!("{}:{layers}", model()), &[], bootstrap, "serving")
 }
 
 const PROMPTS: [&str; 10] = [
@@ -168,35 +64,6 @@ fn three_stage_processes_give_the_tokens_of_local_generation() {
         assert!(piped["hop_ms"].as_f64().unwrap() > 0.0);
         assert_eq!(piped["bytes_per_token"], 3.0 * 2.0 * 576.0 * 4.0);
     }
-}
-
-/// Runs `mesh generate --mesh --events`, calling `on_event` with each JSON
-/// line of its standard error; returns (success, stdout, stderr lines).
-fn generate_watching(
-    args: &[&str],
-    mut on_event: impl FnMut(&Value),
-) -> (bool, String, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh"))
-        .args(args)
-        .args(["--model", &model()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mesh generate");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = Vec::new();
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            on_event(&v);
-        }
-        lines.push(line);
-    }
-    let out = child.wait_with_output().expect("wait for mesh generate");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        lines,
-    )
 }
 
 #[test]

@@ -291,6 +291,27 @@ impl<'a> Matrix<'a> {
         Ok(())
     }
 
+    /// The weights of block column `block` (columns `block·bs..(block+1)·bs`,
+    /// `bs` the format's block size) of every row, row-major into `out`
+    /// (`rows·bs` values), as exact integers `2^24·w`. Reads one block per row.
+    pub fn block_column_weights(&self, block: usize, out: &mut [i64]) -> Result<()> {
+        let bs = self.ty.block_size() as usize;
+        let ts = self.ty.type_size() as usize;
+        if block >= self.cols / bs || out.len() != self.rows * bs {
+            return Err(Error::InvalidArgument(format!(
+                "block column {block} into {} values: expected a block below {} and {} values",
+                out.len(),
+                self.cols / bs,
+                self.rows * bs
+            )));
+        }
+        for (r, o) in out.chunks_exact_mut(bs).enumerate() {
+            let at = r * self.row_bytes + block * ts;
+            block_weights(self.ty, &self.bytes[at..at + ts], o)?;
+        }
+        Ok(())
+    }
+
     /// Per-column weight bounds `c_j = max_r |2^24·w[r][j]|`, the input of
     /// [`super::FixedPoint::choose`]. Streams the matrix once.
     pub fn column_bounds(&self) -> Result<Vec<u64>> {

@@ -15,16 +15,28 @@
 //! * [`seal`]: RFC 9180 HPKE base mode (X25519, HKDF-SHA256, ChaCha20-Poly1305)
 //!   envelopes whose AAD binds every field of the request, with a replay window,
 //!   and helper keys signed by the node's Ed25519 identity.
-//! * [`private`]: the owner side put together, in process with `n >= 2`
-//!   helpers: a [`PrivateProjector`](private::PrivateProjector) for
+//! * [`private`]: the owner side put together with `n >= 2` helpers: a
+//!   [`PrivateProjector`](private::PrivateProjector) for
 //!   `Engine::run_layers_with` / `Engine::head_with` that shares, seals,
 //!   checks and reconstructs every linear projection.
+//! * [`helper`]: the helper side, one [`HelperSession`](helper::HelperSession)
+//!   per owner session, and the [`HelperServer`](helper::HelperServer) that
+//!   answers owners on other nodes.
+//! * [`link`]: how the owner reaches its helpers: in process or over the
+//!   network ([`HelperLinks`](link::HelperLinks)).
+//! * [`select`]: which peers may hold shares (one per network unless trusted).
+//! * [`protocol`]: projection codes, payload layout and the `mesh/helper/1`
+//!   messages (`docs/PRIVATE.md`).
 
 pub mod activations;
+pub mod helper;
 pub mod kernels;
+pub mod link;
 pub mod private;
+pub mod protocol;
 pub mod ring;
 pub mod seal;
+pub mod select;
 pub mod share;
 pub mod verify;
 

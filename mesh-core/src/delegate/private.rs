@@ -1,6 +1,6 @@
-//! The owner side of private delegation, in process: every linear projection
-//! of a forward pass is secret-shared among `n >= 2` helpers, computed by them
-//! on the GGUF bytes, checked and reconstructed (`SMPC.md`).
+//! The owner side of private delegation: every linear projection of a
+//! forward pass is secret-shared among `n >= 2` helpers, computed by them on
+//! the GGUF bytes, checked and reconstructed (`docs/PRIVATE.md`).
 //!
 //! [`PrivateProjector::project`] has the shape of an
 //! [`engine::Projector`](crate::engine::Projector), so a whole private forward
@@ -35,11 +35,14 @@
 //! they travel as one request ([`OP_QKV`], [`OP_GATE_UP`]): four round trips
 //! per layer, as `SMPC.md` counts them; see [`PrivateProjector::set_fuse`].
 //!
-//! The helpers here are in-process objects with their own keys and contexts;
-//! the envelopes are exactly the bytes a transport would carry, so
-//! [`PrivateStats`] measures the real traffic. What a transport would send in
-//! the clear next to each envelope is its [`EnvelopeHeader`] (authenticated as
-//! the AAD); its bytes are not counted.
+//! The helpers are reached through a [`HelperLinks`] transport: in-process
+//! objects with their own keys and contexts ([`PrivateProjector::with_spares`])
+//! or nodes on the mesh ([`crate::delegate::link::NetworkLinks`], used by
+//! `Node::generate` in private mode). The envelopes are exactly the bytes
+//! a network carries either way, so [`PrivateStats`] measures the real
+//! traffic. What travels in the clear next to each envelope is its
+//! [`EnvelopeHeader`]'s per-request fields (authenticated as the AAD); their
+//! bytes are not counted. All helpers of a step are asked at once.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -51,67 +54,23 @@ use zeroize::Zeroize;
 
 use super::activations::{f16_to_f32, q8_1_sums, quantize_like_ggml, ActivationFormat};
 use super::kernels::Matrix;
+use super::link::{HelperCall, HelperLinks, InProcessLinks};
 use super::ring;
-use super::seal::{
-    Direction, EnvelopeHeader, OpenContext, SealContext, SecretKey, DEFAULT_MAX_PAYLOAD,
-};
-use super::share::{share, ShareSeed, Shares};
+use super::seal::{Direction, EnvelopeHeader, OpenContext, SealContext, SecretKey};
+use super::share::{share, Shares};
 use super::verify::{CacheError, Checker, MatrixKey};
 use crate::engine::{Engine, Projection};
 use crate::gguf::GgmlType;
 use crate::{Error, Result};
 
-/// Message kind: owner to helper, the share is a 32-byte seed.
-const KIND_SEED: u8 = 1;
-/// Message kind: owner to helper, the share is a full vector.
-const KIND_FULL: u8 = 2;
-/// Message kind: helper to owner, the helper's partial result.
-const KIND_RESULT: u8 = 3;
+pub use super::helper::Cheat;
+pub use super::protocol::{
+    decode_reply, decode_request, op_code, op_group, KIND_FULL, KIND_RESULT, KIND_SEED, OP_GATE_UP,
+    OP_QKV,
+};
 
 /// Fresh Freivalds vectors used to attribute a failed check to a helper.
 const ATTRIBUTION_VECTORS: usize = 16;
-
-/// Peer id the in-process owner puts in every header.
-const OWNER_PEER: &[u8] = b"in-process owner";
-
-/// Wire code of a projection (the header's `op`) when it travels alone.
-pub fn op_code(p: Projection) -> u8 {
-    match p {
-        Projection::Q => 0,
-        Projection::K => 1,
-        Projection::V => 2,
-        Projection::O => 3,
-        Projection::Gate => 4,
-        Projection::Up => 5,
-        Projection::Down => 6,
-        Projection::Output => 7,
-    }
-}
-
-/// Wire code of the fused Q, K, V request (one share of the input, three products).
-pub const OP_QKV: u8 = 8;
-/// Wire code of the fused gate and up request.
-pub const OP_GATE_UP: u8 = 9;
-
-/// The projections a request with wire code `op` computes, in reply order.
-fn op_group(op: u8) -> Option<&'static [Projection]> {
-    const SINGLE: [Projection; 8] = [
-        Projection::Q,
-        Projection::K,
-        Projection::V,
-        Projection::O,
-        Projection::Gate,
-        Projection::Up,
-        Projection::Down,
-        Projection::Output,
-    ];
-    match op {
-        0..=7 => Some(&SINGLE[op as usize..op as usize + 1]),
-        OP_QKV => Some(&[Projection::Q, Projection::K, Projection::V]),
-        OP_GATE_UP => Some(&[Projection::Gate, Projection::Up]),
-        _ => None,
-    }
-}
 
 /// Traffic and integrity counters of a [`PrivateProjector`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -144,6 +103,9 @@ pub struct PrivateStats {
     /// Wall time spent inside the (in-process) helpers, in nanoseconds:
     /// opening, seed expansion, the integer kernels and sealing the replies.
     pub helper_nanos: u64,
+    /// Part of `helper_nanos` the helpers say they spent computing (per
+    /// round trip the slowest helper's time): the rest is transport.
+    pub helper_compute_nanos: u64,
     /// Helpers dropped for the session after a wrong or missing result (see
     /// [`PrivateProjector::dropped_helpers`]).
     pub helpers_dropped: u64,
@@ -171,19 +133,6 @@ pub struct DroppedHelper {
     pub reason: String,
 }
 
-/// Fault injection: how a dishonest or broken helper answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cheat {
-    /// Flip one bit (bit 17 of the first value) of the partial result.
-    FlipBit,
-    /// Add one to the first value of the partial result.
-    AddOne,
-    /// Answer with an error instead of a result (a crash or a refusal).
-    Fail,
-    /// Flip a byte of the sealed reply (the envelope fails to open).
-    CorruptEnvelope,
-}
-
 /// What the owner keeps per weight matrix: the column bounds for the
 /// fixed-point encoding and the secret check vectors.
 struct MatrixState {
@@ -202,180 +151,6 @@ struct MatrixState {
 struct OwnerLink {
     to_helper: SealContext,
     from_helper: OpenContext,
-}
-
-/// An in-process helper: its own key and its ends of the two contexts.
-struct Helper {
-    index: u16,
-    peer: Vec<u8>,
-    from_owner: OpenContext,
-    to_owner: SealContext,
-    cheat: Option<Cheat>,
-}
-
-impl Helper {
-    /// Handles one sealed request whose cleartext header is `header`: opens
-    /// it, checks it against what this helper knows, computes its partial
-    /// product and returns the sealed reply.
-    fn handle<E: Engine>(
-        &mut self,
-        engine: &E,
-        header: &EnvelopeHeader,
-        envelope: &[u8],
-    ) -> Result<Vec<u8>> {
-        if self.cheat == Some(Cheat::Fail) {
-            return Err(Error::InvalidArgument(format!(
-                "helper {}: out of service",
-                self.index
-            )));
-        }
-        let refuse = |why: String| {
-            Err(Error::InvalidArgument(format!(
-                "helper {}: request refused: {why}",
-                self.index
-            )))
-        };
-        if header.direction != Direction::OwnerToHelper
-            || header.helper_index >= header.n
-            || header.helper_peer != self.peer
-            || header.model_hash != engine.info().id.0
-        {
-            return refuse("header is not addressed to this helper and model".into());
-        }
-        let Some(group) = op_group(header.op) else {
-            return refuse(format!("unknown op {}", header.op));
-        };
-        let mut ms = Vec::with_capacity(group.len());
-        for p in group {
-            ms.push(Matrix::from_view(
-                &engine.weight(header.layer as usize, *p)?,
-            )?);
-        }
-        let rows: usize = ms.iter().map(|m| m.rows()).sum();
-        if ms.iter().any(|m| m.cols() != header.cols as usize) || rows != header.rows as usize {
-            return refuse(format!(
-                "header says {}x{}, the weights are {:?}",
-                header.rows, header.cols, ms
-            ));
-        }
-        let mut opened = self.from_owner.open(header, envelope)?;
-        if *blake3::hash(&opened.payload).as_bytes() != header.request_hash {
-            opened.payload.zeroize();
-            return refuse("payload does not match the request hash".into());
-        }
-        let mut x = match decode_request(header.kind, &opened.payload, header.cols as usize) {
-            Ok(x) => x,
-            Err(e) => {
-                opened.payload.zeroize();
-                return Err(e);
-            }
-        };
-        opened.payload.zeroize();
-        // Reply: each matrix's `n·rows_m` values in turn.
-        let mut y = Vec::new();
-        for m in &ms {
-            match m.mul(&x) {
-                Ok(part) => y.extend(part),
-                Err(e) => {
-                    x.zeroize();
-                    y.zeroize();
-                    return Err(e);
-                }
-            }
-        }
-        x.zeroize();
-        match self.cheat {
-            Some(Cheat::FlipBit) => y[0] ^= 1 << 17,
-            Some(Cheat::AddOne) => y[0] = y[0].wrapping_add(1),
-            Some(Cheat::Fail | Cheat::CorruptEnvelope) | None => {}
-        }
-        let mut payload = words_to_bytes(&y);
-        y.zeroize();
-        let reply = EnvelopeHeader {
-            direction: Direction::HelperToOwner,
-            kind: KIND_RESULT,
-            ..header.clone()
-        };
-        let sealed = self.to_owner.seal(&reply, &payload);
-        payload.zeroize();
-        let mut sealed = sealed?;
-        if self.cheat == Some(Cheat::CorruptEnvelope) {
-            let last = sealed.len() - 1;
-            sealed[last] ^= 0x40;
-        }
-        Ok(sealed)
-    }
-}
-
-/// Parses an opened request payload (untrusted: what a helper receives):
-/// `n_tokens` (u32 LE), then the 32-byte seed (`kind` 1) or the full share
-/// (`kind` 2, `n_tokens·cols` u64 LE). Returns the share as a full vector.
-/// Sizes are checked before anything is allocated.
-pub fn decode_request(kind: u8, payload: &[u8], cols: usize) -> Result<Vec<u64>> {
-    let bad = |what: String| Err(Error::InvalidArgument(format!("request payload: {what}")));
-    let Some((n, body)) = payload.split_at_checked(4) else {
-        return bad(format!(
-            "expected at least 4 bytes, found {}",
-            payload.len()
-        ));
-    };
-    let n = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
-    let len = n.saturating_mul(cols);
-    if n == 0 || len.saturating_mul(8) > DEFAULT_MAX_PAYLOAD {
-        return bad(format!(
-            "{n} tokens of {cols} values: expected at least one and at most {} bytes of share",
-            DEFAULT_MAX_PAYLOAD
-        ));
-    }
-    match kind {
-        KIND_SEED => {
-            let Ok(seed) = <[u8; 32]>::try_from(body) else {
-                return bad(format!(
-                    "expected a 32-byte seed, found {} bytes",
-                    body.len()
-                ));
-            };
-            Ok(ShareSeed::from_bytes(seed).expand(len))
-        }
-        KIND_FULL => {
-            if body.len() != len.saturating_mul(8) {
-                return bad(format!(
-                    "expected {n} x {cols} values ({} bytes), found {} bytes",
-                    len.saturating_mul(8),
-                    body.len()
-                ));
-            }
-            Ok(bytes_to_words(body))
-        }
-        other => bad(format!("unknown message kind {other}")),
-    }
-}
-
-/// Parses an opened reply payload (untrusted: what the owner receives): exactly
-/// `words` ring elements, u64 LE. The length is checked before allocating.
-pub fn decode_reply(payload: &[u8], words: usize) -> Result<Vec<u64>> {
-    if Some(payload.len()) != words.checked_mul(8) {
-        return Err(Error::InvalidArgument(format!(
-            "reply payload: expected {words} values ({} bytes), found {} bytes",
-            words.saturating_mul(8),
-            payload.len()
-        )));
-    }
-    Ok(bytes_to_words(payload))
-}
-
-fn words_to_bytes(w: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(w.len() * 8);
-    for v in w {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
-}
-
-fn bytes_to_words(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8)
-        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect()
 }
 
 /// Writes `checker` to `path` atomically: a new 0600 file next to it (name
@@ -432,6 +207,33 @@ impl From<Error> for Failure {
     }
 }
 
+/// The part of each activation the fixed-point encoding rounded away:
+/// `(token, column, x - decoded X)` for every nonzero difference (exact in
+/// f64: the two are within a factor of two, or the encoding is zero).
+fn residuals(
+    xq: &[f64],
+    xr: &[u64],
+    params: &[ring::FixedPoint],
+    cols: usize,
+) -> Vec<(usize, usize, f64)> {
+    let mut out = Vec::new();
+    for (t, ((x, e), fp)) in xq
+        .chunks_exact(cols)
+        .zip(xr.chunks_exact(cols))
+        .zip(params)
+        .enumerate()
+    {
+        let k = 2f64.powi(fp.scale_log2() - fp.frac_bits());
+        for (j, (xv, ev)) in x.iter().zip(e).enumerate() {
+            let r = xv - ring::to_signed(*ev) as f64 * k;
+            if r != 0.0 {
+                out.push((t, j, r));
+            }
+        }
+    }
+    out
+}
+
 /// Clears an abandoned attempt's secrets: the encoded input, the partial sum
 /// and the helpers' partial results.
 fn wipe(xr: &mut Vec<u64>, y: &mut Vec<u64>, parts: &mut [Vec<u64>]) {
@@ -440,8 +242,8 @@ fn wipe(xr: &mut Vec<u64>, y: &mut Vec<u64>, parts: &mut [Vec<u64>]) {
     parts.iter_mut().for_each(|p| p.zeroize());
 }
 
-/// The owner side of private delegation with `n >= 2` in-process helpers
-/// (see the [module docs](self)). One projector is one delegation session:
+/// The owner side of private delegation with `n >= 2` helpers (see the
+/// [module docs](self)). One projector is one delegation session:
 /// its session id, HPKE contexts and step counter live as long as it does.
 pub struct PrivateProjector<'e, E: Engine, R: RngCore + CryptoRng> {
     engine: &'e E,
@@ -449,10 +251,15 @@ pub struct PrivateProjector<'e, E: Engine, R: RngCore + CryptoRng> {
     session_id: [u8; 16],
     model_hash: [u8; 32],
     step: u64,
-    /// The owner's ends of every pooled helper's contexts, by pool index.
-    links: Vec<OwnerLink>,
-    /// Every helper of the pool: the `n` active ones and the spares.
-    helpers: Vec<Helper>,
+    /// The owner's key for this session (helpers seal replies to it).
+    owner_key: SecretKey,
+    /// The owner's peer id bytes, as headers name it.
+    owner_peer: Vec<u8>,
+    /// The owner's ends of every pooled helper's contexts, by pool index,
+    /// once that helper's session is open.
+    links: Vec<Option<OwnerLink>>,
+    /// The transport to every helper of the pool: the `n` active ones and the spares.
+    transport: Box<dyn HelperLinks + 'e>,
     /// Pool indices of the helpers holding shares, in share order (the last
     /// one gets the full vector).
     active: Vec<usize>,
@@ -519,37 +326,41 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                  at least 2 helpers and at most 65535 in all"
             )));
         }
+        let links = InProcessLinks::new(engine, pool, &mut rng);
+        Self::with_links(engine, n_helpers, Box::new(links), rng)
+    }
+
+    /// A session over any transport: `links` reaches a pool of helpers, the
+    /// first `n_helpers >= 2` active and the rest spares (see
+    /// [`Self::with_spares`]). Each helper's session is opened on its first
+    /// use; a helper that fails to open is dropped like one that fails to
+    /// answer.
+    pub fn with_links(
+        engine: &'e E,
+        n_helpers: usize,
+        links: Box<dyn HelperLinks + 'e>,
+        mut rng: R,
+    ) -> Result<Self> {
+        let pool = links.len();
+        if n_helpers < 2 || pool < n_helpers || pool > usize::from(u16::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "private delegation with {n_helpers} helpers in a pool of {pool}: expected \
+                 at least 2 helpers and at most 65535 in all"
+            )));
+        }
         let mut session_id = [0u8; 16];
         rng.fill_bytes(&mut session_id);
         let owner_key = SecretKey::generate(&mut rng);
-        let mut links = Vec::with_capacity(pool);
-        let mut helpers = Vec::with_capacity(pool);
-        for i in 0..pool {
-            let helper_key = SecretKey::generate(&mut rng);
-            let to_helper = SealContext::new(&mut rng, &helper_key.public_key())?;
-            let to_owner = SealContext::new(&mut rng, &owner_key.public_key())?;
-            let from_owner = OpenContext::new(&helper_key, &to_helper.enc())?;
-            let from_helper = OpenContext::new(&owner_key, &to_owner.enc())?;
-            links.push(OwnerLink {
-                to_helper,
-                from_helper,
-            });
-            helpers.push(Helper {
-                index: i as u16,
-                peer: format!("in-process helper {i}").into_bytes(),
-                from_owner,
-                to_owner,
-                cheat: None,
-            });
-        }
         Ok(PrivateProjector {
             engine,
             rng,
             session_id,
             model_hash: engine.info().id.0,
             step: 0,
-            links,
-            helpers,
+            owner_key,
+            owner_peer: links.owner_peer(),
+            links: (0..pool).map(|_| None).collect(),
+            transport: links,
             active: (0..n_helpers).collect(),
             spares: (n_helpers..pool).collect(),
             dropped: Vec::new(),
@@ -660,16 +471,35 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
     /// or make every helper honest (`None`).
     pub fn set_cheat(&mut self, cheat: Option<(usize, Cheat)>) -> Result<()> {
         if let Some((i, _)) = cheat {
-            if i >= self.helpers.len() {
+            if i >= self.transport.len() {
                 return Err(Error::InvalidArgument(format!(
                     "cheating helper {i}: expected an index below {}",
-                    self.helpers.len()
+                    self.transport.len()
                 )));
             }
         }
-        for (j, h) in self.helpers.iter_mut().enumerate() {
-            h.cheat = cheat.and_then(|(i, c)| (i == j).then_some(c));
+        self.transport.set_cheat(cheat)
+    }
+
+    /// Opens pool helper `h`'s session if it is not open yet.
+    fn ensure_link(&mut self, h: usize) -> Result<()> {
+        if self.links[h].is_some() {
+            return Ok(());
         }
+        let key = self.transport.helper_key(h)?;
+        let to_helper = SealContext::new(&mut self.rng, &key)?;
+        let helper_enc = self.transport.open(
+            h,
+            self.session_id,
+            crate::engine::ModelId(self.model_hash),
+            &self.owner_key.public_key(),
+            to_helper.enc(),
+        )?;
+        let from_helper = OpenContext::new(&self.owner_key, &helper_enc)?;
+        self.links[h] = Some(OwnerLink {
+            to_helper,
+            from_helper,
+        });
         Ok(())
     }
 
@@ -893,7 +723,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                     );
                     self.dropped.push(DroppedHelper {
                         helper,
-                        peer: self.helpers[helper].peer.clone(),
+                        peer: self.transport.helper_peer(helper),
                         layer: layer as u32,
                         op,
                         step: self.step,
@@ -990,6 +820,12 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         } else {
             Vec::new()
         };
+        // What the fixed-point grid cannot hold exactly (activations far below
+        // their token's maximum): the owner multiplies that part in itself.
+        let mut residual = match &encoded {
+            Ok((xr, params)) => residuals(&xq, xr, params, cols),
+            Err(_) => Vec::new(),
+        };
         xq.zeroize();
         let (mut xr, params) = encoded?;
         let n_helpers = self.active.len();
@@ -1002,6 +838,31 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         // Each helper's partial result, kept until the checks pass so a
         // failure can be attributed to a helper.
         let mut parts: Vec<Vec<u64>> = Vec::with_capacity(n_helpers);
+        // A helper whose session cannot be opened has failed like one that
+        // does not answer.
+        let mut culprits = Vec::new();
+        let mut first_error = None;
+        for i in 0..n_helpers {
+            if let Err(e) = self.ensure_link(self.active[i]) {
+                culprits.push(i);
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            wipe(&mut xr, &mut y, &mut parts);
+            return Err(Failure::Helpers {
+                error: Box::new(Error::InvalidArgument(format!(
+                    "delegated {name} (step {}, attempt {attempt}): helper{} {:?} could not \
+                     open a session: {e}",
+                    self.step,
+                    if culprits.len() > 1 { "s" } else { "" },
+                    culprits.iter().map(|&i| self.active[i]).collect::<Vec<_>>(),
+                ))),
+                culprits,
+            });
+        }
+        // Seal every share, then send them all at once.
+        let mut calls = Vec::with_capacity(n_helpers);
         for i in 0..n_helpers {
             // Share position `i` goes to pool helper `h`.
             let h = self.active[i];
@@ -1027,8 +888,8 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 op,
                 layer: layer as u32,
                 session_id: self.session_id,
-                owner_peer: OWNER_PEER.to_vec(),
-                helper_peer: self.helpers[h].peer.clone(),
+                owner_peer: self.owner_peer.clone(),
+                helper_peer: self.transport.helper_peer(h),
                 model_hash: self.model_hash,
                 step: self.step,
                 rows: rows32,
@@ -1036,21 +897,38 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 attempt,
                 request_hash: *blake3::hash(&payload).as_bytes(),
             };
-            let sealed = self.links[h].to_helper.seal(&header, &payload);
+            let link = self.links[h].as_mut().expect("opened above");
+            let sealed = link.to_helper.seal(&header, &payload);
             payload.zeroize();
-            let request = match sealed {
-                Ok(r) => r,
+            match sealed {
+                Ok(envelope) => {
+                    self.stats.bytes_sent += envelope.len() as u64;
+                    calls.push(HelperCall {
+                        helper: h,
+                        header,
+                        envelope,
+                    });
+                }
                 Err(e) => {
                     wipe(&mut xr, &mut y, &mut parts);
                     return Err(e.into());
                 }
-            };
-            self.stats.bytes_sent += request.len() as u64;
-            // The transport: the header travels in the clear next to the envelope.
-            let in_helper = Instant::now();
-            let reply = self.helpers[h].handle(self.engine, &header, &request);
-            self.stats.helper_nanos +=
-                u64::try_from(in_helper.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            }
+        }
+        let headers: Vec<EnvelopeHeader> = calls.iter().map(|c| c.header.clone()).collect();
+        // The transport: the header's fields travel in the clear next to the envelope.
+        let in_helpers = Instant::now();
+        let answers = self.transport.exchange(calls);
+        self.stats.helper_nanos +=
+            u64::try_from(in_helpers.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.helper_compute_nanos += answers
+            .iter()
+            .filter_map(|a| a.as_ref().ok().map(|a| a.compute_nanos))
+            .max()
+            .unwrap_or(0);
+        let mut errors = Vec::new();
+        for (i, (answer, header)) in answers.into_iter().zip(headers).enumerate() {
+            let h = self.active[i];
             let expected = EnvelopeHeader {
                 direction: Direction::HelperToOwner,
                 kind: KIND_RESULT,
@@ -1058,30 +936,35 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             };
             // No answer, an envelope that does not open, a reply of the wrong
             // size: this helper's fault.
-            let part = reply.and_then(|reply| {
-                self.stats.bytes_received += reply.len() as u64;
-                let mut opened = self.links[h].from_helper.open(&expected, &reply)?;
+            let part = answer.and_then(|reply| {
+                self.stats.bytes_received += reply.envelope.len() as u64;
+                let link = self.links[h].as_mut().expect("opened above");
+                let mut opened = link.from_helper.open(&expected, &reply.envelope)?;
                 let part = decode_reply(&opened.payload, y.len());
                 opened.payload.zeroize();
                 part
             });
             match part {
-                Ok(part) => {
-                    ring::add_assign(&mut y, &part);
-                    parts.push(part);
-                }
+                Ok(part) => parts.push(part),
                 Err(e) => {
-                    wipe(&mut xr, &mut y, &mut parts);
-                    return Err(Failure::Helpers {
-                        culprits: vec![i],
-                        error: Box::new(Error::InvalidArgument(format!(
-                            "delegated {name} (step {}, attempt {attempt}): helper {h} gave \
-                             no usable answer: {e}",
-                            self.step
-                        ))),
-                    });
+                    culprits.push(i);
+                    errors.push(format!("helper {h} gave no usable answer: {e}"));
                 }
             }
+        }
+        if !culprits.is_empty() {
+            wipe(&mut xr, &mut y, &mut parts);
+            return Err(Failure::Helpers {
+                culprits,
+                error: Box::new(Error::InvalidArgument(format!(
+                    "delegated {name} (step {}, attempt {attempt}): {}",
+                    self.step,
+                    errors.join("; ")
+                ))),
+            });
+        }
+        for part in &parts {
+            ring::add_assign(&mut y, part);
         }
         // Check every product before decoding any of them.
         let mut failed = None;
@@ -1144,13 +1027,47 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                     }
                 }
             }
+            if !residual.is_empty() {
+                self.add_residual_product(layer, *p, *r, &residual, &mut out)?;
+            }
             outs.push(out.iter().map(|v| *v as f32).collect());
             out.zeroize();
             offset += n * r;
         }
         y.zeroize();
         s_delta.zeroize();
+        residual.iter_mut().for_each(|(_, _, v)| v.zeroize());
         Ok(outs)
+    }
+
+    /// Adds `W·r` to `out` (`n` tokens of `rows` values) for the sparse
+    /// residual `r` of [`residuals`] (token, column, value): one block column
+    /// of `projection`'s matrix per block that holds a residual.
+    fn add_residual_product(
+        &mut self,
+        layer: usize,
+        projection: Projection,
+        rows: usize,
+        residual: &[(usize, usize, f64)],
+        out: &mut [f64],
+    ) -> Result<()> {
+        let m = Matrix::from_view(&self.engine.weight(layer, projection)?)?;
+        let bs = m.ggml_type().block_size() as usize;
+        let mut blocks: Vec<usize> = residual.iter().map(|(_, j, _)| j / bs).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut w = vec![0i64; rows * bs];
+        let unit = 2f64.powi(-(ring::WEIGHT_FRAC_BITS as i32));
+        for b in blocks {
+            m.block_column_weights(b, &mut w)?;
+            for &(t, j, v) in residual.iter().filter(|(_, j, _)| j / bs == b) {
+                let yt = &mut out[t * rows..(t + 1) * rows];
+                for (y, wr) in yt.iter_mut().zip(w.chunks_exact(bs)) {
+                    *y += wr[j - b * bs] as f64 * unit * v;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// After a failed check: which helpers' partial results are not `W·X_i`.

@@ -452,6 +452,15 @@ pub trait Network: Send + Sync {
     /// The latest round-trip time measured to `peer`, if any.
     async fn rtt(&self, peer: PeerId) -> Result<Option<Duration>>;
 
+    /// The remote addresses of the open connections to `peer`: where the
+    /// transport sees it, not what it announces (used to tell peers on the
+    /// same network apart). Empty when not connected or when the transport
+    /// has no addresses (the default).
+    async fn peer_addrs(&self, peer: PeerId) -> Result<Vec<Multiaddr>> {
+        let _ = peer;
+        Ok(Vec::new())
+    }
+
     /// Disconnects `peer` and refuses it from now on.
     async fn ban(&self, peer: PeerId) -> Result<()>;
 

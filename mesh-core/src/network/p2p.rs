@@ -369,6 +369,7 @@ enum Command {
     Handle(String, mpsc::Sender<InboundRequest>, Ack<()>),
     Request(PeerId, Bytes, Ack<Response>),
     Rtt(PeerId, Ack<Option<Duration>>),
+    PeerAddrs(PeerId, Ack<Vec<Multiaddr>>),
     Ban(PeerId, Ack<()>),
     Shutdown(Ack<()>),
 }
@@ -410,6 +411,9 @@ struct State {
     peer_dials: HashMap<PeerId, Vec<Ack<()>>>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     rtts: HashMap<PeerId, Duration>,
+    /// The remote address of every open connection, by peer: what the peer
+    /// is seen as, not what it claims.
+    remote_addrs: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, Multiaddr>>,
     pending_replies: FuturesUnordered<PendingReply>,
     reprovide_at: Instant,
     reprovide_interval: Duration,
@@ -471,6 +475,7 @@ impl P2pNetwork {
             peer_dials: HashMap::new(),
             addresses: HashMap::new(),
             rtts: HashMap::new(),
+            remote_addrs: HashMap::new(),
             pending_replies: FuturesUnordered::new(),
             reprovide_at: Instant::now() + config.reprovide_interval,
             reprovide_interval: config.reprovide_interval,
@@ -633,6 +638,10 @@ impl Network for P2pNetwork {
 
     async fn rtt(&self, peer: PeerId) -> Result<Option<Duration>> {
         self.call(|ack| Command::Rtt(peer, ack)).await
+    }
+
+    async fn peer_addrs(&self, peer: PeerId) -> Result<Vec<Multiaddr>> {
+        self.call(|ack| Command::PeerAddrs(peer, ack)).await
     }
 
     async fn ban(&self, peer: PeerId) -> Result<()> {
@@ -991,6 +1000,14 @@ impl State {
             Command::Rtt(peer, ack) => {
                 let _ = ack.send(Ok(self.rtts.get(&peer).copied()));
             }
+            Command::PeerAddrs(peer, ack) => {
+                let addrs = self
+                    .remote_addrs
+                    .get(&peer)
+                    .map(|c| c.values().cloned().collect())
+                    .unwrap_or_default();
+                let _ = ack.send(Ok(addrs));
+            }
             Command::Ban(peer, ack) => {
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.swarm.behaviour_mut().kad.remove_peer(&peer);
@@ -1264,6 +1281,10 @@ impl State {
                 for ack in self.peer_dials.remove(&peer_id).unwrap_or_default() {
                     let _ = ack.send(Ok(()));
                 }
+                self.remote_addrs
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, endpoint.get_remote_address().clone());
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.remember_address(peer_id, address.clone());
                     self.swarm
@@ -1277,11 +1298,18 @@ impl State {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.rtts.remove(&peer_id);
-                self.emit(Event::PeerDisconnected { peer: peer_id });
+                if let Some(c) = self.remote_addrs.get_mut(&peer_id) {
+                    c.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    self.remote_addrs.remove(&peer_id);
+                    self.rtts.remove(&peer_id);
+                    self.emit(Event::PeerDisconnected { peer: peer_id });
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,

@@ -209,7 +209,10 @@ enum mesh_mode
    */
   MESH_MODE_PIPELINE = 1,
   /**
-   * Private mode across peers: not available yet (`MESH_STATUS_UNSUPPORTED`).
+   * The linear layers on secret shares held by helper peers
+   * (`mesh_node_params.private_helpers` and `private_spares`); this node
+   * keeps everything else. Tokens equal local generation with exact
+   * accumulation.
    */
   MESH_MODE_PRIVATE = 2,
 };
@@ -278,6 +281,14 @@ typedef struct mesh_model_params {
    * time (at least 1). More than the available cores is `MESH_STATUS_INVALID_ARG`.
    */
   size_t n_threads;
+  /**
+   * Exact accumulation: every quantized product is the exact value of the
+   * quantized integers, rounded once (bit-identical on every CPU, and the
+   * numbers private mode computes; decode somewhat slower). Default false.
+   * `MESH_STATUS_UNSUPPORTED` where the CPU cannot run it (x86-64 without
+   * AVX2, FMA, F16C).
+   */
+  bool exact_accumulation;
 } mesh_model_params;
 
 /**
@@ -471,6 +482,30 @@ typedef struct mesh_node_params {
    * together; 0 = the default (1 GiB).
    */
   uint64_t kv_budget_bytes;
+  /**
+   * `MESH_MODE_PRIVATE`: helpers holding shares (at least 2); 0 = 2.
+   */
+  uint32_t private_helpers;
+  /**
+   * `MESH_MODE_PRIVATE`: helpers in reserve, replacing a helper that lies
+   * or fails. Default 0.
+   */
+  uint32_t private_spares;
+  /**
+   * `MESH_MODE_PRIVATE`: peer ids (base58 text) trusted to be independent
+   * parties; `n_trusted` entries. Untrusted helpers are used at most one
+   * per network (IPv4 /24, IPv6 /48). Default none.
+   */
+  const char *const *trusted;
+  /**
+   * Number of entries in `trusted`.
+   */
+  size_t n_trusted;
+  /**
+   * Milliseconds a helper may take to answer one request before it is
+   * replaced; 0 = the default (30 s).
+   */
+  uint64_t helper_timeout_ms;
 } mesh_node_params;
 
 /**
@@ -516,9 +551,19 @@ typedef struct mesh_node_generate_stats {
    */
   double hop_ms;
   /**
-   * Hidden-state bytes sent and received per generated token.
+   * Hidden-state bytes (pipeline) or envelope bytes (private) sent and
+   * received per generated token.
    */
   double bytes_per_token;
+  /**
+   * Private mode: helpers holding shares (0 in other modes).
+   */
+  size_t n_helpers;
+  /**
+   * Private mode: helpers dropped (and replaced by spares) for lying,
+   * failing or stalling.
+   */
+  size_t helpers_dropped;
 } mesh_node_generate_stats;
 
 /**
@@ -970,6 +1015,17 @@ mesh_status mesh_node_serve(const struct mesh_node *node,
                             uint32_t layer_end);
 
 /**
+ * Also answer private-mode requests for `model`: owners on other nodes send
+ * sealed shares of their activations and get sealed partial products back;
+ * this node never sees anything but random shares. Serves the whole model
+ * as a stage too if it is not served yet (owners find helpers among the
+ * model's providers). The node must listen.
+ *
+ * Threads: any thread; blocks for the speed measurement.
+ */
+mesh_status mesh_node_serve_helper(const struct mesh_node *node, const struct mesh_model *model);
+
+/**
  * Generate text after `prompt` (NUL-terminated UTF-8) with `model`, in
  * `mode`, streaming it to `cb` (as `mesh_generate`, whose `params`,
  * `cb`, `userdata` and return statuses this shares). In
@@ -979,8 +1035,10 @@ mesh_status mesh_node_serve(const struct mesh_node *node,
  *
  * Also: `MESH_STATUS_NETWORK` when no chain of peers covers the model's
  * layers (the message names the missing layers) or when stages fail and no
- * other peer can take their layers; `MESH_STATUS_UNSUPPORTED` for
- * `MESH_MODE_PRIVATE`; `MESH_STATUS_CANCELLED` after `mesh_node_cancel`.
+ * other peer can take their layers, or when too few helpers answer (private
+ * mode) or helpers fail with no spare left; `MESH_STATUS_CANCELLED` after
+ * `mesh_node_cancel`. In `MESH_MODE_PRIVATE` the linear layers run on
+ * secret shares held by helper peers (`mesh_node_serve_helper`).
  * `out_stats` may be NULL, else its `struct_size` must be set.
  *
  * Lifetimes: as `mesh_generate`.

@@ -11,40 +11,15 @@ tokens, and prints a markdown table: decode and prompt-processing tokens/s
 (best of the runs), their ratio, the mean round trip of a forward to one hop,
 and the per-hop overhead (round trip minus the stage's own compute).
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, os, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def mesh_binary():
-    subprocess.check_call(["cargo", "build", "--quiet", "--release", "-p", "mesh-cli"], cwd=ROOT)
-    target = os.environ.get("CARGO_TARGET_DIR") or json.loads(subprocess.check_output(
-        ["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT))["target_directory"]
-    return os.path.join(target, "release", "mesh")
+from meshbench import generate, mesh_binary, prompt_files, start_node
 
 
 def start_stage(mesh, model, layers, threads, bootstrap):
-    args = [mesh, "node", "--listen", "/ip4/127.0.0.1/tcp/0", "--serve", f"{model}:{layers}",
-            "--threads", str(threads)]
-    if bootstrap:
-        args += ["--bootstrap", bootstrap]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    first = json.loads(p.stdout.readline())
-    addr = first["listen"][0]
-    if "/p2p/" not in addr:
-        addr += "/p2p/" + first["peer_id"]
-    while json.loads(p.stdout.readline()).get("event") != "serving":
-        pass
+    p, addr, _ = start_node(mesh, f"{model}:{layers}", ["--threads", str(threads)], bootstrap,
+                            "serving")
     return p, addr
-
-
-def generate(mesh, model, prompt_file, max_tokens, threads, bootstrap=None):
-    args = [mesh, "generate", "--model", model, "--prompt-file", prompt_file, "--temperature", "0",
-            "--ignore-eos", "--max-tokens", str(max_tokens), "--threads", str(threads),
-            "--format", "json"]
-    if bootstrap:
-        args += ["--mesh", "--bootstrap", bootstrap]
-    return json.loads(subprocess.check_output(args))
 
 
 def main():
@@ -56,14 +31,7 @@ def main():
     args = ap.parse_args()
     mesh = mesh_binary()
     model = subprocess.check_output([mesh, "fetch"], text=True).strip()
-    words = open(os.path.join(ROOT, "mesh-core", "tests", "data", "ppl_words.txt")).read().split()
-    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mesh-bench-pipeline-{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    short = os.path.join(tmp, "short.txt")
-    open(short, "w").write("The capital of France is")
-    long_ = os.path.join(tmp, "long.txt")
-    # About pp tokens of ordinary text (words are ~1.3 tokens each).
-    open(long_, "w").write(" ".join(words[: int(args.pp / 1.3)]))
+    short, long_ = prompt_files("pipeline", args.pp)
 
     stages = []
     try:
@@ -77,7 +45,8 @@ def main():
         hop_ms, overhead = [], []
         for _ in range(args.runs):
             for kind, boot in (("local", None), ("mesh", a)):
-                d = generate(mesh, model, short, args.tg, args.threads, boot)
+                extra = ["--mesh", "--bootstrap", boot] if boot else []
+                d = generate(mesh, model, short, args.tg, args.threads, extra)
                 steps = len(d["token_ids"]) - 1
                 tg[kind].append(steps / (d["generate_ms"] / 1e3))
                 if kind == "mesh":
@@ -86,7 +55,7 @@ def main():
                     tokens_mesh = d["token_ids"]
                 else:
                     tokens_local = d["token_ids"]
-                d = generate(mesh, model, long_, 1, args.threads, boot)
+                d = generate(mesh, model, long_, 1, args.threads, extra)
                 pp[kind].append(len(d["prompt_ids"]) / (d["prompt_ms"] / 1e3))
                 n_prompt = len(d["prompt_ids"])
             if tokens_mesh != tokens_local:

@@ -6,8 +6,12 @@
  * Node A listens on 127.0.0.1 and serves layers 0..15 of MODEL; node B
  * bootstraps from A and serves the rest itself. B then generates greedily in
  * pipeline mode (layers 0..15 on A, the rest locally) and in local mode, and
- * checks the two texts are identical. Node events (peers, sessions, the plan)
- * are printed to stderr as JSON lines. Exit status 0 on success.
+ * checks the two texts are identical. Then A and B also serve as private-mode
+ * helpers, and a third node C (with the model loaded in exact-accumulation
+ * mode) generates in private mode, its linear layers on secret shares held by
+ * A and B, and checks the text equals its own local exact generation. Node
+ * events (peers, sessions, the plan) are printed to stderr as JSON lines. Exit
+ * status 0 on success.
  *
  * Build (see scripts/c-tests.sh):
  *   cargo build -p mesh-ffi
@@ -54,8 +58,8 @@ int main(int argc, char **argv) {
     }
     const char *prompt = argc > 2 ? argv[2] : "The capital of France is";
     int rc = 1;
-    const mesh_model *model = NULL;
-    mesh_node *a = NULL, *b = NULL;
+    const mesh_model *model = NULL, *exact = NULL;
+    mesh_node *a = NULL, *b = NULL, *c = NULL;
     mesh_model_params mp = mesh_model_params_default();
     mp.n_threads = 1;
     mesh_status st = mesh_model_load(argv[1], &mp, &model);
@@ -111,10 +115,52 @@ int main(int argc, char **argv) {
         goto done;
     }
     printf("identical\n");
+
+    /* Private mode: A and B hold the shares; C owns the prompt. Both helpers
+     * are on 127.0.0.1, so C trusts them by peer id (untrusted helpers are
+     * taken at most one per network). */
+    if ((st = mesh_node_serve_helper(a, model)) != MESH_STATUS_OK) { fail("helper A", st); goto done; }
+    if ((st = mesh_node_serve_helper(b, model)) != MESH_STATUS_OK) { fail("helper B", st); goto done; }
+    char id_a[128], id_b[128];
+    if ((st = mesh_node_peer_id(a, id_a, sizeof id_a, &n)) != MESH_STATUS_OK ||
+        (st = mesh_node_peer_id(b, id_b, sizeof id_b, &n)) != MESH_STATUS_OK) {
+        fail("peer id", st);
+        goto done;
+    }
+    mesh_model_params xp = mesh_model_params_default();
+    xp.n_threads = 1;
+    xp.exact_accumulation = true;
+    if ((st = mesh_model_load(argv[1], &xp, &exact)) != MESH_STATUS_OK) { fail("load exact", st); goto done; }
+    const char *trusted[] = {id_a, id_b};
+    mesh_node_params pc = mesh_node_params_default();
+    pc.bootstrap = bootstrap;
+    pc.n_bootstrap = 1;
+    pc.private_helpers = 2;
+    pc.trusted = trusted;
+    pc.n_trusted = 2;
+    if ((st = mesh_node_open(&pc, &c)) != MESH_STATUS_OK) { fail("open C", st); goto done; }
+    buffer priv = {{0}, 0}, exact_local = {{0}, 0};
+    mesh_node_generate_stats xs, es;
+    xs.struct_size = sizeof xs;
+    es.struct_size = sizeof es;
+    st = mesh_node_generate(c, exact, prompt, &gp, MESH_MODE_PRIVATE, collect, &priv, &xs);
+    if (st != MESH_STATUS_OK) { fail("private generate", st); goto done; }
+    st = mesh_node_generate(c, exact, prompt, &gp, MESH_MODE_LOCAL, collect, &exact_local, &es);
+    if (st != MESH_STATUS_OK) { fail("local exact generate", st); goto done; }
+    printf("private (%zu helpers, %zu dropped, %.0f bytes/token, %.1f ms): %s\n", xs.n_helpers,
+           xs.helpers_dropped, xs.bytes_per_token, xs.generate_ms, priv.text);
+    printf("local exact (%.1f ms): %s\n", es.generate_ms, exact_local.text);
+    if (xs.n_helpers != 2 || strcmp(priv.text, exact_local.text) != 0 || priv.len == 0) {
+        fprintf(stderr, "mesh-pipeline: expected 2 helpers and identical texts\n");
+        goto done;
+    }
+    printf("identical\n");
     rc = 0;
 done:
+    mesh_node_free(c);
     mesh_node_free(b);
     mesh_node_free(a);
+    mesh_model_free(exact);
     mesh_model_free(model);
     return rc;
 }

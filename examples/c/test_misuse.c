@@ -608,7 +608,26 @@ static void test_node_misuse(const mesh_model *model) {
     const char *listen[] = {"/ip4/127.0.0.1/tcp/0"};
     np.listen = listen;
     np.n_listen = 1;
+    np.find_timeout_ms = 300;
     mesh_node *node = NULL;
+    /* Private mode: one helper is not enough; a trusted id that is not one. */
+    np.private_helpers = 1;
+    EXPECT(mesh_node_open(&np, &node), MESH_STATUS_OK);
+    if (node) {
+        mesh_generate_params gp1 = mesh_generate_params_default();
+        gp1.max_tokens = 2;
+        EXPECT(mesh_node_generate(node, model, "Hi", &gp1, MESH_MODE_PRIVATE, NULL, NULL, NULL),
+               MESH_STATUS_INVALID_ARG);
+        mesh_node_free(node);
+        node = NULL;
+    }
+    np.private_helpers = 0;
+    const char *bad_trust[] = {"not a peer id"};
+    np.trusted = bad_trust;
+    np.n_trusted = 1;
+    EXPECT(mesh_node_open(&np, &node), MESH_STATUS_INVALID_ARG);
+    np.n_trusted = 0;
+    np.trusted = NULL;
     EXPECT(mesh_node_open(&np, &node), MESH_STATUS_OK);
     if (!node) return;
     char buf[512];
@@ -624,12 +643,14 @@ static void test_node_misuse(const mesh_model *model) {
     /* Layer ranges: empty, past the model. */
     EXPECT(mesh_node_serve(node, model, 5, 5), MESH_STATUS_INVALID_ARG);
     EXPECT(mesh_node_serve(node, model, 0, 10000), MESH_STATUS_INVALID_ARG);
-    /* Modes: unknown, private (not across peers yet). */
+    /* Modes: unknown; private without any helper on the mesh. */
     mesh_generate_params gp = mesh_generate_params_default();
     gp.max_tokens = 2;
     EXPECT(mesh_node_generate(node, model, "Hi", &gp, 7, NULL, NULL, NULL), MESH_STATUS_INVALID_ARG);
     EXPECT(mesh_node_generate(node, model, "Hi", &gp, MESH_MODE_PRIVATE, NULL, NULL, NULL),
-           MESH_STATUS_UNSUPPORTED);
+           MESH_STATUS_NETWORK);
+    CONTAINS(last_error(), "needs 2 helpers");
+    EXPECT(mesh_node_serve_helper(NULL, model), MESH_STATUS_NULL_ARG);
     mesh_node_generate_stats stats;
     stats.struct_size = 1;
     EXPECT(mesh_node_generate(node, model, "Hi", &gp, MESH_MODE_LOCAL, NULL, NULL, &stats),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_core::delegate::helper::{Cheat, HelperConfig};
+use mesh_core::delegate::private::HelperFailureKind;
 use mesh_core::delegate::select::SelectionPolicy;
 use mesh_core::engine::{Engine, GgmlEngine};
 use mesh_core::generate::{GenerateParams, Prompt};
@@ -286,5 +287,19 @@ fn helpers_gone_is_a_typed_error_without_a_hang() {
         "took {:?}",
         start.elapsed()
     );
-    assert!(e.to_string().contains("helper"), "{e}");
+    // Typed: which helpers, where, and why.
+    match &e {
+        Error::Helper(f) => {
+            assert_eq!(f.kind, HelperFailureKind::NoAnswer, "{e}");
+            assert!(!f.helpers.is_empty(), "{e}");
+            let named: Vec<&str> = f.helpers.iter().map(|(_, p)| p.as_str()).collect();
+            assert!(
+                named
+                    .iter()
+                    .all(|p| ids.iter().any(|id| id.to_string() == *p)),
+                "{named:?}"
+            );
+        }
+        other => panic!("expected Error::Helper, got {other:?}"),
+    }
 }

@@ -7,7 +7,7 @@ use mesh_core::engine::{Engine, GgmlEngine};
 use mesh_core::fetch::resolve_model;
 
 use crate::ffi::{self, Castable, OwnershipArc, Params, Versioned};
-use crate::status::{boundary, boundary_value, boundary_void, mesh_status};
+use crate::status::{boundary, boundary_value, boundary_void, mesh_status, Failure};
 
 /// A loaded model: its weights (memory-mapped from the GGUF file), tokenizer
 /// and chat template.
@@ -37,17 +37,24 @@ pub struct mesh_model_params {
     /// Compute threads new contexts use by default; 0 = the cores idle at load
     /// time (at least 1). More than the available cores is `MESH_STATUS_INVALID_ARG`.
     pub n_threads: usize,
+    /// Exact accumulation: every quantized product is the exact value of the
+    /// quantized integers, rounded once (bit-identical on every CPU, and the
+    /// numbers private mode computes; decode somewhat slower). Default false.
+    /// `MESH_STATUS_UNSUPPORTED` where the CPU cannot run it (x86-64 without
+    /// AVX2, FMA, F16C).
+    pub exact_accumulation: bool,
 }
 
 // SAFETY: repr(C), starts with `struct_size: usize`.
 unsafe impl Versioned for mesh_model_params {}
 
-// SAFETY: all fields are integers.
+// SAFETY: integers and a bool (C's `bool` holds 0 or 1).
 unsafe impl Params for mesh_model_params {
     fn default_value() -> Self {
         mesh_model_params {
             struct_size: std::mem::size_of::<mesh_model_params>(),
             n_threads: 0,
+            exact_accumulation: false,
         }
     }
 }
@@ -91,6 +98,12 @@ pub unsafe extern "C" fn mesh_model_load(
         let out = ffi::out(out, "out")?;
         let path = resolve_model(spec, &mut |_| {})?;
         let engine = GgmlEngine::load(path, params.n_threads)?;
+        if params.exact_accumulation && !engine.set_exact_accumulation(true) {
+            return Err(Failure::new(
+                mesh_status::Unsupported,
+                "exact accumulation needs an x86-64 CPU with AVX2, FMA and F16C",
+            ));
+        }
         out.write(ffi::arc_handle(Arc::new(engine)));
         Ok(())
     })

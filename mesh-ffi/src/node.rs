@@ -9,7 +9,7 @@ use std::time::Duration;
 use mesh_core::engine::{Engine, GgmlEngine};
 use mesh_core::generate::StopReason;
 use mesh_core::network::p2p::P2pConfig;
-use mesh_core::network::{Identity, Multiaddr};
+use mesh_core::network::{Identity, Multiaddr, PeerId};
 use mesh_core::node::{GenerateRequest, Mode, Node, NodeOptions, NodeOutput};
 
 use crate::context::{mesh_generate_params, mesh_stop_reason, mesh_token_callback};
@@ -50,6 +50,8 @@ struct EventSink {
 /// What a `mesh_node` stands for.
 pub struct NodeHandle {
     node: Option<Node>,
+    /// Helpers and spares of `MESH_MODE_PRIVATE` generations.
+    private: (usize, usize),
     /// Cancel flags of the generations running now.
     running: Mutex<Vec<Arc<AtomicBool>>>,
     sink: Arc<Mutex<Option<EventSink>>>,
@@ -118,6 +120,20 @@ pub struct mesh_node_params {
     /// Bytes of KV cache the stage sessions this node serves may hold
     /// together; 0 = the default (1 GiB).
     pub kv_budget_bytes: u64,
+    /// `MESH_MODE_PRIVATE`: helpers holding shares (at least 2); 0 = 2.
+    pub private_helpers: u32,
+    /// `MESH_MODE_PRIVATE`: helpers in reserve, replacing a helper that lies
+    /// or fails. Default 0.
+    pub private_spares: u32,
+    /// `MESH_MODE_PRIVATE`: peer ids (base58 text) trusted to be independent
+    /// parties; `n_trusted` entries. Untrusted helpers are used at most one
+    /// per network (IPv4 /24, IPv6 /48). Default none.
+    pub trusted: *const *const c_char,
+    /// Number of entries in `trusted`.
+    pub n_trusted: usize,
+    /// Milliseconds a helper may take to answer one request before it is
+    /// replaced; 0 = the default (30 s).
+    pub helper_timeout_ms: u64,
 }
 
 // SAFETY: repr(C), starts with `struct_size: usize`.
@@ -138,6 +154,11 @@ unsafe impl Params for mesh_node_params {
             stage_timeout_ms: 0,
             find_timeout_ms: 0,
             kv_budget_bytes: 0,
+            private_helpers: 0,
+            private_spares: 0,
+            trusted: std::ptr::null(),
+            n_trusted: 0,
+            helper_timeout_ms: 0,
         }
     }
 }
@@ -205,6 +226,33 @@ impl NodeHandle {
         if params.kv_budget_bytes > 0 {
             options.stage.kv_budget_bytes = params.kv_budget_bytes;
         }
+        if params.find_timeout_ms > 0 {
+            options.private.find_timeout = Duration::from_millis(params.find_timeout_ms);
+        }
+        if params.helper_timeout_ms > 0 {
+            options.private.helper_timeout = Duration::from_millis(params.helper_timeout_ms);
+        }
+        // SAFETY: caller's contract.
+        let trusted = unsafe { ffi::slice(params.trusted, params.n_trusted, "params->trusted") }?;
+        for (i, &t) in trusted.iter().enumerate() {
+            let what = format!("params->trusted[{i}]");
+            // SAFETY: caller's contract.
+            let text = unsafe { ffi::c_str(t, &what) }?;
+            let peer = text.parse::<PeerId>().map_err(|e| {
+                Failure::new(
+                    mesh_status::InvalidArg,
+                    format!("`{what}` ({text:?}) is not a peer id: {e}"),
+                )
+            })?;
+            options.private.selection.trusted.push(peer);
+        }
+        let private = (
+            match params.private_helpers {
+                0 => 2,
+                n => n as usize,
+            },
+            params.private_spares as usize,
+        );
         let node = Node::open(config, options)?;
         let sink: Arc<Mutex<Option<EventSink>>> = Arc::new(Mutex::new(None));
         let mut rx = node.events();
@@ -231,6 +279,7 @@ impl NodeHandle {
             .map_err(|e| Failure::new(mesh_status::Internal, format!("event thread: {e}")))?;
         Ok(NodeHandle {
             node: Some(node),
+            private,
             running: Mutex::new(Vec::new()),
             sink,
             events: Some(events),
@@ -274,7 +323,10 @@ pub enum mesh_mode {
     /// The layers on the peers that serve them (and this node's own served
     /// layers), planned for the least time per token, with failover.
     Pipeline = 1,
-    /// Private mode across peers: not available yet (`MESH_STATUS_UNSUPPORTED`).
+    /// The linear layers on secret shares held by helper peers
+    /// (`mesh_node_params.private_helpers` and `private_spares`); this node
+    /// keeps everything else. Tokens equal local generation with exact
+    /// accumulation.
     Private = 2,
 }
 
@@ -302,8 +354,14 @@ pub struct mesh_node_generate_stats {
     pub failovers: usize,
     /// Mean round trip of a forward request to one hop, milliseconds.
     pub hop_ms: f64,
-    /// Hidden-state bytes sent and received per generated token.
+    /// Hidden-state bytes (pipeline) or envelope bytes (private) sent and
+    /// received per generated token.
     pub bytes_per_token: f64,
+    /// Private mode: helpers holding shares (0 in other modes).
+    pub n_helpers: usize,
+    /// Private mode: helpers dropped (and replaced by spares) for lying,
+    /// failing or stalling.
+    pub helpers_dropped: usize,
 }
 
 // SAFETY: repr(C), starts with `struct_size: usize`; never read whole.
@@ -476,6 +534,28 @@ pub unsafe extern "C" fn mesh_node_serve(
     })
 }
 
+/// Also answer private-mode requests for `model`: owners on other nodes send
+/// sealed shares of their activations and get sealed partial products back;
+/// this node never sees anything but random shares. Serves the whole model
+/// as a stage too if it is not served yet (owners find helpers among the
+/// model's providers). The node must listen.
+///
+/// Threads: any thread; blocks for the speed measurement.
+#[no_mangle]
+pub unsafe extern "C" fn mesh_node_serve_helper(
+    node: *const mesh_node,
+    model: *const mesh_model,
+) -> mesh_status {
+    boundary(|| {
+        // SAFETY: caller's contract.
+        let node = unsafe { ffi::handle(node, "node") }?;
+        // SAFETY: caller's contract.
+        let engine = unsafe { ffi::arc_clone(model, "model") }?;
+        node.node().serve_helper(engine)?;
+        Ok(())
+    })
+}
+
 /// Generate text after `prompt` (NUL-terminated UTF-8) with `model`, in
 /// `mode`, streaming it to `cb` (as `mesh_generate`, whose `params`,
 /// `cb`, `userdata` and return statuses this shares). In
@@ -485,8 +565,10 @@ pub unsafe extern "C" fn mesh_node_serve(
 ///
 /// Also: `MESH_STATUS_NETWORK` when no chain of peers covers the model's
 /// layers (the message names the missing layers) or when stages fail and no
-/// other peer can take their layers; `MESH_STATUS_UNSUPPORTED` for
-/// `MESH_MODE_PRIVATE`; `MESH_STATUS_CANCELLED` after `mesh_node_cancel`.
+/// other peer can take their layers, or when too few helpers answer (private
+/// mode) or helpers fail with no spare left; `MESH_STATUS_CANCELLED` after
+/// `mesh_node_cancel`. In `MESH_MODE_PRIVATE` the linear layers run on
+/// secret shares held by helper peers (`mesh_node_serve_helper`).
 /// `out_stats` may be NULL, else its `struct_size` must be set.
 ///
 /// Lifetimes: as `mesh_generate`.
@@ -517,8 +599,8 @@ pub unsafe extern "C" fn mesh_node_generate(
             0 => Mode::Local,
             1 => Mode::Pipeline,
             2 => Mode::Private {
-                helpers: 2,
-                spares: 0,
+                helpers: node.private.0,
+                spares: node.private.1,
             },
             other => {
                 return Err(Failure::new(
@@ -535,7 +617,7 @@ pub unsafe extern "C" fn mesh_node_generate(
         })?;
         if let Some(stats) = stats {
             let base = crate::context::mesh_generate_stats::from_output(&out.output)?;
-            let (n_hops, failovers, hop_ms, bytes_per_token) = match &out.pipeline {
+            let (n_hops, failovers, hop_ms, mut bytes_per_token) = match &out.pipeline {
                 Some(p) => (
                     p.plan.len(),
                     p.stats.failovers,
@@ -543,6 +625,15 @@ pub unsafe extern "C" fn mesh_node_generate(
                     p.stats.bytes_per_token(),
                 ),
                 None => (0, 0, 0.0, 0.0),
+            };
+            let (n_helpers, helpers_dropped) = match &out.private {
+                Some(p) => {
+                    let d = &p.decode;
+                    bytes_per_token =
+                        (d.bytes_sent + d.bytes_received) as f64 / p.decode_steps.max(1) as f64;
+                    (p.active.len(), p.dropped.len())
+                }
+                None => (0, 0),
             };
             stats.write(mesh_node_generate_stats {
                 struct_size: std::mem::size_of::<mesh_node_generate_stats>(),
@@ -555,6 +646,8 @@ pub unsafe extern "C" fn mesh_node_generate(
                 failovers,
                 hop_ms,
                 bytes_per_token,
+                n_helpers,
+                helpers_dropped,
             });
         }
         Ok(())

@@ -180,7 +180,9 @@ impl From<mesh_core::Error> for Failure {
             E::Ggml(_) => mesh_status::Ggml,
             E::Cancelled => mesh_status::Cancelled,
             E::Seal(_) => mesh_status::Seal,
-            E::Network(_) | E::Pipeline(_) | E::NotEnoughHelpers { .. } => mesh_status::Network,
+            E::Network(_) | E::Pipeline(_) | E::NotEnoughHelpers { .. } | E::Helper(_) => {
+                mesh_status::Network
+            }
             // mesh_core::Error is non_exhaustive: a kind added later is reported
             // with its message until it gets a status of its own.
             _ => mesh_status::Internal,

@@ -47,10 +47,11 @@ class SizeTByReference : ByReference(Native.SIZE_T_SIZE) {
 
 // --- C structs, field for field as in include/mesh.h (C bool = Byte) ---------
 
-@Structure.FieldOrder("struct_size", "n_threads")
+@Structure.FieldOrder("struct_size", "n_threads", "exact_accumulation")
 open class MeshModelParams : Structure() {
     @JvmField var struct_size = SizeT()
     @JvmField var n_threads = SizeT()
+    @JvmField var exact_accumulation: Byte = 0
     class ByValue : MeshModelParams(), Structure.ByValue
 }
 

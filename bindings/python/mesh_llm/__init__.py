@@ -117,7 +117,7 @@ class LogLevel(enum.IntEnum):
 
 
 class _ModelParams(Structure):
-    _fields_ = [("struct_size", c_size_t), ("n_threads", c_size_t)]
+    _fields_ = [("struct_size", c_size_t), ("n_threads", c_size_t), ("exact_accumulation", c_bool)]
 
 
 class _ChatMessage(Structure):
@@ -168,6 +168,11 @@ class _NodeParams(Structure):
         ("stage_timeout_ms", c_uint64),
         ("find_timeout_ms", c_uint64),
         ("kv_budget_bytes", c_uint64),
+        ("private_helpers", c_uint32),
+        ("private_spares", c_uint32),
+        ("trusted", POINTER(c_char_p)),
+        ("n_trusted", c_size_t),
+        ("helper_timeout_ms", c_uint64),
     ]
 
 
@@ -183,6 +188,8 @@ class _NodeGenerateStats(Structure):
         ("failovers", c_size_t),
         ("hop_ms", c_double),
         ("bytes_per_token", c_double),
+        ("n_helpers", c_size_t),
+        ("helpers_dropped", c_size_t),
     ]
 
 
@@ -255,6 +262,7 @@ _SIGNATURES = {
     "mesh_node_listen_addrs": (_status, [_node_p, c_void_p, c_size_t, POINTER(c_size_t)]),
     "mesh_node_dial": (_status, [_node_p, c_char_p]),
     "mesh_node_serve": (_status, [_node_p, _model_p, c_uint32, c_uint32]),
+    "mesh_node_serve_helper": (_status, [_node_p, _model_p]),
     "mesh_node_generate": (
         _status,
         [
@@ -417,12 +425,19 @@ class Model:
     (0 or None = all cores).
     """
 
-    def __init__(self, path: Union[str, os.PathLike] = "default", n_threads: Optional[int] = None):
+    def __init__(
+        self,
+        path: Union[str, os.PathLike] = "default",
+        n_threads: Optional[int] = None,
+        exact: bool = False,
+    ):
         lib = _L()
         self._ptr: Optional[int] = None
         params = lib.mesh_model_params_default()
         if n_threads is not None:
             params.n_threads = n_threads
+        # Exact accumulation: CPU-independent results, what private mode computes.
+        params.exact_accumulation = exact
         out = _model_p()
         path_s = os.fspath(path)
         _check(lib.mesh_model_load(_utf8(path_s, "path"), byref(params), byref(out)),
@@ -755,6 +770,8 @@ class NodeGenerateStats(GenerateStats):
     failovers: int
     hop_ms: float
     bytes_per_token: float
+    n_helpers: int
+    helpers_dropped: int
 
 
 class Node:
@@ -767,7 +784,10 @@ class Node:
     across runs (None: a new identity). Timeouts in seconds (None: library
     defaults, 30 s per stage request and 10 s to find providers).
     on_event(dict) receives the node's events (peers, sessions, plans,
-    failovers) on a node thread; keep it quick.
+    failovers) on a node thread; keep it quick. Private mode
+    (Mode.PRIVATE): private_helpers peers hold shares (default 2),
+    private_spares more in reserve; trusted peer ids are exempt from the
+    one-helper-per-network rule; helper_timeout in seconds.
     """
 
     def __init__(
@@ -780,6 +800,10 @@ class Node:
         find_timeout: Optional[float] = None,
         kv_budget_bytes: Optional[int] = None,
         on_event: Optional[Callable[[dict], None]] = None,
+        private_helpers: int = 2,
+        private_spares: int = 0,
+        trusted: Sequence[str] = (),
+        helper_timeout: Optional[float] = None,
     ):
         lib = _L()
         self._ptr: Optional[int] = None
@@ -803,6 +827,14 @@ class Node:
             params.find_timeout_ms = max(1, int(find_timeout * 1000))
         if kv_budget_bytes is not None:
             params.kv_budget_bytes = kv_budget_bytes
+        params.private_helpers = private_helpers
+        params.private_spares = private_spares
+        trusted_b = [_utf8(t, "trusted") for t in trusted]
+        trusted_arr = (c_char_p * max(1, len(trusted_b)))(*trusted_b)
+        params.trusted = ctypes.cast(trusted_arr, POINTER(c_char_p))
+        params.n_trusted = len(trusted_b)
+        if helper_timeout is not None:
+            params.helper_timeout_ms = max(1, int(helper_timeout * 1000))
         out = _node_p()
         _check(lib.mesh_node_open(byref(params), byref(out)), "opening node")
         self._ptr = out.value
@@ -841,6 +873,11 @@ class Node:
         start, end = layers if layers is not None else (0, 0)
         _check(_L().mesh_node_serve(self._handle(), model._handle(), start, end), "serve")
 
+    def serve_helper(self, model: "Model") -> None:
+        """Also answer private-mode requests for model (serving it whole if it
+        is not served yet): owners send sealed secret shares, get products."""
+        _check(_L().mesh_node_serve_helper(self._handle(), model._handle()), "serve_helper")
+
     def cancel(self) -> None:
         """Stop every generate() running on this node (each raises Cancelled)."""
         ptr = self._ptr
@@ -867,7 +904,8 @@ class Node:
         repeat_last_n: Optional[int] = None,
     ) -> Generation:
         """As Context.generate, in `mode` (Mode.PIPELINE: across the mesh).
-        stats also has n_hops, failovers, hop_ms and bytes_per_token."""
+        stats also has n_hops, failovers, hop_ms, bytes_per_token, n_helpers
+        and helpers_dropped."""
         params, data, pieces, error, cb = _prepare_generate(
             prompt,
             on_piece,
@@ -900,6 +938,8 @@ class Node:
                 failovers=stats.failovers,
                 hop_ms=stats.hop_ms,
                 bytes_per_token=stats.bytes_per_token,
+                n_helpers=stats.n_helpers,
+                helpers_dropped=stats.helpers_dropped,
             ),
         )
 

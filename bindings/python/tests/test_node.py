@@ -51,14 +51,43 @@ def test_two_nodes_pipeline_equals_local(model):
     assert hops[1]["peer_id"] == "local"
 
 
+def test_private_mode_across_three_nodes_equals_local_exact():
+    """A and B hold the shares, C owns the prompt (all on 127.0.0.1, so C
+    trusts A and B by id): the text equals C's local exact generation."""
+    with mesh_llm.Model(MODEL, n_threads=1) as plain, mesh_llm.Model(
+        MODEL, n_threads=1, exact=True
+    ) as exact:
+        with mesh_llm.Node(listen=["/ip4/127.0.0.1/tcp/0"]) as a:
+            a.serve_helper(plain)
+            boot = a.listen_addrs[0]
+            with mesh_llm.Node(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[boot]) as b:
+                b.serve_helper(plain)
+                with mesh_llm.Node(
+                    bootstrap=[boot], trusted=[a.peer_id, b.peer_id], private_helpers=2
+                ) as c:
+                    kw = dict(temperature=0, max_tokens=12, ignore_eos=True)
+                    prompt = "The capital of France is"
+                    private = c.generate(exact, prompt, mesh_llm.Mode.PRIVATE, **kw)
+                    local = c.generate(exact, prompt, mesh_llm.Mode.LOCAL, **kw)
+                    assert private.text == local.text and private.text
+                    assert private.stats.n_helpers == 2
+                    assert private.stats.helpers_dropped == 0
+                    assert private.stats.bytes_per_token > 1e6
+
+
 def test_bad_addresses_and_modes_are_typed_errors(model):
     with pytest.raises(mesh_llm.MeshError) as e:
         mesh_llm.Node(listen=["not a multiaddr"])
     assert e.value.status == mesh_llm.Status.INVALID_ARG
-    with mesh_llm.Node() as n:
+    with pytest.raises(mesh_llm.MeshError) as e:
+        mesh_llm.Node(trusted=["not a peer id"])
+    assert e.value.status == mesh_llm.Status.INVALID_ARG
+    with mesh_llm.Node(find_timeout=0.3) as n:
         with pytest.raises(mesh_llm.MeshError) as e:
             n.dial("nonsense")
         assert e.value.status == mesh_llm.Status.INVALID_ARG
+        # Private mode with no helper on the mesh.
         with pytest.raises(mesh_llm.MeshError) as e:
             n.generate(model, "Hi", mesh_llm.Mode.PRIVATE, max_tokens=2)
-        assert e.value.status == mesh_llm.Status.UNSUPPORTED
+        assert e.value.status == mesh_llm.Status.NETWORK
+        assert "helpers" in str(e.value)

@@ -173,7 +173,7 @@ fn a_lying_helper_is_replaced_by_a_spare() {
         "{stderr}"
     );
     let (ok, _, stderr) = mesh(&private_generate(&m, &["--inject-fault", "0:sneeze"]));
-    assert!(!ok && stderr.contains("fault kind"), "{stderr}");
+    assert!(!ok && stderr.contains("fault \"sneeze\""), "{stderr}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{generate_args, generate_watching, model, run_json, spawn_node, NodeProcess};
+use common::{generate_args, generate_watching, model, run_json, spawn_node, NodeProcess, PROMPTS};
 use serde_json::Value;
 
 /// Starts `mesh node --serve MODEL --helper [--helper-fault FAULT]`.
@@ -42,19 +42,6 @@ fn private_args<'a>(args: &[&'a str], bootstrap: &'a str, trusted: &[&'a str]) -
     }
     a
 }
-
-const PROMPTS: [&str; 10] = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "Water boils at",
-    "My favourite book is",
-    "To make a cup of tea, first",
-    "The largest planet in the solar system",
-    "In 1969, humans",
-    "A haiku about the sea:",
-];
 
 #[test]
 fn three_helper_processes_give_the_tokens_of_local_exact_generation() {

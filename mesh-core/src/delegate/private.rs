@@ -189,6 +189,51 @@ fn write_cache_file(
     result
 }
 
+/// What went wrong with the helpers of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelperFailureKind {
+    /// A helper's session could not be opened (unreachable, refused, bad key).
+    NoSession,
+    /// No usable answer: an error, a timeout, an envelope that does not
+    /// open (corrupted, replayed, another step's), a reply of the wrong size.
+    NoAnswer,
+    /// The reconstructed result failed the integrity check.
+    WrongResult,
+}
+
+/// A delegated step the helpers failed, with who, where and why (the
+/// evidence a dropped helper also gets, see [`DroppedHelper`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperFailure {
+    /// The helpers found responsible: pool index and peer id (as text);
+    /// empty when a wrong result could not be attributed.
+    pub helpers: Vec<(usize, String)>,
+    /// Layer of the step.
+    pub layer: u32,
+    /// Projection code ([`op_code`], [`OP_QKV`], [`OP_GATE_UP`]).
+    pub op: u8,
+    /// Step number.
+    pub step: u64,
+    /// Attempt number within the step.
+    pub attempt: u32,
+    /// What kind of failure.
+    pub kind: HelperFailureKind,
+    /// The details, for people.
+    pub message: String,
+}
+
+impl std::fmt::Display for HelperFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<HelperFailure> for Error {
+    fn from(e: HelperFailure) -> Error {
+        Error::Helper(Box::new(e))
+    }
+}
+
 /// Why one attempt of a delegated step failed.
 enum Failure {
     /// Not the helpers' doing (invalid input, a local error): not retried.
@@ -197,7 +242,7 @@ enum Failure {
     /// (empty: a wrong result nobody could be named for).
     Helpers {
         culprits: Vec<usize>,
-        error: Box<Error>,
+        error: Box<HelperFailure>,
     },
 }
 
@@ -702,12 +747,12 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             if culprits.is_empty() {
                 // Nobody named: fresh shares on the same helpers, once.
                 if unattributed_retry {
-                    return Err(error);
+                    return Err(error.into());
                 }
                 unattributed_retry = true;
             } else {
                 if culprits.len() > self.spares.len() {
-                    return Err(error);
+                    return Err(error.into());
                 }
                 for &position in &culprits {
                     let helper = self.active[position];
@@ -851,13 +896,18 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         if let Some(e) = first_error {
             wipe(&mut xr, &mut y, &mut parts);
             return Err(Failure::Helpers {
-                error: Box::new(Error::InvalidArgument(format!(
-                    "delegated {name} (step {}, attempt {attempt}): helper{} {:?} could not \
-                     open a session: {e}",
-                    self.step,
-                    if culprits.len() > 1 { "s" } else { "" },
-                    culprits.iter().map(|&i| self.active[i]).collect::<Vec<_>>(),
-                ))),
+                error: Box::new(self.failure(
+                    &culprits,
+                    (layer, op, attempt),
+                    HelperFailureKind::NoSession,
+                    format!(
+                        "delegated {name} (step {}, attempt {attempt}): helper{} {:?} could not \
+                         open a session: {e}",
+                        self.step,
+                        if culprits.len() > 1 { "s" } else { "" },
+                        culprits.iter().map(|&i| self.active[i]).collect::<Vec<_>>(),
+                    ),
+                )),
                 culprits,
             });
         }
@@ -955,12 +1005,17 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         if !culprits.is_empty() {
             wipe(&mut xr, &mut y, &mut parts);
             return Err(Failure::Helpers {
+                error: Box::new(self.failure(
+                    &culprits,
+                    (layer, op, attempt),
+                    HelperFailureKind::NoAnswer,
+                    format!(
+                        "delegated {name} (step {}, attempt {attempt}): {}",
+                        self.step,
+                        errors.join("; ")
+                    ),
+                )),
                 culprits,
-                error: Box::new(Error::InvalidArgument(format!(
-                    "delegated {name} (step {}, attempt {attempt}): {}",
-                    self.step,
-                    errors.join("; ")
-                ))),
             });
         }
         for part in &parts {
@@ -1001,12 +1056,18 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 )
             };
             return Err(Failure::Helpers {
+                error: Box::new(self.failure(
+                    &culprits,
+                    (layer, op, attempt),
+                    HelperFailureKind::WrongResult,
+                    format!(
+                        "delegated layer {layer} {p:?} (step {}, attempt {attempt}): {who} \
+                         returned a wrong result; the reconstruction failed the integrity check \
+                         ({failure})",
+                        self.step
+                    ),
+                )),
                 culprits,
-                error: Box::new(Error::InvalidArgument(format!(
-                    "delegated layer {layer} {p:?} (step {}, attempt {attempt}): {who} returned \
-                     a wrong result; the reconstruction failed the integrity check ({failure})",
-                    self.step
-                ))),
             });
         }
         parts.iter_mut().for_each(|p| p.zeroize());
@@ -1068,6 +1129,34 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             }
         }
         Ok(())
+    }
+
+    /// The typed failure of a step naming the helpers at share positions `culprits`.
+    fn failure(
+        &self,
+        culprits: &[usize],
+        (layer, op, attempt): (usize, u8, u32),
+        kind: HelperFailureKind,
+        message: String,
+    ) -> HelperFailure {
+        let peer = |h: usize| {
+            let bytes = self.transport.helper_peer(h);
+            crate::network::PeerId::from_bytes(&bytes)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned())
+        };
+        HelperFailure {
+            helpers: culprits
+                .iter()
+                .map(|&i| (self.active[i], peer(self.active[i])))
+                .collect(),
+            layer: layer as u32,
+            op,
+            step: self.step,
+            attempt,
+            kind,
+            message,
+        }
     }
 
     /// After a failed check: which helpers' partial results are not `W·X_i`.

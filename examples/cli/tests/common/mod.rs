@@ -8,6 +8,20 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Ten greedy prompts of ordinary text.
+pub const PROMPTS: [&str; 10] = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at",
+    "My favourite book is",
+    "To make a cup of tea, first",
+    "The largest planet in the solar system",
+    "In 1969, humans",
+    "A haiku about the sea:",
+];
+
 /// `$MESH_MODEL`, or `default` (fetched into the cache by the CLI itself).
 pub fn model() -> String {
     std::env::var("MESH_MODEL").unwrap_or_else(|_| "default".into())

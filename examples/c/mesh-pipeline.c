@@ -86,9 +86,12 @@ int main(int argc, char **argv) {
     if (nl) *nl = '\0'; /* the first address */
     printf("node A at %s serves layers 0..%u\n", addrs, split);
 
-    /* Node B: bootstraps from A, serves the second half itself. */
+    /* Node B: bootstraps from A, serves the second half itself (and listens,
+     * so that C can reach it as a helper later). */
     const char *bootstrap[] = {addrs};
     mesh_node_params pb = mesh_node_params_default();
+    pb.listen = listen;
+    pb.n_listen = 1;
     pb.bootstrap = bootstrap;
     pb.n_bootstrap = 1;
     if ((st = mesh_node_open(&pb, &b)) != MESH_STATUS_OK) { fail("open B", st); goto done; }

@@ -16,9 +16,12 @@
 //! 2. **linear probe**: a ridge regression from the vector to the true token's
 //!    embedding row, trained on other text (the first tokens of
 //!    `mesh-core/tests/data/ppl_words.txt`), then nearest row;
-//! 3. **candidate search**: with the recovered prefix in the model's own first
-//!    L layers (attention is causal), try the top candidates of attacks 1 and
-//!    2 at the position and keep the one whose output is closest to what was
+//! 3. **dictionary** (layer 1 only; deeper layers would need a forward of L
+//!    layers per vocabulary entry): every token's own vector at position 0
+//!    with no context (layer 0 on its embedding alone), nearest (cosine);
+//! 4. **candidate search**: with the recovered prefix in the model's own first
+//!    L layers (attention is causal), try the top candidates of attacks 1-3
+//!    at the position and keep the one whose output is closest to what was
 //!    received (for shares: closest in the ring after the candidate's own
 //!    encoding).
 //!
@@ -166,7 +169,19 @@ fn ring_view(
     rng: &mut ChaCha20Rng,
 ) -> Vec<f32> {
     let m = Matrix::from_view(&engine.weight(layer, Projection::Q).unwrap()).unwrap();
-    let bounds = m.column_bounds().unwrap();
+    // Column bounds stream the matrix: once per layer.
+    static BOUNDS: std::sync::Mutex<Vec<(usize, Vec<u64>)>> = std::sync::Mutex::new(Vec::new());
+    let bounds = {
+        let mut cache = BOUNDS.lock().unwrap();
+        match cache.iter().find(|(l, _)| *l == layer) {
+            Some((_, b)) => b.clone(),
+            None => {
+                let b = m.column_bounds().unwrap();
+                cache.push((layer, b.clone()));
+                b
+            }
+        }
+    };
     let format = ActivationFormat::for_weights(m.ggml_type()).unwrap();
     let xq = quantize_like_ggml(format, x).unwrap();
     let (xr, _params) = ring::encode_batch(&xq, &bounds).unwrap();
@@ -311,8 +326,23 @@ fn distance(view: View, got: &[f32], candidate: &[f32]) -> f64 {
 struct Rates {
     nearest: usize,
     probe: usize,
+    dictionary: Option<usize>,
     search: usize,
     total: usize,
+}
+
+/// Every vocabulary token's vector in `view` at `layer`, alone at position
+/// 0, normalized (for the dictionary attack).
+fn dictionary(engine: &GgmlEngine, layer: usize, view: View, rng: &mut ChaCha20Rng) -> Vec<f32> {
+    let cols = engine.info().n_embd;
+    let mut s = engine.new_session(2).unwrap();
+    let mut out = Vec::with_capacity(engine.info().n_vocab * cols);
+    for t in 0..engine.info().n_vocab as u32 {
+        let mut row = guess_row(engine, &mut s, t, 0, layer, view, rng);
+        normalize(&mut row);
+        out.extend(row);
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -320,6 +350,7 @@ fn attack(
     engine: &GgmlEngine,
     emb: &[f32],
     probe: &[f64],
+    dict: Option<&[f32]>,
     layer: usize,
     view: View,
     prompts: &[Vec<u32>],
@@ -329,6 +360,7 @@ fn attack(
     let mut r = Rates {
         nearest: 0,
         probe: 0,
+        dictionary: dict.map(|_| 0),
         search: 0,
         total: 0,
     };
@@ -339,12 +371,23 @@ fn attack(
             let v = &got[i * cols..(i + 1) * cols];
             let near = top_rows(emb, cols, v, CANDIDATES);
             let probed = top_rows(emb, cols, &apply(probe, v, cols), CANDIDATES);
+            let looked_up = dict
+                .map(|d| top_rows(d, cols, v, CANDIDATES))
+                .unwrap_or_default();
             r.nearest += usize::from(near[0] as u32 == truth);
             r.probe += usize::from(probed[0] as u32 == truth);
+            if let (Some(n), Some(first)) = (r.dictionary.as_mut(), looked_up.first()) {
+                *n += usize::from(*first as u32 == truth);
+            }
             // Candidate search over the union, given the recovered prefix.
             let mut best = (f64::INFINITY, near[0] as u32);
             let mut tried = Vec::new();
-            for c in near.iter().chain(&probed).map(|c| *c as u32) {
+            for c in near
+                .iter()
+                .chain(&probed)
+                .chain(&looked_up)
+                .map(|c| *c as u32)
+            {
                 if tried.contains(&c) {
                     continue;
                 }
@@ -394,19 +437,32 @@ fn main() {
                 }
             }
             let probe = ridge(&xs, &ys, cols);
-            let r = attack(&engine, &emb, &probe, layer, view, &prompts, &mut rng);
+            let dict = (layer == 1).then(|| dictionary(&engine, layer, view, &mut rng));
+            let r = attack(
+                &engine,
+                &emb,
+                &probe,
+                dict.as_deref(),
+                layer,
+                view,
+                &prompts,
+                &mut rng,
+            );
             let pct = |k: usize| 100.0 * k as f64 / r.total as f64;
             rows.push((
                 view,
                 layer,
-                pct(r.nearest),
-                pct(r.probe),
-                pct(r.search),
+                [
+                    Some(pct(r.nearest)),
+                    Some(pct(r.probe)),
+                    r.dictionary.map(pct),
+                    Some(pct(r.search)),
+                ],
                 r.total,
             ));
             eprintln!(
-                "privacy: {} layer {layer}: nearest {:.1}%, probe {:.1}%, search {:.1}% of {} \
-                 tokens ({:.0} s)",
+                "privacy: {} layer {layer}: nearest {:.1}%, probe {:.1}%, dictionary {}, search \
+                 {:.1}% of {} tokens ({:.0} s)",
                 if view == View::Stage {
                     "stage"
                 } else {
@@ -414,6 +470,9 @@ fn main() {
                 },
                 pct(r.nearest),
                 pct(r.probe),
+                r.dictionary
+                    .map(|d| format!("{:.1}%", pct(d)))
+                    .unwrap_or_else(|| "-".into()),
                 pct(r.search),
                 r.total,
                 started.elapsed().as_secs_f64()
@@ -421,37 +480,43 @@ fn main() {
         }
     }
     println!(
-        "| what one peer receives | layer | nearest row | linear probe | candidate search | \
-         tokens | chance |"
+        "| what one peer receives | layer | nearest row | linear probe | dictionary | \
+         candidate search | tokens | chance |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (view, layer, n, p, s, total) in &rows {
+    println!("|---|---|---|---|---|---|---|---|");
+    let cell = |v: &Option<f64>| v.map(|p| format!("{p:.1}%")).unwrap_or_else(|| "-".into());
+    for (view, layer, rates, total) in &rows {
         println!(
-            "| {} | {layer} | {n:.1}% | {p:.1}% | {s:.1}% | {total} | {:.4}% |",
+            "| {} | {layer} | {} | {} | {} | {} | {total} | {:.4}% |",
             if *view == View::Stage {
                 "pipeline stage (hidden rows)"
             } else {
                 "private helper (its share)"
             },
+            cell(&rates[0]),
+            cell(&rates[1]),
+            cell(&rates[2]),
+            cell(&rates[3]),
             100.0 * chance
         );
     }
     // The checks: a stage at layer 1 gives up most of the prompt; a share
     // gives up nothing beyond chance (a few lucky tokens at most).
+    let best = |rates: &[Option<f64>; 4]| rates.iter().flatten().fold(0f64, |a, b| a.max(*b));
     let stage1 = rows
         .iter()
         .find(|r| r.0 == View::Stage && r.1 == 1)
         .unwrap();
     assert!(
-        stage1.2.max(stage1.3).max(stage1.4) > 50.0,
+        best(&stage1.2) > 50.0,
         "expected a layer-1 stage to give up most tokens"
     );
     for r in rows.iter().filter(|r| r.0 == View::Share) {
-        let best = r.2.max(r.3).max(r.4);
         assert!(
-            best < 2.0,
-            "an attack on shares at layer {} recovered {best:.1}% of tokens",
-            r.1
+            best(&r.2) < 2.0,
+            "an attack on shares at layer {} recovered {:.1}% of tokens",
+            r.1,
+            best(&r.2)
         );
     }
 }

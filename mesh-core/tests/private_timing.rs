@@ -74,7 +74,11 @@ fn time_per_token_matches_round_trips_times_rtt_plus_compute() {
     // The round trip as this network delivers it (10 ms each way, plus the
     // timer's granularity): a small request to a helper, timed.
     let rtt_ms = {
-        let (net, peer, model) = (owner.network().clone(), helpers[0].peer_id(), engine.info().id);
+        let (net, peer, model) = (
+            owner.network().clone(),
+            helpers[0].peer_id(),
+            engine.info().id,
+        );
         let start = std::time::Instant::now();
         rt.block_on(async {
             for _ in 0..10 {

@@ -409,28 +409,12 @@ impl Node {
         let first = self.served.lock().map(|s| s.is_empty()).unwrap_or(true);
         self.stages.add_model(engine.clone(), layers.clone());
         if first {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let (stages, net) = (self.stages.clone(), self.net.clone());
-            let task = self.handle.spawn(async move {
-                let result = {
-                    let mut requests = match net.handle(crate::pipeline::STAGE_METHOD).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    stages.serve_queue(&mut requests).await
-                };
-                if let Err(e) = result {
+            let stages = self.stages.clone();
+            self.start_handler(crate::pipeline::STAGE_METHOD, |mut requests| async move {
+                if let Err(e) = stages.serve_queue(&mut requests).await {
                     tracing::warn!("stage server stopped: {e}");
                 }
-            });
-            self.lock_tasks().push(task);
-            ready_rx
-                .recv()
-                .map_err(|_| Error::Network(network::NetworkError::Shutdown))??;
+            })?;
         }
         self.handle
             .block_on(self.net.announce(announcement.clone()))?;
@@ -474,23 +458,9 @@ impl Node {
         };
         server.add_model(engine.clone());
         if first {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let net = self.net.clone();
-            let task = self.handle.spawn(async move {
-                match net.handle(HELPER_METHOD).await {
-                    Ok(mut requests) => {
-                        let _ = ready_tx.send(Ok(()));
-                        server.serve_queue(&mut requests).await;
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-            });
-            self.lock_tasks().push(task);
-            ready_rx
-                .recv()
-                .map_err(|_| Error::Network(network::NetworkError::Shutdown))??;
+            self.start_handler(HELPER_METHOD, |mut requests| async move {
+                server.serve_queue(&mut requests).await
+            })?;
         }
         if self.local_layers(&engine).is_none() {
             let n_layers = engine.info().n_layers as u32;
@@ -668,6 +638,33 @@ impl Node {
                 rtt_ms,
             }),
         })
+    }
+
+    /// Registers this node as the handler of `method` and runs `serve` on
+    /// its requests in a task of the node; returns once the handler is
+    /// registered (or failed to be).
+    fn start_handler<F, Fut>(&self, method: &'static str, serve: F) -> Result<()>
+    where
+        F: FnOnce(tokio::sync::mpsc::Receiver<network::InboundRequest>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let net = self.net.clone();
+        let task = self.handle.spawn(async move {
+            match net.handle(method).await {
+                Ok(requests) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(requests).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        self.lock_tasks().push(task);
+        ready_rx
+            .recv()
+            .map_err(|_| Error::Network(network::NetworkError::Shutdown))?
     }
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {

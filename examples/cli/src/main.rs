@@ -18,7 +18,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde_json::json;
 
+mod demo;
 mod net;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,14 @@ struct Cli {
 enum Format {
     Text,
     Json,
+}
+
+/// `mesh serve --mode`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServeMode {
+    Local,
+    Pipeline,
+    Private,
 }
 
 #[derive(Subcommand)]
@@ -216,6 +226,93 @@ enum Command {
         #[arg(long, value_name = "KIND", requires = "helper")]
         helper_fault: Option<mesh_core::delegate::private::Cheat>,
     },
+    /// Serve OpenAI's API (`/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/models`), Ollama's (`/api/chat`, `/api/generate`, `/api/tags`,
+    /// `/api/show`, `/api/ps`, `/api/version`) and a chat page at `/`, until
+    /// SIGINT/SIGTERM. Prints `{"listening": "http://..."}` once ready. A
+    /// model name suffix (`default:private`) or a body field
+    /// (`"mesh": {"mode": "pipeline"}`) picks the mode per request.
+    Serve {
+        /// GGUF file, or `default`.
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// The name clients use (default: `default` for the default model, else the file stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:11435")]
+        listen: std::net::SocketAddr,
+        /// Peer to bootstrap from, for pipeline and private requests (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// Mode of requests that do not ask for one.
+        #[arg(long, value_enum, default_value_t = ServeMode::Local)]
+        mode: ServeMode,
+        /// Require `Authorization: Bearer KEY` on every API request.
+        #[arg(long, env = "MESH_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Private requests: helpers holding shares.
+        #[arg(long, default_value_t = 2)]
+        helpers: usize,
+        /// Private requests: helpers in reserve.
+        #[arg(long, default_value_t = 1)]
+        spares: usize,
+        /// Private requests: a helper peer id trusted to be an independent party (repeatable).
+        #[arg(long, value_name = "PEER_ID")]
+        trust: Vec<mesh_core::network::PeerId>,
+        /// Generations running at once (each with its own KV cache).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Requests in flight at once, running and waiting; more get 503.
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
+        /// Largest request body in bytes (larger: 413).
+        #[arg(long, default_value_t = 4 << 20)]
+        max_body: usize,
+        /// Seconds in-flight requests may take to finish at shutdown before they are cancelled.
+        #[arg(long, default_value_t = 10.0)]
+        grace: f64,
+        /// Seconds a connection may take to send its request headers.
+        #[arg(long, default_value_t = 10.0, hide = true)]
+        header_timeout: f64,
+        /// Compute threads, at most the cores (default 0: the cores idle right now).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Exact accumulation (see `mesh generate --exact`).
+        #[arg(long)]
+        exact: bool,
+        /// Seconds a pipeline stage may take to answer before it is replaced.
+        #[arg(long, default_value_t = 30.0)]
+        stage_timeout: f64,
+        /// Seconds a private helper may take to answer before it is replaced.
+        #[arg(long, default_value_t = 30.0)]
+        helper_timeout: f64,
+        /// Seconds to look for stages or helpers.
+        #[arg(long, default_value_t = 10.0)]
+        find_timeout: f64,
+    },
+    /// The one-command tour: start a 3-node mesh on loopback (each node serves
+    /// a third of the layers and helper duty), run the same prompt locally,
+    /// through the pipeline and in private mode, print the answers, the plan,
+    /// latency and traffic; with `--serve`, keep the mesh up behind `mesh serve`.
+    Demo {
+        #[arg(
+            long,
+            default_value = "What is the capital of France? Answer in one sentence."
+        )]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Then serve the chat page and the APIs over the demo mesh.
+        #[arg(long)]
+        serve: bool,
+        /// With --serve: address to listen on.
+        #[arg(long, default_value = "127.0.0.1:11435")]
+        listen: std::net::SocketAddr,
+        /// Print one JSON object with every figure instead of the table.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Simulate a mesh in memory (virtual time, deterministic per seed): nodes
     /// join, announce layer ranges, churn; prints when every live node can find
     /// a provider for every layer range, and the messages it took, as JSON.
@@ -260,9 +357,9 @@ fn main() -> ExitCode {
     }
 }
 
-type BoxError = Box<dyn std::error::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn model_path(spec: &str) -> Result<PathBuf, mesh_core::Error> {
+pub(crate) fn model_path(spec: &str) -> Result<PathBuf, mesh_core::Error> {
     let bar = ProgressBar::hidden();
     let mut shown = false;
     let path = resolve_model(spec, &mut |p| match p {
@@ -368,7 +465,7 @@ fn private_report_json(
 }
 
 /// Turns on exact accumulation if asked (an error if this CPU cannot run it).
-fn set_exact(engine: &GgmlEngine, exact: bool) -> Result<(), mesh_core::Error> {
+pub(crate) fn set_exact(engine: &GgmlEngine, exact: bool) -> Result<(), mesh_core::Error> {
     if exact && !engine.set_exact_accumulation(true) {
         return Err(mesh_core::Error::Unsupported(
             "--exact needs an x86-64 CPU with AVX2, FMA and F16C".into(),
@@ -753,6 +850,76 @@ fn run(command: Command) -> Result<(), BoxError> {
             threads,
             helper,
             helper_fault,
+        })?,
+        Command::Serve {
+            model,
+            name,
+            listen,
+            bootstrap,
+            mode,
+            api_key,
+            helpers,
+            spares,
+            trust,
+            parallel,
+            queue,
+            max_body,
+            grace,
+            header_timeout,
+            threads,
+            exact,
+            stage_timeout,
+            helper_timeout,
+            find_timeout,
+        } => {
+            if helpers < 2 {
+                return Err("--helpers: private mode needs at least 2".into());
+            }
+            if parallel == 0 || queue < parallel {
+                return Err("--parallel must be >= 1 and --queue >= --parallel".into());
+            }
+            let mode = match mode {
+                ServeMode::Local => mesh_core::node::Mode::Local,
+                ServeMode::Pipeline => mesh_core::node::Mode::Pipeline,
+                ServeMode::Private => mesh_core::node::Mode::Private { helpers, spares },
+            };
+            serve::serve(serve::ServeArgs {
+                model,
+                name,
+                threads,
+                exact,
+                client: net::ClientArgs {
+                    bootstrap,
+                    stage_timeout,
+                    find_timeout,
+                    helper_timeout,
+                    trust,
+                },
+                config: serve::ServeConfig {
+                    listen,
+                    api_key: api_key.filter(|k| !k.is_empty()),
+                    mode,
+                    private: (helpers, spares),
+                    parallel,
+                    queue,
+                    max_body,
+                    grace: net::seconds("--grace", grace)?,
+                    header_timeout: net::seconds("--header-timeout", header_timeout)?,
+                },
+            })?
+        }
+        Command::Demo {
+            prompt,
+            max_tokens,
+            serve,
+            listen,
+            format,
+        } => demo::demo(demo::DemoArgs {
+            prompt,
+            max_tokens,
+            serve,
+            listen,
+            json: format == Format::Json,
         })?,
         Command::Sim {
             nodes,

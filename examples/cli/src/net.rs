@@ -182,7 +182,7 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
 }
 
 /// A duration flag's value: a positive, finite number of seconds that fits a `Duration`.
-fn seconds(flag: &str, v: f64) -> Result<Duration, BoxError> {
+pub fn seconds(flag: &str, v: f64) -> Result<Duration, BoxError> {
     if !(v.is_finite() && v > 0.0) {
         return Err(format!("{flag} {v}: expected a positive number of seconds").into());
     }
@@ -199,12 +199,10 @@ pub struct ClientArgs {
     pub trust: Vec<mesh_core::network::PeerId>,
 }
 
-/// A node for `mesh generate --mesh` or `--private N --bootstrap ...`:
-/// dials `bootstrap`, listens nowhere.
+/// A node for `mesh generate --mesh`, `--private N --bootstrap ...` and
+/// `mesh serve`: dials `bootstrap` (none: it can only generate locally),
+/// listens nowhere.
 pub fn client_node(args: ClientArgs) -> Result<Node, BoxError> {
-    if args.bootstrap.is_empty() {
-        return Err("--mesh: expected at least one --bootstrap MULTIADDR".into());
-    }
     let mut config = P2pConfig::new(Identity::ephemeral());
     config.bootstrap = args.bootstrap;
     let find_timeout = seconds("--find-timeout", args.find_timeout)?;

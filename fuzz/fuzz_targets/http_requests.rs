@@ -1,0 +1,9 @@
+//! `mesh serve`'s request parsers (OpenAI chat and completions, Ollama chat,
+//! generate and show) on arbitrary bodies: errors, never panics.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    mesh_serve::parse_requests(data);
+});

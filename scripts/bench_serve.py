@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""`mesh serve` against `mesh generate`, same run: streaming overhead and
+throughput with concurrent clients.
+
+    python3 scripts/bench_serve.py [--threads 2] [--tg 64] [--runs 3] [--clients 1,4,8]
+
+Builds the release `mesh`, then
+1. runs `mesh generate` (greedy, --ignore-eos, TG tokens) and the same prompt
+   through `POST /v1/completions` with `stream: true` (and `ignore_eos`),
+   alternating, RUNS times each; checks the texts are equal; reports decode
+   tokens/s (inter-token time, best run) and time to first token (the CLI's
+   prompt time plus one decode step, against request-sent to first chunk);
+2. sends C concurrent streaming requests (C in --clients) and reports total
+   tokens/s and p50/p99 of the gap between a client's tokens.
+Concurrent decode steps are not batched into one forward pass: sessions
+take turns on the node's compute pool.
+"""
+import argparse, http.client, json, os, statistics, subprocess, threading, time
+
+from meshbench import generate, mesh_binary, prompt_files
+
+
+def stream_completion(host, port, prompt, n):
+    """One streamed completion; returns (text, t_sent, [chunk arrival times])."""
+    c = http.client.HTTPConnection(host, port, timeout=600)
+    body = json.dumps({"model": "default", "prompt": prompt, "max_tokens": n, "temperature": 0,
+                       "stream": True, "ignore_eos": True})
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    text, times = "", []
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        piece = json.loads(line[6:])["choices"]
+        if piece and piece[0]["text"]:
+            times.append(time.perf_counter())
+            text += piece[0]["text"]
+    c.close()
+    return text, t0, times
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tg", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--clients", default="1,4,8")
+    args = ap.parse_args()
+    mesh = mesh_binary()
+    model = subprocess.check_output([mesh, "fetch"], text=True).strip()
+    short, _ = prompt_files("serve", 16)
+    prompt = open(short).read()
+    clients = [int(c) for c in args.clients.split(",")]
+    srv = subprocess.Popen([mesh, "serve", "--model", model, "--listen", "127.0.0.1:0",
+                            "--threads", str(args.threads), "--parallel", str(max(clients)),
+                            "--queue", str(2 * max(clients))], stdout=subprocess.PIPE, text=True)
+    try:
+        url = json.loads(srv.stdout.readline())["listening"]
+        host, port = url[len("http://"):].split(":")
+        port = int(port)
+        stream_completion(host, port, prompt, 4)  # warm up
+        cli_tps, cli_ttft, srv_tps, srv_ttft = [], [], [], []
+        for _ in range(args.runs):
+            g = generate(mesh, model, short, args.tg, args.threads)
+            step = g["generate_ms"] / max(1, len(g["token_ids"]) - 1)
+            cli_tps.append(1e3 / step)
+            cli_ttft.append(g["prompt_ms"] + step)
+            text, t0, times = stream_completion(host, port, prompt, args.tg)
+            assert text == g["text"], (text, g["text"])
+            srv_tps.append((len(times) - 1) / (times[-1] - times[0]))
+            srv_ttft.append((times[0] - t0) * 1e3)
+        print(f"| threads {args.threads}, {args.tg} tokens | mesh generate | mesh serve (stream) | ratio |")
+        print("|---|---|---|---|")
+        print(f"| decode tokens/s (best of {args.runs}) | {max(cli_tps):.1f} | {max(srv_tps):.1f} | "
+              f"{max(srv_tps) / max(cli_tps):.3f}x |")
+        print(f"| time to first token, ms (best) | {min(cli_ttft):.1f} | {min(srv_ttft):.1f} | "
+              f"+{min(srv_ttft) - min(cli_ttft):.1f} ms |")
+        print()
+        print("| concurrent clients | total tokens/s | p50 token gap ms | p99 token gap ms | texts equal |")
+        print("|---|---|---|---|---|")
+        for c in clients:
+            results = [None] * c
+
+            def one(i):
+                results[i] = stream_completion(host, port, prompt, args.tg)
+
+            t0 = time.perf_counter()
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(c)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            wall = time.perf_counter() - t0
+            gaps = [(b - a) * 1e3 for _, _, times in results for a, b in zip(times, times[1:])]
+            tokens = sum(len(times) for _, _, times in results)
+            equal = all(r[0] == results[0][0] for r in results)
+            print(f"| {c} | {tokens / wall:.1f} | {pct(gaps, 50):.1f} | {pct(gaps, 99):.1f} | {equal} |")
+    finally:
+        srv.terminate()
+        srv.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ def main():
     short, _ = prompt_files("serve", 16)
     prompt = open(short).read()
     clients = [int(c) for c in args.clients.split(",")]
-    srv = subprocess.Popen([mesh, "serve", "--model", model, "--listen", "127.0.0.1:0",
+    srv = subprocess.Popen([mesh, "serve", "--model", model, "--name", "default", "--listen", "127.0.0.1:0",
                             "--threads", str(args.threads), "--parallel", str(max(clients)),
                             "--queue", str(2 * max(clients))], stdout=subprocess.PIPE, text=True)
     try:

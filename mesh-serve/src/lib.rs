@@ -49,6 +49,9 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 256;
 /// Pieces of text buffered per request between generation and the client.
 const CHANNEL: usize = 64;
+/// A client that takes no text for this long (its buffer full) is dropped,
+/// so a reader that stalls cannot hold a generation slot forever.
+pub const STALLED_CLIENT: Duration = Duration::from_secs(60);
 
 /// The settings of `mesh serve`.
 #[derive(Clone, Debug)]
@@ -536,7 +539,7 @@ pub fn submit(state: &Arc<AppState>, job: Job) -> Result<JobHandle, ApiError> {
             // end, so a client that sends its next request at once finds them.
             drop(permit);
             drop(guard);
-            let _ = tx.blocking_send(Event::Done(r));
+            let _ = send(&tx, Event::Done(r));
         })
         .await;
         if let Err(e) = result {
@@ -544,6 +547,25 @@ pub fn submit(state: &Arc<AppState>, job: Job) -> Result<JobHandle, ApiError> {
         }
     });
     Ok(JobHandle { events: rx, cancel })
+}
+
+/// Sends `event` from a generation thread; `false` if the client is gone or
+/// took nothing for [`STALLED_CLIENT`].
+fn send(tx: &mpsc::Sender<Event>, event: Event) -> bool {
+    use mpsc::error::TrySendError;
+    let deadline = Instant::now() + STALLED_CLIENT;
+    let mut event = event;
+    loop {
+        match tx.try_send(event) {
+            Ok(()) => return true,
+            Err(TrySendError::Closed(_)) => return false,
+            Err(TrySendError::Full(e)) if Instant::now() < deadline => {
+                event = e;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(TrySendError::Full(_)) => return false,
+        }
+    }
 }
 
 /// Runs one job on this (blocking) thread.
@@ -576,12 +598,12 @@ fn run_job(
         params,
         n_ctx: Some(prompt_ids.len() + max_tokens),
     };
-    if tx
-        .blocking_send(Event::Started {
+    if !send(
+        tx,
+        Event::Started {
             prompt_tokens: prompt_ids.len(),
-        })
-        .is_err()
-    {
+        },
+    ) {
         return Ok(cancelled_summary(prompt_ids.len(), queued_ms, job.mode));
     }
     let mut filter = stop::StopFilter::new(job.stops);
@@ -589,7 +611,7 @@ fn run_job(
     let mut client_gone = false;
     let mut on_text = |piece: &str| {
         let (text, stopped) = filter.push(piece);
-        if !text.is_empty() && tx.blocking_send(Event::Text(text)).is_err() {
+        if !text.is_empty() && !send(tx, Event::Text(text)) {
             client_gone = true;
             return false;
         }
@@ -611,7 +633,7 @@ fn run_job(
     if !stopped_by_string && !client_gone {
         let rest = filter.finish();
         if !rest.is_empty() {
-            let _ = tx.blocking_send(Event::Text(rest));
+            let _ = send(tx, Event::Text(rest));
         }
     }
     use mesh_core::generate::StopReason;

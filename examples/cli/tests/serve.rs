@@ -453,3 +453,75 @@ fn shutdown_lets_in_flight_requests_finish() {
     let exit = s.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// The mesh behind the same endpoints: with two `mesh node` processes
+/// (layers 0-15 and 15-30, helper duty), `default:pipeline` gives local's
+/// greedy text over two hops, `"mesh": {"mode": "private"}` the text of
+/// two helpers, each response saying where it was computed.
+#[test]
+fn pipeline_and_private_requests_run_on_the_mesh() {
+    let model = common::model();
+    let a = common::spawn_node(&format!("{model}:0-15"), &["--helper"], None, "helping");
+    let b = common::spawn_node(
+        &format!("{model}:15-30"),
+        &["--helper"],
+        Some(&a.addr),
+        "helping",
+    );
+    let s = serve(&[
+        "--bootstrap",
+        &a.addr,
+        "--trust",
+        &a.peer_id,
+        "--trust",
+        &b.peer_id,
+        "--spares",
+        "0",
+    ]);
+    let ask = |model: &str, extra: Value| {
+        let mut body = json!({"model": model, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (code, v) = post_json(&s.addr, "/v1/chat/completions", &body);
+        assert_eq!(code, 200, "{v}");
+        v
+    };
+    let local = ask("default", json!({}));
+    assert_eq!(local["mesh"]["mode"], "local");
+    let text = &local["choices"][0]["message"]["content"];
+    let pipeline = ask("default:pipeline", json!({}));
+    assert_eq!(pipeline["mesh"]["mode"], "pipeline", "{pipeline}");
+    assert_eq!(&pipeline["choices"][0]["message"]["content"], text);
+    let plan = pipeline["mesh"]["plan"].as_array().unwrap();
+    let peers: Vec<&str> = plan
+        .iter()
+        .map(|h| h["peer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        peers,
+        [a.peer_id.as_str(), b.peer_id.as_str()],
+        "{pipeline}"
+    );
+    let private = ask("default", json!({"mesh": {"mode": "private"}}));
+    assert_eq!(private["mesh"]["mode"], "private", "{private}");
+    let helpers = private["mesh"]["helpers"].as_array().unwrap();
+    assert_eq!(helpers.len(), 2, "{private}");
+    assert!(private["mesh"]["bytes_per_token"].as_f64().unwrap() > 0.0);
+    assert!(private["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Paris"));
+    // Ollama's API reaches the mesh the same way.
+    let (code, v) = post_json(
+        &s.addr,
+        "/api/chat",
+        &json!({"model": "default:pipeline", "stream": false,
+                "options": {"temperature": 0, "num_predict": 16, "repeat_penalty": 1.0},
+                "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(&v["message"]["content"], text);
+    assert_eq!(v["mesh"]["mode"], "pipeline");
+}

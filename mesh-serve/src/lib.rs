@@ -309,6 +309,19 @@ pub async fn read_body<T: serde::de::DeserializeOwned>(
     parse_json(&bytes)
 }
 
+/// Reads a generation request: the body as `T` (and as JSON), and the mode
+/// its model name and `mesh` field ask for (404 for another model).
+pub async fn read_request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: Request,
+    model: fn(&T) -> &str,
+) -> Result<(T, Mode, Value), ApiError> {
+    let body = read_body::<T>(state, req).await?;
+    let mode = state.resolve(model(&body.value))?;
+    let mode = mesh_mode(&body.raw, mode, state.config.private)?;
+    Ok((body.value, mode, body.raw))
+}
+
 /// Parses a request body: JSON, then `T` (pure; the fuzz target's entry).
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Body<T>, ApiError> {
     let raw: Value = serde_json::from_slice(bytes)

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    mesh_mode, model_details, read_body, submit, ApiError, AppState, Event, Finish, Job, Summary,
+    model_details, read_body, read_request, submit, ApiError, AppState, Event, Finish, Job, Summary,
 };
 
 /// Ollama's `options` (the ones mesh-llm honours; others are ignored, as
@@ -168,6 +168,21 @@ fn settings(
     Ok((params, max_tokens, o.stop.unwrap_or_default()))
 }
 
+/// A job of `prompt` with Ollama's `options`.
+fn job(prompt: Prompt, options: Option<Options>, mode: super::Mode) -> Result<Job, ApiError> {
+    let (sampler, max_tokens, stops) = settings(options)?;
+    Ok(Job {
+        prompt,
+        params: GenerateParams {
+            sampler,
+            ..GenerateParams::default()
+        },
+        max_tokens,
+        stops,
+        mode,
+    })
+}
+
 fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
     match format {
         None | Some(Value::Null) => Ok(()),
@@ -283,17 +298,7 @@ pub fn chat_job(r: &ChatRequest, mode: super::Mode) -> Result<Option<Job>, ApiEr
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (sampler, max_tokens, stops) = settings(r.options.clone())?;
-    Ok(Some(Job {
-        prompt: Prompt::Chat(messages),
-        params: GenerateParams {
-            sampler,
-            ..GenerateParams::default()
-        },
-        max_tokens,
-        stops,
-        mode,
-    }))
+    job(Prompt::Chat(messages), r.options.clone(), mode).map(Some)
 }
 
 /// `POST /api/chat`.
@@ -305,10 +310,7 @@ pub async fn chat(State(state): State<Arc<AppState>>, req: Request) -> Response 
 }
 
 async fn chat_inner(state: Arc<AppState>, req: Request) -> Result<Response, ApiError> {
-    let body = read_body::<ChatRequest>(&state, req).await?;
-    let r = body.value;
-    let mode = state.resolve(&r.model)?;
-    let mode = mesh_mode(&body.raw, mode, state.config.private)?;
+    let (r, mode, _) = read_request::<ChatRequest>(&state, req, |r| &r.model).await?;
     let Some(job) = chat_job(&r, mode)? else {
         // No messages: Ollama loads the model and answers at once.
         return Ok(axum::Json(json!({
@@ -370,17 +372,7 @@ pub fn generate_job(r: &GenerateBody, mode: super::Mode) -> Result<Option<Job>, 
                 .collect(),
         )
     };
-    let (sampler, max_tokens, stops) = settings(r.options.clone())?;
-    Ok(Some(Job {
-        prompt,
-        params: GenerateParams {
-            sampler,
-            ..GenerateParams::default()
-        },
-        max_tokens,
-        stops,
-        mode,
-    }))
+    job(prompt, r.options.clone(), mode).map(Some)
 }
 
 /// `POST /api/generate`.
@@ -392,10 +384,7 @@ pub async fn generate(State(state): State<Arc<AppState>>, req: Request) -> Respo
 }
 
 async fn generate_inner(state: Arc<AppState>, req: Request) -> Result<Response, ApiError> {
-    let body = read_body::<GenerateBody>(&state, req).await?;
-    let r = body.value;
-    let mode = state.resolve(&r.model)?;
-    let mode = mesh_mode(&body.raw, mode, state.config.private)?;
+    let (r, mode, _) = read_request::<GenerateBody>(&state, req, |r| &r.model).await?;
     let Some(job) = generate_job(&r, mode)? else {
         return Ok(axum::Json(json!({
             "model": r.model, "created_at": now(), "response": "",

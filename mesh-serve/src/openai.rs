@@ -31,8 +31,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{
-    mesh_mode, read_body, submit, unix_now, ApiError, AppState, Event, Finish, Job, JobHandle,
-    Summary,
+    read_request, submit, unix_now, ApiError, AppState, Event, Finish, Job, JobHandle, Summary,
 };
 
 /// A response with the `mesh` extension beside OpenAI's fields.
@@ -258,12 +257,10 @@ pub async fn chat(State(state): State<Arc<AppState>>, req: Request) -> Response 
 }
 
 async fn chat_inner(state: Arc<AppState>, req: Request) -> Result<Response, ApiError> {
-    let body = read_body::<CreateChatCompletionRequest>(&state, req).await?;
-    let r = body.value;
-    let mode = state.resolve(&r.model)?;
-    let mode = mesh_mode(&body.raw, mode, state.config.private)?;
+    let (r, mode, raw) =
+        read_request::<CreateChatCompletionRequest>(&state, req, |r| &r.model).await?;
     let mut job = chat_job(&r, mode)?;
-    job.params.ignore_eos = super::ignore_eos(&body.raw);
+    job.params.ignore_eos = super::ignore_eos(&raw);
     let mut handle = submit(&state, job)?;
     handle.started().await?;
     let id = completion_id("chatcmpl");
@@ -494,12 +491,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Re
 }
 
 async fn completions_inner(state: Arc<AppState>, req: Request) -> Result<Response, ApiError> {
-    let body = read_body::<CreateCompletionRequest>(&state, req).await?;
-    let r = body.value;
-    let mode = state.resolve(&r.model)?;
-    let mode = mesh_mode(&body.raw, mode, state.config.private)?;
+    let (r, mode, raw) = read_request::<CreateCompletionRequest>(&state, req, |r| &r.model).await?;
     let mut job = completion_job(&r, mode, state.model.engine.info().n_vocab)?;
-    job.params.ignore_eos = super::ignore_eos(&body.raw);
+    job.params.ignore_eos = super::ignore_eos(&raw);
     let mut handle = submit(&state, job)?;
     handle.started().await?;
     let id = completion_id("cmpl");

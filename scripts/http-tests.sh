@@ -32,7 +32,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import pytest, openai
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PKGS[@]}"
 fi
-"$VENV/bin/python" -c 'import openai, ollama; print("http-tests: openai", openai.__version__, "/ ollama client", getattr(ollama, "__version__", "?"))' >&2
+"$VENV/bin/python" -c 'from importlib.metadata import version as v; print("http-tests: clients: openai", v("openai"), "/ ollama", v("ollama"), "/ selenium", v("selenium"))' >&2
 
 if [ "$browser" = 1 ]; then
   if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then

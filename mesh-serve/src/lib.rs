@@ -255,7 +255,7 @@ impl ApiError {
 }
 
 /// A JSON body read within the size and time limits, parsed into `T` with
-/// the API's error shape on failure. `extra` holds the body as JSON for
+/// the API's error shape on failure. `raw` holds the body as JSON for
 /// fields outside `T` (the `mesh` extension).
 pub struct Body<T> {
     pub value: T,
@@ -280,7 +280,6 @@ pub async fn read_body<T: serde::de::DeserializeOwned>(
             format!("the request body is larger than {limit} bytes"),
         ));
     }
-    let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, limit)));
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, &())).await {
         Err(_) => {
             return Err(ApiError::new(
@@ -290,11 +289,9 @@ pub async fn read_body<T: serde::de::DeserializeOwned>(
             ))
         }
         Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<axum::Error>())
-                .and_then(|s| std::error::Error::source(s))
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.status() == StatusCode::PAYLOAD_TOO_LARGE;
+            // The router's `DefaultBodyLimit` (set to `max_body`) ends a
+            // body that grows past the limit with this status.
+            let too_large = e.status() == StatusCode::PAYLOAD_TOO_LARGE;
             if too_large {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -803,6 +800,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/version", get(ollama::version))
         .route("/api", get(|| async { "Ollama is running" }))
         .merge(api)
+        // axum's own limit (2 MiB by default) bounds every body read; make
+        // it the configured one.
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body))
         .fallback(|req: Request| async move {
             let e = ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -317,6 +317,17 @@ fn api_key_is_required_when_set() {
     assert_eq!(code, 200);
     let v: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["data"][0]["id"], "default");
+    // A 3 MB body is within the default 4 MiB limit: parsed (unknown model), not 413.
+    let big =
+        json!({"model": "nope", "messages": [{"role": "user", "content": "x".repeat(3 << 20)}]});
+    let (code, _, b) = request(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &["Authorization: Bearer s3cret"],
+        big.to_string().as_bytes(),
+    );
+    assert_eq!(code, 404, "{}", String::from_utf8_lossy(&b));
     // The page itself and Ollama's version probe need no key.
     assert_eq!(request(&s.addr, "GET", "/", &[], b"").0, 200);
     assert_eq!(request(&s.addr, "GET", "/api/version", &[], b"").0, 200);

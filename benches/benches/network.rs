@@ -1,4 +1,5 @@
-//! Request/response round trips on loopback: 100 KiB and 1 MiB tensors sent
+//! Request/response round trips on loopback: 2304 B (one decode row of the
+//! default model, the pipeline's per-hop message), 100 KiB and 1 MiB tensors sent
 //! and echoed back over libp2p TCP (noise + yamux) and QUIC, next to a plain
 //! tokio TCP socket doing the same framing in the same run. Every round trip
 //! checks the echoed bytes.
@@ -15,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
-const SIZES: [usize; 2] = [100 << 10, 1 << 20];
+const SIZES: [usize; 3] = [2304, 100 << 10, 1 << 20];
 
 fn payload(n: usize) -> Bytes {
     Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
@@ -121,7 +122,11 @@ fn bench_network(c: &mut Criterion) {
     for size in SIZES {
         let data = payload(size);
         g.throughput(Throughput::Bytes(2 * size as u64));
-        let label = format!("{}KiB", size >> 10);
+        let label = if size % 1024 != 0 {
+            format!("{size}B")
+        } else {
+            format!("{}KiB", size >> 10)
+        };
         g.bench_with_input(BenchmarkId::new("tokio_tcp", &label), &data, |b, d| {
             b.iter(|| rt.block_on(tcp_round_trip(&mut plain, d, &mut back)))
         });

@@ -614,3 +614,128 @@ async fn dns_addresses_are_dialed() {
         n.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_use_streams_and_fall_back_to_request_response() {
+    let start = |seed: u8, streams: bool| async move {
+        let mut config = P2pConfig::loopback(Identity::from_seed([seed; 32]));
+        config.request_streams = streams;
+        if seed != 33 {
+            // The servers' limit is below the client's.
+            config.limits.max_request_bytes = 64 << 10;
+        }
+        P2pNetwork::start(config).await.expect("node starts")
+    };
+    let echo = |i: usize| Request {
+        method: "test/echo".into(),
+        meta: Bytes::from(format!("request {i}")),
+        tensor: Bytes::from((0..2304).map(|b| (b * 7 + i) as u8).collect::<Vec<u8>>()),
+    };
+    let check = |i: usize, r: Response| {
+        let mut want = echo(i).tensor.to_vec();
+        want.reverse();
+        assert_eq!(r.meta, Bytes::from(format!("request {i}")));
+        assert_eq!(r.tensor, Bytes::from(want), "reply {i}");
+    };
+    let with = start(31, true).await;
+    let without = start(32, false).await;
+    let client = Arc::new(start(33, true).await);
+    for server in [&with, &without] {
+        echo_server(server, "test/echo").await;
+        client
+            .dial(tcp_addr(&server.listen_addrs().await.unwrap()))
+            .await
+            .unwrap();
+    }
+
+    // Sequential requests reuse one stream.
+    for i in 0..5 {
+        let r = client.request(with.local_peer_id(), echo(i), Duration::from_secs(20));
+        check(i, r.await.unwrap());
+    }
+    let s = client.stream_stats();
+    assert_eq!((s.opened, s.reused, s.fallbacks), (1, 4, 0), "{s:?}");
+
+    // Concurrent ones open more streams; every reply is its own request's.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (c, peer) = (client.clone(), with.local_peer_id());
+        tasks.push(tokio::spawn(async move {
+            (i, c.request(peer, echo(i), Duration::from_secs(20)).await)
+        }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        check(i, r.unwrap());
+    }
+    let s = client.stream_stats();
+    assert!(s.opened > 1 && s.opened <= 17, "{s:?}");
+
+    // An oversized request is refused on the stream, which stays usable.
+    let big = Request {
+        tensor: Bytes::from(vec![1u8; 128 << 10]),
+        ..echo(0)
+    };
+    let err = client
+        .request(with.local_peer_id(), big, Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::Remote {
+                status: RemoteStatus::TooLarge,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let before = client.stream_stats();
+    let r = client.request(with.local_peer_id(), echo(7), Duration::from_secs(20));
+    check(7, r.await.unwrap());
+    let after = client.stream_stats();
+    assert_eq!(
+        (after.opened, after.reused),
+        (before.opened, before.reused + 1)
+    );
+
+    // A peer without streams is asked over request-response, both ways.
+    for i in 0..3 {
+        let r = client.request(without.local_peer_id(), echo(i), Duration::from_secs(20));
+        check(i, r.await.unwrap());
+    }
+    assert_eq!(client.stream_stats().fallbacks, 3);
+    without
+        .dial(tcp_addr(&with.listen_addrs().await.unwrap()))
+        .await
+        .unwrap();
+    let r = without.request(with.local_peer_id(), echo(9), Duration::from_secs(20));
+    check(9, r.await.unwrap());
+    assert_eq!(without.stream_stats(), Default::default());
+
+    // An unknown method is a typed remote error over a stream too.
+    let err = client
+        .request(
+            with.local_peer_id(),
+            Request {
+                method: "test/nobody".into(),
+                ..Default::default()
+            },
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Network(NetworkError::Remote {
+                status: RemoteStatus::UnknownMethod,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    for n in [&with, &without, &*client] {
+        n.shutdown().await.unwrap();
+    }
+}

@@ -39,6 +39,7 @@ pub mod keys;
 pub mod memory;
 pub mod p2p;
 pub mod sim;
+mod streams;
 pub mod wire;
 
 pub use identity::Identity;

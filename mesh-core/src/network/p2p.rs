@@ -41,6 +41,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::streams::{self, Handlers, StreamClient};
 use super::wire::{self, Frame};
 use super::{
     check_method, keys, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
@@ -52,6 +53,10 @@ use crate::{Error, Result};
 
 /// Protocol id of our request-response protocol.
 pub const RR_PROTOCOL: &str = "/mesh-llm/rr/1";
+
+/// The protocol of long-lived request streams, preferred over
+/// [`RR_PROTOCOL`] for every request but `mesh/describe`.
+pub use super::streams::{StreamStats, RPC_PROTOCOL};
 /// Protocol id of our Kademlia DHT (a private DHT, not the public IPFS one).
 pub const KAD_PROTOCOL: &str = "/mesh-llm/kad/1";
 /// Identify protocol version string.
@@ -93,6 +98,10 @@ pub struct P2pConfig {
     /// Longest a request may stay outstanding inside libp2p, whatever the
     /// caller's own deadline.
     pub max_request_time: Duration,
+    /// Serve and use long-lived request streams ([`RPC_PROTOCOL`]); off,
+    /// every request goes over request-response (as to a peer that does
+    /// not speak the protocol).
+    pub request_streams: bool,
 }
 
 impl P2pConfig {
@@ -110,6 +119,7 @@ impl P2pConfig {
             gossip_heartbeat: Duration::from_millis(500),
             reprovide_interval: Duration::from_secs(600),
             max_request_time: Duration::from_secs(600),
+            request_streams: true,
         }
     }
 
@@ -159,20 +169,8 @@ impl request_response::Codec for MeshCodec {
         T: AsyncRead + Unpin + Send,
     {
         let limit = self.limits.max_request_bytes;
-        Ok(RrRequest::Inbound(match wire::read_frame(io, limit, "request").await? {
-            Frame::Oversized { size } => Err((
-                RemoteStatus::TooLarge,
-                format!("request of {size} bytes exceeds the limit of {limit} bytes"),
-            )),
-            Frame::Body(body) => match wire::decode_request(body, limit) {
-                Ok(r) => Ok(r),
-                Err(Error::Network(NetworkError::UnsupportedVersion { found, supported })) => Err((
-                    RemoteStatus::UnsupportedVersion,
-                    format!("wire version {found} is not supported (this node speaks {supported})"),
-                )),
-                Err(e) => Err((RemoteStatus::Malformed, e.to_string())),
-            },
-        }))
+        let frame = wire::read_frame(io, limit, "request").await?;
+        Ok(RrRequest::Inbound(streams::parse_request(frame, limit)))
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<RrResponse>
@@ -230,6 +228,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     rr: request_response::Behaviour<MeshCodec>,
+    stream: libp2p_stream::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     relay_client: relay::client::Behaviour,
     relay: Toggle<relay::Behaviour>,
@@ -331,6 +330,7 @@ fn build_swarm(config: &P2pConfig) -> Result<Swarm<Behaviour>> {
                 kad,
                 gossipsub,
                 rr,
+                stream: libp2p_stream::Behaviour::new(),
                 mdns: Toggle::from(mdns),
                 relay_client,
                 relay: Toggle::from(
@@ -403,7 +403,9 @@ struct State {
     remote_announcements: HashMap<PeerId, Vec<Announcement>>,
     subscribers: HashMap<gossipsub::TopicHash, (String, Vec<mpsc::Sender<GossipMessage>>)>,
     validators: HashMap<gossipsub::TopicHash, Validator>,
-    handlers: HashMap<String, mpsc::Sender<InboundRequest>>,
+    handlers: Handlers,
+    /// Idle request streams, pruned on the housekeeping tick.
+    streams: Option<Arc<StreamClient>>,
     outbound: HashMap<OutboundRequestId, Outbound>,
     finds: HashMap<kad::QueryId, Find>,
     dials: HashMap<ConnectionId, Ack<()>>,
@@ -433,6 +435,11 @@ pub struct P2pNetwork {
     events: broadcast::Sender<Event>,
     limits: Limits,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Requests over streams, and the task serving inbound ones (`None`:
+    /// streams are off).
+    streams: Option<Arc<StreamClient>>,
+    stream_server: Option<JoinHandle<()>>,
+    banned: Arc<Mutex<HashSet<PeerId>>>,
 }
 
 impl std::fmt::Debug for P2pNetwork {
@@ -459,6 +466,21 @@ impl P2pNetwork {
             listeners += 1;
         }
         let (events, _) = broadcast::channel(1024);
+        let handlers = Handlers::default();
+        let banned = Arc::new(Mutex::new(HashSet::new()));
+        let (stream_client, stream_server) = if config.request_streams {
+            let control = swarm.behaviour_mut().stream.new_control();
+            let server = streams::serve(
+                control.clone(),
+                handlers.clone(),
+                banned.clone(),
+                config.limits.clone(),
+            )?;
+            let client = Arc::new(StreamClient::new(control, config.limits.clone()));
+            (Some(client), Some(server))
+        } else {
+            (None, None)
+        };
         let mut state = State {
             swarm,
             limits: config.limits.clone(),
@@ -468,7 +490,8 @@ impl P2pNetwork {
             remote_announcements: HashMap::new(),
             subscribers: HashMap::new(),
             validators: HashMap::new(),
-            handlers: HashMap::new(),
+            handlers: handlers.clone(),
+            streams: stream_client.clone(),
             outbound: HashMap::new(),
             finds: HashMap::new(),
             dials: HashMap::new(),
@@ -518,9 +541,18 @@ impl P2pNetwork {
             peer_id,
             commands: tx,
             events,
+            streams: stream_client,
             limits: config.limits,
             task: Mutex::new(Some(task)),
+            stream_server,
+            banned,
         })
+    }
+
+    /// How requests used long-lived streams so far (zero when
+    /// [`P2pConfig::request_streams`] is off).
+    pub fn stream_stats(&self) -> StreamStats {
+        self.streams.as_ref().map(|s| s.stats()).unwrap_or_default()
     }
 
     async fn call<T>(&self, make: impl FnOnce(Ack<T>) -> Command) -> Result<T> {
@@ -535,6 +567,9 @@ impl P2pNetwork {
 
 impl Drop for P2pNetwork {
     fn drop(&mut self) {
+        if let Some(server) = &self.stream_server {
+            server.abort();
+        }
         if let Ok(mut task) = self.task.lock() {
             if let Some(t) = task.take() {
                 t.abort();
@@ -624,9 +659,25 @@ impl Network for P2pNetwork {
 
     async fn request(&self, peer: PeerId, request: Request, timeout: Duration) -> Result<Response> {
         let body = wire::encode_request(&request, self.limits.max_request_bytes)?;
-        match tokio::time::timeout(timeout, self.call(|ack| Command::Request(peer, body, ack)))
-            .await
-        {
+        let exchange = async {
+            if request.method != DESCRIBE_METHOD {
+                if self
+                    .banned
+                    .lock()
+                    .map(|b| b.contains(&peer))
+                    .unwrap_or(false)
+                {
+                    return Err(NetworkError::Banned(peer).into());
+                }
+                if let Some(streams) = &self.streams {
+                    if let Some(reply) = streams.request(peer, &body).await {
+                        return reply;
+                    }
+                }
+            }
+            self.call(|ack| Command::Request(peer, body, ack)).await
+        };
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
             Err(_) => Err(NetworkError::Timeout {
                 what: format!("{} reply from {peer}", request.method),
@@ -645,6 +696,12 @@ impl Network for P2pNetwork {
     }
 
     async fn ban(&self, peer: PeerId) -> Result<()> {
+        if let Ok(mut b) = self.banned.lock() {
+            b.insert(peer);
+        }
+        if let Some(streams) = &self.streams {
+            streams.forget(Some(peer));
+        }
         self.call(|ack| Command::Ban(peer, ack)).await
     }
 
@@ -653,6 +710,12 @@ impl Network for P2pNetwork {
     }
 
     async fn shutdown(&self) -> Result<()> {
+        if let Some(server) = &self.stream_server {
+            server.abort();
+        }
+        if let Some(streams) = &self.streams {
+            streams.forget(None);
+        }
         let result = self.call(Command::Shutdown).await;
         let task = self.task.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
@@ -788,6 +851,9 @@ impl State {
         if now >= self.reprovide_at {
             self.reprovide_at = now + self.reprovide_interval;
             self.reprovide();
+        }
+        if let Some(streams) = &self.streams {
+            streams.prune();
         }
     }
 
@@ -971,15 +1037,19 @@ impl State {
                 let _ = ack.send(result);
             }
             Command::Handle(method, tx, ack) => {
-                let result = if self.handlers.get(&method).is_some_and(|h| !h.is_closed()) {
-                    Err(NetworkError::Method {
-                        method,
-                        reason: "already handled".into(),
+                let result = match self.handlers.write() {
+                    Ok(h) if h.get(&method).is_some_and(|h| !h.is_closed()) => {
+                        Err(NetworkError::Method {
+                            method,
+                            reason: "already handled".into(),
+                        }
+                        .into())
                     }
-                    .into())
-                } else {
-                    self.handlers.insert(method, tx);
-                    Ok(())
+                    Ok(mut h) => {
+                        h.insert(method, tx);
+                        Ok(())
+                    }
+                    Err(_) => Err(NetworkError::Shutdown.into()),
                 };
                 let _ = ack.send(result);
             }
@@ -1119,51 +1189,16 @@ impl State {
             self.send_reply(channel, Some(reply));
             return;
         }
-        let Some(handler) = self.handlers.get(&request.method) else {
-            let message = format!("no handler for {:?}", request.method);
-            self.send_reply(
-                channel,
-                Some(Reply::Err(RemoteStatus::UnknownMethod, message)),
-            );
-            return;
-        };
-        let (tx, rx) = oneshot::channel();
-        match handler.try_send(InboundRequest::new(peer, request, tx)) {
-            Ok(()) => self
+        match streams::dispatch(&self.handlers, peer, request) {
+            Ok(rx) => self
                 .pending_replies
                 .push(async move { (channel, rx.await.ok()) }.boxed()),
-            Err(mpsc::error::TrySendError::Full(r)) => {
-                drop(r);
-                self.send_reply(
-                    channel,
-                    Some(Reply::Err(RemoteStatus::Busy, "handler queue full".into())),
-                );
-            }
-            Err(mpsc::error::TrySendError::Closed(r)) => {
-                let method = r.request.method.clone();
-                drop(r);
-                self.handlers.remove(&method);
-                let message = format!("no handler for {method:?}");
-                self.send_reply(
-                    channel,
-                    Some(Reply::Err(RemoteStatus::UnknownMethod, message)),
-                );
-            }
+            Err(reply) => self.send_reply(channel, Some(reply)),
         }
     }
 
     fn send_reply(&mut self, channel: ResponseChannel<RrResponse>, reply: Option<Reply>) {
-        let limit = self.limits.max_response_bytes;
-        let body = match &reply {
-            Some(Reply::Ok(r)) => wire::encode_response(Ok(r), limit),
-            Some(Reply::Err(status, message)) => {
-                wire::encode_response(Err((*status, message)), limit)
-            }
-            None => wire::encode_response(
-                Err((RemoteStatus::Rejected, "handler dropped the request")),
-                limit,
-            ),
-        };
+        let body = streams::reply_body(reply.as_ref(), self.limits.max_response_bytes);
         // Fails only if the requester is gone; nothing to do then.
         let _ = self
             .swarm

@@ -49,6 +49,9 @@ pub const MAX_ADDRS: usize = 64;
 /// Bytes of the length prefix.
 pub const PREFIX_LEN: usize = 4;
 
+/// Frames up to this size are written with their prefix in one write.
+const SMALL_FRAME: usize = 64 << 10;
+
 /// A request on the wire.
 #[derive(Clone, PartialEq, Message)]
 pub struct RequestFrame {
@@ -483,8 +486,16 @@ pub async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, body: &[u8]) -> io::
             limit: u64::from(u32::MAX),
         })
     })?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(body).await?;
+    if body.len() <= SMALL_FRAME {
+        // One write: a multiplexed stream sends each write as its own frame.
+        let mut frame = Vec::with_capacity(PREFIX_LEN + body.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(body);
+        io.write_all(&frame).await?;
+    } else {
+        io.write_all(&len.to_be_bytes()).await?;
+        io.write_all(body).await?;
+    }
     io.flush().await
 }
 

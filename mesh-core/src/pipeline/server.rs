@@ -441,19 +441,19 @@ impl StageServer {
                 r = requests.recv() => {
                     let Some(inbound) = r else { return Ok(()) };
                     let server = self.clone();
-                    tokio::spawn(async move {
-                        let peer = inbound.peer;
-                        let (meta, tensor) = (inbound.request.meta.clone(), inbound.request.tensor.clone());
-                        let answer = tokio::task::spawn_blocking(move || {
-                            server.handle(peer, &meta, &tensor)
-                        })
-                        .await;
+                    // Straight onto a blocking thread, answered from there:
+                    // one hand-off fewer per forward than an async wrapper.
+                    tokio::task::spawn_blocking(move || {
+                        let (peer, request) = (inbound.peer, &inbound.request);
+                        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            server.handle(peer, &request.meta, &request.tensor)
+                        }));
                         match answer {
                             Ok((reply, tensor)) => inbound.respond(Response {
                                 meta: Bytes::from(reply.encode_to_vec()),
                                 tensor,
                             }),
-                            Err(e) => inbound.reject(format!("stage handler failed: {e}")),
+                            Err(_) => inbound.reject("stage handler failed (panicked)"),
                         }
                     });
                 }

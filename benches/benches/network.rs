@@ -2,7 +2,9 @@
 //! default model, the pipeline's per-hop message), 100 KiB and 1 MiB tensors sent
 //! and echoed back over libp2p TCP (noise + yamux) and QUIC, next to a plain
 //! tokio TCP socket doing the same framing in the same run. Every round trip
-//! checks the echoed bytes.
+//! checks the echoed bytes. `libp2p_tcp` and `libp2p_quic` send requests on
+//! long-lived streams (the default); `libp2p_tcp_rr` on request-response (one
+//! new negotiated substream per request, as to a peer without streams).
 //!
 //! Throughput counts both directions (2 x payload per round trip).
 
@@ -16,17 +18,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
-const SIZES: [usize; 3] = [2304, 100 << 10, 1 << 20];
+const SIZES: [usize; 5] = [2304, 100 << 10, 256 << 10, 512 << 10, 1 << 20];
 
 fn payload(n: usize) -> Bytes {
     Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
 }
 
-/// An echo server node and a client node connected over `transport` ("tcp" or "quic").
-async fn pair(transport: &str, seed: u8) -> (P2pNetwork, P2pNetwork) {
-    let server = P2pNetwork::start(P2pConfig::loopback(Identity::from_seed([seed; 32])))
-        .await
-        .unwrap();
+/// An echo server node and a client node connected over `transport` ("tcp" or "quic");
+/// `streams`: requests over long-lived streams (the default) or request-response.
+async fn pair(transport: &str, seed: u8, streams: bool) -> (P2pNetwork, P2pNetwork) {
+    let mut config = P2pConfig::loopback(Identity::from_seed([seed; 32]));
+    config.request_streams = streams;
+    let server = P2pNetwork::start(config).await.unwrap();
     let mut rx = server.handle("bench/echo").await.unwrap();
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {
@@ -50,9 +53,9 @@ async fn pair(transport: &str, seed: u8) -> (P2pNetwork, P2pNetwork) {
             })
         })
         .unwrap();
-    let client = P2pNetwork::start(P2pConfig::new(Identity::from_seed([seed + 1; 32])))
-        .await
-        .unwrap();
+    let mut config = P2pConfig::new(Identity::from_seed([seed + 1; 32]));
+    config.request_streams = streams;
+    let client = P2pNetwork::start(config).await.unwrap();
     client.dial(addr).await.unwrap();
     (server, client)
 }
@@ -111,8 +114,9 @@ async fn tcp_round_trip(s: &mut TcpStream, data: &Bytes, back: &mut Vec<u8>) {
 
 fn bench_network(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let (tcp_server, tcp_client) = rt.block_on(pair("tcp", 1));
-    let (quic_server, quic_client) = rt.block_on(pair("quic", 3));
+    let (tcp_server, tcp_client) = rt.block_on(pair("tcp", 1, true));
+    let (quic_server, quic_client) = rt.block_on(pair("quic", 3, true));
+    let (rr_server, rr_client) = rt.block_on(pair("tcp", 5, false));
     let mut plain = rt.block_on(tcp_pair());
     let mut back = Vec::new();
 
@@ -133,13 +137,23 @@ fn bench_network(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("libp2p_tcp", &label), &data, |b, d| {
             b.iter(|| rt.block_on(p2p_round_trip(&tcp_client, tcp_server.local_peer_id(), d)))
         });
+        g.bench_with_input(BenchmarkId::new("libp2p_tcp_rr", &label), &data, |b, d| {
+            b.iter(|| rt.block_on(p2p_round_trip(&rr_client, rr_server.local_peer_id(), d)))
+        });
         g.bench_with_input(BenchmarkId::new("libp2p_quic", &label), &data, |b, d| {
             b.iter(|| rt.block_on(p2p_round_trip(&quic_client, quic_server.local_peer_id(), d)))
         });
     }
     g.finish();
     rt.block_on(async {
-        for n in [&tcp_server, &tcp_client, &quic_server, &quic_client] {
+        for n in [
+            &tcp_server,
+            &tcp_client,
+            &quic_server,
+            &quic_client,
+            &rr_server,
+            &rr_client,
+        ] {
             n.shutdown().await.unwrap();
         }
     });

@@ -55,7 +55,7 @@ use crate::{Error, Result};
 pub const RR_PROTOCOL: &str = "/mesh-llm/rr/1";
 
 /// The protocol of long-lived request streams, preferred over
-/// [`RR_PROTOCOL`] for every request but `mesh/describe`.
+/// [`RR_PROTOCOL`] for every request up to 256 KiB but `mesh/describe`.
 pub use super::streams::{StreamStats, RPC_PROTOCOL};
 /// Protocol id of our Kademlia DHT (a private DHT, not the public IPFS one).
 pub const KAD_PROTOCOL: &str = "/mesh-llm/kad/1";
@@ -660,7 +660,7 @@ impl Network for P2pNetwork {
     async fn request(&self, peer: PeerId, request: Request, timeout: Duration) -> Result<Response> {
         let body = wire::encode_request(&request, self.limits.max_request_bytes)?;
         let exchange = async {
-            if request.method != DESCRIBE_METHOD {
+            if request.method != DESCRIBE_METHOD && body.len() <= streams::MAX_STREAM_REQUEST {
                 if self
                     .banned
                     .lock()

@@ -37,6 +37,13 @@ use crate::{Error, Result};
 /// The protocol of request streams.
 pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh-llm/rpc/1");
 
+/// Larger requests go over request-response: its codec reads in the
+/// connection's own task, while a stream's reader is woken once per yamux
+/// frame (16 KiB), which costs more than the per-request set-up from about
+/// 256 KiB up (`cargo bench -p mesh-benches --bench network`: 2.3 KB 64 vs
+/// 210 us, 100 KiB 372 vs 502 us, 256 KiB 888 vs 863 us, 1 MiB 4.8 vs 3.2 ms).
+pub(crate) const MAX_STREAM_REQUEST: usize = 256 << 10;
+
 /// Idle streams kept per peer (more concurrent requests open more streams;
 /// the extra ones are closed when they come back).
 const MAX_IDLE_PER_PEER: usize = 8;

@@ -451,35 +451,41 @@ impl HelperServer {
                 let header =
                     fields.header(session_id, owner.to_bytes(), self.peer.to_bytes(), model.0);
                 let envelope = request.request.tensor.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    compute::pool().run(|| {
-                        let start = Instant::now();
-                        let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
-                        let sealed = s.handle(&*engine, &header, &envelope);
-                        (sealed, start.elapsed())
-                    })
-                })
-                .await;
-                match result {
-                    Ok((Ok(sealed), took)) => respond(
-                        request,
-                        HelperReply {
-                            compute_nanos: u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-                            ..ok
-                        },
-                        Some(Bytes::from(sealed)),
-                    ),
-                    Ok((Err(e), _)) => respond(
-                        request,
-                        HelperReply::failure(HelperErrorCode::BadRequest, e.to_string()),
-                        None,
-                    ),
-                    Err(e) => respond(
-                        request,
-                        HelperReply::failure(HelperErrorCode::Internal, e.to_string()),
-                        None,
-                    ),
-                }
+                // Computed and answered on a blocking thread: no hand-off
+                // back to an async task before the reply goes out.
+                tokio::task::spawn_blocking(move || {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        compute::pool().run(|| {
+                            let start = Instant::now();
+                            let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+                            let sealed = s.handle(&*engine, &header, &envelope);
+                            (sealed, start.elapsed())
+                        })
+                    }));
+                    match result {
+                        Ok((Ok(sealed), took)) => respond(
+                            request,
+                            HelperReply {
+                                compute_nanos: u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+                                ..ok
+                            },
+                            Some(Bytes::from(sealed)),
+                        ),
+                        Ok((Err(e), _)) => respond(
+                            request,
+                            HelperReply::failure(HelperErrorCode::BadRequest, e.to_string()),
+                            None,
+                        ),
+                        Err(_) => respond(
+                            request,
+                            HelperReply::failure(
+                                HelperErrorCode::Internal,
+                                "the helper's computation panicked",
+                            ),
+                            None,
+                        ),
+                    }
+                });
             }
         }
     }

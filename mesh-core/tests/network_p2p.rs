@@ -713,28 +713,6 @@ async fn requests_use_streams_and_fall_back_to_request_response() {
     check(9, r.await.unwrap());
     assert_eq!(without.stream_stats(), Default::default());
 
-    // An unknown method is a typed remote error over a stream too.
-    let err = client
-        .request(
-            with.local_peer_id(),
-            Request {
-                method: "test/nobody".into(),
-                ..Default::default()
-            },
-            Duration::from_secs(20),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Network(NetworkError::Remote {
-                status: RemoteStatus::UnknownMethod,
-                ..
-            })
-        ),
-        "{err}"
-    );
     for n in [&with, &without, &*client] {
         n.shutdown().await.unwrap();
     }

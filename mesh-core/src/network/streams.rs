@@ -54,6 +54,8 @@ const CLIENT_IDLE: Duration = Duration::from_secs(30);
 const SERVER_IDLE: Duration = Duration::from_secs(90);
 /// Streams served at once, over all peers; more are closed on arrival.
 const MAX_SERVED: usize = 512;
+/// Streams served at once for one peer (so one peer cannot take them all).
+const MAX_SERVED_PER_PEER: usize = 64;
 
 /// The methods this node answers and where their requests go; shared by the
 /// swarm loop (request-response) and the stream server.
@@ -143,21 +145,61 @@ pub(crate) fn serve(
         .accept(RPC_PROTOCOL)
         .map_err(|e| NetworkError::Transport(format!("{RPC_PROTOCOL}: {e}")))?;
     Ok(tokio::spawn(async move {
-        let active = Arc::new(AtomicUsize::new(0));
+        let served = Served::default();
         while let Some((peer, stream)) = incoming.next().await {
             let is_banned = banned.lock().map(|b| b.contains(&peer)).unwrap_or(true);
-            if is_banned || active.load(Ordering::Relaxed) >= MAX_SERVED {
-                tracing::debug!("closing a request stream from {peer} (banned or at the limit)");
+            let slot = if is_banned { None } else { served.take(peer) };
+            let Some(slot) = slot else {
+                tracing::debug!("closing a request stream from {peer} (banned or at a limit)");
                 continue;
-            }
-            active.fetch_add(1, Ordering::Relaxed);
-            let (active, handlers, limits) = (active.clone(), handlers.clone(), limits.clone());
+            };
+            let (handlers, limits) = (handlers.clone(), limits.clone());
             tokio::spawn(async move {
                 serve_stream(peer, stream, &handlers, &limits).await;
-                active.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
             });
         }
     }))
+}
+
+/// Streams being served, by peer.
+#[derive(Clone, Default)]
+struct Served(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+/// One served stream's place in [`Served`], given back on drop.
+struct ServedSlot {
+    served: Served,
+    peer: PeerId,
+}
+
+impl Served {
+    /// A place for one more stream from `peer`, if the limits allow.
+    fn take(&self, peer: PeerId) -> Option<ServedSlot> {
+        let mut counts = self.0.lock().ok()?;
+        let total: usize = counts.values().sum();
+        let mine = counts.get(&peer).copied().unwrap_or(0);
+        if total >= MAX_SERVED || mine >= MAX_SERVED_PER_PEER {
+            return None;
+        }
+        *counts.entry(peer).or_default() += 1;
+        Some(ServedSlot {
+            served: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for ServedSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.served.0.lock() {
+            if let Some(n) = counts.get_mut(&self.peer) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.peer);
+                }
+            }
+        }
+    }
 }
 
 async fn serve_stream(peer: PeerId, mut stream: Stream, handlers: &Handlers, limits: &Limits) {
@@ -370,5 +412,32 @@ impl StreamClient {
                 None => idle.clear(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_streams_are_capped_per_peer_and_in_all() {
+        let served = Served::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut held: Vec<ServedSlot> = (0..MAX_SERVED_PER_PEER)
+            .map(|_| served.take(a).expect("under the per-peer limit"))
+            .collect();
+        assert!(served.take(a).is_none(), "one peer past its limit");
+        let other = served.take(b).expect("another peer still served");
+        drop(held.pop());
+        assert!(served.take(a).is_some(), "a slot given back is free again");
+        drop((held, other));
+        assert!(served.0.lock().unwrap().is_empty());
+        // The total cap holds over many peers.
+        let all: Vec<ServedSlot> = (0..MAX_SERVED)
+            .map(|_| served.take(PeerId::random()).expect("under the total"))
+            .collect();
+        assert!(served.take(PeerId::random()).is_none(), "past the total");
+        drop(all);
+        assert!(served.0.lock().unwrap().is_empty());
     }
 }

@@ -79,6 +79,10 @@ pub enum Error {
     /// Pipeline inference across peers failed (no cover, stage error, failover).
     #[error("pipeline: {0}")]
     Pipeline(Box<crate::pipeline::PipelineError>),
+    /// A LoRA adapter was refused (not an adapter, another architecture or
+    /// model, a shape or type that does not fit).
+    #[error("adapter: {0}")]
+    Adapter(crate::engine::AdapterError),
     /// Private mode: helpers failed a step (no session, no usable answer, a
     /// wrong result) and no spare was left to take their place.
     #[error("private mode: {0}")]

@@ -316,6 +316,20 @@ pub fn perplexity<E: Engine>(
     batch: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Perplexity> {
+    let mut session = engine.new_session(ctx.max(1))?;
+    perplexity_in(engine, &mut session, tokens, ctx, batch, progress)
+}
+
+/// [`perplexity`] in a session the caller made (e.g. with LoRA adapters set);
+/// it must hold at least `ctx` positions, and is truncated before each window.
+pub fn perplexity_in<E: Engine>(
+    engine: &E,
+    session: &mut E::Session,
+    tokens: &[u32],
+    ctx: usize,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Perplexity> {
     if ctx < 2 {
         return Err(Error::InvalidArgument(format!(
             "window size {ctx}: expected at least 2"
@@ -329,14 +343,13 @@ pub fn perplexity<E: Engine>(
         )));
     }
     let n_vocab = engine.info().n_vocab;
-    let mut session = engine.new_session(ctx)?;
     let mut nll = 0f64;
     let mut scored = 0usize;
     for (w, window) in tokens.chunks_exact(ctx).enumerate() {
-        engine.truncate_session(&mut session, 0);
+        engine.truncate_session(session, 0);
         let mut done = 0;
         for chunk in window.chunks(batch.max(1)) {
-            let logits = engine.forward(chunk, Logits::All, &mut session)?;
+            let logits = engine.forward(chunk, Logits::All, session)?;
             for (i, row) in logits.chunks_exact(n_vocab).enumerate() {
                 let pos = done + i;
                 let Some(&target) = window.get(pos + 1) else {

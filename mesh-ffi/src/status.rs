@@ -180,6 +180,12 @@ impl From<mesh_core::Error> for Failure {
             E::Ggml(_) => mesh_status::Ggml,
             E::Cancelled => mesh_status::Cancelled,
             E::Seal(_) => mesh_status::Seal,
+            E::Adapter(a) => match a {
+                mesh_core::engine::AdapterError::UnsupportedType { .. } => mesh_status::Unsupported,
+                mesh_core::engine::AdapterError::BadScale { .. }
+                | mesh_core::engine::AdapterError::OtherModel { .. } => mesh_status::InvalidArg,
+                _ => mesh_status::Gguf,
+            },
             E::Network(_) | E::Pipeline(_) | E::NotEnoughHelpers { .. } | E::Helper(_) => {
                 mesh_status::Network
             }

@@ -12,11 +12,13 @@ use std::ops::Range;
 use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use ggml_sys_bleedingedge as sys;
 use memmap2::Mmap;
 
 use super::kernels;
+use super::lora::{lora_mul_op, ActiveLora, DotOrder, LoraAdapter, LoraPair};
 use super::model::{ModelInfo, RopeKind, Weights};
 use super::q4_1;
 use super::q8_0;
@@ -171,6 +173,8 @@ pub struct GgmlSession {
     kv_dim: usize,
     kv: KvCache,
     scratch: Scratch,
+    /// LoRA adapters every projection applies, in order (see [`GgmlEngine::set_adapters`]).
+    adapters: Vec<ActiveLora>,
 }
 
 /// Attention spans whole multiples of this many cache cells (the cells past
@@ -202,6 +206,8 @@ struct KvCache {
 /// Graph metadata, the graph allocator and ggml's work buffer, reused across calls.
 struct Scratch {
     n_threads: usize,
+    /// Graph capacity in nodes (`meta` is sized for it).
+    nodes: usize,
     galloc: NonNull<c_void>,
     meta: Vec<u8>,
     work: Vec<u8>,
@@ -241,6 +247,11 @@ impl GgmlSession {
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.kv.layers.len() * 2 * self.kv_dim * self.kv.cap * 2
+    }
+
+    /// The LoRA adapters this session applies, in order.
+    pub fn adapters(&self) -> &[ActiveLora] {
+        &self.adapters
     }
 }
 
@@ -472,22 +483,68 @@ impl GgmlEngine {
         // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
         let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
             .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
-        let nodes = max_nodes(info.n_layers);
-        // SAFETY: pure size computations.
-        let meta = unsafe {
-            sys::ggml_tensor_overhead() * nodes + sys::ggml_graph_overhead_custom(nodes, false)
-        };
+        let nodes = max_nodes(info.n_layers, 0);
         Ok(GgmlSession {
             n_layers: info.n_layers,
             kv_dim,
             kv,
             scratch: Scratch {
                 n_threads: self.n_threads,
+                nodes,
                 galloc,
-                meta: vec![0; meta],
+                meta: vec![0; meta_bytes(nodes)],
                 work: Vec::new(),
             },
+            adapters: Vec::new(),
         })
+    }
+
+    /// `W·x` for one projection plus the session's adapters' `s · B (A x)`:
+    /// [`Engine::project`] as the forward pass computes it with adapters.
+    pub fn project_adapted(
+        &self,
+        layer: usize,
+        projection: Projection,
+        x: &[f32],
+        session: &mut GgmlSession,
+    ) -> Result<Vec<f32>> {
+        let mut y = self.project(layer, projection, x, session)?;
+        let n = y.len() / self.projection_tensor(layer, projection)?.1.rows() as usize;
+        self.add_lora(
+            &mut session.scratch,
+            &session.adapters,
+            layer,
+            projection,
+            x,
+            n,
+            &mut y,
+        )?;
+        Ok(y)
+    }
+
+    /// Reads and validates a LoRA adapter for this model (see [`LoraAdapter`]).
+    pub fn load_adapter(&self, path: impl AsRef<Path>) -> Result<Arc<LoraAdapter>> {
+        LoraAdapter::load(path, &self.info).map(Arc::new)
+    }
+
+    /// Makes `session` apply `adapters` (in order) from its next call on,
+    /// replacing the ones it applied; an empty list runs the base model. The
+    /// KV cache is kept: positions already in it were computed with the
+    /// previous adapters (truncate or start a new session to recompute them).
+    /// Fails, changing nothing, if an adapter was loaded for another model or
+    /// a scale is not finite.
+    pub fn set_adapters(&self, session: &mut GgmlSession, adapters: &[ActiveLora]) -> Result<()> {
+        self.check_session(session)?;
+        for a in adapters {
+            a.check(self.info.id)?;
+        }
+        let nodes = max_nodes(self.info.n_layers, adapters.len());
+        if nodes > session.scratch.nodes {
+            session.scratch.meta = vec![0; meta_bytes(nodes)];
+            session.scratch.nodes = nodes;
+        }
+        session.adapters = adapters.to_vec();
+        Ok(())
     }
 
     /// Number of compute threads new sessions use.
@@ -638,9 +695,7 @@ impl GgmlEngine {
             .ok_or_else(|| Error::Ggml("ggml_init failed for the compute context".into()))?;
         let result = (|| {
             // SAFETY: the graph lives in `ctx`'s metadata buffer, sized for MAX_NODES.
-            let gf = unsafe {
-                sys::ggml_new_graph_custom(ctx.as_ptr(), max_nodes(self.info.n_layers), false)
-            };
+            let gf = unsafe { sys::ggml_new_graph_custom(ctx.as_ptr(), s.nodes, false) };
             let mut g = Graph {
                 ctx: ctx.as_ptr(),
                 gf,
@@ -759,6 +814,118 @@ impl GgmlEngine {
             N_TASKS_MAX,
             userdata,
         )
+    }
+
+    /// `w · cur` plus each adapter's `s · B (A cur)` for `projection` of `layer`,
+    /// built as llama.cpp's `build_lora_mm` builds it (same ops, same order).
+    ///
+    /// # Safety
+    /// As [`GgmlEngine::mat_mul`]; the adapters were checked against this model.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lora_mat_mul(
+        &self,
+        g: &mut Graph,
+        adapters: &[ActiveLora],
+        layer: usize,
+        projection: Projection,
+        w: T,
+        cur: T,
+        n: usize,
+    ) -> T {
+        let mut res = self.mat_mul(g, w, cur, n);
+        for act in adapters {
+            if let Some(pair) = act.adapter.pair(layer, projection) {
+                let delta = self.lora_delta(g, act, pair, cur);
+                res = sys::ggml_add(g.ctx, res, delta);
+            }
+        }
+        res
+    }
+
+    /// `s · B (A cur)` of one adapter pair. F32 halves go through
+    /// [`lora::lora_mul_op`], which sums each product as llama.cpp's CPU
+    /// backend of this machine's SIMD class does (its tiled F32 kernel or
+    /// `ggml_vec_dot_f32`; in exact mode always the AVX2 order, so results do
+    /// not depend on the CPU); F16 halves use ggml's `mul_mat`.
+    ///
+    /// # Safety
+    /// `cur` is an F32 `[cols, n]` tensor of this graph; `pair` belongs to an
+    /// adapter checked against this model.
+    unsafe fn lora_delta(&self, g: &mut Graph, act: &ActiveLora, pair: &LoraPair, cur: T) -> T {
+        let ctx = g.ctx;
+        let scale = act.adapter.effective_scale(act.scale, pair.rank);
+        let f32_halves = (*pair.a).type_ == sys::ggml_type_GGML_TYPE_F32
+            && (*pair.b).type_ == sys::ggml_type_GGML_TYPE_F32
+            && (*cur).type_ == sys::ggml_type_GGML_TYPE_F32
+            && sys::ggml_is_contiguous(cur)
+            && (*cur).ne[2] == 1
+            && (*cur).ne[3] == 1;
+        if !f32_halves {
+            let ab = sys::ggml_mul_mat(ctx, pair.b, sys::ggml_mul_mat(ctx, pair.a, cur));
+            return sys::ggml_scale(ctx, ab, scale);
+        }
+        let order = if !self.exact.load(Ordering::Relaxed) && cpu_class() == CpuClass::Avx512 {
+            DotOrder::Wide16
+        } else {
+            DotOrder::Wide8
+        };
+        let n = (*cur).ne[1];
+        let shape = g.shape_3d(pair.rank as i64, n, 1);
+        let t = sys::ggml_map_custom3(
+            ctx,
+            shape,
+            cur,
+            pair.a,
+            Some(lora_mul_op),
+            N_TASKS_MAX,
+            order.userdata(1.0),
+        );
+        let shape = g.shape_3d((*pair.b).ne[1], n, 1);
+        sys::ggml_map_custom3(
+            ctx,
+            shape,
+            t,
+            pair.b,
+            Some(lora_mul_op),
+            N_TASKS_MAX,
+            order.userdata(scale),
+        )
+    }
+
+    /// Adds the adapters' `s · B (A x)` for `projection` of `layer` to `y`
+    /// (`n` rows each), computed here: the same values the fused graph of
+    /// [`GgmlEngine::lora_mat_mul`] adds, for a projection computed elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    fn add_lora(
+        &self,
+        scratch: &mut Scratch,
+        adapters: &[ActiveLora],
+        layer: usize,
+        projection: Projection,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        for act in adapters {
+            let Some(pair) = act.adapter.pair(layer, projection) else {
+                continue;
+            };
+            let cols = x.len() / n.max(1);
+            let delta = self.compute(scratch, |g| {
+                let xt = g.input_f32(x, &[cols as i64, n as i64]);
+                // SAFETY: `xt` is cols x n, as the pair's A expects (checked at load).
+                unsafe { self.lora_delta(g, act, pair, xt) }
+            })?;
+            if delta.len() != y.len() {
+                return Err(Error::Ggml(format!(
+                    "layer {layer} {projection:?}: LoRA gave {} values, expected {}",
+                    delta.len(),
+                    y.len()
+                )));
+            }
+            y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
+        }
+        Ok(())
     }
 
     /// Positions and the causal mask of `n` tokens at `pos`, as graph inputs.
@@ -913,10 +1080,12 @@ impl GgmlEngine {
     }
 
     /// The transformer layers `layers` on `x` (`n` tokens at `pos`), appending K/V.
+    #[allow(clippy::too_many_arguments)]
     fn build_layers(
         &self,
         g: &mut Graph,
         s: &KvCache,
+        adapters: &[ActiveLora],
         layers: Range<usize>,
         mut x: T,
         pos: usize,
@@ -939,16 +1108,19 @@ impl GgmlEngine {
                     Some(b) => sys::ggml_add(ctx, t, b),
                     None => t,
                 };
-                let q = with_bias(self.mat_mul(g, lt.wq, cur, n), lt.bq);
-                let k = with_bias(self.mat_mul(g, lt.wk, cur, n), lt.bk);
-                let v = with_bias(self.mat_mul(g, lt.wv, cur, n), lt.bv);
+                let mm = |g: &mut Graph, p: Projection, w: T, cur: T| {
+                    self.lora_mat_mul(g, adapters, il, p, w, cur, n)
+                };
+                let q = with_bias(mm(g, Projection::Q, lt.wq, cur), lt.bq);
+                let k = with_bias(mm(g, Projection::K, lt.wk, cur), lt.bk);
+                let v = with_bias(mm(g, Projection::V, lt.wv, cur), lt.bv);
                 let attn = self.attention(g, s, il, q, k, v, pos, n, inp_pos, kq_mask);
-                let attn = self.mat_mul(g, lt.wo, attn, n);
+                let attn = mm(g, Projection::O, lt.wo, attn);
                 x = sys::ggml_add(ctx, attn, x);
 
                 let cur = sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.ffn_norm);
-                let gate = self.mat_mul(g, lt.gate, cur, n);
-                let up = self.mat_mul(g, lt.up, cur, n);
+                let gate = mm(g, Projection::Gate, lt.gate, cur);
+                let up = mm(g, Projection::Up, lt.up, cur);
                 let act = sys::ggml_map_custom2(
                     ctx,
                     gate,
@@ -957,7 +1129,7 @@ impl GgmlEngine {
                     N_TASKS_MAX,
                     ptr::null_mut(),
                 );
-                let ffn = self.mat_mul(g, lt.down, act, n);
+                let ffn = mm(g, Projection::Down, lt.down, act);
                 x = sys::ggml_add(ctx, ffn, x);
             }
         }
@@ -965,7 +1137,14 @@ impl GgmlEngine {
     }
 
     /// Final norm and output projection of `x` (`n` tokens).
-    fn build_head(&self, g: &mut Graph, x: T, n: usize, which: Logits) -> T {
+    fn build_head(
+        &self,
+        g: &mut Graph,
+        adapters: &[ActiveLora],
+        x: T,
+        n: usize,
+        which: Logits,
+    ) -> T {
         // SAFETY: `x` is an n_embd x n tensor of this graph.
         unsafe {
             let ctx = g.ctx;
@@ -978,13 +1157,20 @@ impl GgmlEngine {
                 let nb1 = (*cur).nb[1];
                 cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));
             }
-            if self.exact.load(Ordering::Relaxed) {
+            let n_out = (*cur).ne[1] as usize;
+            let mut res = if self.exact.load(Ordering::Relaxed) {
                 // Exact accumulation covers the output head too (Q8_0 here).
-                let n_out = (*cur).ne[1] as usize;
                 self.mat_mul(g, self.tensors.output, cur, n_out)
             } else {
                 sys::ggml_mul_mat(ctx, self.tensors.output, cur)
+            };
+            for act in adapters {
+                if let Some(pair) = act.adapter.pair(0, Projection::Output) {
+                    let delta = self.lora_delta(g, act, pair, cur);
+                    res = sys::ggml_add(ctx, res, delta);
+                }
             }
+            res
         }
     }
 
@@ -1069,8 +1255,16 @@ impl Graph {
     }
 }
 
-fn max_nodes(n_layers: usize) -> usize {
-    1024 + 64 * n_layers
+/// Graph capacity for `n_layers` layers with `n_adapters` LoRA adapters
+/// (each adds up to four nodes per projection).
+fn max_nodes(n_layers: usize, n_adapters: usize) -> usize {
+    1024 + (64 + 32 * n_adapters) * (n_layers + 1)
+}
+
+/// Bytes of graph metadata for `nodes` nodes.
+fn meta_bytes(nodes: usize) -> usize {
+    // SAFETY: pure size computations.
+    unsafe { sys::ggml_tensor_overhead() * nodes + sys::ggml_graph_overhead_custom(nodes, false) }
 }
 
 fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
@@ -1224,10 +1418,10 @@ impl Engine for GgmlEngine {
         }
         let pos = hidden.pos;
         let ne = [self.info.n_embd as i64, n as i64];
-        let kv = &s.kv;
+        let (kv, adapters) = (&s.kv, &s.adapters);
         let out = self.compute(&mut s.scratch, |g| {
             let x = g.input_f32(&hidden.data, &ne);
-            self.build_layers(g, kv, layers.clone(), x, pos, n)
+            self.build_layers(g, kv, adapters, layers.clone(), x, pos, n)
         })?;
         for l in layers {
             s.kv.len[l] = pos + n;
@@ -1248,16 +1442,24 @@ impl Engine for GgmlEngine {
         self.check_kv(&s.kv, &layers, hidden.pos, n)?;
         let info = &self.info;
         let (pos, n_embd, kv_dim) = (hidden.pos, info.n_embd, info.n_head_kv * info.head_dim);
-        let mut call = |l: usize, p: Projection, x: &[f32], rows: usize| {
-            Self::call_projector(project, l, p, x, n, rows)
+        // The projector computes `W x`; the adapters' rank-r paths run here.
+        let mut call = |scratch: &mut Scratch,
+                        adapters: &[ActiveLora],
+                        l: usize,
+                        p: Projection,
+                        x: &[f32],
+                        rows: usize| {
+            let mut y = Self::call_projector(project, l, p, x, n, rows)?;
+            self.add_lora(scratch, adapters, l, p, x, n, &mut y)?;
+            Ok::<_, Error>(y)
         };
         for il in layers {
             let lt = &self.tensors.layers[il];
             let x = &mut hidden.data;
             let xn = self.norm(&mut s.scratch, x, n, lt.attn_norm)?;
-            let q = call(il, Projection::Q, &xn, n_embd)?;
-            let k = call(il, Projection::K, &xn, kv_dim)?;
-            let v = call(il, Projection::V, &xn, kv_dim)?;
+            let q = call(&mut s.scratch, &s.adapters, il, Projection::Q, &xn, n_embd)?;
+            let k = call(&mut s.scratch, &s.adapters, il, Projection::K, &xn, kv_dim)?;
+            let v = call(&mut s.scratch, &s.adapters, il, Projection::V, &xn, kv_dim)?;
             let kv = &s.kv;
             let attn = self.compute(&mut s.scratch, |g| {
                 let (inp_pos, kq_mask) = self.position_inputs(g, pos, n);
@@ -1281,14 +1483,42 @@ impl Engine for GgmlEngine {
                 }
             })?;
             s.kv.len[il] = pos + n;
-            let o = call(il, Projection::O, &attn, n_embd)?;
+            let o = call(
+                &mut s.scratch,
+                &s.adapters,
+                il,
+                Projection::O,
+                &attn,
+                n_embd,
+            )?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let xn = self.norm(&mut s.scratch, x, n, lt.ffn_norm)?;
-            let gate = call(il, Projection::Gate, &xn, info.n_ff)?;
-            let up = call(il, Projection::Up, &xn, info.n_ff)?;
+            let gate = call(
+                &mut s.scratch,
+                &s.adapters,
+                il,
+                Projection::Gate,
+                &xn,
+                info.n_ff,
+            )?;
+            let up = call(
+                &mut s.scratch,
+                &s.adapters,
+                il,
+                Projection::Up,
+                &xn,
+                info.n_ff,
+            )?;
             let mut act = vec![0f32; gate.len()];
             kernels::swiglu(&mut act, &gate, &up);
-            let down = call(il, Projection::Down, &act, n_embd)?;
+            let down = call(
+                &mut s.scratch,
+                &s.adapters,
+                il,
+                Projection::Down,
+                &act,
+                n_embd,
+            )?;
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         Ok(())
@@ -1310,23 +1540,34 @@ impl Engine for GgmlEngine {
         };
         let n_out = rows.len() / n_embd;
         let xn = self.norm(&mut s.scratch, rows, n_out, self.tensors.output_norm)?;
-        Self::call_projector(
+        let mut y = Self::call_projector(
             project,
             0,
             Projection::Output,
             &xn,
             n_out,
             self.info.n_vocab,
-        )
+        )?;
+        self.add_lora(
+            &mut s.scratch,
+            &s.adapters,
+            0,
+            Projection::Output,
+            &xn,
+            n_out,
+            &mut y,
+        )?;
+        Ok(y)
     }
 
     fn head(&self, hidden: &Hidden, which: Logits, s: &mut GgmlSession) -> Result<Vec<f32>> {
         self.check_session(s)?;
         let n = self.check_hidden(hidden)?;
         let ne = [self.info.n_embd as i64, n as i64];
+        let adapters = &s.adapters;
         self.compute(&mut s.scratch, |g| {
             let x = g.input_f32(&hidden.data, &ne);
-            self.build_head(g, x, n, which)
+            self.build_head(g, adapters, x, n, which)
         })
     }
 
@@ -1337,11 +1578,11 @@ impl Engine for GgmlEngine {
         let n = tokens.len();
         let all = 0..self.info.n_layers;
         self.check_kv(&s.kv, &all, pos, n)?;
-        let kv = &s.kv;
+        let (kv, adapters) = (&s.kv, &s.adapters);
         let out = self.compute(&mut s.scratch, |g| {
             let x = self.build_embed(g, tokens);
-            let x = self.build_layers(g, kv, all.clone(), x, pos, n);
-            self.build_head(g, x, n, which)
+            let x = self.build_layers(g, kv, adapters, all.clone(), x, pos, n);
+            self.build_head(g, adapters, x, n, which)
         })?;
         for l in all {
             s.kv.len[l] = pos + n;

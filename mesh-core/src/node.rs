@@ -44,7 +44,7 @@ use crate::delegate::link::{self, NetworkLinks, RemoteHelper};
 use crate::delegate::private::{DroppedHelper, PrivateProjector, PrivateStats};
 use crate::delegate::protocol::HELPER_METHOD;
 use crate::delegate::select::{select_helpers, Candidate, SelectionPolicy};
-use crate::engine::{Engine, GgmlEngine, GgmlSession, Logits};
+use crate::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits};
 use crate::generate::{self, GenerateOutput, GenerateParams, Prompt};
 use crate::network::p2p::{P2pConfig, P2pNetwork};
 use crate::network::{self, Announcement, Identity, Multiaddr, Network, PeerId};
@@ -213,6 +213,11 @@ pub struct GenerateRequest {
     pub params: GenerateParams,
     /// KV positions (default: prompt + `max_tokens`, at most the trained context).
     pub n_ctx: Option<usize>,
+    /// LoRA adapters to apply, in order (loaded for the engine passed to
+    /// [`Node::generate`]). Local and private mode apply them at this node
+    /// (private mode's helpers never see them); pipeline mode refuses them
+    /// for now (stages do not hold adapters).
+    pub adapters: Vec<ActiveLora>,
 }
 
 impl GenerateRequest {
@@ -222,6 +227,7 @@ impl GenerateRequest {
             prompt,
             params,
             n_ctx: None,
+            adapters: Vec::new(),
         }
     }
 }
@@ -601,6 +607,8 @@ impl Node {
         let mut decode_steps = 0u64;
         let n_layers = engine.info().n_layers;
         let mut session = engine.new_session(n_ctx)?;
+        // The owner computes the adapters' rank-r paths itself (run_layers_with).
+        engine.set_adapters(&mut session, &request.adapters)?;
         let mut forward = |tokens: &[u32], s: &mut GgmlSession| {
             let before = pp.stats();
             let mut project = |l: usize, p: crate::engine::Projection, x: &[f32], n: usize| {
@@ -706,6 +714,13 @@ impl Node {
         // of stages runs the layers.
         let mut pipeline = match mode {
             Mode::Local => None,
+            Mode::Pipeline if !request.adapters.is_empty() => {
+                return Err(Error::Unsupported(
+                    "LoRA adapters in pipeline mode (stages do not hold adapters yet): \
+                     use local or private mode"
+                        .into(),
+                ))
+            }
             Mode::Pipeline => {
                 let tx = self.events.clone();
                 let sink: crate::pipeline::client::EventSink = Arc::new(move |e| {
@@ -734,6 +749,7 @@ impl Node {
             }
         };
         let mut session = engine.new_session(n_ctx)?;
+        engine.set_adapters(&mut session, &request.adapters)?;
         let mut pos = 0usize;
         let mut forward = |tokens: &[u32], s: &mut GgmlSession| match pipeline.as_mut() {
             None => compute::pool().run(|| engine.forward(tokens, Logits::Last, s)),

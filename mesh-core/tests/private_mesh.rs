@@ -303,3 +303,94 @@ fn helpers_gone_is_a_typed_error_without_a_hang() {
         other => panic!("expected Error::Helper, got {other:?}"),
     }
 }
+
+/// A LoRA adapter on a few projections of `engine`'s model (deterministic values).
+fn small_adapter(engine: &GgmlEngine) -> Arc<mesh_core::engine::LoraAdapter> {
+    let info = engine.info();
+    let (d, ff) = (info.n_embd as u64, info.n_ff as u64);
+    let rank = 4u64;
+    let values = |n: u64, seed: u64| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / 8.0
+            })
+            .collect()
+    };
+    let mut tensors = Vec::new();
+    for (layer, kind, cols, rows) in [
+        (0, "attn_q", d, d),
+        (5, "ffn_down", ff, d),
+        (15, "ffn_up", d, ff),
+        (29, "attn_output", d, d),
+    ] {
+        let base = format!("blk.{layer}.{kind}.weight");
+        tensors.push((
+            format!("{base}.lora_a"),
+            [cols, rank],
+            values(cols * rank, layer),
+        ));
+        tensors.push((
+            format!("{base}.lora_b"),
+            [rank, rows],
+            values(rank * rows, layer + 100),
+        ));
+    }
+    let bytes = mesh_core::engine::lora::adapter_bytes("llama", 8.0, &tensors);
+    Arc::new(mesh_core::engine::LoraAdapter::from_bytes(&bytes, info).unwrap())
+}
+
+#[test]
+fn adapters_apply_at_the_owner_in_private_mode_and_are_refused_by_pipelines() {
+    let rt = runtime();
+    let engine = exact_engine();
+    let m = mesh(
+        &rt,
+        &engine,
+        &[None, None],
+        &[0, 1],
+        Duration::from_secs(20),
+    );
+    let adapter = small_adapter(&engine);
+    let mut changed = 0;
+    for prompt in PROMPTS {
+        let base = request(prompt, 12);
+        let mut req = base.clone();
+        req.adapters = vec![mesh_core::engine::ActiveLora::new(adapter.clone(), 1.0)];
+        let local = m
+            .owner
+            .generate(&engine, &req, Mode::Local, None, &mut |_| true)
+            .unwrap();
+        let private = m
+            .owner
+            .generate(
+                &engine,
+                &req,
+                Mode::Private {
+                    helpers: 2,
+                    spares: 0,
+                },
+                None,
+                &mut |_| true,
+            )
+            .unwrap();
+        // Helpers compute W x only; the owner adds the rank-r path: the
+        // tokens are those of local generation with the adapter.
+        assert_eq!(private.output.token_ids, local.output.token_ids, "{prompt}");
+        let plain = m
+            .owner
+            .generate(&engine, &base, Mode::Local, None, &mut |_| true)
+            .unwrap();
+        if plain.output.token_ids != local.output.token_ids {
+            changed += 1;
+        }
+        match m
+            .owner
+            .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
+        {
+            Err(Error::Unsupported(msg)) => assert!(msg.contains("LoRA"), "{msg}"),
+            other => panic!("pipeline with an adapter: {:?}", other.map(|o| o.output)),
+        }
+    }
+    assert!(changed > 0, "the adapter changed no prompt's tokens");
+}

@@ -607,6 +607,7 @@ fn run_job(
         prompt: Prompt::Tokens(prompt_ids.clone()),
         params,
         n_ctx: Some(prompt_ids.len() + max_tokens),
+        adapters: Vec::new(),
     };
     if !send(
         tx,

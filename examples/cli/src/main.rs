@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mesh_core::chat::ChatMessage;
 use mesh_core::delegate::private::{Cheat, PrivateProjector};
-use mesh_core::engine::{Engine, GgmlEngine, GgmlSession, Logits, Projection};
+use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits, Projection};
 use mesh_core::fetch::{resolve_model, FetchProgress};
 use mesh_core::generate::{self, GenerateParams, Prompt};
 use mesh_core::sampling::SamplerParams;
@@ -116,6 +116,10 @@ enum Command {
         /// instead of ggml's f32 accumulation.
         #[arg(long)]
         exact: bool,
+        /// Apply a LoRA adapter (llama.cpp GGUF format) at SCALE (default 1.0):
+        /// `FILE[:SCALE]`, repeatable (applied in order).
+        #[arg(long, value_name = "FILE[:SCALE]")]
+        lora: Vec<String>,
         /// Pipeline mode: run the model's layers on the peers that serve them
         /// (found through --bootstrap), planned for the least time per token;
         /// a stage that fails is replaced without changing the output.
@@ -153,6 +157,11 @@ enum Command {
         model: String,
         #[arg(long)]
         file: PathBuf,
+        /// Apply a LoRA adapter (llama.cpp GGUF format) at SCALE (default 1.0):
+        /// `FILE[:SCALE]`, repeatable (applied in order).
+        #[arg(long, value_name = "FILE[:SCALE]")]
+        lora: Vec<String>,
+
         #[arg(long, default_value_t = 512)]
         ctx: usize,
         #[arg(long, default_value_t = 0)]
@@ -177,6 +186,10 @@ enum Command {
         /// instead of ggml's f32 accumulation.
         #[arg(long)]
         exact: bool,
+        /// Apply a LoRA adapter (llama.cpp GGUF format) at SCALE (default 1.0):
+        /// `FILE[:SCALE]`, repeatable (applied in order).
+        #[arg(long, value_name = "FILE[:SCALE]")]
+        lora: Vec<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
@@ -409,6 +422,20 @@ fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
     GgmlEngine::load(model_path(spec)?, threads)
 }
 
+/// Loads `--lora FILE[:SCALE]` adapters for `engine`.
+fn load_adapters(
+    engine: &GgmlEngine,
+    specs: &[String],
+) -> Result<Vec<ActiveLora>, mesh_core::Error> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (path, scale) = mesh_core::engine::parse_lora_arg(spec)?;
+            Ok(ActiveLora::new(engine.load_adapter(path)?, scale))
+        })
+        .collect()
+}
+
 /// The evidence on dropped helpers as JSON (with their peer ids when the pool
 /// is on the mesh), each also reported on standard error.
 fn dropped_json(
@@ -497,6 +524,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             spares,
             inject_fault,
             exact,
+            lora,
             mesh,
             bootstrap,
             trust,
@@ -513,6 +541,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             };
             let engine = load(&model, threads)?;
             set_exact(&engine, exact)?;
+            let adapters = load_adapters(&engine, &lora)?;
             let prompt = if chat {
                 let system = system.map(|s| ChatMessage::new("system", s));
                 let user = ChatMessage::new("user", prompt);
@@ -532,6 +561,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     .min(engine.info().n_ctx_train)
             });
             let mut session = engine.new_session(n_ctx.max(1))?;
+            engine.set_adapters(&mut session, &adapters)?;
             let params = GenerateParams {
                 max_tokens,
                 sampler: SamplerParams {
@@ -601,6 +631,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                         prompt: Prompt::Tokens(prompt_ids.clone()),
                         params: params.clone(),
                         n_ctx: Some(n_ctx.max(1)),
+                        adapters: adapters.clone(),
                     };
                     let mut pieces = 0usize;
                     let mut on_piece = |piece: &str| {
@@ -745,6 +776,7 @@ fn run(command: Command) -> Result<(), BoxError> {
         Command::Perplexity {
             model,
             file,
+            lora,
             ctx,
             threads,
             format,
@@ -759,13 +791,16 @@ fn run(command: Command) -> Result<(), BoxError> {
                 )
             })?;
             let tokens = engine.tokenizer().encode(&text, false, false)?;
+            let mut session = engine.new_session(ctx.max(1))?;
+            engine.set_adapters(&mut session, &load_adapters(&engine, &lora)?)?;
             let bar = ProgressBar::new(0);
             bar.set_style(
                 ProgressStyle::with_template("perplexity [{bar:40}] {pos}/{len} windows {elapsed}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let r = generate::perplexity(
+            let r = generate::perplexity_in(
                 &engine,
+                &mut session,
                 &tokens,
                 ctx,
                 generate::DEFAULT_BATCH,
@@ -792,17 +827,20 @@ fn run(command: Command) -> Result<(), BoxError> {
             gen_tokens,
             runs,
             exact,
+            lora,
             format,
         } => {
             let engine = load(&model, threads)?;
             set_exact(&engine, exact)?;
             let mut session = engine.new_session(prompt_tokens.max(gen_tokens).max(1))?;
+            engine.set_adapters(&mut session, &load_adapters(&engine, &lora)?)?;
             let r = generate::bench(&engine, &mut session, prompt_tokens, gen_tokens, runs)?;
             match format {
                 Format::Json => println!(
                     "{}",
                     json!({"pp_tps": r.pp_tps, "tg_tps": r.tg_tps, "prompt_tokens": prompt_tokens,
-                           "gen_tokens": gen_tokens, "threads": engine.n_threads(), "exact": exact})
+                           "gen_tokens": gen_tokens, "threads": engine.n_threads(), "exact": exact,
+                           "adapters": lora})
                 ),
                 Format::Text => println!(
                     "pp{prompt_tokens}: {:.1} t/s   tg{gen_tokens}: {:.1} t/s   ({} threads)",

@@ -18,7 +18,7 @@ use ggml_sys_bleedingedge as sys;
 use memmap2::Mmap;
 
 use super::kernels;
-use super::lora::{lora_mul_op, ActiveLora, DotOrder, LoraAdapter, LoraPair};
+use super::lora::{lora_add_op, ActiveLora, DotOrder, LoraAdapter, LoraCall, LoraPair};
 use super::model::{ModelInfo, RopeKind, Weights};
 use super::q4_1;
 use super::q8_0;
@@ -701,6 +701,7 @@ impl GgmlEngine {
                 gf,
                 inputs: Vec::new(),
                 quantized: Vec::new(),
+                lora_calls: Vec::new(),
                 shape: None,
             };
             let out = build(&mut g);
@@ -835,61 +836,63 @@ impl GgmlEngine {
         let mut res = self.mat_mul(g, w, cur, n);
         for act in adapters {
             if let Some(pair) = act.adapter.pair(layer, projection) {
-                let delta = self.lora_delta(g, act, pair, cur);
-                res = sys::ggml_add(g.ctx, res, delta);
+                res = self.lora_add(g, res, act, pair, cur);
             }
         }
         res
     }
 
-    /// `s · B (A cur)` of one adapter pair. F32 halves go through
-    /// [`lora::lora_mul_op`], which sums each product as llama.cpp's CPU
+    /// `res + s · B (A cur)` for one adapter pair. F32 halves go through
+    /// [`lora_add_op`] (one node), which sums each product as llama.cpp's CPU
     /// backend of this machine's SIMD class does (its tiled F32 kernel or
     /// `ggml_vec_dot_f32`; in exact mode always the AVX2 order, so results do
-    /// not depend on the CPU); F16 halves use ggml's `mul_mat`.
+    /// not depend on the CPU); F16 halves use ggml's `mul_mat`, `scale`, `add`.
     ///
     /// # Safety
-    /// `cur` is an F32 `[cols, n]` tensor of this graph; `pair` belongs to an
-    /// adapter checked against this model.
-    unsafe fn lora_delta(&self, g: &mut Graph, act: &ActiveLora, pair: &LoraPair, cur: T) -> T {
+    /// `cur` is an F32 `[cols, n]` tensor of this graph and `res` `[rows, n]`;
+    /// `pair` belongs to an adapter checked against this model, which outlives
+    /// the graph.
+    unsafe fn lora_add(
+        &self,
+        g: &mut Graph,
+        res: T,
+        act: &ActiveLora,
+        pair: &LoraPair,
+        cur: T,
+    ) -> T {
         let ctx = g.ctx;
         let scale = act.adapter.effective_scale(act.scale, pair.rank);
-        let f32_halves = (*pair.a).type_ == sys::ggml_type_GGML_TYPE_F32
+        let fused = (*pair.a).type_ == sys::ggml_type_GGML_TYPE_F32
             && (*pair.b).type_ == sys::ggml_type_GGML_TYPE_F32
+            && !pair.bt.is_null()
             && (*cur).type_ == sys::ggml_type_GGML_TYPE_F32
+            && (*res).type_ == sys::ggml_type_GGML_TYPE_F32
             && sys::ggml_is_contiguous(cur)
+            && sys::ggml_is_contiguous(res)
             && (*cur).ne[2] == 1
-            && (*cur).ne[3] == 1;
-        if !f32_halves {
+            && (*cur).ne[3] == 1
+            && (*res).ne[1] == (*cur).ne[1]
+            && (*res).ne[2] == 1
+            && (*res).ne[3] == 1;
+        if !fused {
             let ab = sys::ggml_mul_mat(ctx, pair.b, sys::ggml_mul_mat(ctx, pair.a, cur));
-            return sys::ggml_scale(ctx, ab, scale);
+            return sys::ggml_add(ctx, res, sys::ggml_scale(ctx, ab, scale));
         }
         let order = if !self.exact.load(Ordering::Relaxed) && cpu_class() == CpuClass::Avx512 {
             DotOrder::Wide16
         } else {
             DotOrder::Wide8
         };
-        let n = (*cur).ne[1];
-        let shape = g.shape_3d(pair.rank as i64, n, 1);
-        let t = sys::ggml_map_custom3(
-            ctx,
-            shape,
-            cur,
-            pair.a,
-            Some(lora_mul_op),
-            N_TASKS_MAX,
-            order.userdata(1.0),
-        );
-        let shape = g.shape_3d((*pair.b).ne[1], n, 1);
-        sys::ggml_map_custom3(
-            ctx,
-            shape,
-            t,
-            pair.b,
-            Some(lora_mul_op),
-            N_TASKS_MAX,
-            order.userdata(scale),
-        )
+        let call = Box::new(LoraCall {
+            a: pair.a,
+            b: pair.b,
+            bt: pair.bt,
+            scale,
+            order,
+        });
+        let userdata = &*call as *const LoraCall as *mut c_void;
+        g.lora_calls.push(call);
+        sys::ggml_map_custom2(ctx, res, cur, Some(lora_add_op), N_TASKS_MAX, userdata)
     }
 
     /// Adds the adapters' `s · B (A x)` for `projection` of `layer` to `y`
@@ -904,26 +907,29 @@ impl GgmlEngine {
         projection: Projection,
         x: &[f32],
         n: usize,
-        y: &mut [f32],
+        y: &mut Vec<f32>,
     ) -> Result<()> {
         for act in adapters {
             let Some(pair) = act.adapter.pair(layer, projection) else {
                 continue;
             };
             let cols = x.len() / n.max(1);
-            let delta = self.compute(scratch, |g| {
+            let rows = y.len() / n.max(1);
+            let sum = self.compute(scratch, |g| {
                 let xt = g.input_f32(x, &[cols as i64, n as i64]);
-                // SAFETY: `xt` is cols x n, as the pair's A expects (checked at load).
-                unsafe { self.lora_delta(g, act, pair, xt) }
+                let yt = g.input_f32(y, &[rows as i64, n as i64]);
+                // SAFETY: `xt` is cols x n and `yt` rows x n, as the pair
+                // expects (checked at load); the adapter outlives the graph.
+                unsafe { self.lora_add(g, yt, act, pair, xt) }
             })?;
-            if delta.len() != y.len() {
+            if sum.len() != y.len() {
                 return Err(Error::Ggml(format!(
                     "layer {layer} {projection:?}: LoRA gave {} values, expected {}",
-                    delta.len(),
+                    sum.len(),
                     y.len()
                 )));
             }
-            y.iter_mut().zip(&delta).for_each(|(y, d)| *y += d);
+            *y = sum;
         }
         Ok(())
     }
@@ -1166,8 +1172,7 @@ impl GgmlEngine {
             };
             for act in adapters {
                 if let Some(pair) = act.adapter.pair(0, Projection::Output) {
-                    let delta = self.lora_delta(g, act, pair, cur);
-                    res = sys::ggml_add(ctx, res, delta);
+                    res = self.lora_add(g, res, act, pair, cur);
                 }
             }
             res
@@ -1190,6 +1195,10 @@ struct Graph {
     /// Activations already quantized for the Q4_1 kernel: (F32 input, exact mode,
     /// Q8_1 node).
     quantized: Vec<(T, bool, T)>,
+    /// Userdata of this graph's [`lora_add_op`] nodes (freed with the graph;
+    /// boxed so their addresses stay put while the list grows).
+    #[allow(clippy::vec_box)]
+    lora_calls: Vec<Box<LoraCall>>,
     /// Shape source for custom ops' outputs, and its capacity in floats.
     shape: Option<(T, usize)>,
 }

@@ -120,6 +120,8 @@ pub(crate) struct LoraPair {
     pub b: *mut sys::ggml_tensor,
     /// The rank `r`.
     pub rank: usize,
+    /// B transposed (F32 halves), owned by the adapter.
+    pub bt: *const f32,
 }
 
 /// A validated LoRA adapter for one base model, its tensors in memory.
@@ -131,6 +133,8 @@ pub struct LoraAdapter {
     name: Option<String>,
     ctx: NonNull<sys::ggml_context>,
     pairs: HashMap<(usize, Projection), LoraPair>,
+    /// B of each F32 pair transposed (`LoraPair::bt` points into these).
+    transposed: Vec<Box<[f32]>>,
 }
 
 // SAFETY: after construction the adapter's ggml context and tensors are only
@@ -391,6 +395,7 @@ impl LoraAdapter {
             name: g.get_opt_str("general.name")?.map(str::to_string),
             ctx,
             pairs: HashMap::with_capacity(planned.len()),
+            transposed: Vec::new(),
         };
         let mk = |t: &TensorInfo| -> Result<*mut sys::ggml_tensor> {
             let src = t.data(bytes)?;
@@ -415,10 +420,29 @@ impl LoraAdapter {
             }
         };
         for p in planned {
+            let (a, b) = (mk(&p.a)?, mk(&p.b)?);
+            let bt = if p.b.ggml_type == GgmlType::F32 {
+                let rows = p.b.dims[1] as usize;
+                // SAFETY: `b` is an F32 tensor of rank x rows just filled.
+                let src =
+                    unsafe { std::slice::from_raw_parts((*b).data as *const f32, p.rank * rows) };
+                let mut t = vec![0f32; src.len()].into_boxed_slice();
+                for o in 0..rows {
+                    for r in 0..p.rank {
+                        t[r * rows + o] = src[o * p.rank + r];
+                    }
+                }
+                let ptr = t.as_ptr();
+                adapter.transposed.push(t);
+                ptr
+            } else {
+                ptr::null()
+            };
             let pair = LoraPair {
-                a: mk(&p.a)?,
-                b: mk(&p.b)?,
+                a,
+                b,
                 rank: p.rank,
+                bt,
             };
             adapter.pairs.insert((p.layer, p.projection), pair);
         }
@@ -508,25 +532,6 @@ impl DotOrder {
             DotOrder::Wide8 => 8,
         }
     }
-
-    /// Encoded with a scale into a custom op's userdata pointer.
-    pub(crate) fn userdata(self, scale: f32) -> *mut std::ffi::c_void {
-        let tag = match self {
-            DotOrder::Wide16 => 1usize,
-            DotOrder::Wide8 => 2,
-        };
-        ((tag << 32) | scale.to_bits() as usize) as *mut std::ffi::c_void
-    }
-
-    fn from_userdata(p: *mut std::ffi::c_void) -> (DotOrder, f32) {
-        let v = p as usize;
-        let order = if (v >> 32) == 1 {
-            DotOrder::Wide16
-        } else {
-            DotOrder::Wide8
-        };
-        (order, f32::from_bits(v as u32))
-    }
 }
 
 /// Horizontal sum of a 16-lane register as `_mm512_reduce_add_ps` (GCC):
@@ -561,44 +566,59 @@ fn hadd8(v: &[f32]) -> f32 {
 
 /// `Σ a[l]·b[l]` summed as llama.cpp's `mul_mat` sums it (see [`DotOrder`]).
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // lanes are indexed as the registers are
 fn dot(order: DotOrder, tiled: bool, a: &[f32], b: &[f32]) -> f32 {
+    match order {
+        DotOrder::Wide16 => dot_lanes::<16>(tiled, a, b),
+        DotOrder::Wide8 => dot_lanes::<8>(tiled, a, b),
+    }
+}
+
+/// [`dot`] for a register of `L` lanes (16 or 8).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // lanes are indexed as the registers are
+fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
-    let lanes = order.lanes();
-    if tiled && k.is_multiple_of(lanes) {
-        let mut acc = [0f32; 16];
-        for (ca, cb) in a[..k].chunks_exact(lanes).zip(b[..k].chunks_exact(lanes)) {
-            for l in 0..lanes {
+    let hsum = |v: &[f32; L]| -> f32 {
+        let mut w = [0f32; 16];
+        w[..L].copy_from_slice(v);
+        if L == 16 {
+            hsum16(&w)
+        } else {
+            hsum8(&w[..8])
+        }
+    };
+    if tiled && k.is_multiple_of(L) {
+        let mut acc = [0f32; L];
+        for (ca, cb) in a[..k].chunks_exact(L).zip(b[..k].chunks_exact(L)) {
+            for l in 0..L {
                 acc[l] = ca[l].mul_add(cb[l], acc[l]);
             }
         }
-        return match order {
-            DotOrder::Wide16 => hsum16(&acc),
-            DotOrder::Wide8 => hsum8(&acc[..8]),
-        };
+        return hsum(&acc);
     }
     // ggml_vec_dot_f32: 4 accumulators over blocks of 4 registers.
-    let step = 4 * lanes;
-    let np = k - k % step;
-    let mut sum = [[0f32; 16]; 4];
-    for (ca, cb) in a[..np].chunks_exact(step).zip(b[..np].chunks_exact(step)) {
+    let np = k - k % (4 * L);
+    let mut sum = [[0f32; L]; 4];
+    for (ca, cb) in a[..np].chunks_exact(4 * L).zip(b[..np].chunks_exact(4 * L)) {
         for j in 0..4 {
-            for l in 0..lanes {
-                let i = j * lanes + l;
-                sum[j][l] = ca[i].mul_add(cb[i], sum[j][l]);
+            for l in 0..L {
+                sum[j][l] = ca[j * L + l].mul_add(cb[j * L + l], sum[j][l]);
             }
         }
     }
-    for l in 0..lanes {
+    for l in 0..L {
         sum[0][l] += sum[2][l];
         sum[1][l] += sum[3][l];
     }
-    for l in 0..lanes {
+    for l in 0..L {
         sum[0][l] += sum[1][l];
     }
-    let mut sumf = match order {
-        DotOrder::Wide16 => hsum16(&sum[0]),
-        DotOrder::Wide8 => hadd8(&sum[0][..8]),
+    let mut sumf = if L == 16 {
+        hsum(&sum[0])
+    } else {
+        let mut w = [0f32; 8];
+        w.copy_from_slice(&sum[0][..8]);
+        hadd8(&w)
     };
     // Leftovers: `sumf += x[i]*y[i]` (not contracted into an FMA: matched
     // against llama.cpp's results).
@@ -608,86 +628,183 @@ fn dot(order: DotOrder, tiled: bool, a: &[f32], b: &[f32]) -> f32 {
     sumf
 }
 
-/// Custom op `dst[j][o] = scale · dot(w row o, x row j)` for `dst` `[m, n]`,
-/// `x` `[k, n]` and `w` `[k, m]` (all F32, contiguous): one `mul_mat` of a LoRA
-/// half (and the `ggml_scale` after the second), summed as llama.cpp sums it.
+/// One adapter pair applied by [`lora_add_op`]: kept alive by the graph
+/// that uses it (its address is the op's userdata).
+#[derive(Debug)]
+pub(crate) struct LoraCall {
+    /// `[cols, r]`, F32.
+    pub a: *const sys::ggml_tensor,
+    /// `[r, rows]`, F32.
+    pub b: *const sys::ggml_tensor,
+    /// B transposed (`r` rows of `rows`), for the short serial sums.
+    pub bt: *const f32,
+    /// `s = scale · alpha / r`.
+    pub scale: f32,
+    /// Summation order of the products.
+    pub order: DotOrder,
+}
+
+/// Custom op `dst = res + s · B (A x)` for `res` `[rows, n]` and `x` `[cols, n]`
+/// (contiguous F32), the pair and `s` in the [`LoraCall`] at `userdata`: what
+/// llama.cpp computes as `mul_mat(a)`, `mul_mat(b)`, `scale`, `add` (four
+/// graph nodes there, one here), with each product summed as it sums it.
 ///
 /// # Safety
-/// Called by ggml with contiguous F32 tensors of those shapes; `userdata`
-/// from [`DotOrder::userdata`].
-pub(crate) unsafe extern "C" fn lora_mul_op(
+/// Called by ggml with those tensors; `userdata` points to a live [`LoraCall`]
+/// whose halves fit `x` and `res`.
+pub(crate) unsafe extern "C" fn lora_add_op(
     dst: *mut sys::ggml_tensor,
-    _shape: *const sys::ggml_tensor,
+    res: *const sys::ggml_tensor,
     x: *const sys::ggml_tensor,
-    w: *const sys::ggml_tensor,
     ith: i32,
     nth: i32,
     userdata: *mut std::ffi::c_void,
 ) {
-    let (order, scale) = DotOrder::from_userdata(userdata);
-    let k = (*w).ne[0] as usize;
-    let m = (*w).ne[1] as usize;
+    let call = &*(userdata as *const LoraCall);
+    let (a, b) = (call.a, call.b);
+    let cols = (*a).ne[0] as usize;
+    let rank = (*a).ne[1] as usize;
+    let rows = (*b).ne[1] as usize;
     let n = (*x).ne[1] as usize;
-    let xs = std::slice::from_raw_parts((*x).data as *const f32, k * n);
-    let ws = std::slice::from_raw_parts((*w).data as *const f32, k * m);
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, m * n);
-    // llama.cpp runs tinyBLAS for batches only (two or more tokens), on
-    // matrices whose row count is a multiple of 4.
-    let tiled = n >= 2 && m.is_multiple_of(4);
-    let (r0, r1) = super::kernels::share(m * n, ith, nth);
-    let out = &mut out[r0..r1];
+    let job = LoraJob {
+        order: call.order,
+        scale: call.scale,
+        cols,
+        rank,
+        rows,
+        n,
+        x: std::slice::from_raw_parts((*x).data as *const f32, cols * n),
+        a: std::slice::from_raw_parts((*a).data as *const f32, cols * rank),
+        b: std::slice::from_raw_parts((*b).data as *const f32, rank * rows),
+        bt: std::slice::from_raw_parts(call.bt, rank * rows),
+        res: std::slice::from_raw_parts((*res).data as *const f32, rows * n),
+    };
+    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(
-            order: DotOrder,
-            tiled: bool,
-            scale: f32,
-            k: usize,
-            m: usize,
-            x: &[f32],
-            w: &[f32],
-            out: &mut [f32],
-            first: usize,
-        ) {
-            lora_rows(order, tiled, scale, k, m, x, w, out, first)
+        unsafe fn avx2(job: &LoraJob<'_>, out: &mut [f32], ith: i32, nth: i32) {
+            job.run(out, ith, nth)
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has AVX2 and FMA (checked just above). The
             // arithmetic is the same either way: `mul_add` is a fused
             // multiply-add in hardware or in libm.
-            return avx2(order, tiled, scale, k, m, xs, ws, out, r0);
+            return avx2(&job, out, ith, nth);
         }
     }
-    lora_rows(order, tiled, scale, k, m, xs, ws, out, r0);
+    job.run(out, ith, nth)
 }
 
-/// Outputs `first..first + out.len()` of [`lora_mul_op`] (index `j·m + o`).
+/// The work of one [`lora_add_op`].
+pub(crate) struct LoraJob<'a> {
+    pub order: DotOrder,
+    pub scale: f32,
+    pub cols: usize,
+    pub rank: usize,
+    pub rows: usize,
+    pub n: usize,
+    /// `n` rows of `cols`.
+    pub x: &'a [f32],
+    /// `rank` rows of `cols`.
+    pub a: &'a [f32],
+    /// `rows` rows of `rank`.
+    pub b: &'a [f32],
+    /// `b` transposed: `rank` rows of `rows`.
+    pub bt: &'a [f32],
+    /// `n` rows of `rows`.
+    pub res: &'a [f32],
+}
+
+impl LoraJob<'_> {
+    /// This thread's share of `out` (`n` rows of `rows`): whole tokens when
+    /// there are at least as many as threads, else a range of output rows of
+    /// every token. Every output is computed the same way either way.
+    #[inline(always)]
+    pub(crate) fn run(&self, out: &mut [f32], ith: i32, nth: i32) {
+        // llama.cpp runs tinyBLAS for batches only (two or more tokens), on
+        // matrices whose row count is a multiple of 4.
+        let tiled_a = self.n >= 2 && self.rank.is_multiple_of(4);
+        let tiled_b = self.n >= 2 && self.rows.is_multiple_of(4);
+        let (tokens, out_rows) = if self.n >= nth.max(1) as usize {
+            (super::kernels::share(self.n, ith, nth), (0, self.rows))
+        } else {
+            ((0, self.n), super::kernels::share(self.rows, ith, nth))
+        };
+        let mut t = vec![0f32; self.rank];
+        for j in tokens.0..tokens.1 {
+            let xj = &self.x[j * self.cols..(j + 1) * self.cols];
+            for (r, tr) in t.iter_mut().enumerate() {
+                *tr = dot(
+                    self.order,
+                    tiled_a,
+                    &self.a[r * self.cols..(r + 1) * self.cols],
+                    xj,
+                );
+            }
+            let o = j * self.rows;
+            dot_rows(
+                self.order,
+                tiled_b,
+                self.b,
+                self.bt,
+                &t,
+                out_rows,
+                self.scale,
+                &self.res[o..o + self.rows],
+                &mut out[o..o + self.rows],
+            );
+        }
+    }
+}
+
+/// `out[o] = res[o] + scale · dot(w row o, t)` for rows `range` of `w`
+/// (`k = t.len()` columns), summed as [`dot`] sums it. Short rows on the
+/// `ggml_vec_dot_f32` path (no full block: a plain serial sum) are done 16
+/// rows at a time from `wt` (`w` transposed), each row with its own running
+/// sum in the same order, so the loads and sums vectorize across rows.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn lora_rows(
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn dot_rows(
     order: DotOrder,
     tiled: bool,
-    scale: f32,
-    k: usize,
-    m: usize,
-    x: &[f32],
     w: &[f32],
+    wt: &[f32],
+    t: &[f32],
+    range: (usize, usize),
+    scale: f32,
+    res: &[f32],
     out: &mut [f32],
-    first: usize,
 ) {
-    for (idx, o) in (first..).zip(out.iter_mut()) {
-        let (j, row) = (idx / m, idx % m);
-        let d = dot(
-            order,
-            tiled,
-            &w[row * k..(row + 1) * k],
-            &x[j * k..(j + 1) * k],
-        );
-        // ggml_scale multiplies the stored f32 product (scale 1 is exact).
-        *o = d * scale;
+    let k = t.len();
+    let rows = res.len();
+    let lanes = order.lanes();
+    let serial = !(tiled && k.is_multiple_of(lanes)) && k < 4 * lanes;
+    let mut o = range.0;
+    if serial && wt.len() == rows * k {
+        while o + 16 <= range.1 {
+            let mut acc = [0f32; 16];
+            for (i, &ti) in t.iter().enumerate() {
+                let col: &[f32; 16] = wt[i * rows + o..i * rows + o + 16]
+                    .try_into()
+                    .expect("16 values");
+                for r in 0..16 {
+                    acc[r] += col[r] * ti;
+                }
+            }
+            let res: &[f32; 16] = res[o..o + 16].try_into().expect("16 values");
+            let out: &mut [f32; 16] = (&mut out[o..o + 16]).try_into().expect("16 values");
+            for r in 0..16 {
+                out[r] = res[r] + acc[r] * scale;
+            }
+            o += 16;
+        }
+    }
+    for o in o..range.1 {
+        let d = dot(order, tiled, &w[o * k..(o + 1) * k], t);
+        // ggml_scale multiplies the stored f32 product, then ggml_add.
+        out[o] = res[o] + d * scale;
     }
 }
 
@@ -1087,16 +1204,47 @@ mod tests {
     }
 
     #[test]
-    fn lora_rows_scale_once_and_index_token_major() {
-        // w: 3 rows of k = 2, x: 2 tokens.
-        let w = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let x = [1.0f32, 1.0, 0.5, -1.0];
-        let mut out = [0f32; 6];
-        lora_rows(DotOrder::Wide8, true, 2.0, 2, 3, &x, &w, &mut out, 0);
-        assert_eq!(out, [6.0, 14.0, 22.0, -3.0, -5.0, -7.0]);
-        let mut tail = [0f32; 2];
-        lora_rows(DotOrder::Wide16, false, 2.0, 2, 3, &x, &w, &mut tail, 4);
-        assert_eq!(tail, [-5.0, -7.0]);
+    fn lora_jobs_add_the_scaled_product_and_split_work_exactly() {
+        // x: 3 tokens of 2; A: rank 2; B: 20 rows (a block of 16 plus 4).
+        let x = [1.0f32, 1.0, 0.5, -1.0, 2.0, 0.25];
+        let a = [1.0f32, 2.0, -1.0, 0.5];
+        let b: Vec<f32> = (0..40).map(|i| (i % 5) as f32 - 2.0).collect();
+        let res: Vec<f32> = (0..60).map(|i| i as f32 * 0.125).collect();
+        let bt: Vec<f32> = (0..40).map(|i| b[(i % 20) * 2 + i / 20]).collect();
+        let mut want = vec![0f32; 60];
+        for j in 0..3 {
+            let t = [
+                a[0] * x[2 * j] + a[1] * x[2 * j + 1],
+                a[2] * x[2 * j] + a[3] * x[2 * j + 1],
+            ];
+            for o in 0..20 {
+                want[j * 20 + o] = res[j * 20 + o] + (b[2 * o] * t[0] + b[2 * o + 1] * t[1]) * 2.0;
+            }
+        }
+        for order in [DotOrder::Wide16, DotOrder::Wide8] {
+            for n in [1usize, 3] {
+                let job = LoraJob {
+                    order,
+                    scale: 2.0,
+                    cols: 2,
+                    rank: 2,
+                    rows: 20,
+                    n,
+                    x: &x[..2 * n],
+                    a: &a,
+                    b: &b,
+                    bt: &bt,
+                    res: &res[..20 * n],
+                };
+                for nth in 1..4 {
+                    let mut out = vec![f32::NAN; 20 * n];
+                    for ith in 0..nth {
+                        job.run(&mut out, ith, nth);
+                    }
+                    assert_eq!(out, want[..20 * n], "{order:?} n {n} threads {nth}");
+                }
+            }
+        }
     }
 
     proptest! {

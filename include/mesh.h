@@ -896,6 +896,27 @@ void mesh_context_free(struct mesh_context *ctx);
 mesh_status mesh_context_n_ctx(const struct mesh_context *ctx, size_t *out);
 
 /**
+ * Apply a LoRA adapter (llama.cpp's GGUF adapter format, path as
+ * NUL-terminated UTF-8) at `scale` (1.0 = as trained) in every later
+ * `mesh_generate` on `ctx`, after the adapters added before. The adapter
+ * must be made for the context's model: another architecture, shapes that
+ * do not fit, a missing half or not an adapter at all is `MESH_STATUS_GGUF`,
+ * quantized halves `MESH_STATUS_UNSUPPORTED`, a non-finite scale
+ * `MESH_STATUS_INVALID_ARG`, a missing file `MESH_STATUS_IO`; on error the
+ * context's adapters are unchanged.
+ *
+ * Threads: not while `mesh_generate` runs on `ctx` (`MESH_STATUS_BUSY`).
+ */
+mesh_status mesh_context_add_lora(const struct mesh_context *ctx, const char *path, float scale);
+
+/**
+ * Stop applying LoRA adapters on `ctx` (the base model again).
+ *
+ * Threads: not while `mesh_generate` runs on `ctx` (`MESH_STATUS_BUSY`).
+ */
+mesh_status mesh_context_clear_lora(const struct mesh_context *ctx);
+
+/**
  * Generate text after `prompt` (NUL-terminated UTF-8), streaming it to `cb`.
  *
  * Every call starts from an empty KV cache: the prompt must carry the whole

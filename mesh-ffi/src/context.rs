@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_core::chat::ChatMessage;
-use mesh_core::engine::{Engine, GgmlEngine, GgmlSession};
+use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession};
 use mesh_core::generate::{self, GenerateOutput, GenerateParams, Prompt, StopReason};
 use mesh_core::sampling::SamplerParams;
 
@@ -105,6 +105,24 @@ impl Context {
         if *running {
             self.cancel.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Loads the adapter at `path` for this context's model and appends it
+    /// (at `scale`) to the adapters the context applies; `None` removes them all.
+    fn set_lora(&self, add: Option<(&str, f32)>) -> FfiResult {
+        // Not while generating: the adapters of a running generation stay fixed.
+        let _running = self.begin()?;
+        let mut session = lock(&self.session);
+        let mut adapters = session.adapters().to_vec();
+        match add {
+            Some((path, scale)) => {
+                let adapter = self.model.load_adapter(path)?;
+                adapters.push(ActiveLora::new(adapter, scale));
+            }
+            None => adapters.clear(),
+        }
+        self.model.set_adapters(&mut session, &adapters)?;
+        Ok(())
     }
 
     /// Generate from an empty KV cache.
@@ -402,6 +420,40 @@ pub unsafe extern "C" fn mesh_context_n_ctx(
         let ctx = ffi::handle(ctx, "ctx")?;
         ffi::out(out, "out")?.write(ctx.n_ctx);
         Ok(())
+    })
+}
+
+/// Apply a LoRA adapter (llama.cpp's GGUF adapter format, path as
+/// NUL-terminated UTF-8) at `scale` (1.0 = as trained) in every later
+/// `mesh_generate` on `ctx`, after the adapters added before. The adapter
+/// must be made for the context's model: another architecture, shapes that
+/// do not fit, a missing half or not an adapter at all is `MESH_STATUS_GGUF`,
+/// quantized halves `MESH_STATUS_UNSUPPORTED`, a non-finite scale
+/// `MESH_STATUS_INVALID_ARG`, a missing file `MESH_STATUS_IO`; on error the
+/// context's adapters are unchanged.
+///
+/// Threads: not while `mesh_generate` runs on `ctx` (`MESH_STATUS_BUSY`).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_context_add_lora(
+    ctx: *const mesh_context,
+    path: *const c_char,
+    scale: f32,
+) -> mesh_status {
+    boundary(|| {
+        let ctx = ffi::handle(ctx, "ctx")?;
+        let path = ffi::c_str(path, "path")?;
+        ctx.set_lora(Some((path, scale)))
+    })
+}
+
+/// Stop applying LoRA adapters on `ctx` (the base model again).
+///
+/// Threads: not while `mesh_generate` runs on `ctx` (`MESH_STATUS_BUSY`).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_context_clear_lora(ctx: *const mesh_context) -> mesh_status {
+    boundary(|| {
+        let ctx = ffi::handle(ctx, "ctx")?;
+        ctx.set_lora(None)
     })
 }
 

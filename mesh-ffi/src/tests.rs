@@ -76,6 +76,43 @@ fn statuses_are_distinct_and_named() {
 }
 
 #[test]
+fn adapter_errors_map_to_the_statuses_mesh_h_documents() {
+    use mesh_core::engine::{AdapterError as A, ModelId};
+    use mesh_core::Error as E;
+    let cases = [
+        (A::NotAnAdapter("x".into()), mesh_status::Gguf),
+        (A::Empty, mesh_status::Gguf),
+        (
+            A::Shape {
+                name: "t".into(),
+                expected: "1".into(),
+                found: "2".into(),
+            },
+            mesh_status::Gguf,
+        ),
+        (
+            A::UnsupportedType {
+                name: "t".into(),
+                ty: "Q8_0".into(),
+            },
+            mesh_status::Unsupported,
+        ),
+        (
+            A::BadScale {
+                adapter: ModelId([0; 32]),
+                scale: f32::NAN,
+            },
+            mesh_status::InvalidArg,
+        ),
+    ];
+    for (e, status) in cases {
+        let f = Failure::from(E::Adapter(e));
+        assert_eq!(f.status, status, "{}", f.message);
+        assert!(f.message.starts_with("adapter: "), "{}", f.message);
+    }
+}
+
+#[test]
 fn every_core_error_has_its_own_status() {
     use mesh_core::Error as E;
     let errors = vec![
@@ -184,6 +221,11 @@ fn null_handles_and_outputs_are_statuses() {
             mesh_context_n_ctx(ptr::null(), &mut n),
             mesh_status::NullArg
         );
+        assert_eq!(
+            mesh_context_add_lora(ptr::null(), c(b"a.gguf\0"), 1.0),
+            mesh_status::NullArg
+        );
+        assert_eq!(mesh_context_clear_lora(ptr::null()), mesh_status::NullArg);
         let mut model = ptr::null();
         assert_eq!(
             mesh_model_load(ptr::null(), ptr::null(), &mut model),

@@ -254,6 +254,8 @@ _SIGNATURES = {
         ],
     ),
     "mesh_context_cancel": (_status, [_context_p]),
+    "mesh_context_add_lora": (_status, [_context_p, c_char_p, c_float]),
+    "mesh_context_clear_lora": (_status, [_context_p]),
     "mesh_log_set": (_status, [_LogCallback, c_void_p, c_int32]),
     "mesh_node_params_default": (_NodeParams, []),
     "mesh_node_open": (_status, [POINTER(_NodeParams), POINTER(_node_p)]),
@@ -702,6 +704,16 @@ class Context:
             self.free()
         except Exception:
             pass
+
+    def add_lora(self, path: str, scale: float = 1.0) -> None:
+        """Apply a LoRA adapter (llama.cpp GGUF format) at `scale` in every later
+        generate(), after those added before. A file that is not an adapter of
+        this model raises MeshError (Status.GGUF; Status.IO if missing)."""
+        _check(_L().mesh_context_add_lora(self._handle(), path.encode(), scale), "add_lora")
+
+    def clear_lora(self) -> None:
+        """Stop applying LoRA adapters (the base model again)."""
+        _check(_L().mesh_context_clear_lora(self._handle()), "clear_lora")
 
     def cancel(self) -> None:
         """Stop the running generate() (it raises Cancelled). Any thread, also

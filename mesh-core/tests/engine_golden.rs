@@ -23,6 +23,8 @@
 
 mod common;
 
+use common::{ids, top_logit_diff};
+
 use mesh_core::engine::{cpu_class, Engine, GgmlEngine, Logits};
 use mesh_core::sampling::argmax;
 use serde_json::Value;
@@ -33,14 +35,6 @@ const LOGIT_TOLERANCE: f32 = 6e-5;
 
 fn golden() -> Value {
     serde_json::from_str(include_str!("data/golden.json")).expect("golden.json parses")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// A recorded prompt's name, its tokens (checked against ours) and upstream's
@@ -55,17 +49,6 @@ fn recorded_run<'a>(engine: &GgmlEngine, p: &'a Value) -> (&'a str, Vec<u32>, Ve
     let want = ids(&p["greedy_ids"]);
     assert!(want.len() >= 64, "{name}: {} tokens recorded", want.len());
     (name, prompt, want)
-}
-
-/// Largest |ours - upstream| over upstream's top-10 logits.
-fn top_logit_diff(ours: &[f32], top: &Value) -> f32 {
-    top.as_array()
-        .unwrap()
-        .iter()
-        .map(|pair| {
-            (ours[pair[0].as_u64().unwrap() as usize] - pair[1].as_f64().unwrap() as f32).abs()
-        })
-        .fold(0.0, f32::max)
 }
 
 /// Whether this build runs the kernels of the class the goldens were recorded on.

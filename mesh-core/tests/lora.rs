@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::{ids, top_logit_diff};
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -31,14 +33,6 @@ const LOGIT_TOLERANCE: f32 = 6e-5;
 fn golden() -> &'static Value {
     static G: OnceLock<Value> = OnceLock::new();
     G.get_or_init(|| serde_json::from_str(include_str!("data/lora_golden.json")).unwrap())
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// Value `i` of tensor `index`, as `scripts/lora_golden.py`'s `values`.
@@ -119,16 +113,6 @@ fn session_with(engine: &GgmlEngine, adapter: &Arc<LoraAdapter>, scale: f32) -> 
         .set_adapters(&mut s, &[ActiveLora::new(adapter.clone(), scale)])
         .unwrap();
     s
-}
-
-fn top_logit_diff(ours: &[f32], top: &Value) -> f32 {
-    top.as_array()
-        .unwrap()
-        .iter()
-        .map(|pair| {
-            (ours[pair[0].as_u64().unwrap() as usize] - pair[1].as_f64().unwrap() as f32).abs()
-        })
-        .fold(0.0, f32::max)
 }
 
 fn same_class() -> bool {

@@ -833,7 +833,24 @@ impl GgmlEngine {
         cur: T,
         n: usize,
     ) -> T {
-        let mut res = self.mat_mul(g, w, cur, n);
+        let res = self.mat_mul(g, w, cur, n);
+        self.add_adapters(g, adapters, layer, projection, res, cur)
+    }
+
+    /// `res` plus each adapter's `s · B (A cur)` for `projection` of `layer`,
+    /// in order (see [`GgmlEngine::lora_add`]).
+    ///
+    /// # Safety
+    /// As [`GgmlEngine::lora_add`].
+    unsafe fn add_adapters(
+        &self,
+        g: &mut Graph,
+        adapters: &[ActiveLora],
+        layer: usize,
+        projection: Projection,
+        mut res: T,
+        cur: T,
+    ) -> T {
         for act in adapters {
             if let Some(pair) = act.adapter.pair(layer, projection) {
                 res = self.lora_add(g, res, act, pair, cur);
@@ -909,28 +926,27 @@ impl GgmlEngine {
         n: usize,
         y: &mut Vec<f32>,
     ) -> Result<()> {
-        for act in adapters {
-            let Some(pair) = act.adapter.pair(layer, projection) else {
-                continue;
-            };
-            let cols = x.len() / n.max(1);
-            let rows = y.len() / n.max(1);
-            let sum = self.compute(scratch, |g| {
-                let xt = g.input_f32(x, &[cols as i64, n as i64]);
-                let yt = g.input_f32(y, &[rows as i64, n as i64]);
-                // SAFETY: `xt` is cols x n and `yt` rows x n, as the pair
-                // expects (checked at load); the adapter outlives the graph.
-                unsafe { self.lora_add(g, yt, act, pair, xt) }
-            })?;
-            if sum.len() != y.len() {
-                return Err(Error::Ggml(format!(
-                    "layer {layer} {projection:?}: LoRA gave {} values, expected {}",
-                    sum.len(),
-                    y.len()
-                )));
-            }
-            *y = sum;
+        if !adapters.iter().any(|a| a.adapter.adapts(layer, projection)) {
+            return Ok(());
         }
+        let cols = x.len() / n.max(1);
+        let rows = y.len() / n.max(1);
+        // One graph for all adapters, chained as in the fused forward pass.
+        let sum = self.compute(scratch, |g| {
+            let xt = g.input_f32(x, &[cols as i64, n as i64]);
+            let yt = g.input_f32(y, &[rows as i64, n as i64]);
+            // SAFETY: `xt` is cols x n and `yt` rows x n, as the pairs
+            // expect (checked at load); the adapters outlive the graph.
+            unsafe { self.add_adapters(g, adapters, layer, projection, yt, xt) }
+        })?;
+        if sum.len() != y.len() {
+            return Err(Error::Ggml(format!(
+                "layer {layer} {projection:?}: LoRA gave {} values, expected {}",
+                sum.len(),
+                y.len()
+            )));
+        }
+        *y = sum;
         Ok(())
     }
 
@@ -1164,18 +1180,13 @@ impl GgmlEngine {
                 cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));
             }
             let n_out = (*cur).ne[1] as usize;
-            let mut res = if self.exact.load(Ordering::Relaxed) {
+            let res = if self.exact.load(Ordering::Relaxed) {
                 // Exact accumulation covers the output head too (Q8_0 here).
                 self.mat_mul(g, self.tensors.output, cur, n_out)
             } else {
                 sys::ggml_mul_mat(ctx, self.tensors.output, cur)
             };
-            for act in adapters {
-                if let Some(pair) = act.adapter.pair(0, Projection::Output) {
-                    res = self.lora_add(g, res, act, pair, cur);
-                }
-            }
-            res
+            self.add_adapters(g, adapters, 0, Projection::Output, res, cur)
         }
     }
 

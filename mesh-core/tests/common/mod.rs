@@ -21,3 +21,24 @@ pub fn model_path() -> PathBuf {
 /// parallel, and ggml's spin barrier degrades badly when its threads outnumber
 /// free cores, so each engine uses one; `threads_agree` covers multi-threading.
 pub const THREADS: usize = 1;
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Largest |ours - upstream| over upstream's recorded top logits
+/// (`[[id, logit], ...]`).
+pub fn top_logit_diff(ours: &[f32], top: &serde_json::Value) -> f32 {
+    top.as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| {
+            (ours[pair[0].as_u64().unwrap() as usize] - pair[1].as_f64().unwrap() as f32).abs()
+        })
+        .fold(0.0, f32::max)
+}

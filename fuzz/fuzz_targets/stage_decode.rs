@@ -8,7 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_core::pipeline::protocol::{decode_request, encode_rows, DType, StageCall, MAX_BATCH_TOKENS};
+use mesh_core::pipeline::protocol::{
+    decode_request, encode_rows, DType, StageCall, MAX_BATCH_TOKENS, MAX_SESSION_ADAPTERS,
+};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
@@ -25,9 +27,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(&encode_rows(&rows, dtype)[..], tensor);
             }
         }
-        Ok(StageCall::Open { layers, n_ctx, .. }) => {
+        Ok(StageCall::Open { layers, n_ctx, adapters, .. }) => {
             assert!(layers.start < layers.end);
             assert!(n_ctx >= 1);
+            assert!(adapters.len() <= MAX_SESSION_ADAPTERS);
+            assert!(adapters.iter().all(|(_, scale)| scale.is_finite()));
         }
         Ok(_) | Err(_) => {}
     }

@@ -79,6 +79,9 @@ pub enum Error {
     /// Pipeline inference across peers failed (no cover, stage error, failover).
     #[error("pipeline: {0}")]
     Pipeline(Box<crate::pipeline::PipelineError>),
+    /// Model sync: a bad update record, a failed adapter transfer or store.
+    #[error("ledger: {0}")]
+    Ledger(Box<crate::ledger::LedgerError>),
     /// A LoRA adapter was refused (not an adapter, another architecture or
     /// model, a shape or type that does not fit).
     #[error("adapter: {0}")]
@@ -96,5 +99,11 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<crate::ledger::LedgerError> for Error {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        Error::Ledger(Box::new(e))
     }
 }

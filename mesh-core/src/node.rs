@@ -44,8 +44,11 @@ use crate::delegate::link::{self, NetworkLinks, RemoteHelper};
 use crate::delegate::private::{DroppedHelper, PrivateProjector, PrivateStats};
 use crate::delegate::protocol::HELPER_METHOD;
 use crate::delegate::select::{select_helpers, Candidate, SelectionPolicy};
-use crate::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits};
+use crate::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits, LoraAdapter, ModelId};
 use crate::generate::{self, GenerateOutput, GenerateParams, Prompt};
+use crate::ledger::record::UPDATE_TOPIC;
+use crate::ledger::transfer::ADAPTER_METHOD;
+use crate::ledger::{AdapterStore, FetchConfig, Fetched, UpdateDraft, UpdateId, UpdateRecord};
 use crate::network::p2p::{P2pConfig, P2pNetwork};
 use crate::network::{self, Announcement, Identity, Multiaddr, Network, PeerId};
 use crate::pipeline::client::{PipelineConfig, PipelineEvent, PipelineSession, PipelineStats};
@@ -125,13 +128,16 @@ pub enum NodeEvent {
     Stage(StageEvent),
     /// A pipeline generation of this node planned or failed over.
     Pipeline(PipelineEvent),
+    /// A verified update record arrived by gossip (or this node published one);
+    /// see [`Node::enable_updates`].
+    Update(Box<UpdateRecord>),
 }
 
 impl NodeEvent {
     /// The event as one JSON object with an `"event"` name (what `mesh node`
     /// prints and the C ABI's event callback receives): `listening`,
     /// `peer_connected`, `peer_disconnected`, `providers_changed`, `rtt`,
-    /// `session_opened`, `session_closed`, `plan`, `failover`.
+    /// `session_opened`, `session_closed`, `plan`, `failover`, `update`.
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
         match self {
@@ -191,6 +197,12 @@ impl NodeEvent {
                 "layers": [layers.start, layers.end], "error": error,
                 "replacement": hops_json(replacement),
             }),
+            NodeEvent::Update(r) => json!({
+                "event": "update", "id": r.id().to_hex(), "base": r.base.to_hex(),
+                "adapter": r.adapter.to_hex(), "adapter_size": r.adapter_size,
+                "parent": r.parent.map(|p| p.to_hex()), "author": r.author.to_string(),
+                "metrics": r.metrics.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+            }),
         }
     }
 }
@@ -215,8 +227,9 @@ pub struct GenerateRequest {
     pub n_ctx: Option<usize>,
     /// LoRA adapters to apply, in order (loaded for the engine passed to
     /// [`Node::generate`]). Local and private mode apply them at this node
-    /// (private mode's helpers never see them); pipeline mode refuses them
-    /// for now (stages do not hold adapters).
+    /// (private mode's helpers never see them); in pipeline mode every stage
+    /// applies them to its layers, named by hash: stages must hold them
+    /// ([`Node::serve_adapter`]), one that does not is planned around.
     pub adapters: Vec<ActiveLora>,
 }
 
@@ -292,6 +305,31 @@ pub struct Node {
     served: Mutex<Vec<Served>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     events: broadcast::Sender<NodeEvent>,
+    updates: Arc<Mutex<Option<Updates>>>,
+}
+
+/// Model sync state of a node ([`Node::enable_updates`]).
+struct Updates {
+    store: AdapterStore,
+    /// Verified records seen, oldest first (at most [`MAX_SEEN_UPDATES`]).
+    seen: Vec<UpdateRecord>,
+}
+
+/// Update records a node remembers.
+const MAX_SEEN_UPDATES: usize = 1024;
+
+impl Updates {
+    /// Remembers `record`; false if it was known.
+    fn remember(&mut self, record: &UpdateRecord) -> bool {
+        if self.seen.iter().any(|r| r.id() == record.id()) {
+            return false;
+        }
+        if self.seen.len() >= MAX_SEEN_UPDATES {
+            self.seen.remove(0);
+        }
+        self.seen.push(record.clone());
+        true
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -341,6 +379,7 @@ impl Node {
             served: Mutex::new(Vec::new()),
             tasks: Mutex::new(tasks),
             events,
+            updates: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -433,6 +472,172 @@ impl Node {
             tokens_per_sec,
         });
         Ok(announcement)
+    }
+
+    /// Lets this node's stages apply `adapter` for sessions that name it (by
+    /// its hash): pipeline clients generating with that adapter can then use
+    /// this node's layers. The adapter's model must be served ([`Node::serve`]
+    /// first); returns its id.
+    pub fn serve_adapter(&self, adapter: Arc<LoraAdapter>) -> Result<ModelId> {
+        let id = adapter.id();
+        self.stages.add_adapter(adapter)?;
+        Ok(id)
+    }
+
+    /// Takes part in model sync: keeps adapters in an [`AdapterStore`] in
+    /// `dir` and sends them to peers that ask ([`ADAPTER_METHOD`]), and
+    /// listens to update records on [`UPDATE_TOPIC`] (gossip): records whose
+    /// signature is not their author's are rejected (and not forwarded);
+    /// verified ones are remembered ([`Node::updates`]) and reported as
+    /// [`NodeEvent::Update`]. Calling it again is a no-op.
+    pub fn enable_updates(&self, dir: impl Into<std::path::PathBuf>) -> Result<()> {
+        let mut state = self.lock_updates();
+        if state.is_some() {
+            return Ok(());
+        }
+        let store = AdapterStore::open(dir)?;
+        let served = store.clone();
+        self.start_handler(ADAPTER_METHOD, move |requests| {
+            crate::ledger::transfer::serve(served, requests)
+        })?;
+        let net = self.net.clone();
+        let validator: network::Validator = Arc::new(|_, data| match UpdateRecord::decode(data) {
+            Ok(_) => network::Validation::Accept,
+            Err(_) => network::Validation::Reject,
+        });
+        let mut rx = self.handle.block_on(async {
+            net.set_validator(UPDATE_TOPIC, validator).await?;
+            net.subscribe(UPDATE_TOPIC).await
+        })?;
+        let (updates, events) = (self.updates.clone(), self.events.clone());
+        let task = self.handle.spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                // Validated on arrival; decoded again for the record itself.
+                let Ok(record) = UpdateRecord::decode(&msg.data) else {
+                    continue;
+                };
+                let fresh = updates
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                    .is_some_and(|u| u.remember(&record));
+                if fresh {
+                    let _ = events.send(NodeEvent::Update(Box::new(record)));
+                }
+            }
+        });
+        self.lock_tasks().push(task);
+        *state = Some(Updates {
+            store,
+            seen: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn lock_updates(&self) -> std::sync::MutexGuard<'_, Option<Updates>> {
+        self.updates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update_store(&self) -> Result<AdapterStore> {
+        self.lock_updates()
+            .as_ref()
+            .map(|u| u.store.clone())
+            .ok_or_else(|| {
+                Error::InvalidArgument("model sync is not enabled (Node::enable_updates)".into())
+            })
+    }
+
+    /// Verified update records seen so far, oldest first.
+    pub fn updates(&self) -> Vec<UpdateRecord> {
+        self.lock_updates()
+            .as_ref()
+            .map(|u| u.seen.clone())
+            .unwrap_or_default()
+    }
+
+    /// Publishes the adapter at `path` as an update of `engine`'s model: checks
+    /// it against the model (a bad adapter is [`Error::Adapter`]), copies it
+    /// into the store (peers fetch it from here), signs a record with this
+    /// node's identity and announces it by gossip. Returns the record.
+    pub fn publish_update(
+        &self,
+        engine: &GgmlEngine,
+        path: &std::path::Path,
+        parent: Option<UpdateId>,
+        metrics: Vec<(String, f64)>,
+    ) -> Result<UpdateRecord> {
+        let Some(identity) = &self.identity else {
+            return Err(Error::InvalidArgument(
+                "publishing an update needs the node's identity (Node::with_identity)".into(),
+            ));
+        };
+        let store = self.update_store()?;
+        let adapter = engine.load_adapter(path)?;
+        let id = store.import(path)?;
+        if id != adapter.id() {
+            return Err(Error::InvalidArgument(format!(
+                "{} changed while it was published",
+                path.display()
+            )));
+        }
+        let record = UpdateRecord::sign(
+            identity,
+            UpdateDraft {
+                base: engine.info().id,
+                adapter: id,
+                adapter_size: adapter.file_size(),
+                parent,
+                metrics,
+            },
+        )?;
+        if let Some(u) = self.lock_updates().as_mut() {
+            u.remember(&record);
+        }
+        let data = bytes::Bytes::from(record.encode());
+        // Nobody subscribed yet is not a failure (publish succeeds).
+        self.handle.block_on(self.net.publish(UPDATE_TOPIC, data))?;
+        let _ = self
+            .events
+            .send(NodeEvent::Update(Box::new(record.clone())));
+        Ok(record)
+    }
+
+    /// Fetches the adapter `record` names (from its author first, then every
+    /// connected peer; verified by hash, see [`crate::ledger::transfer`]) and
+    /// loads it for `engine`, which must run the record's base model.
+    /// Returns the adapter, ready for [`GenerateRequest::adapters`], and how
+    /// it was fetched.
+    pub fn fetch_update(
+        &self,
+        engine: &GgmlEngine,
+        record: &UpdateRecord,
+        config: &FetchConfig,
+    ) -> Result<(Arc<LoraAdapter>, Fetched)> {
+        if record.base != engine.info().id {
+            return Err(Error::InvalidArgument(format!(
+                "update {} is for model {}, the engine runs {}",
+                record.id(),
+                record.base,
+                engine.info().id
+            )));
+        }
+        let store = self.update_store()?;
+        let me = self.net.local_peer_id();
+        let mut peers = vec![record.author];
+        peers.extend(self.handle.block_on(self.net.connected_peers())?);
+        let mut seen = std::collections::HashSet::new();
+        peers.retain(|p| *p != me && seen.insert(*p));
+        let fetched = self.handle.block_on(crate::ledger::transfer::fetch(
+            &self.net,
+            &store,
+            record.adapter,
+            record.adapter_size,
+            &peers,
+            config,
+            &mut |_, _| {},
+        ))?;
+        let adapter = engine.load_adapter(&fetched.path)?;
+        Ok((adapter, fetched))
     }
 
     /// Also answers private-mode requests for `engine`'s model: owners on
@@ -710,17 +915,22 @@ impl Node {
                     .min(engine.info().n_ctx_train)
             })
             .max(1);
+        if let Mode::Private { helpers, spares } = mode {
+            return self.generate_private(
+                engine,
+                request,
+                (helpers, spares),
+                &prompt_ids,
+                n_ctx,
+                cancel,
+                on_text,
+            );
+        }
         // Pipeline: this node keeps embeddings, head and sampler; the chain
         // of stages runs the layers.
+        let mut session = engine.new_session(n_ctx)?;
+        engine.set_adapters(&mut session, &request.adapters)?;
         let mut pipeline = match mode {
-            Mode::Local => None,
-            Mode::Pipeline if !request.adapters.is_empty() => {
-                return Err(Error::Unsupported(
-                    "LoRA adapters in pipeline mode (stages do not hold adapters yet): \
-                     use local or private mode"
-                        .into(),
-                ))
-            }
             Mode::Pipeline => {
                 let tx = self.events.clone();
                 let sink: crate::pipeline::client::EventSink = Arc::new(move |e| {
@@ -730,26 +940,14 @@ impl Node {
                     self.net.clone(),
                     self.handle.clone(),
                     engine.clone(),
-                    n_ctx,
+                    &session,
                     self.local_layers(engine),
                     self.options.pipeline.clone(),
                     Some(sink),
                 )?)
             }
-            Mode::Private { helpers, spares } => {
-                return self.generate_private(
-                    engine,
-                    request,
-                    (helpers, spares),
-                    &prompt_ids,
-                    n_ctx,
-                    cancel,
-                    on_text,
-                )
-            }
+            Mode::Local | Mode::Private { .. } => None,
         };
-        let mut session = engine.new_session(n_ctx)?;
-        engine.set_adapters(&mut session, &request.adapters)?;
         let mut pos = 0usize;
         let mut forward = |tokens: &[u32], s: &mut GgmlSession| match pipeline.as_mut() {
             None => compute::pool().run(|| engine.forward(tokens, Logits::Last, s)),

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::engine::lora::{self, ActiveLora, LoraAdapter};
+use mesh_core::engine::{Engine, GgmlEngine, Projection};
 use mesh_core::generate::{GenerateParams, Prompt};
 use mesh_core::network::memory::MemoryNet;
 use mesh_core::network::{Identity, Limits, PeerId};
@@ -18,8 +19,8 @@ use mesh_core::node::{GenerateRequest, Mode, Node, NodeEvent, NodeOptions};
 use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent};
 use mesh_core::pipeline::planner::Target;
 use mesh_core::pipeline::protocol::{
-    encode_request, encode_rows, CloseMsg, DType, ErrorCode, ForwardMsg, OpenMsg, StageOp,
-    StageReply, TruncateMsg,
+    encode_request, encode_rows, AdapterRef, CloseMsg, DType, ErrorCode, ForwardMsg, OpenMsg,
+    StageOp, StageReply, TruncateMsg,
 };
 use mesh_core::pipeline::server::{StageConfig, StageServer};
 use mesh_core::pipeline::PipelineError;
@@ -245,6 +246,120 @@ fn cancel_stops_a_pipeline_generation() {
     assert!(out.output.token_ids.len() < 64);
 }
 
+/// A rank-4 LoRA adapter on layers 2, 14 and 25 (one in each stage of a
+/// 0-10/10-20/20-30 mesh), strong enough to change greedy tokens.
+fn adapter(engine: &GgmlEngine) -> Arc<LoraAdapter> {
+    let targets: Vec<(usize, Projection)> = [2, 14, 25]
+        .into_iter()
+        .flat_map(|l| [(l, Projection::Q), (l, Projection::Down)])
+        .collect();
+    let bytes = lora::testing::random_adapter(engine.info(), &targets, 4, 0.0, 0.3, 11);
+    Arc::new(LoraAdapter::from_bytes(&bytes, engine.info()).unwrap())
+}
+
+#[test]
+fn stages_apply_the_sessions_adapter_and_one_without_it_is_planned_around() {
+    let rt = runtime();
+    let engine = engine();
+    let adapter = adapter(&engine);
+    // The second 10-20 stage lacks the adapter: whichever of the two the
+    // planner tries first, the chain that runs must hold it everywhere.
+    let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (10, 20), (20, 30)]);
+    for i in [0, 2, 3] {
+        assert_eq!(
+            m.stages[i].serve_adapter(adapter.clone()).unwrap(),
+            adapter.id()
+        );
+    }
+    let lacking = m.stages[1].peer_id();
+    let mut changed = 0;
+    for prompt in &PROMPTS[..3] {
+        let base = request(prompt, 24);
+        let mut req = base.clone();
+        req.adapters = vec![ActiveLora::new(adapter.clone(), 0.8)];
+        let local = m
+            .client
+            .generate(&engine, &req, Mode::Local, None, &mut |_| true)
+            .unwrap();
+        let piped = m
+            .client
+            .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
+            .unwrap();
+        assert_eq!(piped.output.token_ids, local.output.token_ids, "{prompt}");
+        let report = piped.pipeline.unwrap();
+        let plan: Vec<_> = report.plan.iter().map(|h| h.layers.clone()).collect();
+        assert_eq!(plan, vec![0..10, 10..20, 20..30]);
+        assert!(report
+            .plan
+            .iter()
+            .all(|h| h.target != Target::Peer(lacking)));
+        let plain = m
+            .client
+            .generate(&engine, &base, Mode::Local, None, &mut |_| true)
+            .unwrap();
+        changed += usize::from(plain.output.token_ids != local.output.token_ids);
+    }
+    // The adapter must matter, or the comparison above proves nothing.
+    assert!(changed >= 2, "the adapter changed {changed} of 3 answers");
+
+    // With only the stage that lacks it serving 10-20, the answer says why.
+    assert!(m.net.kill(m.stages[2].peer_id()));
+    let mut req = request(PROMPTS[0], 4);
+    req.adapters = vec![ActiveLora::new(adapter.clone(), 0.8)];
+    let err = m
+        .client
+        .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
+        .unwrap_err();
+    match &err {
+        Error::Pipeline(p) => match &**p {
+            PipelineError::Stage { peer, code, .. } => {
+                assert_eq!(
+                    (*peer, *code),
+                    (lacking, ErrorCode::AdapterMissing),
+                    "{err}"
+                )
+            }
+            other => panic!("expected the stage's refusal, got {other:?}"),
+        },
+        other => panic!("expected a pipeline error, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&adapter.id().to_string()), "{err}");
+}
+
+#[test]
+fn a_stage_holds_only_adapters_of_models_it_serves() {
+    let engine = engine();
+    let adapter = adapter(&engine);
+    let server = StageServer::new(StageConfig::default());
+    assert!(matches!(
+        server.add_adapter(adapter.clone()),
+        Err(Error::InvalidArgument(_))
+    ));
+    server.add_model(engine.clone(), 0..10);
+    server.add_adapter(adapter.clone()).unwrap();
+    assert_eq!(server.adapter_ids(), vec![adapter.id()]);
+    let me = Identity::from_seed([1; 32]).peer_id();
+    let named = |id: [u8; 32]| {
+        StageOp::Open(OpenMsg {
+            model: engine.info().id.0.to_vec(),
+            layer_start: 0,
+            layer_end: 10,
+            n_ctx: 16,
+            exact: false,
+            adapters: vec![AdapterRef {
+                id: id.to_vec(),
+                scale: 1.0,
+            }],
+        })
+    };
+    let (reply, _) = call(&server, me, named([7; 32]), Bytes::new());
+    assert_eq!(reply.code(), ErrorCode::AdapterMissing);
+    assert_eq!(server.session_count(), 0);
+    let (reply, _) = call(&server, me, named(adapter.id().0), Bytes::new());
+    assert_eq!(reply.code(), ErrorCode::None, "{}", reply.message);
+    assert_eq!(server.session_count(), 1);
+}
+
 fn call(server: &StageServer, peer: PeerId, op: StageOp, rows: Bytes) -> (StageReply, Bytes) {
     let (meta, tensor) = encode_request(op, rows);
     server.handle(peer, &meta, &tensor)
@@ -257,6 +372,7 @@ fn open(model: [u8; 32], a: u32, b: u32, n_ctx: u64) -> StageOp {
         layer_end: b,
         n_ctx,
         exact: false,
+        adapters: Vec::new(),
     })
 }
 
@@ -298,6 +414,7 @@ fn hostile_stage_requests_get_typed_errors_and_corrupt_nothing() {
         layer_end: 20,
         n_ctx: 64,
         exact: true,
+        adapters: Vec::new(),
     });
     assert_eq!(
         code(&call(&server, me, exact, Bytes::new())),

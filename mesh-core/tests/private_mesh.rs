@@ -341,7 +341,7 @@ fn small_adapter(engine: &GgmlEngine) -> Arc<mesh_core::engine::LoraAdapter> {
 }
 
 #[test]
-fn adapters_apply_at_the_owner_in_private_mode_and_are_refused_by_pipelines() {
+fn adapters_apply_at_the_owner_in_private_mode_and_stages_without_them_refuse() {
     let rt = runtime();
     let engine = exact_engine();
     let m = mesh(
@@ -384,11 +384,22 @@ fn adapters_apply_at_the_owner_in_private_mode_and_are_refused_by_pipelines() {
         if plain.output.token_ids != local.output.token_ids {
             changed += 1;
         }
+        // No stage of this mesh holds the adapter: a pipeline must not run
+        // without it (tests/pipeline.rs runs one whose stages hold it).
         match m
             .owner
             .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
         {
-            Err(Error::Unsupported(msg)) => assert!(msg.contains("LoRA"), "{msg}"),
+            Err(Error::Pipeline(p)) => assert!(
+                matches!(
+                    *p,
+                    mesh_core::pipeline::PipelineError::Stage {
+                        code: mesh_core::pipeline::protocol::ErrorCode::AdapterMissing,
+                        ..
+                    }
+                ),
+                "{p}"
+            ),
             other => panic!("pipeline with an adapter: {:?}", other.map(|o| o.output)),
         }
     }

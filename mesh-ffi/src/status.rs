@@ -189,6 +189,13 @@ impl From<mesh_core::Error> for Failure {
             E::Network(_) | E::Pipeline(_) | E::NotEnoughHelpers { .. } | E::Helper(_) => {
                 mesh_status::Network
             }
+            E::Ledger(l) => match **l {
+                mesh_core::ledger::LedgerError::Io { .. } => mesh_status::Io,
+                mesh_core::ledger::LedgerError::Peer(_)
+                | mesh_core::ledger::LedgerError::Unavailable { .. }
+                | mesh_core::ledger::LedgerError::HashMismatch { .. } => mesh_status::Network,
+                _ => mesh_status::InvalidArg,
+            },
             // mesh_core::Error is non_exhaustive: a kind added later is reported
             // with its message until it gets a status of its own.
             _ => mesh_status::Internal,

@@ -238,6 +238,11 @@ enum Command {
         /// stale-envelope, stall); owners catch it and replace the helper.
         #[arg(long, value_name = "KIND", requires = "helper")]
         helper_fault: Option<mesh_core::delegate::private::Cheat>,
+        /// Hold a LoRA adapter (llama.cpp GGUF format) for the served model it
+        /// fits (repeatable): pipeline sessions that name it (by hash, with
+        /// their own scale) get it applied to this node's layers.
+        #[arg(long, value_name = "FILE", requires = "serve")]
+        lora: Vec<PathBuf>,
     },
     /// Serve OpenAI's API (`/v1/chat/completions`, `/v1/completions`,
     /// `/v1/models`), Ollama's (`/api/chat`, `/api/generate`, `/api/tags`,
@@ -877,6 +882,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             threads,
             helper,
             helper_fault,
+            lora,
         } => net::node(net::NodeArgs {
             listen,
             bootstrap,
@@ -888,6 +894,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             threads,
             helper,
             helper_fault,
+            lora,
         })?,
         Command::Serve {
             model,

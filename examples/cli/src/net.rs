@@ -72,6 +72,8 @@ pub struct NodeArgs {
     pub helper: bool,
     /// Testing: every helper session of this node misbehaves this way.
     pub helper_fault: Option<mesh_core::delegate::private::Cheat>,
+    /// LoRA adapters to hold for pipeline sessions that name them.
+    pub lora: Vec<PathBuf>,
 }
 
 /// `mesh node`.
@@ -87,6 +89,7 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         threads,
         helper,
         helper_fault,
+        lora,
     } = args;
     let identity = match identity {
         Some(path) => Identity::load_or_create(&path)?,
@@ -106,6 +109,24 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
             .into());
         }
         engines.push((engine, a..b));
+    }
+    // Each adapter for the served model it fits, checked before going online.
+    let mut adapters = Vec::new();
+    for path in &lora {
+        let mut last = None;
+        for (engine, _) in &engines {
+            match engine.load_adapter(path) {
+                Ok(a) => {
+                    adapters.push((a, path.clone()));
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(format!("--lora {}: {e}", path.display()).into());
+        }
     }
     let mut config = P2pConfig::new(identity);
     config.listen = if listen.is_empty() {
@@ -155,6 +176,14 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
                        "fault": helper_fault.map(|f| format!("{f:?}"))})
             );
         }
+    }
+    for (adapter, path) in adapters {
+        let id = node.serve_adapter(adapter.clone())?;
+        println!(
+            "{}",
+            json!({"event": "adapter", "adapter": id.to_hex(),
+                   "model": adapter.base_model().to_hex(), "file": path.display().to_string()})
+        );
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,6 +1,6 @@
 //! Pipeline inference across real processes on loopback: `mesh node --serve`
 //! stages, `mesh generate --mesh` from another process, kill -9 of a stage
-//! mid-generation, and every stage gone.
+//! mid-generation, every stage gone, and stages holding a LoRA adapter.
 
 mod common;
 
@@ -122,4 +122,43 @@ fn every_stage_gone_is_an_error_within_the_deadline() {
         last.contains("mesh: error: pipeline:"),
         "expected a pipeline error, found {stderr:?}"
     );
+}
+
+#[test]
+fn stages_started_with_lora_apply_the_generators_adapter() {
+    use mesh_core::engine::{lora, Engine, GgmlEngine, Projection};
+    let m = model();
+    let path = mesh_core::fetch::resolve_model(&m, &mut |_| {}).unwrap();
+    let engine = GgmlEngine::load(&path, 1).unwrap();
+    let targets: Vec<(usize, Projection)> = [3, 21]
+        .into_iter()
+        .flat_map(|l| [(l, Projection::V), (l, Projection::Up)])
+        .collect();
+    let bytes = lora::testing::random_adapter(engine.info(), &targets, 8, 16.0, 0.08, 5);
+    drop(engine);
+    let file = std::env::temp_dir().join(format!("mesh-cli-lora-{}.gguf", std::process::id()));
+    std::fs::write(&file, bytes).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let a = spawn_node(&format!("{m}:0-15"), &["--lora", &file], None, "serving");
+    let _b = spawn_node(
+        &format!("{m}:15-30"),
+        &["--lora", &file],
+        Some(&a.addr),
+        "serving",
+    );
+    let lora_arg = format!("{file}:0.75");
+    let mut changed = 0;
+    for prompt in &PROMPTS[..3] {
+        let plain = run_json(&generate_args(prompt, "24"), &m);
+        let mut args = generate_args(prompt, "24");
+        args.extend(["--lora", &lora_arg]);
+        let local = run_json(&args, &m);
+        args.extend(["--mesh", "--bootstrap", &a.addr]);
+        let piped = run_json(&args, &m);
+        assert_eq!(piped["token_ids"], local["token_ids"], "{prompt}");
+        assert_eq!(piped["plan"].as_array().unwrap().len(), 2, "{piped}");
+        changed += usize::from(plain["token_ids"] != local["token_ids"]);
+    }
+    assert!(changed >= 2, "the adapter changed {changed} of 3 answers");
+    let _ = std::fs::remove_file(&file);
 }

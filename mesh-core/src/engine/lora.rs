@@ -908,6 +908,54 @@ pub mod testing {
         }
     }
 
+    /// GGUF bytes of a rank-`rank` F32 adapter for `info` on `targets` (layer,
+    /// projection; [`Projection::Output`] for an untied output), its values
+    /// uniform in `±amp` from `seed`: for tests, benchmarks and demos.
+    pub fn random_adapter(
+        info: &ModelInfo,
+        targets: &[(usize, Projection)],
+        rank: u64,
+        alpha: f32,
+        amp: f32,
+        seed: u64,
+    ) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = move || {
+            // splitmix64
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * amp
+        };
+        let mut tensors = Vec::new();
+        for &(layer, p) in targets {
+            let (cols, rows) = projection_shape(info, p);
+            let (cols, rows) = (cols as u64, rows as u64);
+            let kind = match p {
+                Projection::Q => "attn_q",
+                Projection::K => "attn_k",
+                Projection::V => "attn_v",
+                Projection::O => "attn_output",
+                Projection::Gate => "ffn_gate",
+                Projection::Up => "ffn_up",
+                Projection::Down => "ffn_down",
+                Projection::Output => "",
+            };
+            let base = if p == Projection::Output {
+                "output.weight".to_string()
+            } else {
+                format!("blk.{layer}.{kind}.weight")
+            };
+            let a: Vec<f32> = (0..cols * rank).map(|_| next()).collect();
+            let b: Vec<f32> = (0..rank * rows).map(|_| next()).collect();
+            tensors.push((format!("{base}.lora_a"), [cols, rank], a));
+            tensors.push((format!("{base}.lora_b"), [rank, rows], b));
+        }
+        adapter_bytes(&info.architecture, alpha, &tensors)
+    }
+
     /// Loads `bytes` as an adapter of [`small_model`]; on success checks that
     /// every pair has the shapes the model needs.
     pub fn check(bytes: &[u8]) -> Result<LoraAdapter> {

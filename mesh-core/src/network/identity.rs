@@ -153,6 +153,26 @@ impl Identity {
     }
 }
 
+/// The Ed25519 public key a peer id embeds (libp2p inlines Ed25519 keys in
+/// the id as an identity multihash).
+pub fn ed25519_of(peer: &PeerId) -> Result<ed25519_dalek::VerifyingKey> {
+    let bad = |why: &str| {
+        Error::InvalidArgument(format!(
+            "peer {peer}: {why}; signed messages need an Ed25519 identity"
+        ))
+    };
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return Err(bad("the peer id is a hash of its key, not the key"));
+    }
+    let public = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest())
+        .map_err(|_| bad("the peer id does not hold a public key"))?;
+    let ed = public
+        .try_into_ed25519()
+        .map_err(|_| bad("not an Ed25519 key"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&ed.to_bytes()).map_err(|_| bad("invalid key"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

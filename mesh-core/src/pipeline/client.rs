@@ -26,8 +26,8 @@ use tokio::runtime::Handle;
 
 use super::planner::{self, Candidate, CostModel, Hop, Plan, Target};
 use super::protocol::{
-    decode_rows, encode_request, encode_rows, CloseMsg, DType, ErrorCode, ForwardMsg, OpenMsg,
-    StageOp, StageReply, STAGE_METHOD, STAGE_VERSION,
+    decode_rows, encode_request, encode_rows, AdapterRef, CloseMsg, DType, ErrorCode, ForwardMsg,
+    OpenMsg, StageOp, StageReply, STAGE_METHOD, STAGE_VERSION,
 };
 use super::PipelineError;
 use crate::compute;
@@ -157,6 +157,8 @@ pub struct PipelineSession {
     model: ModelId,
     n_ctx: usize,
     exact: bool,
+    /// LoRA adapters every remote session applies.
+    adapters: Vec<AdapterRef>,
     config: PipelineConfig,
     /// What this node serves itself, with its speed.
     local: Option<(Range<u32>, f32)>,
@@ -179,12 +181,15 @@ impl std::fmt::Debug for PipelineSession {
 impl PipelineSession {
     /// Finds providers of `engine`'s model, plans a chain over all its layers
     /// (using `local` layers on this node where that is cheapest) and opens a
-    /// session of `n_ctx` positions on every remote hop.
+    /// session on every remote hop like `session` (this node's own session:
+    /// its context size and LoRA adapters, which every stage must hold). A
+    /// stage that refuses the open (say, it lacks an adapter) is avoided and
+    /// the layers planned again, within [`PipelineConfig::max_failovers`].
     pub fn open(
         net: Arc<dyn Network>,
         rt: Handle,
         engine: Arc<GgmlEngine>,
-        n_ctx: usize,
+        session: &GgmlSession,
         local: Option<(Range<u32>, f32)>,
         config: PipelineConfig,
         sink: Option<EventSink>,
@@ -196,7 +201,15 @@ impl PipelineSession {
             model: info.id,
             exact: engine.exact_accumulation(),
             engine,
-            n_ctx,
+            n_ctx: session.n_ctx(),
+            adapters: session
+                .adapters()
+                .iter()
+                .map(|a| AdapterRef {
+                    id: a.adapter.id().0.to_vec(),
+                    scale: a.scale,
+                })
+                .collect(),
             config,
             local,
             hops: Vec::new(),
@@ -205,13 +218,52 @@ impl PipelineSession {
             sink,
         };
         let n_layers = s.engine.info().n_layers as u32;
-        let plan = s.plan_range(0..n_layers)?;
-        s.hops = s.open_hops(&plan.hops)?;
+        let (plan, hops) = s.open_chain(0..n_layers)?;
+        s.hops = hops;
         s.emit(PipelineEvent::Plan {
             hops: s.plan(),
             expected_ms: plan.expected_ms,
         });
         Ok(s)
+    }
+
+    /// Plans `range` and opens its hops; a peer that fails to open is avoided
+    /// and the range planned again over the providers already found (no new
+    /// lookup: waiting for providers nobody announced would only delay the
+    /// answer). When no plan is left after refusals, the
+    /// error is the last stage's refusal (it says why, e.g. a missing
+    /// adapter), or else the last failure to reach a stage.
+    fn open_chain(&mut self, range: Range<u32>) -> Result<(Plan, Vec<ActiveHop>)> {
+        let mut refused: Option<Error> = None;
+        let candidates = self.candidates(&range)?;
+        loop {
+            let plan =
+                match planner::plan(range.clone(), &candidates, &self.avoid, &self.config.cost) {
+                    Ok(plan) => plan,
+                    Err(e) => return Err(refused.unwrap_or(e)),
+                };
+            match self.open_hops(&plan.hops) {
+                Ok(hops) => return Ok((plan, hops)),
+                Err(failed) => {
+                    let (peer, e) = *failed;
+                    tracing::debug!("stage {peer} refused to open: {e}");
+                    self.stats.failovers += 1;
+                    self.stats.failed.push(peer);
+                    self.avoid.insert(peer);
+                    if self.stats.failovers > self.config.max_failovers {
+                        return Err(PipelineError::Exhausted {
+                            failovers: self.stats.failovers - 1,
+                            last: e.to_string(),
+                        }
+                        .into());
+                    }
+                    let typed = |e: &Error| matches!(e, Error::Pipeline(p) if matches!(**p, PipelineError::Stage { .. }));
+                    if typed(&e) || !refused.as_ref().is_some_and(typed) {
+                        refused = Some(e);
+                    }
+                }
+            }
+        }
     }
 
     /// The chain as it is now.
@@ -288,12 +340,11 @@ impl PipelineSession {
         }
     }
 
-    fn plan_range(&self, range: Range<u32>) -> Result<Plan> {
-        let candidates = self.candidates(&range)?;
-        planner::plan(range, &candidates, &self.avoid, &self.config.cost)
-    }
-
-    fn open_hops(&mut self, hops: &[Hop]) -> Result<Vec<ActiveHop>> {
+    /// Opens `hops`; on a failure closes what it opened and names the peer.
+    fn open_hops(
+        &mut self,
+        hops: &[Hop],
+    ) -> std::result::Result<Vec<ActiveHop>, Box<(PeerId, Error)>> {
         let mut out = Vec::with_capacity(hops.len());
         for hop in hops {
             let session = match hop.target {
@@ -305,7 +356,7 @@ impl PipelineSession {
                         for h in &out {
                             self.close_hop(h);
                         }
-                        return Err(e);
+                        return Err(Box::new((peer, e)));
                     }
                 },
             };
@@ -362,6 +413,7 @@ impl PipelineSession {
             layer_end: layers.end,
             n_ctx: self.n_ctx as u64,
             exact: self.exact,
+            adapters: self.adapters.clone(),
         });
         let (reply, _) = self.request(peer, op, Bytes::new())?;
         if reply.session == 0 {
@@ -496,8 +548,8 @@ impl PipelineSession {
         }
         let failed = self.hops.remove(i);
         self.close_hop(&failed);
-        let plan = self
-            .plan_range(failed.hop.layers.clone())
+        let (plan, new_hops) = self
+            .open_chain(failed.hop.layers.clone())
             .map_err(|e| match e {
                 Error::Pipeline(p) => match *p {
                     PipelineError::Uncovered { missing } => PipelineError::FailoverImpossible {
@@ -510,7 +562,6 @@ impl PipelineSession {
                 },
                 other => other,
             })?;
-        let new_hops = self.open_hops(&plan.hops)?;
         let k = new_hops.len();
         self.emit(PipelineEvent::Failover {
             peer,

@@ -10,8 +10,9 @@
 //! syntax = "proto3";
 //! package mesh.stage.v1;
 //! enum DType { F32 = 0; F16 = 1; }
+//! message AdapterRef { bytes id = 1; float scale = 2; }
 //! message Open     { bytes model = 1; uint32 layer_start = 2; uint32 layer_end = 3;
-//!                    uint64 n_ctx = 4; bool exact = 5; }
+//!                    uint64 n_ctx = 4; bool exact = 5; repeated AdapterRef adapters = 6; }
 //! message Forward  { uint64 session = 1; uint64 pos = 2; uint32 n_tokens = 3; DType dtype = 4; }
 //! message Truncate { uint64 session = 1; uint64 len = 2; }
 //! message Close    { uint64 session = 1; }
@@ -20,7 +21,7 @@
 //! enum ErrorCode { NONE = 0; UNKNOWN_SESSION = 1; WRONG_MODEL = 2; LAYERS_NOT_SERVED = 3;
 //!                  BAD_SHAPE = 4; POSITION_MISMATCH = 5; CONTEXT_FULL = 6; BUSY = 7;
 //!                  MODE_MISMATCH = 8; TOO_LARGE = 9; MALFORMED = 10; INTERNAL = 11;
-//!                  UNSUPPORTED_VERSION = 12; }
+//!                  UNSUPPORTED_VERSION = 12; ADAPTER_MISSING = 13; }
 //! message StageReply { uint32 version = 1; uint64 session = 2; uint64 len = 3; ErrorCode error = 4;
 //!                      string message = 5; uint64 compute_us = 6; uint32 n_tokens = 7; DType dtype = 8; }
 //! ```
@@ -30,6 +31,11 @@
 //! of positions the session holds (truncate first to rewrite history). The
 //! reply carries the rows after the session's layers, in the same dtype.
 //! Every size is checked before anything is allocated.
+//!
+//! An `Open` may name LoRA adapters (BLAKE3 of the adapter file, and a scale;
+//! at most [`MAX_SESSION_ADAPTERS`]): the stage applies their tensors for its
+//! layers, in the order given, and refuses with `ADAPTER_MISSING` when it
+//! does not hold one of them (the client then plans around that stage).
 
 use std::fmt;
 use std::ops::Range;
@@ -51,6 +57,9 @@ pub const MAX_BATCH_TOKENS: u32 = 4096;
 
 /// Largest context a session may ask for.
 pub const MAX_SESSION_CTX: u64 = 1 << 20;
+
+/// Most LoRA adapters one session may name.
+pub const MAX_SESSION_ADAPTERS: usize = 16;
 
 /// Element type of hidden-state rows on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -103,6 +112,8 @@ pub enum ErrorCode {
     Internal = 11,
     /// The request's version is not [`STAGE_VERSION`].
     UnsupportedVersion = 12,
+    /// The session names a LoRA adapter this node does not hold.
+    AdapterMissing = 13,
 }
 
 impl ErrorCode {
@@ -122,6 +133,7 @@ impl ErrorCode {
             ErrorCode::Malformed => "malformed",
             ErrorCode::Internal => "internal",
             ErrorCode::UnsupportedVersion => "unsupported version",
+            ErrorCode::AdapterMissing => "adapter missing",
         }
     }
 }
@@ -150,6 +162,20 @@ pub struct OpenMsg {
     /// The client expects exact accumulation (see `GgmlEngine::set_exact_accumulation`).
     #[prost(bool, tag = "5")]
     pub exact: bool,
+    /// LoRA adapters the session applies, in order.
+    #[prost(message, repeated, tag = "6")]
+    pub adapters: Vec<AdapterRef>,
+}
+
+/// A LoRA adapter a session applies: its id and scale.
+#[derive(Clone, PartialEq, Message)]
+pub struct AdapterRef {
+    /// BLAKE3 of the adapter's GGUF file, 32 bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    /// Scale (as `--lora FILE:SCALE`).
+    #[prost(float, tag = "2")]
+    pub scale: f32,
 }
 
 /// Run the session's layers on rows at `pos`.
@@ -294,6 +320,8 @@ pub enum StageCall {
         n_ctx: usize,
         /// Exact accumulation expected.
         exact: bool,
+        /// LoRA adapters (id, finite scale), in order.
+        adapters: Vec<(ModelId, f32)>,
     },
     /// Forward rows.
     Forward {
@@ -380,11 +408,37 @@ pub fn decode_request(meta: &[u8], tensor: &[u8]) -> Result<StageCall, Refusal> 
                     ),
                 ));
             }
+            if o.adapters.len() > MAX_SESSION_ADAPTERS {
+                return Err(Refusal::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "adapters: at most {MAX_SESSION_ADAPTERS}, found {}",
+                        o.adapters.len()
+                    ),
+                ));
+            }
+            let mut adapters = Vec::with_capacity(o.adapters.len());
+            for a in &o.adapters {
+                let id: [u8; 32] = a.id.as_slice().try_into().map_err(|_| {
+                    Refusal::new(
+                        ErrorCode::Malformed,
+                        format!("adapter id: expected 32 bytes, found {}", a.id.len()),
+                    )
+                })?;
+                if !a.scale.is_finite() {
+                    return Err(Refusal::new(
+                        ErrorCode::Malformed,
+                        format!("adapter scale {} is not finite", a.scale),
+                    ));
+                }
+                adapters.push((ModelId(id), a.scale));
+            }
             Ok(StageCall::Open {
                 model: ModelId(model),
                 layers: o.layer_start..o.layer_end,
                 n_ctx: o.n_ctx as usize,
                 exact: o.exact,
+                adapters,
             })
         }
         StageOp::Forward(f) => {
@@ -553,10 +607,51 @@ mod tests {
                     layer_end: end,
                     n_ctx,
                     exact: false,
+                    adapters: Vec::new(),
                 })),
             }
             .encode_to_vec()
         };
+        let with_adapters = |adapters: Vec<AdapterRef>| {
+            StageRequest {
+                version: STAGE_VERSION,
+                op: Some(StageOp::Open(OpenMsg {
+                    model: vec![0; 32],
+                    layer_start: 0,
+                    layer_end: 3,
+                    n_ctx: 8,
+                    exact: false,
+                    adapters,
+                })),
+            }
+            .encode_to_vec()
+        };
+        let adapter = |id: Vec<u8>, scale: f32| AdapterRef { id, scale };
+        assert_eq!(
+            code(&with_adapters(vec![adapter(vec![1; 31], 1.0)]), b""),
+            ErrorCode::Malformed
+        );
+        assert_eq!(
+            code(&with_adapters(vec![adapter(vec![1; 32], f32::NAN)]), b""),
+            ErrorCode::Malformed
+        );
+        assert_eq!(
+            code(
+                &with_adapters(vec![adapter(vec![1; 32], 1.0); MAX_SESSION_ADAPTERS + 1]),
+                b""
+            ),
+            ErrorCode::TooLarge
+        );
+        match decode_request(
+            &with_adapters(vec![adapter(vec![1; 32], 0.5), adapter(vec![2; 32], -1.0)]),
+            b"",
+        ) {
+            Ok(StageCall::Open { adapters, .. }) => assert_eq!(
+                adapters,
+                vec![(ModelId([1; 32]), 0.5), (ModelId([2; 32]), -1.0)]
+            ),
+            other => panic!("decoded {other:?}"),
+        }
         assert_eq!(code(&open(3, 3, 8, vec![0; 32]), b""), ErrorCode::Malformed);
         assert_eq!(code(&open(0, 3, 8, vec![0; 31]), b""), ErrorCode::Malformed);
         assert_eq!(code(&open(0, 3, 0, vec![0; 32]), b""), ErrorCode::TooLarge);

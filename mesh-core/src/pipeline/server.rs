@@ -8,6 +8,10 @@
 //! [`StageConfig::kv_budget_bytes`]: an open past it is refused as
 //! [`ErrorCode::Busy`] before anything is allocated. Every computation takes
 //! the process-wide [`crate::compute::pool`].
+//!
+//! LoRA adapters given to [`StageServer::add_adapter`] are applied by the
+//! sessions that name them (by hash) at open; a session naming one the server
+//! does not hold is refused as [`ErrorCode::AdapterMissing`].
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -23,6 +27,7 @@ use super::protocol::{
     decode_request, encode_rows, ErrorCode, StageCall, StageReply, STAGE_METHOD, STAGE_VERSION,
 };
 use crate::compute::{self, ComputePool};
+use crate::engine::lora::{ActiveLora, LoraAdapter};
 use crate::engine::{Engine, GgmlEngine, GgmlSession, Hidden, ModelId};
 use crate::network::{InboundRequest, Network, PeerId, Response};
 use crate::Result;
@@ -110,6 +115,7 @@ struct SlotState {
 pub struct StageServer {
     config: StageConfig,
     models: RwLock<Vec<Served>>,
+    adapters: RwLock<HashMap<ModelId, Arc<LoraAdapter>>>,
     sessions: Mutex<HashMap<u64, Arc<Slot>>>,
     events: broadcast::Sender<StageEvent>,
     pool: &'static ComputePool,
@@ -130,6 +136,7 @@ impl StageServer {
         StageServer {
             config,
             models: RwLock::new(Vec::new()),
+            adapters: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             events: broadcast::channel(256).0,
             pool: compute::pool(),
@@ -143,6 +150,43 @@ impl StageServer {
         let id = engine.info().id;
         models.retain(|m| m.engine.info().id != id);
         models.push(Served { engine, layers });
+    }
+
+    /// Holds `adapter` for sessions that name it (by [`LoraAdapter::id`]).
+    /// It must have been loaded against the engine of a served model (else
+    /// [`crate::Error::InvalidArgument`]).
+    pub fn add_adapter(&self, adapter: Arc<LoraAdapter>) -> Result<()> {
+        let base = adapter.base_model();
+        let served = self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|m| m.engine.info().id == base);
+        if !served {
+            return Err(crate::Error::InvalidArgument(format!(
+                "adapter {} is for model {base}, which this node does not serve",
+                adapter.id()
+            )));
+        }
+        self.adapters
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(adapter.id(), adapter);
+        Ok(())
+    }
+
+    /// Ids of the adapters this server holds.
+    pub fn adapter_ids(&self) -> Vec<ModelId> {
+        let mut ids: Vec<ModelId> = self
+            .adapters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        ids.sort_by_key(|id| id.0);
+        ids
     }
 
     /// Opened and closed sessions, as they happen.
@@ -177,7 +221,11 @@ impl StageServer {
                 layers,
                 n_ctx,
                 exact,
-            } => (self.open(peer, model, layers, n_ctx, exact), Bytes::new()),
+                adapters,
+            } => (
+                self.open(peer, model, layers, n_ctx, exact, &adapters),
+                Bytes::new(),
+            ),
             StageCall::Forward {
                 session,
                 pos,
@@ -227,6 +275,7 @@ impl StageServer {
         layers: Range<u32>,
         n_ctx: usize,
         exact: bool,
+        adapters: &[(ModelId, f32)],
     ) -> StageReply {
         let (engine, served) = {
             let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -276,6 +325,23 @@ impl StageServer {
                 ),
             );
         }
+        let active = {
+            let held = self.adapters.read().unwrap_or_else(|p| p.into_inner());
+            let mut active = Vec::with_capacity(adapters.len());
+            for (id, scale) in adapters {
+                match held.get(id).filter(|a| a.base_model() == model) {
+                    Some(a) => active.push(ActiveLora::new(a.clone(), *scale)),
+                    None => {
+                        return StageReply::failure(
+                            0,
+                            ErrorCode::AdapterMissing,
+                            format!("this node does not hold LoRA adapter {id} for model {model}"),
+                        )
+                    }
+                }
+            }
+            active
+        };
         let span = layers.start as usize..layers.end as usize;
         let Some(kv_bytes) = engine.kv_bytes_for(span.len(), n_ctx).map(|b| b as u64) else {
             return StageReply::failure(0, ErrorCode::TooLarge, format!("context {n_ctx}"));
@@ -299,7 +365,10 @@ impl StageServer {
             }
         };
         // A cache for the session's layers only.
-        let session = match engine.new_session_for(span.clone(), n_ctx) {
+        let session = match engine
+            .new_session_for(span.clone(), n_ctx)
+            .and_then(|mut s| engine.set_adapters(&mut s, &active).map(|()| s))
+        {
             Ok(s) => s,
             Err(e) => return StageReply::failure(0, ErrorCode::Internal, e.to_string()),
         };

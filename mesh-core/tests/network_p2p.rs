@@ -723,3 +723,38 @@ async fn requests_use_streams_and_fall_back_to_request_response() {
         n.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_concurrent_requests_is_all_answered() {
+    // libp2p-stream drops inbound streams the server has not accepted yet
+    // when many arrive at once; those requests were never taken and must be
+    // delivered another way, not reported as a closed connection.
+    let server = node(41, None).await;
+    echo_server(&server, "test/burst").await;
+    let client = Arc::new(node(42, None).await);
+    client
+        .dial(tcp_addr(&server.listen_addrs().await.unwrap()))
+        .await
+        .unwrap();
+    let peer = server.local_peer_id();
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..256usize {
+            let c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let request = Request {
+                    method: "test/burst".into(),
+                    meta: Bytes::from(format!("{round}/{i}")),
+                    tensor: Bytes::from(vec![i as u8; 64 << 10]),
+                };
+                (i, c.request(peer, request, Duration::from_secs(60)).await)
+            }));
+        }
+        for t in tasks {
+            let (i, r) = t.await.unwrap();
+            let r = r.unwrap_or_else(|e| panic!("round {round}, request {i}: {e}"));
+            assert_eq!(r.meta, Bytes::from(format!("{round}/{i}")));
+            assert_eq!(r.tensor, Bytes::from(vec![i as u8; 64 << 10]));
+        }
+    }
+}

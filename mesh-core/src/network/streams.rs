@@ -257,8 +257,34 @@ enum Failed {
     /// Writing the request: nothing was answered (on a pooled stream this
     /// is a stream the connection lost; try a fresh one).
     Write,
-    /// Reading the reply, after the request went out.
+    /// The stream ended (or was reset) before the first byte of a reply:
+    /// the request was not taken (libp2p-stream drops inbound streams an
+    /// application has not accepted yet, and servers close streams over
+    /// their limits on arrival), so it may be sent again another way.
+    Unanswered,
+    /// Reading the reply failed part-way.
     Read(std::io::Error),
+}
+
+/// Counts the bytes read through it (to tell [`Failed::Unanswered`] apart).
+struct Counting<'a> {
+    inner: &'a mut Stream,
+    read: usize,
+}
+
+impl futures::AsyncRead for Counting<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            this.read += n;
+        }
+        polled
+    }
 }
 
 impl StreamClient {
@@ -297,7 +323,9 @@ impl StreamClient {
         if let Some(stream) = self.take_idle(peer) {
             self.reused.fetch_add(1, Ordering::Relaxed);
             match self.exchange(peer, stream, body).await {
-                Err(Failed::Write) => {} // a dead pooled stream: open a fresh one
+                // A dead pooled stream (or one the server closed as idle
+                // while the request went out): open a fresh one.
+                Err(Failed::Write | Failed::Unanswered) => {}
                 other => return Some(self.finish(peer, other)),
             }
         }
@@ -319,8 +347,18 @@ impl StreamClient {
                 return None;
             }
         };
-        let result = self.exchange(peer, stream, body).await;
-        Some(self.finish(peer, result))
+        match self.exchange(peer, stream, body).await {
+            Err(Failed::Write | Failed::Unanswered) => {
+                // Not taken (the stream was dropped on arrival, see
+                // `Failed::Unanswered`): request-response delivers it instead.
+                tracing::debug!(
+                    "request stream to {peer} dropped unanswered; using request-response"
+                );
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            result => Some(self.finish(peer, result)),
+        }
     }
 
     fn finish(
@@ -332,7 +370,9 @@ impl StreamClient {
             Ok(reply) => reply,
             // The stream (or its connection) closed before a reply, as
             // request-response reports it.
-            Err(Failed::Write) => Err(NetworkError::ConnectionClosed { peer }.into()),
+            Err(Failed::Write | Failed::Unanswered) => {
+                Err(NetworkError::ConnectionClosed { peer }.into())
+            }
             Err(Failed::Read(e)) => {
                 tracing::debug!("request stream to {peer} failed: {e}");
                 Err(wire::network_error_of(&e)
@@ -356,9 +396,15 @@ impl StreamClient {
             return Err(Failed::Write);
         }
         let limit = self.limits.max_response_bytes;
-        let frame = wire::read_frame(&mut stream, limit, "response")
-            .await
-            .map_err(Failed::Read)?;
+        let mut counting = Counting {
+            inner: &mut stream,
+            read: 0,
+        };
+        let frame = match wire::read_frame(&mut counting, limit, "response").await {
+            Ok(frame) => frame,
+            Err(_) if counting.read == 0 => return Err(Failed::Unanswered),
+            Err(e) => return Err(Failed::Read(e)),
+        };
         self.put_idle(peer, stream);
         Ok(match frame {
             Frame::Body(b) => wire::decode_response(b, limit, peer),

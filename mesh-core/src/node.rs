@@ -318,6 +318,13 @@ struct Updates {
 /// Update records a node remembers.
 const MAX_SEEN_UPDATES: usize = 1024;
 
+/// How often a node sends its own update records again (gossip reaches only
+/// the peers there at the time).
+const UPDATE_REPUBLISH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most of its own (latest) records a node sends again.
+const MAX_REPUBLISHED: usize = 16;
+
 impl Updates {
     /// Remembers `record`; false if it was known.
     fn remember(&mut self, record: &UpdateRecord) -> bool {
@@ -474,6 +481,16 @@ impl Node {
         Ok(announcement)
     }
 
+    /// The engines of the models this node serves ([`Node::serve`]).
+    pub fn served_engines(&self) -> Vec<Arc<GgmlEngine>> {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| s.engine.clone())
+            .collect()
+    }
+
     /// Lets this node's stages apply `adapter` for sessions that name it (by
     /// its hash): pipeline clients generating with that adapter can then use
     /// this node's layers. The adapter's model must be served ([`Node::serve`]
@@ -489,7 +506,9 @@ impl Node {
     /// listens to update records on [`UPDATE_TOPIC`] (gossip): records whose
     /// signature is not their author's are rejected (and not forwarded);
     /// verified ones are remembered ([`Node::updates`]) and reported as
-    /// [`NodeEvent::Update`]. Calling it again is a no-op.
+    /// [`NodeEvent::Update`]. This node's own records (its latest 16) are
+    /// sent again every 5 s for peers that join later. Calling it again is a
+    /// no-op.
     pub fn enable_updates(&self, dir: impl Into<std::path::PathBuf>) -> Result<()> {
         let mut state = self.lock_updates();
         if state.is_some() {
@@ -523,6 +542,33 @@ impl Node {
                     .is_some_and(|u| u.remember(&record));
                 if fresh {
                     let _ = events.send(NodeEvent::Update(Box::new(record)));
+                }
+            }
+        });
+        self.lock_tasks().push(task);
+        // Gossip reaches only peers there at the time: this node's own
+        // records are sent again now and then, for peers that join later.
+        let (updates, net, me) = (self.updates.clone(), self.net.clone(), self.peer_id());
+        let task = self.handle.spawn(async move {
+            let mut tick = tokio::time::interval(UPDATE_REPUBLISH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let own: Vec<Vec<u8>> = updates
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|u| {
+                        let mine = u.seen.iter().filter(|r| r.author == me);
+                        let mine: Vec<&UpdateRecord> = mine.collect();
+                        let skip = mine.len().saturating_sub(MAX_REPUBLISHED);
+                        mine[skip..].iter().map(|r| r.encode()).collect()
+                    })
+                    .unwrap_or_default();
+                for data in own {
+                    if let Err(e) = net.publish(UPDATE_TOPIC, bytes::Bytes::from(data)).await {
+                        tracing::debug!("republishing an update: {e}");
+                    }
                 }
             }
         });

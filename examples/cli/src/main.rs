@@ -243,6 +243,20 @@ enum Command {
         /// their own scale) get it applied to this node's layers.
         #[arg(long, value_name = "FILE", requires = "serve")]
         lora: Vec<PathBuf>,
+        /// Model sync: keep adapters in DIR (named by hash) and send them to
+        /// peers that ask; print update records heard by gossip (`update`).
+        #[arg(long, value_name = "DIR")]
+        updates: Option<PathBuf>,
+        /// With --updates: publish this adapter (checked against the served
+        /// model) as a signed update record, and keep serving it.
+        #[arg(long, value_name = "FILE", requires_all = ["updates", "serve"])]
+        publish_update: Option<PathBuf>,
+        /// With --updates: fetch the adapter of every update record heard for a
+        /// served model into DIR (verified by hash; printed as `update_fetched`).
+        /// Fetched adapters are not applied: which update counts is the
+        /// ledger's decision, not built yet.
+        #[arg(long, requires = "updates")]
+        fetch_updates: bool,
     },
     /// Serve OpenAI's API (`/v1/chat/completions`, `/v1/completions`,
     /// `/v1/models`), Ollama's (`/api/chat`, `/api/generate`, `/api/tags`,
@@ -883,6 +897,9 @@ fn run(command: Command) -> Result<(), BoxError> {
             helper,
             helper_fault,
             lora,
+            updates,
+            publish_update,
+            fetch_updates,
         } => net::node(net::NodeArgs {
             listen,
             bootstrap,
@@ -895,6 +912,9 @@ fn run(command: Command) -> Result<(), BoxError> {
             helper,
             helper_fault,
             lora,
+            updates,
+            publish_update,
+            fetch_updates,
         })?,
         Command::Serve {
             model,

@@ -74,6 +74,12 @@ pub struct NodeArgs {
     pub helper_fault: Option<mesh_core::delegate::private::Cheat>,
     /// LoRA adapters to hold for pipeline sessions that name them.
     pub lora: Vec<PathBuf>,
+    /// Model sync store directory.
+    pub updates: Option<PathBuf>,
+    /// An adapter to publish as an update.
+    pub publish_update: Option<PathBuf>,
+    /// Fetch the adapters of update records heard.
+    pub fetch_updates: bool,
 }
 
 /// `mesh node`.
@@ -90,6 +96,9 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         helper,
         helper_fault,
         lora,
+        updates,
+        publish_update,
+        fetch_updates,
     } = args;
     let identity = match identity {
         Some(path) => Identity::load_or_create(&path)?,
@@ -148,7 +157,7 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         },
         ..NodeOptions::default()
     };
-    let node = Node::open(config, options)?;
+    let node = Arc::new(Node::open(config, options)?);
     let mut events = node.events();
     let addrs: Vec<String> = node.listen_addrs()?.iter().map(|a| a.to_string()).collect();
     println!(
@@ -185,6 +194,16 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
                    "model": adapter.base_model().to_hex(), "file": path.display().to_string()})
         );
     }
+    let served: Vec<Arc<mesh_core::engine::GgmlEngine>> = node.served_engines();
+    if let Some(dir) = &updates {
+        node.enable_updates(dir)?;
+        if let Some(path) = &publish_update {
+            let engine = served.first().ok_or("--publish-update needs --serve")?;
+            // The record is printed as an `update` event below.
+            node.publish_update(engine, path, None, Vec::new())
+                .map_err(|e| format!("--publish-update {}: {e}", path.display()))?;
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -193,7 +212,12 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         loop {
             tokio::select! {
                 e = events.recv() => match e {
-                    Ok(e) => println!("{}", e.to_json()),
+                    Ok(e) => {
+                        println!("{}", e.to_json());
+                        if let (true, mesh_core::node::NodeEvent::Update(record)) = (fetch_updates, &e) {
+                            fetch_in_background(&node, &served, (**record).clone());
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         println!("{}", json!({"event": "lagged", "missed": n}))
                     }
@@ -205,9 +229,45 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         }
         Ok::<(), BoxError>(())
     })?;
-    node.shutdown()?;
+    // A fetch still running holds the node: it then ends with the process.
+    if let Ok(node) = Arc::try_unwrap(node) {
+        node.shutdown()?;
+    }
     println!("{}", json!({"event": "shutdown"}));
     Ok(())
+}
+
+/// Fetches the adapter of `record` (if it is for a served model) on a thread
+/// of its own; prints `update_fetched` or `update_fetch_failed`.
+fn fetch_in_background(
+    node: &Arc<Node>,
+    served: &[Arc<mesh_core::engine::GgmlEngine>],
+    record: mesh_core::ledger::UpdateRecord,
+) {
+    let Some(engine) = served.iter().find(|e| e.info().id == record.base).cloned() else {
+        return;
+    };
+    let node = node.clone();
+    std::thread::spawn(move || {
+        let config = mesh_core::ledger::FetchConfig::default();
+        match node.fetch_update(&engine, &record, &config) {
+            Ok((adapter, fetched)) => println!(
+                "{}",
+                json!({"event": "update_fetched", "id": record.id().to_hex(),
+                       "adapter": adapter.id().to_hex(),
+                       "path": fetched.path.display().to_string(),
+                       "from": fetched.from.map(|p| p.to_string()),
+                       "failures": fetched.failures.iter()
+                           .map(|(p, e)| json!({"peer_id": p.to_string(), "error": e}))
+                           .collect::<Vec<_>>()})
+            ),
+            Err(e) => println!(
+                "{}",
+                json!({"event": "update_fetch_failed", "id": record.id().to_hex(),
+                       "error": e.to_string()})
+            ),
+        }
+    });
 }
 
 /// A duration flag's value: a positive, finite number of seconds that fits a `Duration`.

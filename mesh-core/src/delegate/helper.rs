@@ -1,6 +1,6 @@
 //! The helper side of private delegation: a [`HelperSession`] opens one
 //! owner's sealed share, multiplies it by the public weights and seals the
-//! partial result; a [`HelperServer`] answers [`HELPER_METHOD`] requests from
+//! partial result; a [`HelperServer`] answers [`HELPER_METHOD`](super::protocol::HELPER_METHOD) requests from
 //! owners on other nodes with one session per (owner peer, session id).
 //!
 //! A helper never sees anything but its own share: a seed or a vector of
@@ -248,7 +248,7 @@ struct ServerSession {
     inner: Arc<Mutex<HelperSession>>,
 }
 
-/// Answers [`HELPER_METHOD`] requests for the models added to it (see the
+/// Answers [`HELPER_METHOD`](super::protocol::HELPER_METHOD) requests for the models added to it (see the
 /// module docs).
 pub struct HelperServer {
     peer: PeerId,

@@ -236,12 +236,12 @@ struct Behaviour {
     autonat: autonat::Behaviour,
 }
 
-/// DHT key of a model (its CID, see [`keys`](super::keys)).
+/// DHT key of a model (its CID, see [`super::keys`]).
 pub fn model_key(model: &ModelId) -> kad::RecordKey {
     kad::RecordKey::new(&keys::model_key(model))
 }
 
-/// DHT key of one layer of a model (a CID, see [`keys`](super::keys)).
+/// DHT key of one layer of a model (a CID, see [`super::keys`]).
 pub fn layer_key(model: &ModelId, layer: u32) -> kad::RecordKey {
     kad::RecordKey::new(&keys::layer_key(model, layer))
 }

@@ -38,14 +38,6 @@ fn engine() -> Arc<GgmlEngine> {
     Arc::new(GgmlEngine::load(common::model_path(), common::THREADS).unwrap())
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn options() -> NodeOptions {
     NodeOptions {
         stage: StageConfig::default(),
@@ -102,7 +94,7 @@ fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
 
 #[test]
 fn three_stages_give_the_tokens_of_local_generation() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = engine();
     let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (20, 30)]);
     for prompt in PROMPTS {
@@ -136,7 +128,7 @@ fn three_stages_give_the_tokens_of_local_generation() {
 
 #[test]
 fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = engine();
     // Two nodes serve 10..20: whichever the plan picks dies at token 10.
     let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (10, 20), (20, 30)]);
@@ -178,7 +170,7 @@ fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
 
 #[test]
 fn all_stages_gone_is_a_typed_error_within_the_deadline() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = engine();
     let m = mesh(&rt, &engine, &[(0, 15), (15, 30)]);
     let req = request(PROMPTS[0], 32);
@@ -221,7 +213,7 @@ fn all_stages_gone_is_a_typed_error_within_the_deadline() {
 
 #[test]
 fn cancel_stops_a_pipeline_generation() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = engine();
     let m = mesh(&rt, &engine, &[(0, 30)]);
     let cancel = AtomicBool::new(false);
@@ -259,7 +251,7 @@ fn adapter(engine: &GgmlEngine) -> Arc<LoraAdapter> {
 
 #[test]
 fn stages_apply_the_sessions_adapter_and_one_without_it_is_planned_around() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = engine();
     let adapter = adapter(&engine);
     // The second 10-20 stage lacks the adapter: whichever of the two the

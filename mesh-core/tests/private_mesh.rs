@@ -39,14 +39,6 @@ fn exact_engine() -> Arc<GgmlEngine> {
     Arc::new(e)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 struct Mesh {
     net: MemoryNet,
     helpers: Vec<Node>,
@@ -125,7 +117,7 @@ fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
 
 #[test]
 fn private_generation_across_peers_gives_local_exact_tokens() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = exact_engine();
     let all = [0, 1, 2];
     let m = mesh(
@@ -184,7 +176,7 @@ fn private_generation_across_peers_gives_local_exact_tokens() {
 
 #[test]
 fn a_lying_stale_stalled_or_failing_helper_is_replaced_without_changing_tokens() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = exact_engine();
     let req = request(PROMPTS[0], 8);
     let reference = {
@@ -243,7 +235,7 @@ fn a_lying_stale_stalled_or_failing_helper_is_replaced_without_changing_tokens()
 
 #[test]
 fn helpers_gone_is_a_typed_error_without_a_hang() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = exact_engine();
     // Not enough helpers: the one untrusted rule leaves one usable.
     let m = mesh(&rt, &engine, &[None, None], &[], Duration::from_secs(2));
@@ -342,7 +334,7 @@ fn small_adapter(engine: &GgmlEngine) -> Arc<mesh_core::engine::LoraAdapter> {
 
 #[test]
 fn adapters_apply_at_the_owner_in_private_mode_and_stages_without_them_refuse() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = exact_engine();
     let m = mesh(
         &rt,

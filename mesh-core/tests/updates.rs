@@ -21,14 +21,6 @@ use mesh_core::sampling::SamplerParams;
 use mesh_core::Error;
 use prost::Message;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn temp_dir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("mesh-updates-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -63,7 +55,7 @@ fn greedy(prompt: &str, adapter: Option<&Arc<LoraAdapter>>) -> GenerateRequest {
 
 #[test]
 fn a_published_update_is_fetched_verified_and_runs_as_at_its_author() {
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = Arc::new(GgmlEngine::load(common::model_path(), common::THREADS).unwrap());
     let net = MemoryNet::new(3);
     let (author, _) = node(&net, &rt);

@@ -88,17 +88,19 @@ fn a_published_adapter_reaches_a_node_that_joins_later() {
     std::fs::write(&file, &bytes).unwrap();
     let (a_dir, b_dir) = (root.join("a"), root.join("b"));
     let serve = format!("{m}:0-2");
-    let a = spawn(&[
-        "node",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--serve",
-        &serve,
-        "--updates",
-        a_dir.to_str().unwrap(),
-        "--publish-update",
-        file.to_str().unwrap(),
-    ]);
+    let node = |dir: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--serve",
+            &serve,
+        ];
+        args.extend(["--updates", dir.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        spawn(&args)
+    };
+    let a = node(&a_dir, &["--publish-update", file.to_str().unwrap()]);
     let first = wait_for(&a, Duration::from_secs(120), |v| v["peer_id"].is_string());
     let a_id = first["peer_id"].as_str().unwrap().to_owned();
     let addr = format!("{}/p2p/{a_id}", first["listen"][0].as_str().unwrap());
@@ -107,18 +109,7 @@ fn a_published_adapter_reaches_a_node_that_joins_later() {
     assert_eq!(published["author"], a_id.as_str());
 
     // A node that was not there when the record was first sent.
-    let b = spawn(&[
-        "node",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--serve",
-        &serve,
-        "--updates",
-        b_dir.to_str().unwrap(),
-        "--fetch-updates",
-        "--bootstrap",
-        &addr,
-    ]);
+    let b = node(&b_dir, &["--fetch-updates", "--bootstrap", &addr]);
     let heard = wait_for(&b, Duration::from_secs(120), |v| v["event"] == "update");
     assert_eq!(heard["id"], published["id"]);
     let fetched = wait_for(&b, Duration::from_secs(60), |v| {

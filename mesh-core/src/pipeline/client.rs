@@ -247,16 +247,7 @@ impl PipelineSession {
                 Err(failed) => {
                     let (peer, e) = *failed;
                     tracing::debug!("stage {peer} refused to open: {e}");
-                    self.stats.failovers += 1;
-                    self.stats.failed.push(peer);
-                    self.avoid.insert(peer);
-                    if self.stats.failovers > self.config.max_failovers {
-                        return Err(PipelineError::Exhausted {
-                            failovers: self.stats.failovers - 1,
-                            last: e.to_string(),
-                        }
-                        .into());
-                    }
+                    self.count_failure(peer, &e)?;
                     let typed = |e: &Error| matches!(e, Error::Pipeline(p) if matches!(**p, PipelineError::Stage { .. }));
                     if typed(&e) || !refused.as_ref().is_some_and(typed) {
                         refused = Some(e);
@@ -338,6 +329,22 @@ impl PipelineSession {
             }
             std::thread::sleep(Duration::from_millis(100).min(left));
         }
+    }
+
+    /// Counts a failover away from `peer` (avoided from now on); past
+    /// [`PipelineConfig::max_failovers`] the session gives up with `err`.
+    fn count_failure(&mut self, peer: PeerId, err: &Error) -> Result<()> {
+        self.stats.failovers += 1;
+        self.stats.failed.push(peer);
+        self.avoid.insert(peer);
+        if self.stats.failovers > self.config.max_failovers {
+            return Err(PipelineError::Exhausted {
+                failovers: self.stats.failovers - 1,
+                last: err.to_string(),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Opens `hops`; on a failure closes what it opened and names the peer.
@@ -536,16 +543,7 @@ impl PipelineSession {
             Err(Error::Cancelled) => return Err(Error::Cancelled),
             Err(e) => e,
         };
-        self.stats.failovers += 1;
-        self.stats.failed.push(peer);
-        self.avoid.insert(peer);
-        if self.stats.failovers > self.config.max_failovers {
-            return Err(PipelineError::Exhausted {
-                failovers: self.stats.failovers - 1,
-                last: err.to_string(),
-            }
-            .into());
-        }
+        self.count_failure(peer, &err)?;
         let failed = self.hops.remove(i);
         self.close_hop(&failed);
         let (plan, new_hops) = self

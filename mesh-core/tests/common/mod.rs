@@ -42,3 +42,12 @@ pub fn top_logit_diff(ours: &[f32], top: &serde_json::Value) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// A multi-threaded tokio runtime of 2 workers (nodes' tasks run on it).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}

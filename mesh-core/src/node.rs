@@ -618,14 +618,10 @@ impl Node {
             ));
         };
         let store = self.update_store()?;
-        let adapter = engine.load_adapter(path)?;
-        let id = store.import(path)?;
-        if id != adapter.id() {
-            return Err(Error::InvalidArgument(format!(
-                "{} changed while it was published",
-                path.display()
-            )));
-        }
+        // One read: the bytes checked against the model are the bytes stored.
+        let bytes = LoraAdapter::read_file(path)?;
+        let adapter = LoraAdapter::from_bytes(&bytes, engine.info())?;
+        let id = store.put(&bytes)?;
         let record = UpdateRecord::sign(
             identity,
             UpdateDraft {

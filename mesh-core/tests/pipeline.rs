@@ -15,7 +15,9 @@ use mesh_core::engine::{Engine, GgmlEngine, Projection};
 use mesh_core::generate::{GenerateParams, Prompt};
 use mesh_core::network::memory::MemoryNet;
 use mesh_core::network::{Identity, Limits, PeerId};
-use mesh_core::node::{GenerateRequest, Mode, Node, NodeEvent, NodeOptions};
+use mesh_core::node::{
+    GenerateRequest, Mode, Node, NodeEvent, NodeOptions, NodeOutput, PipelineReport,
+};
 use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent};
 use mesh_core::pipeline::planner::Target;
 use mesh_core::pipeline::protocol::{
@@ -92,25 +94,40 @@ fn request(prompt: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest::new(Prompt::Text(prompt.into()), greedy(max_tokens))
 }
 
+/// Generates `req` locally and through the pipeline of `m`: the tokens must
+/// be the same and the plan three hops over 0-10, 10-20, 20-30. Returns the
+/// local output and the pipeline's report.
+fn same_tokens_through_three_hops(
+    m: &Mesh,
+    engine: &Arc<GgmlEngine>,
+    req: &GenerateRequest,
+) -> (NodeOutput, PipelineReport) {
+    let local = m
+        .client
+        .generate(engine, req, Mode::Local, None, &mut |_| true)
+        .unwrap();
+    let piped = m
+        .client
+        .generate(engine, req, Mode::Pipeline, None, &mut |_| true)
+        .unwrap();
+    assert_eq!(
+        piped.output.token_ids, local.output.token_ids,
+        "{:?}",
+        req.prompt
+    );
+    let report = piped.pipeline.unwrap();
+    let plan: Vec<_> = report.plan.iter().map(|h| h.layers.clone()).collect();
+    assert_eq!(plan, vec![0..10, 10..20, 20..30]);
+    (local, report)
+}
+
 #[test]
 fn three_stages_give_the_tokens_of_local_generation() {
     let rt = common::runtime();
     let engine = engine();
     let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (20, 30)]);
     for prompt in PROMPTS {
-        let req = request(prompt, 32);
-        let local = m
-            .client
-            .generate(&engine, &req, Mode::Local, None, &mut |_| true)
-            .unwrap();
-        let piped = m
-            .client
-            .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
-            .unwrap();
-        assert_eq!(piped.output.token_ids, local.output.token_ids, "{prompt}");
-        let report = piped.pipeline.unwrap();
-        let plan: Vec<_> = report.plan.iter().map(|h| h.layers.clone()).collect();
-        assert_eq!(plan, vec![0..10, 10..20, 20..30]);
+        let (_, report) = same_tokens_through_three_hops(&m, &engine, &request(prompt, 32));
         let stage_ids: Vec<PeerId> = m.stages.iter().map(|s| s.peer_id()).collect();
         for (hop, id) in report.plan.iter().zip(&stage_ids) {
             assert_eq!(hop.target, Target::Peer(*id));
@@ -269,18 +286,7 @@ fn stages_apply_the_sessions_adapter_and_one_without_it_is_planned_around() {
         let base = request(prompt, 24);
         let mut req = base.clone();
         req.adapters = vec![ActiveLora::new(adapter.clone(), 0.8)];
-        let local = m
-            .client
-            .generate(&engine, &req, Mode::Local, None, &mut |_| true)
-            .unwrap();
-        let piped = m
-            .client
-            .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
-            .unwrap();
-        assert_eq!(piped.output.token_ids, local.output.token_ids, "{prompt}");
-        let report = piped.pipeline.unwrap();
-        let plan: Vec<_> = report.plan.iter().map(|h| h.layers.clone()).collect();
-        assert_eq!(plan, vec![0..10, 10..20, 20..30]);
+        let (local, report) = same_tokens_through_three_hops(&m, &engine, &req);
         assert!(report
             .plan
             .iter()

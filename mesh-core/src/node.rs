@@ -47,7 +47,7 @@ use crate::delegate::select::{select_helpers, Candidate, SelectionPolicy};
 use crate::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits, LoraAdapter, ModelId};
 use crate::generate::{self, GenerateOutput, GenerateParams, Prompt};
 use crate::ledger::record::UPDATE_TOPIC;
-use crate::ledger::transfer::ADAPTER_METHOD;
+use crate::ledger::transfer::{Offered, ADAPTER_METHOD};
 use crate::ledger::{AdapterStore, FetchConfig, Fetched, UpdateDraft, UpdateId, UpdateRecord};
 use crate::network::p2p::{P2pConfig, P2pNetwork};
 use crate::network::{self, Announcement, Identity, Multiaddr, Network, PeerId};
@@ -67,6 +67,10 @@ pub struct NodeOptions {
     pub helper: HelperConfig,
     /// How this node's private generations find and use helpers.
     pub private: PrivateConfig,
+    /// When set, [`Node::serve`] does not send the served model's GGUF file
+    /// to peers that ask for it by id ([`Node::fetch_model`]); by default it
+    /// does, so a peer can join knowing only the model id.
+    pub withhold_model_files: bool,
 }
 
 /// How a node's private generations ([`Mode::Private`]) find and use helpers.
@@ -306,6 +310,10 @@ pub struct Node {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     events: broadcast::Sender<NodeEvent>,
     updates: Arc<Mutex<Option<Updates>>>,
+    /// Files sent to peers that ask ([`ADAPTER_METHOD`]), and whether the
+    /// handler runs.
+    offered: Offered,
+    offering: Mutex<bool>,
 }
 
 /// Model sync state of a node ([`Node::enable_updates`]).
@@ -317,6 +325,9 @@ struct Updates {
 
 /// Update records a node remembers.
 const MAX_SEEN_UPDATES: usize = 1024;
+
+/// Largest model file [`Node::fetch_model`] accepts from a peer (1 TiB).
+pub const MAX_MODEL_BYTES: u64 = 1 << 40;
 
 /// How often a node sends its own update records again (gossip reaches only
 /// the peers there at the time).
@@ -387,6 +398,8 @@ impl Node {
             tasks: Mutex::new(tasks),
             events,
             updates: Arc::new(Mutex::new(None)),
+            offered: Offered::default(),
+            offering: Mutex::new(false),
         }
     }
 
@@ -468,6 +481,10 @@ impl Node {
                 }
             })?;
         }
+        if !self.options.withhold_model_files {
+            self.offered.add_model(engine.clone());
+            self.offer_files()?;
+        }
         self.handle
             .block_on(self.net.announce(announcement.clone()))?;
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
@@ -501,6 +518,77 @@ impl Node {
         Ok(id)
     }
 
+    /// Answers [`ADAPTER_METHOD`] requests for [`Node::offered`] files
+    /// (started once).
+    fn offer_files(&self) -> Result<()> {
+        let mut started = self.offering.lock().unwrap_or_else(|p| p.into_inner());
+        if !*started {
+            let offered = self.offered.clone();
+            self.start_handler(ADAPTER_METHOD, move |requests| {
+                crate::ledger::transfer::serve(offered, requests)
+            })?;
+            *started = true;
+        }
+        Ok(())
+    }
+
+    /// The files this node sends to peers that ask for them by hash: the
+    /// GGUF files of served models and the adapters of its update store.
+    pub fn offered(&self) -> &Offered {
+        &self.offered
+    }
+
+    /// Fetches the GGUF file of model `id` into `store` (a no-op if it is
+    /// there) from peers serving the model: providers are looked up in the
+    /// DHT (for at most the pipeline's find timeout) and asked in turn; the
+    /// file is kept only if its BLAKE3 hash is `id` (see
+    /// [`crate::ledger::transfer`]), so a lying provider costs time, never a
+    /// wrong model. `progress` gets (bytes, size) as chunks arrive.
+    pub fn fetch_model(
+        &self,
+        id: ModelId,
+        store: &AdapterStore,
+        config: &FetchConfig,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<Fetched> {
+        if let Some(path) = store.get(id) {
+            return Ok(Fetched {
+                path,
+                from: None,
+                failures: Vec::new(),
+            });
+        }
+        let me = self.peer_id();
+        let timeout = self.options.pipeline.find_timeout;
+        let fetched = self.handle.block_on(async {
+            let providers = self.net.find_providers(id, None, timeout).await?;
+            let mut peers: Vec<PeerId> = Vec::new();
+            for p in providers {
+                if p.peer_id != me && !peers.contains(&p.peer_id) {
+                    peers.push(p.peer_id);
+                }
+            }
+            if peers.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "no peer serves model {id} (looked for {timeout:?}); \
+                     pass the model's GGUF file instead, or bootstrap from a node serving it"
+                )));
+            }
+            crate::ledger::transfer::fetch_any_size(
+                &self.net,
+                store,
+                id,
+                MAX_MODEL_BYTES,
+                &peers,
+                config,
+                progress,
+            )
+            .await
+            .map_err(Error::from)
+        })?;
+        Ok(fetched)
+    }
+
     /// Takes part in model sync: keeps adapters in an [`AdapterStore`] in
     /// `dir` and sends them to peers that ask ([`ADAPTER_METHOD`]), and
     /// listens to update records on [`UPDATE_TOPIC`] (gossip): records whose
@@ -515,10 +603,8 @@ impl Node {
             return Ok(());
         }
         let store = AdapterStore::open(dir)?;
-        let served = store.clone();
-        self.start_handler(ADAPTER_METHOD, move |requests| {
-            crate::ledger::transfer::serve(served, requests)
-        })?;
+        self.offered.set_store(store.clone());
+        self.offer_files()?;
         let net = self.net.clone();
         let validator: network::Validator = Arc::new(|_, data| match UpdateRecord::decode(data) {
             Ok(_) => network::Validation::Accept,

@@ -245,3 +245,113 @@ fn a_published_update_is_fetched_verified_and_runs_as_at_its_author() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[test]
+fn a_model_known_only_by_id_is_fetched_from_a_peer_serving_it() {
+    let rt = common::runtime();
+    let path = common::model_path();
+    let original = std::fs::read(&path).unwrap();
+    let engine = Arc::new(GgmlEngine::load(&path, common::THREADS).unwrap());
+    let id = engine.info().id;
+    let net = MemoryNet::new(4);
+    let (server, _) = node(&net, &rt);
+    let (client, _) = node(&net, &rt);
+    let (liar, liar_net) = node(&net, &rt);
+    let hub = server.listen_addrs().unwrap()[0].clone();
+    client.dial(hub.clone()).unwrap();
+    liar.dial(hub).unwrap();
+    let config = FetchConfig {
+        chunk: 4 << 20,
+        window: 4,
+        ..FetchConfig::default()
+    };
+    let store = AdapterStore::open(temp_dir("models")).unwrap();
+
+    // Nobody serves it yet: a clear error, nothing stored.
+    match client.fetch_model(id, &store, &config, &mut |_, _| {}) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("no peer serves"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A liar announces the model and sends bytes of the right size that are
+    // not the model's: caught by the hash, nothing kept.
+    let total = original.len() as u64;
+    rt.block_on(liar_net.announce(mesh_core::network::Announcement {
+        model: id,
+        layers: 0..30,
+        free_memory: 1 << 30,
+        tokens_per_sec: 1000.0,
+    }))
+    .unwrap();
+    let mut asked = rt.block_on(liar_net.handle(ADAPTER_METHOD)).unwrap();
+    rt.spawn(async move {
+        while let Some(inbound) = asked.recv().await {
+            let req = ChunkRequest::decode(inbound.request.meta.as_ref()).unwrap();
+            let n = (total.saturating_sub(req.offset)).min(u64::from(req.len));
+            let reply = ChunkReply {
+                version: 1,
+                error: 0,
+                message: String::new(),
+                total,
+            };
+            inbound.respond(Response {
+                meta: Bytes::from(reply.encode_to_vec()),
+                tensor: Bytes::from(vec![0x5a; n as usize]),
+            });
+        }
+    });
+    match client.fetch_model(id, &store, &config, &mut |_, _| {}) {
+        Err(Error::Ledger(e)) => match *e {
+            LedgerError::Unavailable { failures, .. } => {
+                assert_eq!(failures.len(), 1);
+                assert_eq!(failures[0].0, liar.peer_id());
+                assert!(failures[0].1.contains("hash"), "{}", failures[0].1);
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get(id), None);
+
+    // A node serving some layers of it sends the whole file; the fetched
+    // file is the model, byte for byte.
+    server.serve(engine.clone(), 10..20).unwrap();
+    assert!(server.offered().contains(id));
+    let mut seen = 0;
+    let fetched = client
+        .fetch_model(id, &store, &config, &mut |done, size| {
+            assert!(done <= size && size == total);
+            seen = done;
+        })
+        .unwrap();
+    assert_eq!(fetched.from, Some(server.peer_id()));
+    assert_eq!(seen, total);
+    for (peer, why) in &fetched.failures {
+        assert_eq!(*peer, liar.peer_id(), "{why}");
+    }
+    assert!(std::fs::read(&fetched.path).unwrap() == original);
+    let loaded = GgmlEngine::load(&fetched.path, common::THREADS).unwrap();
+    assert_eq!(loaded.info().id, id);
+    // Held now: no network needed.
+    let again = client
+        .fetch_model(id, &store, &config, &mut |_, _| {})
+        .unwrap();
+    assert_eq!((again.from, again.path), (None, fetched.path));
+
+    // A node told to withhold model files serves layers but not the file.
+    let (private, _) = {
+        let identity = Identity::ephemeral();
+        let n: Arc<dyn Network> = Arc::new(net.add_node(identity, Limits::default()));
+        let options = NodeOptions {
+            withhold_model_files: true,
+            ..NodeOptions::default()
+        };
+        (
+            Node::with_network(n.clone(), rt.handle().clone(), options),
+            n,
+        )
+    };
+    private.serve(engine.clone(), 0..10).unwrap();
+    assert!(!private.offered().contains(id));
+    let _ = std::fs::remove_dir_all(store.dir());
+}

@@ -51,7 +51,9 @@ enum ServeMode {
 enum Command {
     /// Generate text from a prompt.
     Generate {
-        /// GGUF file, or `default` (SmolLM2-135M-Instruct Q4_1, fetched once).
+        /// GGUF file, `default` (SmolLM2-135M-Instruct Q4_1, fetched once), or
+        /// a model id (64 hex digits, `mesh info`): from the cache, else
+        /// fetched from peers serving it (found through --bootstrap).
         #[arg(long, default_value = "default")]
         model: String,
         /// The prompt.
@@ -125,7 +127,8 @@ enum Command {
         /// a stage that fails is replaced without changing the output.
         #[arg(long, requires = "bootstrap", conflicts_with = "private")]
         mesh: bool,
-        /// With --mesh or --private: a peer to bootstrap from (repeatable).
+        /// A peer to bootstrap from (repeatable): the mesh of --mesh and
+        /// --private, and where a --model given by id is fetched from.
         #[arg(long)]
         bootstrap: Vec<mesh_core::network::Multiaddr>,
         /// With --private and --bootstrap: a helper peer id trusted to be an
@@ -213,7 +216,9 @@ enum Command {
         /// Identity file (Ed25519 key, created with mode 0600 if missing; default: ephemeral).
         #[arg(long)]
         identity: Option<PathBuf>,
-        /// Serve a model (path or `default`), optionally only layers a..b: `MODEL[:a-b]` (repeatable).
+        /// Serve a model (path, `default`, or a model id: from the cache, else
+        /// fetched from peers found through --bootstrap), optionally only
+        /// layers a..b: `MODEL[:a-b]` (repeatable).
         #[arg(long)]
         serve: Vec<net::ServeSpec>,
         /// Discover peers on the LAN with mDNS.
@@ -265,7 +270,8 @@ enum Command {
     /// model name suffix (`default:private`) or a body field
     /// (`"mesh": {"mode": "pipeline"}`) picks the mode per request.
     Serve {
-        /// GGUF file, or `default`.
+        /// GGUF file, `default`, or a model id (from the cache, else fetched
+        /// from peers found through --bootstrap).
         #[arg(long, default_value = "default")]
         model: String,
         /// The name clients use (default: `default` for the default model, else the file stem).
@@ -441,6 +447,59 @@ fn load(spec: &str, threads: usize) -> Result<GgmlEngine, mesh_core::Error> {
     GgmlEngine::load(model_path(spec)?, threads)
 }
 
+/// [`model_path`], and for a model id that is not in the cache, the model's
+/// file fetched from peers serving it (found through `bootstrap`) into the
+/// cache's model store, with a progress bar.
+pub(crate) fn model_path_via(
+    spec: &str,
+    bootstrap: &[mesh_core::network::Multiaddr],
+) -> Result<PathBuf, BoxError> {
+    use mesh_core::fetch::{local_model, model_store, ModelSpec};
+    let id = match ModelSpec::parse(spec) {
+        ModelSpec::Id(id) if !bootstrap.is_empty() => id,
+        _ => return Ok(model_path(spec)?),
+    };
+    if let Some(path) = local_model(id)? {
+        return Ok(path);
+    }
+    let store = model_store()?;
+    eprintln!(
+        "mesh: model {id} is not in {}; fetching it from peers serving it",
+        store.dir().display()
+    );
+    let node = net::client_node(net::ClientArgs {
+        bootstrap: bootstrap.to_vec(),
+        ..net::ClientArgs::default()
+    })?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("fetching");
+    let fetched = node.fetch_model(
+        id,
+        &store,
+        &mesh_core::ledger::FetchConfig::default(),
+        &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    );
+    bar.finish_and_clear();
+    node.shutdown()?;
+    let fetched = fetched?;
+    for (peer, why) in &fetched.failures {
+        eprintln!("mesh: {peer} failed to send the model: {why}");
+    }
+    if let Some(peer) = fetched.from {
+        eprintln!(
+            "mesh: fetched model {id} from {peer} into {}",
+            fetched.path.display()
+        );
+    }
+    Ok(fetched.path)
+}
+
 /// Loads `--lora FILE[:SCALE]` adapters for `engine`.
 fn load_adapters(
     engine: &GgmlEngine,
@@ -558,7 +617,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                 (None, Some(path)) => read_prompt_file(&path)?,
                 (None, None) => return Err("--prompt or --prompt-file is required".into()),
             };
-            let engine = load(&model, threads)?;
+            let engine = GgmlEngine::load(model_path_via(&model, &bootstrap)?, threads)?;
             set_exact(&engine, exact)?;
             let adapters = load_adapters(&engine, &lora)?;
             let prompt = if chat {

@@ -107,7 +107,8 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
     // Load every model before going online, so a bad path fails fast.
     let mut engines = Vec::new();
     for spec in &serve {
-        let engine = Arc::new(crate::load(&spec.model, threads)?);
+        let path = crate::model_path_via(&spec.model, &bootstrap)?;
+        let engine = Arc::new(mesh_core::engine::GgmlEngine::load(path, threads)?);
         let n_layers = engine.info().n_layers as u32;
         let (a, b) = spec.layers.unwrap_or((0, n_layers));
         if b > n_layers {
@@ -280,12 +281,27 @@ pub fn seconds(flag: &str, v: f64) -> Result<Duration, BoxError> {
 }
 
 /// How `mesh generate` reaches the mesh.
+#[derive(Clone, Debug)]
 pub struct ClientArgs {
     pub bootstrap: Vec<Multiaddr>,
     pub stage_timeout: f64,
     pub find_timeout: f64,
     pub helper_timeout: f64,
     pub trust: Vec<mesh_core::network::PeerId>,
+}
+
+impl Default for ClientArgs {
+    /// The CLI's defaults: no bootstrap, 30 s per stage, 10 s to find
+    /// providers, 30 s per helper request, nobody trusted.
+    fn default() -> Self {
+        ClientArgs {
+            bootstrap: Vec::new(),
+            stage_timeout: 30.0,
+            find_timeout: 10.0,
+            helper_timeout: 30.0,
+            trust: Vec::new(),
+        }
+    }
 }
 
 /// A node for `mesh generate --mesh`, `--private N --bootstrap ...` and

@@ -22,7 +22,7 @@ pub struct ServeArgs {
 /// `mesh serve`: loads the model, opens the node, listens, prints one JSON
 /// line (`{"listening": "http://..."}`) and serves until SIGINT/SIGTERM.
 pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
-    let path = crate::model_path(&args.model)?;
+    let path = crate::model_path_via(&args.model, &args.client.bootstrap)?;
     eprintln!("mesh serve: loading {}", path.display());
     let engine = GgmlEngine::load(&path, args.threads)?;
     crate::set_exact(&engine, args.exact)?;

@@ -1,6 +1,7 @@
 //! Pipeline inference across real processes on loopback: `mesh node --serve`
 //! stages, `mesh generate --mesh` from another process, kill -9 of a stage
-//! mid-generation, every stage gone, and stages holding a LoRA adapter.
+//! mid-generation, every stage gone, stages holding a LoRA adapter, and a
+//! model given by id fetched from a stage.
 
 mod common;
 
@@ -161,4 +162,59 @@ fn stages_started_with_lora_apply_the_generators_adapter() {
     }
     assert!(changed >= 2, "the adapter changed {changed} of 3 answers");
     let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn a_model_given_by_id_is_fetched_from_a_node_serving_it() {
+    let m = model();
+    let info = run_json(&["info"], &m);
+    let id = info["id"].as_str().unwrap().to_owned();
+    let a = stage("0-30", None);
+    let args = generate_args(PROMPTS[0], "16");
+    let local = run_json(&args, &m);
+    // An empty cache: the model is known only by its id.
+    let cache = std::env::temp_dir().join(format!("mesh-cli-model-id-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(&args)
+            .args(["--model", &id])
+            .args(extra)
+            .env("MESH_CACHE_DIR", &cache)
+            .output()
+            .expect("run mesh")
+    };
+    let out = run(&["--bootstrap", &a.addr]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("from {}", a.peer_id)), "{stderr}");
+    let fetched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched["token_ids"], local["token_ids"]);
+    let stored = cache.join("models").join(format!("{id}.gguf"));
+    let size = std::fs::metadata(&stored).unwrap().len();
+    assert_eq!(Some(size), info["file_size"].as_u64());
+    // Now in the cache: no peer needed.
+    drop(a);
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cached: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cached["token_ids"], local["token_ids"]);
+    // Another id, nowhere to be found: a clear error.
+    let other = "ab".repeat(32);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["info", "--model", &other])
+        .env("MESH_CACHE_DIR", &cache)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("model {other} is not in")),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&cache);
 }

@@ -522,6 +522,13 @@ impl GgmlEngine {
         Ok(y)
     }
 
+    /// The model's GGUF file as loaded (mapped read-only): the bytes whose
+    /// BLAKE3 hash is the model id. Peers that know the model only by id
+    /// fetch it from here (see [`crate::ledger::transfer::Offered`]).
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
     /// Reads and validates a LoRA adapter for this model (see [`LoraAdapter`]).
     pub fn load_adapter(&self, path: impl AsRef<Path>) -> Result<Arc<LoraAdapter>> {
         LoraAdapter::load(path, &self.info).map(Arc::new)

@@ -1,9 +1,11 @@
-//! Adapter transfer: content-addressed chunks over request/response.
+//! File transfer: content-addressed chunks over request/response.
 //!
-//! A node holding adapters in an [`AdapterStore`] answers [`ADAPTER_METHOD`]
-//! requests: a [`ChunkRequest`] (protobuf, in the request's `meta`) names an
-//! adapter by hash and a byte range; the [`ChunkReply`] carries the file's
-//! total size and the bytes in the response's `tensor`.
+//! A node answers [`ADAPTER_METHOD`] requests for the files it [`Offered`]:
+//! adapters in its [`AdapterStore`] and the GGUF files of the models it
+//! serves (so a peer can run a model it knows only by id). A
+//! [`ChunkRequest`] (protobuf, in the request's `meta`) names a file by its
+//! BLAKE3 hash and a byte range; the [`ChunkReply`] carries the file's total
+//! size and the bytes in the response's `tensor`.
 //!
 //! ```proto
 //! syntax = "proto3";
@@ -14,14 +16,16 @@
 //! message ChunkReply { uint32 version = 1; ChunkError error = 2; string message = 3; uint64 total = 4; }
 //! ```
 //!
-//! [`fetch`] asks peers in turn, [`FetchConfig::window`] chunks in flight at a
+//! [`fetch`] (size known, e.g. from an update record) and [`fetch_any_size`]
+//! (size learned from the first reply, up to a limit) ask peers in turn, [`FetchConfig::window`] chunks in flight at a
 //! time, writes through [`AdapterStore::writer`] and keeps the file only if
 //! its BLAKE3 hash is the id asked for: a peer that sends other bytes (or the
 //! wrong size, or fails part-way) is reported and the next one asked from
 //! the start, so a file is never assembled from two sources.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,7 +35,7 @@ use tokio::sync::mpsc;
 
 use super::store::AdapterStore;
 use super::LedgerError;
-use crate::engine::ModelId;
+use crate::engine::{Engine, GgmlEngine, ModelId};
 use crate::network::{InboundRequest, Network, PeerId, Request, Response};
 
 /// Method name of the adapter transfer protocol.
@@ -107,9 +111,90 @@ fn failure(error: ChunkError, message: impl Into<String>) -> (ChunkReply, Bytes)
     )
 }
 
-/// Answers one chunk request from `store`. Never panics; reads at most
-/// [`MAX_CHUNK`] bytes.
-pub fn answer(store: &AdapterStore, meta: &[u8]) -> (ChunkReply, Bytes) {
+/// The files a node sends to peers that ask: an [`AdapterStore`]'s and the
+/// GGUF files of loaded models (sent from the engine's mapping, i.e. the
+/// bytes its id is the hash of). Cheap to clone; clones share the set.
+#[derive(Clone, Default)]
+pub struct Offered {
+    inner: Arc<RwLock<OfferedFiles>>,
+}
+
+#[derive(Default)]
+struct OfferedFiles {
+    store: Option<AdapterStore>,
+    models: HashMap<ModelId, Arc<GgmlEngine>>,
+}
+
+impl std::fmt::Debug for Offered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files = self.read();
+        f.debug_struct("Offered")
+            .field("store", &files.store)
+            .field("models", &files.models.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl From<AdapterStore> for Offered {
+    fn from(store: AdapterStore) -> Offered {
+        let offered = Offered::default();
+        offered.set_store(store);
+        offered
+    }
+}
+
+impl Offered {
+    /// Offers every file in `store` (replacing a store offered before).
+    pub fn set_store(&self, store: AdapterStore) {
+        self.write().store = Some(store);
+    }
+
+    /// Offers the GGUF file of `engine`'s model, under its id.
+    pub fn add_model(&self, engine: Arc<GgmlEngine>) {
+        self.write().models.insert(engine.info().id, engine);
+    }
+
+    /// Whether file `id` is offered.
+    pub fn contains(&self, id: ModelId) -> bool {
+        self.size(id).is_some()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, OfferedFiles> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, OfferedFiles> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn size(&self, id: ModelId) -> Option<u64> {
+        let files = self.read();
+        if let Some(engine) = files.models.get(&id) {
+            return Some(engine.file_bytes().len() as u64);
+        }
+        files.store.as_ref().and_then(|s| s.size(id))
+    }
+
+    fn read_range(&self, id: ModelId, offset: u64, len: usize) -> Result<Vec<u8>, LedgerError> {
+        let files = self.read();
+        if let Some(engine) = files.models.get(&id) {
+            let bytes = engine.file_bytes();
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            let end = start.saturating_add(len).min(bytes.len());
+            return Ok(bytes[start..end].to_vec());
+        }
+        match &files.store {
+            Some(store) => store.read_range(id, offset, len),
+            None => Err(LedgerError::Malformed(format!("no file {id} here"))),
+        }
+    }
+}
+
+/// Answers one chunk request from the files `offered`. Never panics; reads
+/// at most [`MAX_CHUNK`] bytes.
+pub fn answer(offered: &Offered, meta: &[u8]) -> (ChunkReply, Bytes) {
     let req = match ChunkRequest::decode(meta) {
         Ok(r) => r,
         Err(e) => return failure(ChunkError::Malformed, format!("chunk request: {e}")),
@@ -130,8 +215,8 @@ pub fn answer(store: &AdapterStore, meta: &[u8]) -> (ChunkReply, Bytes) {
         );
     };
     let id = ModelId(id);
-    let Some(total) = store.size(id) else {
-        return failure(ChunkError::NotFound, format!("no adapter {id} here"));
+    let Some(total) = offered.size(id) else {
+        return failure(ChunkError::NotFound, format!("no file {id} here"));
     };
     if req.len == 0 || req.len > MAX_CHUNK || req.offset > total {
         return failure(
@@ -142,7 +227,7 @@ pub fn answer(store: &AdapterStore, meta: &[u8]) -> (ChunkReply, Bytes) {
             ),
         );
     }
-    match store.read_range(id, req.offset, req.len as usize) {
+    match offered.read_range(id, req.offset, req.len as usize) {
         Ok(bytes) => (
             ChunkReply {
                 version: ADAPTER_VERSION,
@@ -156,14 +241,14 @@ pub fn answer(store: &AdapterStore, meta: &[u8]) -> (ChunkReply, Bytes) {
     }
 }
 
-/// Answers [`ADAPTER_METHOD`] requests from `store` until the queue closes
-/// (file reads on blocking threads).
-pub async fn serve(store: AdapterStore, mut requests: mpsc::Receiver<InboundRequest>) {
-    let store = Arc::new(store);
+/// Answers [`ADAPTER_METHOD`] requests for the files `offered` (including
+/// files offered later) until the queue closes (reads on blocking threads).
+pub async fn serve(offered: impl Into<Offered>, mut requests: mpsc::Receiver<InboundRequest>) {
+    let offered = offered.into();
     while let Some(inbound) = requests.recv().await {
-        let store = store.clone();
+        let offered = offered.clone();
         tokio::task::spawn_blocking(move || {
-            let (reply, tensor) = answer(&store, &inbound.request.meta);
+            let (reply, tensor) = answer(&offered, &inbound.request.meta);
             inbound.respond(Response {
                 meta: Bytes::from(reply.encode_to_vec()),
                 tensor,
@@ -194,7 +279,7 @@ impl Default for FetchConfig {
     }
 }
 
-/// A fetched adapter.
+/// A fetched file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fetched {
     /// Its file in the store.
@@ -203,6 +288,15 @@ pub struct Fetched {
     pub from: Option<PeerId>,
     /// Peers that failed first, and why (a wrong hash among them is a lie).
     pub failures: Vec<(PeerId, String)>,
+}
+
+/// The size a fetched file must have.
+#[derive(Clone, Copy, Debug)]
+enum Size {
+    /// Exactly this many bytes.
+    Exact(u64),
+    /// Whatever the peer says, from 1 to this many bytes.
+    AtMost(u64),
 }
 
 /// Fetches adapter `id` of `size` bytes into `store` from the first of
@@ -217,15 +311,53 @@ pub async fn fetch(
     config: &FetchConfig,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<Fetched, LedgerError> {
+    if size == 0 || size > super::record::MAX_ADAPTER_BYTES {
+        return Err(LedgerError::Malformed(format!("adapter size {size}")));
+    }
+    fetch_sized(net, store, id, Size::Exact(size), peers, config, progress).await
+}
+
+/// Fetches file `id` into `store` like [`fetch`], when its size is not known
+/// beforehand (e.g. a model known only by id): each peer's first reply says
+/// how big the file is, and a peer claiming more than `max_size` bytes is
+/// not asked further. `progress` gets (bytes received from the current peer,
+/// the size it claims).
+pub async fn fetch_any_size(
+    net: &Arc<dyn Network>,
+    store: &AdapterStore,
+    id: ModelId,
+    max_size: u64,
+    peers: &[PeerId],
+    config: &FetchConfig,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<Fetched, LedgerError> {
+    fetch_sized(
+        net,
+        store,
+        id,
+        Size::AtMost(max_size),
+        peers,
+        config,
+        progress,
+    )
+    .await
+}
+
+async fn fetch_sized(
+    net: &Arc<dyn Network>,
+    store: &AdapterStore,
+    id: ModelId,
+    size: Size,
+    peers: &[PeerId],
+    config: &FetchConfig,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<Fetched, LedgerError> {
     if let Some(path) = store.get(id) {
         return Ok(Fetched {
             path,
             from: None,
             failures: Vec::new(),
         });
-    }
-    if size == 0 || size > super::record::MAX_ADAPTER_BYTES {
-        return Err(LedgerError::Malformed(format!("adapter size {size}")));
     }
     let chunk = config.chunk.clamp(1, MAX_CHUNK);
     let mut failures = Vec::new();
@@ -250,56 +382,87 @@ pub async fn fetch(
     })
 }
 
+/// Asks `peer` for `chunk` bytes of `id` at `offset`; returns the file size
+/// the peer claims and the bytes.
+async fn ask_chunk(
+    net: &Arc<dyn Network>,
+    peer: PeerId,
+    id: ModelId,
+    offset: u64,
+    chunk: u32,
+    timeout: Duration,
+) -> Result<(u64, Bytes), LedgerError> {
+    let meta = ChunkRequest {
+        version: ADAPTER_VERSION,
+        id: id.0.to_vec(),
+        offset,
+        len: chunk,
+    }
+    .encode_to_vec();
+    let request = Request {
+        method: ADAPTER_METHOD.into(),
+        meta: Bytes::from(meta),
+        tensor: Bytes::new(),
+    };
+    let response = net
+        .request(peer, request, timeout)
+        .await
+        .map_err(|e| LedgerError::Peer(e.to_string()))?;
+    let reply = ChunkReply::decode(response.meta.as_ref())
+        .map_err(|e| LedgerError::Peer(format!("undecodable chunk reply: {e}")))?;
+    if reply.error != ChunkError::None as i32 {
+        let code = ChunkError::try_from(reply.error).unwrap_or(ChunkError::Internal);
+        return Err(LedgerError::Peer(format!("{code:?}: {}", reply.message)));
+    }
+    Ok((reply.total, response.tensor))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn fetch_from(
     net: &Arc<dyn Network>,
     store: &AdapterStore,
     id: ModelId,
-    size: u64,
+    size: Size,
     peer: PeerId,
     chunk: u32,
     config: &FetchConfig,
     progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<PathBuf, LedgerError> {
-    let mut writer = store.writer(id)?;
-    let offsets = (0..size).step_by(chunk as usize);
-    let requests = futures::stream::iter(offsets.map(|offset| {
-        let net = net.clone();
-        async move {
-            let meta = ChunkRequest {
-                version: ADAPTER_VERSION,
-                id: id.0.to_vec(),
-                offset,
-                len: chunk,
-            }
-            .encode_to_vec();
-            let request = Request {
-                method: ADAPTER_METHOD.into(),
-                meta: Bytes::from(meta),
-                tensor: Bytes::new(),
-            };
-            (offset, net.request(peer, request, config.timeout).await)
+    // The first chunk alone: its reply says how big the file is.
+    let (total, first) = ask_chunk(net, peer, id, 0, chunk, config.timeout).await?;
+    let size = match size {
+        Size::Exact(size) => size,
+        Size::AtMost(max) if total == 0 || total > max => {
+            return Err(LedgerError::Peer(format!(
+                "claims a {total}-byte file; expected 1 to {max} bytes"
+            )))
         }
+        Size::AtMost(_) => total,
+    };
+    let check = |offset: u64, total: u64, got: usize| {
+        let want = (size - offset).min(u64::from(chunk));
+        if total != size || got as u64 != want {
+            return Err(LedgerError::Peer(format!(
+                "sent {got} bytes at {offset} of a {total}-byte file; expected {want} of {size}"
+            )));
+        }
+        Ok(())
+    };
+    check(0, total, first.len())?;
+    let mut writer = store.writer(id)?;
+    writer.write(&first)?;
+    progress(writer.written(), size);
+    let offsets = (u64::from(chunk)..size).step_by(chunk as usize);
+    let requests = futures::stream::iter(offsets.map(|offset| async move {
+        let answer = ask_chunk(net, peer, id, offset, chunk, config.timeout).await;
+        (offset, answer)
     }))
     .buffered(config.window.max(1));
     futures::pin_mut!(requests);
-    while let Some((offset, response)) = requests.next().await {
-        let response = response.map_err(|e| LedgerError::Peer(e.to_string()))?;
-        let reply = ChunkReply::decode(response.meta.as_ref())
-            .map_err(|e| LedgerError::Peer(format!("undecodable chunk reply: {e}")))?;
-        if reply.error != ChunkError::None as i32 {
-            let code = ChunkError::try_from(reply.error).unwrap_or(ChunkError::Internal);
-            return Err(LedgerError::Peer(format!("{code:?}: {}", reply.message)));
-        }
-        let want = (size - offset).min(u64::from(chunk));
-        if reply.total != size || response.tensor.len() as u64 != want {
-            return Err(LedgerError::Peer(format!(
-                "sent {} bytes at {offset} of a {}-byte file; expected {want} of {size}",
-                response.tensor.len(),
-                reply.total
-            )));
-        }
-        writer.write(&response.tensor)?;
+    while let Some((offset, answer)) = requests.next().await {
+        let (total, bytes) = answer?;
+        check(offset, total, bytes.len())?;
+        writer.write(&bytes)?;
         progress(writer.written(), size);
     }
     writer.finish()
@@ -336,7 +499,7 @@ mod tests {
             len,
         }
         .encode_to_vec();
-        answer(store, &meta)
+        answer(&Offered::from(store.clone()), &meta)
     }
 
     #[test]
@@ -359,7 +522,8 @@ mod tests {
             ChunkError::UnsupportedVersion
         );
         assert_eq!(
-            ChunkError::try_from(answer(&store, b"\xff\xff").0.error).unwrap(),
+            ChunkError::try_from(answer(&Offered::from(store.clone()), b"\xff\xff").0.error)
+                .unwrap(),
             ChunkError::Malformed
         );
         let _ = std::fs::remove_dir_all(store.dir());
@@ -368,10 +532,9 @@ mod tests {
     proptest! {
         #[test]
         fn answer_never_panics(meta in proptest::collection::vec(any::<u8>(), 0..80)) {
-            static STORE: std::sync::OnceLock<(AdapterStore, ModelId, Vec<u8>)> =
-                std::sync::OnceLock::new();
-            let (store, _, _) = STORE.get_or_init(store);
-            let (r, b) = answer(store, &meta);
+            static STORE: std::sync::OnceLock<Offered> = std::sync::OnceLock::new();
+            let offered = STORE.get_or_init(|| Offered::from(store().0));
+            let (r, b) = answer(offered, &meta);
             prop_assert!(b.len() <= MAX_CHUNK as usize);
             prop_assert!(r.error != 0 || r.total >= b.len() as u64);
         }

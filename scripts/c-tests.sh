@@ -96,18 +96,11 @@ if ! command -v valgrind >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq valgrind >/dev/null
 fi
 
-VG_TARGET="${TARGET%/}-valgrind"
-mkdir -p "$VG_TARGET"
-# cmake, with ggml's -march=native off when configuring; cmake-rs runs $CMAKE.
-cat >"$VG_TARGET/cmake-portable" <<'EOF'
-#!/bin/sh
-for a in "$@"; do [ "$a" = "--build" ] && exec cmake "$@"; done
-exec cmake -DLLAMA_NATIVE=OFF "$@"
-EOF
-chmod +x "$VG_TARGET/cmake-portable"
+# ggml without -march=native (scripts/portable-build.sh), in its own target dir.
+. scripts/portable-build.sh
+VG_TARGET="$(CARGO_TARGET_DIR="$TARGET" portable_target_dir)"
 say "building mesh-ffi for valgrind (ggml without -march=native) in $VG_TARGET"
-CMAKE="$VG_TARGET/cmake-portable" CARGO_TARGET_DIR="$VG_TARGET" \
-  cargo build --quiet -p mesh-ffi --features test-hooks
+(CARGO_TARGET_DIR="$TARGET" portable_env && cargo build --quiet -p mesh-ffi --features test-hooks)
 cc "${CFLAGS[@]}" -DMESH_TEST_HOOKS examples/c/test_misuse.c "$VG_TARGET/debug/libmesh_ffi.a" "${LIBS[@]}" \
   -o "$OUT/test_misuse_vg"
 

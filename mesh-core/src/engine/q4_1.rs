@@ -232,10 +232,12 @@ unsafe fn gemm_rows(
     gemm_rows_with(vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
 }
 
-/// The AVX-512 variant where the CPU has it (cached).
+/// The AVX-512 variant where the CPU has it and `MESH_NO_AVX512` is not set
+/// (cached). Both variants give bit-identical results; the switch lets one
+/// machine run the AVX2 path end to end (see `scripts/cpu-class-tests.sh`).
 fn use_avx512() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(has_avx512_vnni)
+    *V.get_or_init(|| has_avx512_vnni() && std::env::var_os("MESH_NO_AVX512").is_none())
 }
 
 /// [`gemm_rows`] with the variant chosen by the caller. With `exact` (and `buf`

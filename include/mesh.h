@@ -959,6 +959,70 @@ mesh_status mesh_generate(struct mesh_context *ctx,
 mesh_status mesh_context_cancel(const struct mesh_context *ctx);
 
 /**
+ * Evaluate `n_tokens` token ids at the end of the context's KV cache (at
+ * positions `n_past .. n_past + n_tokens`, see `mesh_context_n_past`), as
+ * llama.cpp's `llama_decode` does, for hosts that run their own sampling
+ * loop: evaluate the prompt, read `mesh_context_logits`, pick a token,
+ * evaluate it, and so on. The context keeps the logits of the last token,
+ * or of every token when `all_logits` is true (`n_tokens` rows).
+ *
+ * All or nothing: on any error the KV cache and the kept logits are as
+ * before the call. An id outside the vocabulary or `n_tokens == 0` is
+ * `MESH_STATUS_INVALID_ARG`; more positions than `n_ctx` is
+ * `MESH_STATUS_CONTEXT_OVERFLOW` (free room with `mesh_context_truncate`);
+ * `mesh_context_cancel` from another thread stops a long evaluation within
+ * one batch of 64 tokens (`MESH_STATUS_CANCELLED`). Adapters added with
+ * `mesh_context_add_lora` apply. `mesh_generate` starts over from an empty
+ * cache and clears the kept logits; the positions it evaluated stay in the
+ * cache (`mesh_context_truncate(ctx, 0)` to start over).
+ *
+ * Lifetimes: `tokens` is used only during the call.
+ * Threads: as `mesh_generate` (`MESH_STATUS_BUSY` while another call runs
+ * on `ctx`).
+ */
+mesh_status mesh_context_eval(struct mesh_context *ctx,
+                              const uint32_t *tokens,
+                              size_t n_tokens,
+                              bool all_logits);
+
+/**
+ * Copy the logits kept by the last `mesh_context_eval` into `buf` (room
+ * for `cap` floats; NULL allowed when `cap` is 0): `n_vocab` floats, or
+ * `n_tokens * n_vocab` (row by row) after an evaluation with `all_logits`.
+ * `*n_out` receives their number (0 before any evaluation, and after
+ * `mesh_generate` or a `mesh_context_truncate` that forgot positions). If
+ * `cap` is too small, returns `MESH_STATUS_BUFFER_TOO_SMALL`, leaves `buf`
+ * untouched and sets `*n_out` to the number needed.
+ *
+ * Threads: any thread, also while another call runs on `ctx` (it then sees
+ * the logits from before that call).
+ */
+mesh_status mesh_context_logits(const struct mesh_context *ctx,
+                                float *buf,
+                                size_t cap,
+                                size_t *n_out);
+
+/**
+ * Number of positions the context's KV cache holds now (tokens evaluated
+ * and not truncated), into `*out`.
+ *
+ * Threads: not while `mesh_generate` or `mesh_context_eval` runs on `ctx`
+ * (`MESH_STATUS_BUSY`).
+ */
+mesh_status mesh_context_n_past(const struct mesh_context *ctx, size_t *out);
+
+/**
+ * Forget every position from `n_past` on (like llama.cpp's
+ * `llama_kv_cache_seq_rm(ctx, 0, n_past, -1)`), e.g. to regenerate a reply
+ * or to drop a conversation's tail; `n_past` at or past the current length
+ * changes nothing. When positions are forgotten, the kept logits are too.
+ *
+ * Threads: not while `mesh_generate` or `mesh_context_eval` runs on `ctx`
+ * (`MESH_STATUS_BUSY`).
+ */
+mesh_status mesh_context_truncate(const struct mesh_context *ctx, size_t n_past);
+
+/**
  * Default node parameters: listens nowhere, no bootstrap peers, a new
  * identity, no mDNS, default timeouts and KV budget.
  *

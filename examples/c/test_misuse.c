@@ -104,6 +104,10 @@ static void test_null_args_without_model(void) {
     EXPECT(mesh_generate(NULL, "hi", NULL, NULL, NULL, NULL), MESH_STATUS_NULL_ARG);
     CONTAINS(last_error(), "`ctx` is NULL");
     EXPECT(mesh_context_cancel(NULL), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_eval(NULL, ids, 1, false), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_logits(NULL, NULL, 0, &n), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_n_past(NULL, &n), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_truncate(NULL, 0), MESH_STATUS_NULL_ARG);
     EXPECT(mesh_last_error_message(buf, sizeof buf, NULL), MESH_STATUS_NULL_ARG);
     EXPECT(mesh_last_error_message(NULL, 5, &n), MESH_STATUS_NULL_ARG);
 }
@@ -422,6 +426,36 @@ static void test_context_misuse(const mesh_model *model) {
     for (size_t i = 0; i < sizeof long_prompt; i++) long_prompt[i] = "hello "[i % 6];
     long_prompt[sizeof long_prompt - 1] = '\0';
     EXPECT(mesh_generate(ctx, long_prompt, &gp, NULL, NULL, NULL), MESH_STATUS_CONTEXT_OVERFLOW);
+
+    /* A host's own loop: eval, logits, n_past, truncate; misuse changes nothing. */
+    uint32_t toks[4] = {1, 2, 3, 4};
+    size_t vocab = 0, got = 0, past = 99;
+    EXPECT(mesh_model_n_vocab(model, &vocab), MESH_STATUS_OK);
+    EXPECT(mesh_context_truncate(ctx, 0), MESH_STATUS_OK); /* generate left positions */
+    EXPECT(mesh_context_eval(ctx, toks, 4, false), MESH_STATUS_OK);
+    EXPECT(mesh_context_n_past(ctx, &past), MESH_STATUS_OK);
+    CHECK(past == 4);
+    EXPECT(mesh_context_logits(ctx, NULL, 0, &got), MESH_STATUS_BUFFER_TOO_SMALL);
+    CHECK(got == vocab);
+    float *logits = malloc(vocab * sizeof *logits);
+    CHECK(logits != NULL);
+    EXPECT(mesh_context_logits(ctx, logits, vocab, &got), MESH_STATUS_OK);
+    EXPECT(mesh_context_logits(ctx, logits, vocab, NULL), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_logits(ctx, NULL, vocab, &got), MESH_STATUS_NULL_ARG);
+    free(logits);
+    EXPECT(mesh_context_eval(ctx, NULL, 2, false), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_eval(ctx, toks, 0, false), MESH_STATUS_INVALID_ARG);
+    toks[1] = (uint32_t)vocab;
+    EXPECT(mesh_context_eval(ctx, toks, 4, true), MESH_STATUS_INVALID_ARG);
+    CONTAINS(last_error(), "vocabulary");
+    EXPECT(mesh_context_n_past(ctx, &past), MESH_STATUS_OK);
+    CHECK(past == 4);
+    EXPECT(mesh_context_n_past(ctx, NULL), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_context_truncate(ctx, 0), MESH_STATUS_OK);
+    EXPECT(mesh_context_n_past(ctx, &past), MESH_STATUS_OK);
+    CHECK(past == 0);
+    EXPECT(mesh_context_logits(ctx, NULL, 0, &got), MESH_STATUS_OK);
+    CHECK(got == 0);
 
     /* Cancel with nothing running: no effect on the next generation. */
     EXPECT(mesh_context_cancel(ctx), MESH_STATUS_OK);

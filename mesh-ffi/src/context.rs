@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_core::chat::ChatMessage;
-use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession};
+use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits};
 use mesh_core::generate::{self, GenerateOutput, GenerateParams, Prompt, StopReason};
 use mesh_core::sampling::SamplerParams;
 
@@ -38,6 +38,8 @@ pub struct Context {
     model: Arc<GgmlEngine>,
     n_ctx: usize,
     session: Mutex<GgmlSession>,
+    /// Logits kept by the last `mesh_context_eval` (rows of `n_vocab`).
+    logits: Mutex<Vec<f32>>,
     /// True while a generation runs; guards `cancel` so a cancel only ever
     /// reaches the generation in progress.
     running: Mutex<bool>,
@@ -82,6 +84,7 @@ impl Context {
             model,
             n_ctx,
             session: Mutex::new(session),
+            logits: Mutex::new(Vec::new()),
             running: Mutex::new(false),
             cancel: AtomicBool::new(false),
         })
@@ -125,6 +128,80 @@ impl Context {
         Ok(())
     }
 
+    /// Appends `tokens` to the KV cache and keeps their logits (the last
+    /// token's, or every token's with `all`). All or nothing: on an error or
+    /// a cancel the cache is as before and the kept logits unchanged.
+    fn eval(&self, tokens: &[u32], all: bool) -> FfiResult {
+        let _running = self.begin()?;
+        if tokens.is_empty() {
+            return Err(Failure::new(
+                mesh_status::InvalidArg,
+                "no tokens to evaluate (n_tokens is 0)",
+            ));
+        }
+        let model = self.model.as_ref();
+        let n_vocab = model.info().n_vocab;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Failure::new(
+                mesh_status::InvalidArg,
+                format!("token id {bad}: expected < {n_vocab} (vocabulary size)"),
+            ));
+        }
+        let mut session = lock(&self.session);
+        let start = model.session_len(&session, 0);
+        if start.saturating_add(tokens.len()) > self.n_ctx {
+            return Err(mesh_core::Error::ContextOverflow {
+                needed: start.saturating_add(tokens.len()),
+                capacity: self.n_ctx,
+            }
+            .into());
+        }
+        let which = if all { Logits::All } else { Logits::Last };
+        let mut out = Vec::new();
+        // Batches small enough that a cancel waits for at most one of them.
+        for batch in tokens.chunks(EVAL_BATCH) {
+            let step = if self.cancel.load(Ordering::SeqCst) {
+                Err(Failure::new(
+                    mesh_status::Cancelled,
+                    "evaluation cancelled by mesh_context_cancel",
+                ))
+            } else {
+                model
+                    .forward(batch, which, &mut session)
+                    .map_err(Failure::from)
+            };
+            match step {
+                Ok(logits) if all => out.extend_from_slice(&logits),
+                Ok(logits) => out = logits,
+                Err(e) => {
+                    model.truncate_session(&mut session, start);
+                    return Err(e);
+                }
+            }
+        }
+        *lock(&self.logits) = out;
+        Ok(())
+    }
+
+    /// Positions the KV cache holds now.
+    fn n_past(&self) -> FfiResult<usize> {
+        let _running = self.begin()?;
+        let session = lock(&self.session);
+        Ok(self.model.session_len(&session, 0))
+    }
+
+    /// Forgets positions from `n_past` on (and the kept logits, which may
+    /// belong to a forgotten position).
+    fn truncate(&self, n_past: usize) -> FfiResult {
+        let _running = self.begin()?;
+        let mut session = lock(&self.session);
+        if n_past < self.model.session_len(&session, 0) {
+            self.model.truncate_session(&mut session, n_past);
+            lock(&self.logits).clear();
+        }
+        Ok(())
+    }
+
     /// Generate from an empty KV cache.
     fn generate(
         &self,
@@ -136,6 +213,7 @@ impl Context {
         let mut session = lock(&self.session);
         let model = self.model.as_ref();
         model.truncate_session(&mut session, 0);
+        lock(&self.logits).clear();
         let ids = generate::tokenize_prompt(model, prompt)?;
         let out = generate::generate(
             model,
@@ -174,6 +252,10 @@ pub struct mesh_context_params {
 
 /// Default KV cache size of a context.
 const DEFAULT_N_CTX: usize = 2048;
+
+/// Tokens per forward pass in `mesh_context_eval`: a cancel waits for at
+/// most one such batch.
+const EVAL_BATCH: usize = 64;
 
 // SAFETY: repr(C), starts with `struct_size: usize`.
 unsafe impl Versioned for mesh_context_params {}
@@ -517,4 +599,96 @@ pub unsafe extern "C" fn mesh_context_cancel(ctx: *const mesh_context) -> mesh_s
         ffi::handle(ctx, "ctx")?.cancel();
         Ok(())
     })
+}
+
+/// Evaluate `n_tokens` token ids at the end of the context's KV cache (at
+/// positions `n_past .. n_past + n_tokens`, see `mesh_context_n_past`), as
+/// llama.cpp's `llama_decode` does, for hosts that run their own sampling
+/// loop: evaluate the prompt, read `mesh_context_logits`, pick a token,
+/// evaluate it, and so on. The context keeps the logits of the last token,
+/// or of every token when `all_logits` is true (`n_tokens` rows).
+///
+/// All or nothing: on any error the KV cache and the kept logits are as
+/// before the call. An id outside the vocabulary or `n_tokens == 0` is
+/// `MESH_STATUS_INVALID_ARG`; more positions than `n_ctx` is
+/// `MESH_STATUS_CONTEXT_OVERFLOW` (free room with `mesh_context_truncate`);
+/// `mesh_context_cancel` from another thread stops a long evaluation within
+/// one batch of 64 tokens (`MESH_STATUS_CANCELLED`). Adapters added with
+/// `mesh_context_add_lora` apply. `mesh_generate` starts over from an empty
+/// cache and clears the kept logits; the positions it evaluated stay in the
+/// cache (`mesh_context_truncate(ctx, 0)` to start over).
+///
+/// Lifetimes: `tokens` is used only during the call.
+/// Threads: as `mesh_generate` (`MESH_STATUS_BUSY` while another call runs
+/// on `ctx`).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_context_eval(
+    ctx: *mut mesh_context,
+    tokens: *const u32,
+    n_tokens: usize,
+    all_logits: bool,
+) -> mesh_status {
+    boundary(|| {
+        let ctx = ffi::handle(ctx.cast_const(), "ctx")?;
+        let tokens = ffi::slice(tokens, n_tokens, "tokens")?;
+        ctx.eval(tokens, all_logits)
+    })
+}
+
+/// Copy the logits kept by the last `mesh_context_eval` into `buf` (room
+/// for `cap` floats; NULL allowed when `cap` is 0): `n_vocab` floats, or
+/// `n_tokens * n_vocab` (row by row) after an evaluation with `all_logits`.
+/// `*n_out` receives their number (0 before any evaluation, and after
+/// `mesh_generate` or a `mesh_context_truncate` that forgot positions). If
+/// `cap` is too small, returns `MESH_STATUS_BUFFER_TOO_SMALL`, leaves `buf`
+/// untouched and sets `*n_out` to the number needed.
+///
+/// Threads: any thread, also while another call runs on `ctx` (it then sees
+/// the logits from before that call).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_context_logits(
+    ctx: *const mesh_context,
+    buf: *mut f32,
+    cap: usize,
+    n_out: *mut usize,
+) -> mesh_status {
+    boundary(|| {
+        let ctx = ffi::handle(ctx, "ctx")?;
+        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        let logits = lock(&ctx.logits);
+        out.write_items(&logits)
+    })
+}
+
+/// Number of positions the context's KV cache holds now (tokens evaluated
+/// and not truncated), into `*out`.
+///
+/// Threads: not while `mesh_generate` or `mesh_context_eval` runs on `ctx`
+/// (`MESH_STATUS_BUSY`).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_context_n_past(
+    ctx: *const mesh_context,
+    out: *mut usize,
+) -> mesh_status {
+    boundary(|| {
+        let ctx = ffi::handle(ctx, "ctx")?;
+        let out = ffi::out(out, "out")?;
+        out.write(ctx.n_past()?);
+        Ok(())
+    })
+}
+
+/// Forget every position from `n_past` on (like llama.cpp's
+/// `llama_kv_cache_seq_rm(ctx, 0, n_past, -1)`), e.g. to regenerate a reply
+/// or to drop a conversation's tail; `n_past` at or past the current length
+/// changes nothing. When positions are forgotten, the kept logits are too.
+///
+/// Threads: not while `mesh_generate` or `mesh_context_eval` runs on `ctx`
+/// (`MESH_STATUS_BUSY`).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_context_truncate(
+    ctx: *const mesh_context,
+    n_past: usize,
+) -> mesh_status {
+    boundary(|| ffi::handle(ctx, "ctx")?.truncate(n_past))
 }

@@ -42,8 +42,9 @@ use std::os::raw::c_char;
 
 pub use context::{
     mesh_context, mesh_context_add_lora, mesh_context_cancel, mesh_context_clear_lora,
-    mesh_context_free, mesh_context_n_ctx, mesh_context_new, mesh_context_params,
-    mesh_context_params_default, mesh_generate, mesh_generate_params, mesh_generate_params_default,
+    mesh_context_eval, mesh_context_free, mesh_context_logits, mesh_context_n_ctx,
+    mesh_context_n_past, mesh_context_new, mesh_context_params, mesh_context_params_default,
+    mesh_context_truncate, mesh_generate, mesh_generate_params, mesh_generate_params_default,
     mesh_generate_stats, mesh_stop_reason, mesh_token_callback,
 };
 pub use log::{

@@ -1,6 +1,7 @@
 //! The C API on a real model, called from Rust as a C host would: loading,
 //! tokenizing, templates, streaming generation, stopping, cancelling from
-//! another thread, and sharing a model between threads.
+//! another thread, sharing a model between threads, and a host's own
+//! sampling loop over `mesh_context_eval` / `mesh_context_logits`.
 //!
 //! Model: `$MESH_MODEL`, else "default" (fetched into the cache once).
 
@@ -310,4 +311,199 @@ fn one_model_serves_several_threads() {
         t.join().unwrap();
     }
     unsafe { mesh_model_free(m as *const mesh_model) };
+}
+
+fn eval(ctx: *mut mesh_context, tokens: &[u32], all: bool) -> mesh_status {
+    unsafe { mesh_context_eval(ctx, tokens.as_ptr(), tokens.len(), all) }
+}
+
+fn logits(ctx: *const mesh_context) -> Vec<f32> {
+    let mut need = 0;
+    let s = unsafe { mesh_context_logits(ctx, ptr::null_mut(), 0, &mut need) };
+    assert!(
+        matches!(s, mesh_status::BufferTooSmall | mesh_status::Ok),
+        "{s:?}"
+    );
+    let mut out = vec![0f32; need];
+    let mut n = 0;
+    let s = unsafe { mesh_context_logits(ctx, out.as_mut_ptr(), out.len(), &mut n) };
+    assert_eq!(s, mesh_status::Ok);
+    assert_eq!(n, need);
+    out
+}
+
+fn n_past(ctx: *const mesh_context) -> usize {
+    let mut n = usize::MAX;
+    assert_eq!(unsafe { mesh_context_n_past(ctx, &mut n) }, mesh_status::Ok);
+    n
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A host's own sampling loop over `mesh_context_eval` / `mesh_context_logits`
+/// (greedy here) produces what `mesh_generate` does with the same settings.
+#[test]
+fn a_hosts_own_sampling_loop_over_eval_matches_mesh_generate() {
+    let ctx = context(128);
+    let mut n_vocab = 0;
+    assert_eq!(
+        unsafe { mesh_model_n_vocab(model(), &mut n_vocab) },
+        mesh_status::Ok
+    );
+    let text = CString::new("The capital of France is").unwrap();
+    let mut prompt = vec![0u32; 64];
+    let mut n = 0;
+    let s = unsafe {
+        mesh_tokenize(
+            model(),
+            text.as_ptr(),
+            true,
+            false,
+            prompt.as_mut_ptr(),
+            64,
+            &mut n,
+        )
+    };
+    assert_eq!(s, mesh_status::Ok);
+    prompt.truncate(n);
+
+    assert!(logits(ctx).is_empty(), "no logits before any evaluation");
+    assert_eq!(
+        eval(ctx, &prompt, false),
+        mesh_status::Ok,
+        "{}",
+        last_error()
+    );
+    assert_eq!(n_past(ctx), prompt.len());
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        let l = logits(ctx);
+        assert_eq!(l.len(), n_vocab);
+        let t = argmax(&l);
+        ids.push(t);
+        assert_eq!(eval(ctx, &[t], false), mesh_status::Ok);
+    }
+    assert_eq!(n_past(ctx), prompt.len() + 16);
+
+    let mut p = mesh_generate_params_default();
+    p.temperature = 0.0;
+    p.max_tokens = 16;
+    p.ignore_eos = true;
+    let streamed = Collected::default();
+    let (s, st) = generate(ctx, "The capital of France is", &p, &streamed);
+    assert_eq!(s, mesh_status::Ok, "{}", last_error());
+    assert_eq!(st.prompt_tokens, prompt.len());
+    assert_eq!(*streamed.text.lock().unwrap(), detokenize(&ids));
+    assert!(
+        logits(ctx).is_empty(),
+        "mesh_generate clears the kept logits"
+    );
+    unsafe { mesh_context_free(ctx) };
+}
+
+/// Truncating and evaluating again gives the same logits bit for bit; all
+/// logits of a batch end with the last token's; bad calls change nothing.
+#[test]
+fn eval_truncate_and_errors_leave_the_context_consistent() {
+    let ctx = context(32);
+    let prompt = tokenize("Once upon a time");
+    assert_eq!(
+        eval(ctx, &prompt, false),
+        mesh_status::Ok,
+        "{}",
+        last_error()
+    );
+    let last = logits(ctx);
+    let n_vocab = last.len();
+    assert_eq!(eval(ctx, &[42], false), mesh_status::Ok);
+    let next = logits(ctx);
+    assert_eq!(
+        unsafe { mesh_context_truncate(ctx, prompt.len()) },
+        mesh_status::Ok
+    );
+    assert_eq!(n_past(ctx), prompt.len());
+    assert!(
+        logits(ctx).is_empty(),
+        "forgotten positions take their logits"
+    );
+    assert_eq!(eval(ctx, &[42], false), mesh_status::Ok);
+    assert_eq!(logits(ctx), next, "the same position again, bit for bit");
+    // Past the end: no-op.
+    assert_eq!(unsafe { mesh_context_truncate(ctx, 1000) }, mesh_status::Ok);
+    assert_eq!(n_past(ctx), prompt.len() + 1);
+
+    // Every token's logits: n rows, the last equal to the last token's.
+    assert_eq!(unsafe { mesh_context_truncate(ctx, 0) }, mesh_status::Ok);
+    assert_eq!(eval(ctx, &prompt, true), mesh_status::Ok);
+    let all = logits(ctx);
+    assert_eq!(all.len(), prompt.len() * n_vocab);
+    assert_eq!(&all[all.len() - n_vocab..], &last[..]);
+
+    // Bad calls: typed statuses, cache and logits unchanged.
+    let before = n_past(ctx);
+    let bad_id = n_vocab as u32;
+    assert_eq!(eval(ctx, &[1, bad_id], false), mesh_status::InvalidArg);
+    assert!(last_error().contains("vocabulary"), "{}", last_error());
+    assert_eq!(eval(ctx, &[], false), mesh_status::InvalidArg);
+    assert_eq!(eval(ctx, &[1u32; 40], false), mesh_status::ContextOverflow);
+    assert_eq!(
+        unsafe { mesh_context_eval(ctx, ptr::null(), 3, false) },
+        mesh_status::NullArg
+    );
+    assert_eq!(
+        unsafe { mesh_context_eval(ptr::null_mut(), prompt.as_ptr(), 1, false) },
+        mesh_status::NullArg
+    );
+    assert_eq!(n_past(ctx), before);
+    assert_eq!(logits(ctx), all);
+    let mut small = vec![0f32; 3];
+    let mut need = 0;
+    let s = unsafe { mesh_context_logits(ctx, small.as_mut_ptr(), 3, &mut need) };
+    assert_eq!((s, need), (mesh_status::BufferTooSmall, all.len()));
+    assert_eq!(small, vec![0.0; 3], "untouched");
+    unsafe { mesh_context_free(ctx) };
+}
+
+/// A cancel from another thread stops a long evaluation (between its
+/// 64-token batches) and leaves the cache as before the call.
+#[test]
+fn cancel_stops_a_long_eval_and_keeps_the_cache() {
+    let ctx = context(4096);
+    let prompt = tokenize("Once upon a time");
+    assert_eq!(eval(ctx, &prompt, false), mesh_status::Ok);
+    let long: Vec<u32> = (0..4000u32).map(|i| 100 + i % 1000).collect();
+    let ctx_addr = ctx as usize;
+    let canceller = std::thread::spawn(move || {
+        let ctx = ctx_addr as *const mesh_context;
+        let start = Instant::now();
+        // n_past is refused (BUSY) while the evaluation runs.
+        let mut n = 0;
+        while unsafe { mesh_context_n_past(ctx, &mut n) } != mesh_status::Busy
+            && start.elapsed() < Duration::from_secs(120)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        unsafe { mesh_context_cancel(ctx) }
+    });
+    let s = eval(ctx, &long, false);
+    assert_eq!(canceller.join().unwrap(), mesh_status::Ok);
+    assert_eq!(s, mesh_status::Cancelled, "{}", last_error());
+    assert_eq!(n_past(ctx), prompt.len(), "all or nothing");
+    assert_eq!(logits(ctx).len(), {
+        let mut v = 0;
+        unsafe { mesh_model_n_vocab(model(), &mut v) };
+        v
+    });
+    // The cancel does not leak into the next call.
+    assert_eq!(eval(ctx, &long[..10], false), mesh_status::Ok);
+    assert_eq!(n_past(ctx), prompt.len() + 10);
+    unsafe { mesh_context_free(ctx) };
 }

@@ -256,6 +256,10 @@ _SIGNATURES = {
     "mesh_context_cancel": (_status, [_context_p]),
     "mesh_context_add_lora": (_status, [_context_p, c_char_p, c_float]),
     "mesh_context_clear_lora": (_status, [_context_p]),
+    "mesh_context_eval": (_status, [_context_p, POINTER(c_uint32), c_size_t, c_bool]),
+    "mesh_context_logits": (_status, [_context_p, POINTER(c_float), c_size_t, POINTER(c_size_t)]),
+    "mesh_context_n_past": (_status, [_context_p, POINTER(c_size_t)]),
+    "mesh_context_truncate": (_status, [_context_p, c_size_t]),
     "mesh_log_set": (_status, [_LogCallback, c_void_p, c_int32]),
     "mesh_node_params_default": (_NodeParams, []),
     "mesh_node_open": (_status, [POINTER(_NodeParams), POINTER(_node_p)]),
@@ -714,6 +718,47 @@ class Context:
     def clear_lora(self) -> None:
         """Stop applying LoRA adapters (the base model again)."""
         _check(_L().mesh_context_clear_lora(self._handle()), "clear_lora")
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> None:
+        """Evaluate token ids at the end of the KV cache (positions n_past..),
+        for a sampling loop of your own: read logits(), pick a token, eval([t]).
+        Keeps the last token's logits, or every token's with all_logits. All or
+        nothing: on error (MeshError: Status.INVALID_ARG for an id outside the
+        vocabulary, Status.CONTEXT_OVERFLOW past n_ctx; Cancelled) the cache
+        is unchanged. generate() starts over from an empty cache."""
+        ids = (c_uint32 * len(tokens))(*tokens)
+        status = _run_generate(
+            self, lambda h: _L().mesh_context_eval(h, ids, len(tokens), all_logits)
+        )
+        _check(status, "eval")
+
+    def logits(self) -> List[float]:
+        """The logits kept by the last eval(): n_vocab floats, or
+        n_tokens * n_vocab (row by row) after eval(..., all_logits=True);
+        empty before any eval, after generate() or a truncate() that forgot
+        positions."""
+        lib, h = _L(), self._handle()
+        need = c_size_t(0)
+        status = lib.mesh_context_logits(h, None, 0, byref(need))
+        if status == Status.OK:
+            return []
+        if status != Status.BUFFER_TOO_SMALL:
+            _check(status, "logits")
+        buf = (c_float * need.value)()
+        _check(lib.mesh_context_logits(h, buf, need.value, byref(need)), "logits")
+        return list(buf[: need.value])
+
+    @property
+    def n_past(self) -> int:
+        """Positions the KV cache holds (tokens evaluated, not truncated)."""
+        out = c_size_t(0)
+        _check(_L().mesh_context_n_past(self._handle(), byref(out)), "n_past")
+        return out.value
+
+    def truncate(self, n_past: int) -> None:
+        """Forget every position from n_past on (n_past >= the current
+        length changes nothing)."""
+        _check(_L().mesh_context_truncate(self._handle(), n_past), "truncate")
 
     def cancel(self) -> None:
         """Stop the running generate() (it raises Cancelled). Any thread, also

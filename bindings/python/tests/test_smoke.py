@@ -237,3 +237,38 @@ def test_lora_changes_and_clears(model, tmp_path):
         assert info.value.status == mesh_llm.Status.IO
         assert c.generate(prompt, max_tokens=8, temperature=0).text == base
 
+
+
+def test_own_sampling_loop_matches_generate(model):
+    with model.context(n_ctx=128, n_threads=1) as c:
+        prompt = model.tokenize("The capital of France is")
+        assert c.logits() == []
+        c.eval(prompt)
+        assert c.n_past == len(prompt)
+        ids = []
+        for _ in range(8):
+            logits = c.logits()
+            assert len(logits) == model.n_vocab
+            t = max(range(len(logits)), key=logits.__getitem__)
+            ids.append(t)
+            c.eval([t])
+        text = c.generate("The capital of France is", max_tokens=8, temperature=0, ignore_eos=True)
+        assert str(text) == model.detokenize(ids)
+        # Truncate and evaluate again: the same logits; bad ids change nothing.
+        c.truncate(0)  # generate() left its prompt and reply in the cache
+        c.eval(prompt)
+        first = c.logits()
+        c.eval([ids[0]])
+        c.truncate(len(prompt))
+        assert c.logits() == []
+        c.eval([ids[0]])
+        c.truncate(len(prompt))
+        with pytest.raises(mesh_llm.MeshError) as info:
+            c.eval([1, model.n_vocab])
+        assert info.value.status == mesh_llm.Status.INVALID_ARG
+        assert c.n_past == len(prompt)
+        c.truncate(0)
+        c.eval(prompt, all_logits=True)
+        every = c.logits()
+        assert len(every) == len(prompt) * model.n_vocab
+        assert every[-model.n_vocab:] == first

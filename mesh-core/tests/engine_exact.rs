@@ -12,7 +12,7 @@
 
 mod common;
 
-use mesh_core::engine::{available_cores, cpu_class, Engine, GgmlEngine, GgmlSession, Logits};
+use mesh_core::engine::{available_cores, Engine, GgmlEngine, GgmlSession, Logits};
 use mesh_core::sampling::argmax;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -86,47 +86,12 @@ fn exact_mode_is_bit_identical_to_the_recorded_reference() {
         let (tokens, digest) = run(&e, &mut s, ids, &[]);
         runs.push(json!({"name": name, "tokens": tokens, "logits_sha256": digest}));
     }
-    if std::env::var_os("MESH_RECORD_EXACT_GOLDEN").is_some() {
-        let out = json!({
-            "generated_by": "MESH_RECORD_EXACT_GOLDEN=1 cargo test -p mesh-core --test engine_exact",
-            "recorded_on": cpu_class().name(),
-            "steps": STEPS,
-            "prompts": runs,
-        });
-        std::fs::write(
-            GOLDEN_PATH,
-            serde_json::to_string_pretty(&out).unwrap() + "\n",
-        )
-        .unwrap();
-        eprintln!("recorded {GOLDEN_PATH}");
-        return;
-    }
-    let doc: Value = serde_json::from_str(include_str!("data/exact_golden.json")).unwrap();
-    assert_eq!(doc["steps"].as_u64(), Some(STEPS as u64));
-    let want = doc["prompts"].as_array().unwrap();
-    assert_eq!(want.len(), runs.len(), "prompt count");
-    for (got, want) in runs.iter().zip(want) {
-        assert_eq!(got["name"], want["name"]);
-        assert_eq!(
-            got["tokens"], want["tokens"],
-            "{}: greedy tokens",
-            got["name"]
-        );
-        assert_eq!(
-            got["logits_sha256"],
-            want["logits_sha256"],
-            "{}: exact-mode logits differ from the reference (this CPU class: {})",
-            got["name"],
-            cpu_class()
-        );
-    }
-    eprintln!(
-        "{} prompts x {STEPS} steps: exact-mode logits bit-identical to the reference \
-         (recorded on {}, running on {})",
-        runs.len(),
-        doc["recorded_on"],
-        cpu_class()
-    );
+    let header = json!({
+        "generated_by": "MESH_RECORD_EXACT_GOLDEN=1 cargo test -p mesh-core --test engine_exact",
+        "steps": STEPS,
+    });
+    let recorded = include_str!("data/exact_golden.json");
+    common::exact_golden(GOLDEN_PATH, recorded, header, runs);
 }
 
 /// The same digests however the prompt is split into batches (one batch, two,

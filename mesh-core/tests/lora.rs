@@ -271,42 +271,13 @@ fn exact_mode_with_an_adapter_is_bit_identical_on_every_cpu_class() {
             serde_json::json!({"name": p["name"], "tokens": tokens, "logits_sha256": digest}),
         );
     }
-    if std::env::var_os("MESH_RECORD_EXACT_GOLDEN").is_some() {
-        let out = serde_json::json!({
-            "generated_by": "MESH_RECORD_EXACT_GOLDEN=1 cargo test -p mesh-core --test lora exact_mode",
-            "recorded_on": cpu_class().name(),
-            "scale": 0.75,
-            "steps": STEPS,
-            "prompts": runs,
-        });
-        std::fs::write(
-            EXACT_GOLDEN,
-            serde_json::to_string_pretty(&out).unwrap() + "\n",
-        )
-        .unwrap();
-        eprintln!("recorded {EXACT_GOLDEN}");
-        return;
-    }
-    let doc: Value = serde_json::from_str(include_str!("data/lora_exact_golden.json")).unwrap();
-    assert_eq!(doc["steps"].as_u64(), Some(STEPS as u64));
-    let want = doc["prompts"].as_array().unwrap();
-    assert_eq!(want.len(), runs.len());
-    for (got, want) in runs.iter().zip(want) {
-        assert_eq!(
-            got["tokens"], want["tokens"],
-            "{}: greedy tokens",
-            got["name"]
-        );
-        assert_eq!(
-            got["logits_sha256"],
-            want["logits_sha256"],
-            "{}: exact-mode logits with the adapter differ from the reference \
-             (recorded on {}, this CPU class: {})",
-            got["name"],
-            doc["recorded_on"],
-            cpu_class()
-        );
-    }
+    let header = serde_json::json!({
+        "generated_by": "MESH_RECORD_EXACT_GOLDEN=1 cargo test -p mesh-core --test lora exact_mode",
+        "scale": 0.75,
+        "steps": STEPS,
+    });
+    let recorded = include_str!("data/lora_exact_golden.json");
+    common::exact_golden(EXACT_GOLDEN, recorded, header, runs);
 }
 
 #[test]

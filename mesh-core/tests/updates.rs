@@ -37,6 +37,28 @@ fn node(net: &MemoryNet, rt: &tokio::runtime::Runtime) -> (Node, Arc<dyn Network
     (node, n)
 }
 
+/// Makes `net` answer every chunk request with bytes of the right size for a
+/// `total`-byte file that are not the file's.
+fn spawn_liar(rt: &tokio::runtime::Runtime, net: &Arc<dyn Network>, total: u64) {
+    let mut asked = rt.block_on(net.handle(ADAPTER_METHOD)).unwrap();
+    rt.spawn(async move {
+        while let Some(inbound) = asked.recv().await {
+            let req = ChunkRequest::decode(inbound.request.meta.as_ref()).unwrap();
+            let n = (total.saturating_sub(req.offset)).min(u64::from(req.len));
+            let reply = ChunkReply {
+                version: 1,
+                error: 0,
+                message: String::new(),
+                total,
+            };
+            inbound.respond(Response {
+                meta: Bytes::from(reply.encode_to_vec()),
+                tensor: Bytes::from(vec![0x5a; n as usize]),
+            });
+        }
+    });
+}
+
 fn greedy(prompt: &str, adapter: Option<&Arc<LoraAdapter>>) -> GenerateRequest {
     let mut r = GenerateRequest::new(
         Prompt::Text(prompt.into()),
@@ -83,24 +105,7 @@ fn a_published_update_is_fetched_verified_and_runs_as_at_its_author() {
 
     // The liar answers every chunk request with bytes of the right size but
     // not the adapter's.
-    let mut asked = rt.block_on(liar_net.handle(ADAPTER_METHOD)).unwrap();
-    let total = bytes.len() as u64;
-    rt.spawn(async move {
-        while let Some(inbound) = asked.recv().await {
-            let req = ChunkRequest::decode(inbound.request.meta.as_ref()).unwrap();
-            let n = (total.saturating_sub(req.offset)).min(u64::from(req.len));
-            let reply = ChunkReply {
-                version: 1,
-                error: 0,
-                message: String::new(),
-                total,
-            };
-            inbound.respond(Response {
-                meta: Bytes::from(reply.encode_to_vec()),
-                tensor: Bytes::from(vec![0x5a; n as usize]),
-            });
-        }
-    });
+    spawn_liar(&rt, &liar_net, bytes.len() as u64);
 
     // A forged record on the topic first: the follower must never take it.
     let mine = UpdateRecord::sign(
@@ -283,23 +288,7 @@ fn a_model_known_only_by_id_is_fetched_from_a_peer_serving_it() {
         tokens_per_sec: 1000.0,
     }))
     .unwrap();
-    let mut asked = rt.block_on(liar_net.handle(ADAPTER_METHOD)).unwrap();
-    rt.spawn(async move {
-        while let Some(inbound) = asked.recv().await {
-            let req = ChunkRequest::decode(inbound.request.meta.as_ref()).unwrap();
-            let n = (total.saturating_sub(req.offset)).min(u64::from(req.len));
-            let reply = ChunkReply {
-                version: 1,
-                error: 0,
-                message: String::new(),
-                total,
-            };
-            inbound.respond(Response {
-                meta: Bytes::from(reply.encode_to_vec()),
-                tensor: Bytes::from(vec![0x5a; n as usize]),
-            });
-        }
-    });
+    spawn_liar(&rt, &liar_net, total);
     match client.fetch_model(id, &store, &config, &mut |_, _| {}) {
         Err(Error::Ledger(e)) => match *e {
             LedgerError::Unavailable { failures, .. } => {

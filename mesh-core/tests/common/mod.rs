@@ -51,3 +51,52 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Exact-mode reference digests (`tests/engine_exact.rs`, `tests/lora.rs`).
+/// `runs` are `{"name", "tokens", "logits_sha256"}` objects. With
+/// `MESH_RECORD_EXACT_GOLDEN` set, writes `header` (which names `steps`) plus
+/// the CPU class and the runs to `path`; otherwise every run must equal the
+/// one recorded in `recorded` (that file's text), bit for bit.
+pub fn exact_golden(
+    path: &str,
+    recorded: &str,
+    mut header: serde_json::Value,
+    runs: Vec<serde_json::Value>,
+) {
+    use mesh_core::engine::cpu_class;
+    if std::env::var_os("MESH_RECORD_EXACT_GOLDEN").is_some() {
+        header["recorded_on"] = cpu_class().name().into();
+        header["prompts"] = runs.into();
+        std::fs::write(path, serde_json::to_string_pretty(&header).unwrap() + "\n").unwrap();
+        eprintln!("recorded {path}");
+        return;
+    }
+    let doc: serde_json::Value = serde_json::from_str(recorded).unwrap();
+    assert_eq!(doc["steps"], header["steps"], "steps per prompt");
+    let want = doc["prompts"].as_array().unwrap();
+    assert_eq!(want.len(), runs.len(), "prompt count");
+    for (got, want) in runs.iter().zip(want) {
+        assert_eq!(got["name"], want["name"]);
+        assert_eq!(
+            got["tokens"], want["tokens"],
+            "{}: greedy tokens",
+            got["name"]
+        );
+        assert_eq!(
+            got["logits_sha256"],
+            want["logits_sha256"],
+            "{}: exact-mode logits differ from the reference (recorded on {}, this CPU class: {})",
+            got["name"],
+            doc["recorded_on"],
+            cpu_class()
+        );
+    }
+    eprintln!(
+        "{} prompts x {} steps: exact-mode logits bit-identical to the reference \
+         (recorded on {}, running on {})",
+        runs.len(),
+        doc["steps"],
+        doc["recorded_on"],
+        cpu_class()
+    );
+}

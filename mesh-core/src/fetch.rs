@@ -177,23 +177,27 @@ pub fn local_model(id: ModelId) -> Result<Option<PathBuf>> {
 
 /// Resolve a model spec ([`ModelSpec`]): `"default"` is the default model
 /// (fetched if needed, see [`default_model`]); a model id must be in the
-/// cache ([`local_model`]) or the default model's (then fetched like it;
+/// cache ([`local_model`], the model store first) or the default model's
+/// (then fetched like it;
 /// fetching other models from peers is [`crate::node::Node::fetch_model`]);
 /// anything else is the path of a GGUF file, which must exist.
 pub fn resolve_model(spec: &str, progress: &mut dyn FnMut(FetchProgress)) -> Result<PathBuf> {
     let path = match ModelSpec::parse(spec) {
         ModelSpec::Default => return default_model(progress),
-        ModelSpec::Id(id) if id.to_hex() == DEFAULT_MODEL_ID => return default_model(progress),
         ModelSpec::Id(id) => {
-            return local_model(id)?.ok_or_else(|| {
-                let dir = model_store()
-                    .map(|s| s.dir().display().to_string())
-                    .unwrap_or_else(|_| "the cache".into());
-                Error::InvalidArgument(format!(
-                    "model {id} is not in {dir}: fetch it from a peer that serves it \
-                     (give a bootstrap address), or pass the GGUF file's path"
-                ))
-            })
+            if let Some(path) = local_model(id)? {
+                return Ok(path);
+            }
+            if id.to_hex() == DEFAULT_MODEL_ID {
+                return default_model(progress);
+            }
+            let dir = model_store()
+                .map(|s| s.dir().display().to_string())
+                .unwrap_or_else(|_| "the cache".into());
+            return Err(Error::InvalidArgument(format!(
+                "model {id} is not in {dir}: fetch it from a peer that serves it \
+                 (give a bootstrap address), or pass the GGUF file's path"
+            )));
         }
         ModelSpec::Path(path) => path,
     };

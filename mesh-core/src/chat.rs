@@ -9,13 +9,26 @@
 //! `json.dumps` does, and Python string, dict and list methods such as
 //! `.strip()`, `.startswith()`, `.split()` and `.items()`.
 //!
-//! Templates come from model files and are untrusted: rendering has an
-//! instruction budget, a recursion limit and a cap on the output size.
+//! Templates come from model files and are untrusted. Rendering has one
+//! budget, minijinja's fuel ([`FUEL`]), paid for every instruction and for
+//! every byte of every string, list slot and output the template makes
+//! (checked before big allocations); the methods and filters added here
+//! (`split` as a filter and as Python's `split`, `rsplit` and `splitlines`,
+//! and `tojson`) pay for what they make before they make it. With a recursion limit
+//! and a cap on the output, a template can neither loop forever nor grow a
+//! value (doubling a string in a namespace, squaring it with `replace`, ...)
+//! past a few hundred megabytes: `tests/template_memory.rs` measures it.
+//!
+//! Known limit (minijinja 3.1's core, not reachable from here): a list
+//! concatenated with itself more than 32 levels deep, or a list nested in
+//! itself and then turned into a string, is built without fuel. No real chat
+//! template does either.
 
 use std::fmt;
 use std::io;
 
-use minijinja::value::{Kwargs, Value};
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Serde, Value};
 use minijinja::{Environment, ErrorKind};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
@@ -43,9 +56,18 @@ impl ChatMessage {
 /// Name under which the template is compiled; it shows in error messages.
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// Instructions one render may execute. Real templates use a few hundred per
-/// message; this stops endless loops well within a second.
-const FUEL: u64 = 20_000_000;
+/// Fuel of one render. One fuel pays for an instruction or for 64 bytes of
+/// data, so this is at most 2 million instructions and 128 MiB of strings,
+/// lists and output made in all. Real templates use a few hundred
+/// instructions per message and bytes a small multiple of the prompt's; this
+/// stops endless loops well within a second.
+const FUEL: u64 = 2_000_000;
+
+/// Bytes one fuel pays for (minijinja's unit).
+const BYTES_PER_FUEL: usize = 64;
+
+/// Longest `indent` string or separator `tojson` accepts.
+const MAX_JSON_PUNCTUATION: usize = 64;
 
 /// Nesting depth of macro calls, includes and loops one render may reach.
 const RECURSION_LIMIT: usize = 64;
@@ -86,13 +108,18 @@ impl ChatTemplate {
     /// A syntax error is an [`Error::Template`] that gives the line.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(template_error)?;
+        env.set_syntax(syntax);
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(RECURSION_LIMIT);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python_method);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
+        env.add_filter("split", split_filter);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(template_error)?;
         Ok(ChatTemplate {
@@ -129,7 +156,7 @@ impl ChatTemplate {
             .get_template(TEMPLATE_NAME)
             .map_err(template_error)?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
+            messages => Value::from(Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -137,6 +164,7 @@ impl ChatTemplate {
         let mut out = LimitedWriter {
             buf: Vec::new(),
             overflowed: false,
+            limit: MAX_OUTPUT,
         };
         let rendered = template.render_captured_to(ctx, &mut out);
         if out.overflowed {
@@ -162,15 +190,16 @@ fn template_error(err: minijinja::Error) -> Error {
     Error::Template(msg)
 }
 
-/// Collects the output and refuses to grow past [`MAX_OUTPUT`].
+/// Collects output and refuses to grow past `limit` bytes.
 struct LimitedWriter {
     buf: Vec<u8>,
     overflowed: bool,
+    limit: usize,
 }
 
 impl io::Write for LimitedWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.len().saturating_add(data.len()) > MAX_OUTPUT {
+        if self.buf.len().saturating_add(data.len()) > self.limit {
             self.overflowed = true;
             return Err(io::Error::other("template output too large"));
         }
@@ -183,6 +212,62 @@ impl io::Write for LimitedWriter {
     }
 }
 
+/// Python's string, dict and list methods (minijinja-contrib's `pycompat`),
+/// with the methods that make many values from one string (`split`,
+/// `rsplit`, `splitlines`) paying their fuel before they allocate.
+fn python_method(
+    state: &mut minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, minijinja::Error> {
+    if let Some(s) = value.as_str() {
+        match method {
+            "split" | "rsplit" => pay_for_split(state, s, args.first().and_then(Value::as_str))?,
+            "splitlines" => pay_for_items(state, s.lines().count())?,
+            _ => {}
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// `value | split(sep=None, maxsplits=None)`: minijinja's filter, which
+/// makes the whole list at once, after paying for its items.
+fn split_filter(
+    state: &minijinja::State,
+    value: &Value,
+    sep: Option<std::sync::Arc<str>>,
+    maxsplits: Option<i64>,
+) -> std::result::Result<Value, minijinja::Error> {
+    if let Some(s) = value.as_str() {
+        pay_for_split(state, s, sep.as_deref())?;
+    }
+    minijinja::filters::split(value, sep, maxsplits)
+}
+
+/// Pay for the items splitting `s` at `sep` (whitespace when `None`) can
+/// make, before they are made.
+fn pay_for_split(
+    state: &minijinja::State,
+    s: &str,
+    sep: Option<&str>,
+) -> std::result::Result<(), minijinja::Error> {
+    let items = match sep {
+        Some(sep) if !sep.is_empty() => s.matches(sep).count() + 1,
+        _ => s.split_whitespace().count(),
+    };
+    pay_for_items(state, items)
+}
+
+/// Pay for `items` new values in a list: a value is 24 bytes plus its slot,
+/// so one fuel (64 bytes' worth) each.
+fn pay_for_items(
+    state: &minijinja::State,
+    items: usize,
+) -> std::result::Result<(), minijinja::Error> {
+    state.consume_fuel(items as u64)
+}
+
 /// `raise_exception(msg)`: abort rendering with `msg`, as in `transformers`.
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
@@ -192,7 +277,14 @@ fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> 
 /// ensure_ascii=False)`: JSON as Python's `json.dumps` writes it, which is
 /// what `transformers` templates expect (`", "` and `": "` separators, no
 /// HTML escaping).
-fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+///
+/// The output pays its fuel, and a self-nested value cannot make it grow past
+/// what the remaining fuel (and the output cap) would allow.
+fn tojson(
+    state: &minijinja::State,
+    value: Value,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<Value> = kwargs.get("indent")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
@@ -215,6 +307,24 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
             }
         }),
     };
+    let too_long = |what: &str, len: usize| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: the {what} is {len} bytes long, at most {MAX_JSON_PUNCTUATION} are allowed"),
+        )
+    };
+    if let Some(indent) = &indent {
+        if indent.len() > MAX_JSON_PUNCTUATION {
+            return Err(too_long("indent", indent.len()));
+        }
+    }
+    if let Some(long) = separators
+        .iter()
+        .flatten()
+        .find(|sep| sep.len() > MAX_JSON_PUNCTUATION)
+    {
+        return Err(too_long("separator", long.len()));
+    }
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
         Some(other) => {
@@ -234,17 +344,31 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         level: 0,
         has_value: false,
     };
-    let mut out = Vec::new();
+    let budget = state
+        .fuel_levels()
+        .map_or(MAX_OUTPUT, |(_, left)| {
+            usize::try_from(left).map_or(MAX_OUTPUT, |left| left.saturating_mul(BYTES_PER_FUEL))
+        })
+        .min(MAX_OUTPUT);
+    let mut out = LimitedWriter {
+        buf: Vec::new(),
+        overflowed: false,
+        limit: budget,
+    };
     let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
     let written = if sort_keys.unwrap_or(false) {
         serde_json::to_value(&value).and_then(|v| Sorted(&v).serialize(&mut ser))
     } else {
         value.serialize(&mut ser)
     };
+    if out.overflowed {
+        return Err(minijinja::Error::from(ErrorKind::OutOfFuel));
+    }
     written.map_err(|err| {
         minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {err}"))
     })?;
-    let json = String::from_utf8(out).map_err(|err| {
+    state.consume_fuel((out.buf.len() / BYTES_PER_FUEL) as u64)?;
+    let json = String::from_utf8(out.buf).map_err(|err| {
         minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {err}"))
     })?;
     Ok(Value::from_safe_string(json))
@@ -540,7 +664,7 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
         assert!(matches!(t.render(&[], false), Err(Error::Template(_))));
 
         let t = ChatTemplate::new(
-            "{% for i in range(100000) %}{{ 'x' * 10000000 }}{% endfor %}",
+            "{% set s = 'x' * 10000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
             "",
             "",
         )

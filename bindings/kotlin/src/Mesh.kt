@@ -142,6 +142,10 @@ interface MeshLib : Library {
         userdata: Pointer?, stats: Pointer?
     ): Int
     fun mesh_context_cancel(ctx: Pointer): Int
+    fun mesh_context_eval(ctx: Pointer, tokens: Pointer?, nTokens: SizeT, allLogits: Byte): Int
+    fun mesh_context_logits(ctx: Pointer, buf: Pointer?, cap: SizeT, nOut: SizeTByReference): Int
+    fun mesh_context_n_past(ctx: Pointer, out: SizeTByReference): Int
+    fun mesh_context_truncate(ctx: Pointer, nPast: SizeT): Int
 }
 
 /** Status codes (mesh_status); unknown values may appear. */
@@ -151,6 +155,7 @@ object MeshStatus {
     const val INVALID_ARG = 6
     const val BUSY = 7
     const val IO = 8
+    const val CONTEXT_OVERFLOW = 13
     const val CANCELLED = 16
 }
 
@@ -382,6 +387,61 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
             h
         } ?: return
         Mesh.lib.mesh_context_free(h)
+    }
+
+    /** Positions the KV cache holds (tokens evaluated and not truncated). */
+    val nPast: Long
+        get() {
+            val out = SizeTByReference()
+            Mesh.check(Mesh.lib.mesh_context_n_past(live(), out), "n_past")
+            return out.value
+        }
+
+    private fun live(): Pointer = synchronized(lock) { handle } ?: throw IllegalStateException("context has been closed")
+
+    /**
+     * Evaluates [tokens] at the end of the KV cache (positions [nPast]..), for a
+     * sampling loop of your own: read [logits], pick a token, eval it, and so on.
+     * Keeps the last token's logits, or every token's with [allLogits]. All or
+     * nothing: on an error (INVALID_ARG for an id outside the vocabulary or no
+     * tokens, CONTEXT_OVERFLOW past nCtx, [CancelledException] after [cancel])
+     * the cache is as before. [generate] starts over from an empty cache.
+     */
+    fun eval(tokens: IntArray, allLogits: Boolean = false) {
+        val mem = if (tokens.isEmpty()) null else Memory(tokens.size * 4L).also { it.write(0, tokens, 0, tokens.size) }
+        val h = synchronized(lock) {
+            val h = handle ?: throw IllegalStateException("context has been closed")
+            active++
+            h
+        }
+        val st = try {
+            Mesh.lib.mesh_context_eval(h, mem, SizeT(tokens.size.toLong()), allLogits.toByte())
+        } finally {
+            synchronized(lock) { active-- }
+        }
+        Mesh.check(st, "eval")
+    }
+
+    /**
+     * The logits kept by the last [eval]: nVocab floats, or tokens * nVocab (row
+     * by row) after an eval with allLogits; empty before any eval, after
+     * [generate] or a [truncate] that forgot positions.
+     */
+    fun logits(): FloatArray {
+        val h = live()
+        val need = SizeTByReference()
+        val st = Mesh.lib.mesh_context_logits(h, null, SizeT(0), need)
+        if (st == MeshStatus.OK) return FloatArray(0)
+        if (st != MeshStatus.BUFFER_TOO_SMALL) Mesh.check(st, "logits")
+        val buf = Memory(need.value * 4)
+        Mesh.check(Mesh.lib.mesh_context_logits(h, buf, SizeT(need.value), need), "logits")
+        return buf.getFloatArray(0, need.value.toInt())
+    }
+
+    /** Forgets every position from [nPast] on (at or past the current length changes nothing). */
+    fun truncate(nPast: Long) {
+        require(nPast >= 0) { "nPast must not be negative" }
+        Mesh.check(Mesh.lib.mesh_context_truncate(live(), SizeT(nPast)), "truncate")
     }
 
     /** Stops the running generate (it throws [CancelledException]); any thread, also from the callback. */

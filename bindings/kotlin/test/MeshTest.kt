@@ -116,6 +116,55 @@ fun main() {
                 }
             }
 
+            test("own sampling loop with eval/logits matches greedy generate") {
+                ctx.truncate(0)
+                val prompt = model.tokenize("The capital of France is")
+                expect(ctx.logits().isEmpty()) { "logits before any eval" }
+                ctx.eval(prompt)
+                expect(ctx.nPast == prompt.size.toLong()) { "nPast ${ctx.nPast}" }
+                val ids = IntArray(8)
+                var first = FloatArray(0)
+                for (i in ids.indices) {
+                    val logits = ctx.logits()
+                    expect(logits.size.toLong() == model.nVocab) { "logits size ${logits.size}" }
+                    if (i == 0) first = logits
+                    ids[i] = logits.indices.maxBy { logits[it] }!!
+                    ctx.eval(intArrayOf(ids[i]))
+                }
+                val g = ctx.generate("The capital of France is", maxTokens = 8, temperature = 0f, ignoreEos = true)
+                expect(g.text == model.detokenize(ids)) { "'${g.text}' vs '${model.detokenize(ids)}'" }
+
+                ctx.truncate(0)
+                ctx.eval(prompt)
+                try {
+                    ctx.eval(intArrayOf(1, model.nVocab.toInt()))
+                    throw AssertionError("no exception")
+                } catch (e: MeshException) {
+                    expect(e.status == MeshStatus.INVALID_ARG) { e.statusName }
+                }
+                expect(ctx.nPast == prompt.size.toLong()) { "a refused eval changed nPast: ${ctx.nPast}" }
+                ctx.eval(intArrayOf(ids[0]))
+                ctx.truncate(prompt.size.toLong())
+                expect(ctx.logits().isEmpty()) { "truncate kept the logits" }
+                ctx.truncate(0)
+                ctx.eval(prompt, allLogits = true)
+                val every = ctx.logits()
+                expect(every.size.toLong() == prompt.size * model.nVocab) { "all logits ${every.size}" }
+                val last = every.copyOfRange(every.size - model.nVocab.toInt(), every.size)
+                expect(last.contentEquals(first)) { "last row differs from the single-token logits" }
+            }
+
+            test("eval past nCtx is CONTEXT_OVERFLOW") {
+                ctx.truncate(0)
+                try {
+                    ctx.eval(IntArray(ctx.nCtx.toInt() + 1) { 1 })
+                    throw AssertionError("no exception")
+                } catch (e: MeshException) {
+                    expect(e.status == MeshStatus.CONTEXT_OVERFLOW) { e.statusName }
+                }
+                expect(ctx.nPast == 0L) { "nPast ${ctx.nPast}" }
+            }
+
             test("empty prompt is INVALID_ARG") {
                 try {
                     ctx.generate("", maxTokens = 4)

@@ -59,6 +59,11 @@ int probe(void) {
     size_t counts = stats.prompt_tokens + stats.generated_tokens;
     double ms = stats.prompt_ms + stats.generate_ms;
     int32_t reason = stats.stop_reason;
+    float logits[4];
+    st = mesh_context_eval(ctx, ids, n, false);
+    st = mesh_context_logits(ctx, logits, 4, &n);
+    st = mesh_context_n_past(ctx, &v);
+    st = mesh_context_truncate(ctx, v);
     st = mesh_context_cancel(ctx);
     mesh_context_free(ctx);
     mesh_model_free(model);

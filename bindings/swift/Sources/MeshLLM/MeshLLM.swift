@@ -30,6 +30,7 @@ public enum MeshStatus {
     public static let invalidArg: Int32 = 6
     public static let busy: Int32 = 7
     public static let io: Int32 = 8
+    public static let contextOverflow: Int32 = 13
     public static let cancelled: Int32 = 16
 }
 
@@ -283,6 +284,48 @@ public final class Context {
         var out = 0
         try check(mesh_context_n_ctx(handle, &out), "n_ctx")
         return out
+    }
+
+    /// Positions the KV cache holds now (tokens evaluated and not truncated).
+    public func nPast() throws -> Int {
+        var out = 0
+        try check(mesh_context_n_past(handle, &out), "n_past")
+        return out
+    }
+
+    /// Evaluates `tokens` at the end of the KV cache (positions nPast()..),
+    /// for a sampling loop of your own: read logits(), pick a token, eval it,
+    /// and so on. Keeps the last token's logits, or every token's with
+    /// `allLogits`. All or nothing: on an error (`invalidArg` for an id
+    /// outside the vocabulary or no tokens, context overflow past nCtx(),
+    /// `cancelled` after cancel()) the cache is as before. generate() starts
+    /// over from an empty cache.
+    public func eval(_ tokens: [UInt32], allLogits: Bool = false) throws {
+        try tokens.withUnsafeBufferPointer { p in
+            try check(mesh_context_eval(handle, p.baseAddress, p.count, allLogits), "eval")
+        }
+    }
+
+    /// The logits kept by the last eval(): nVocab floats, or tokens * nVocab
+    /// (row by row) after an eval with `allLogits`; empty before any eval,
+    /// after generate() or a truncate() that forgot positions.
+    public func logits() throws -> [Float] {
+        var need = 0
+        let st = mesh_context_logits(handle, nil, 0, &need)
+        if st == MeshStatus.ok { return [] }
+        if st != MeshStatus.bufferTooSmall { try check(st, "logits") }
+        var buf = [Float](repeating: 0, count: need)
+        var got = 0
+        try buf.withUnsafeMutableBufferPointer { p in
+            try check(mesh_context_logits(handle, p.baseAddress, p.count, &got), "logits")
+        }
+        return Array(buf.prefix(got))
+    }
+
+    /// Forgets every position from `nPast` on (at or past the current
+    /// length changes nothing).
+    public func truncate(_ nPast: Int) throws {
+        try check(mesh_context_truncate(handle, nPast), "truncate")
     }
 
     /// Stops the running generate (it throws a MeshError with status

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use prost::Message;
 use rand::rngs::OsRng;
 use tokio::sync::mpsc;
-use zeroize::Zeroize;
+use zeroize::Zeroizing;
 
 use super::kernels::Matrix;
 use super::protocol::{
@@ -162,46 +162,34 @@ impl HelperSession {
                 header.rows, header.cols, ms
             ));
         }
-        let mut opened = self.from_owner.open(header, envelope)?;
-        if *blake3::hash(&opened.payload).as_bytes() != header.request_hash {
-            opened.payload.zeroize();
+        // The share, its decoding, the products and the reply's plaintext are
+        // zeroed when dropped, on every return path.
+        let request = Zeroizing::new(self.from_owner.open(header, envelope)?.payload);
+        if *blake3::hash(&request).as_bytes() != header.request_hash {
             return refuse("payload does not match the request hash".into());
         }
-        let mut x = match decode_request(header.kind, &opened.payload, header.cols as usize) {
-            Ok(x) => x,
-            Err(e) => {
-                opened.payload.zeroize();
-                return Err(e);
-            }
-        };
-        opened.payload.zeroize();
+        let x = Zeroizing::new(decode_request(header.kind, &request, header.cols as usize)?);
+        drop(request);
         // Reply: each matrix's `n·rows_m` values in turn.
-        let mut y = Vec::new();
+        let mut y = Zeroizing::new(Vec::new());
         for m in &ms {
-            match m.mul(&x) {
-                Ok(part) => y.extend(part),
-                Err(e) => {
-                    x.zeroize();
-                    y.zeroize();
-                    return Err(e);
-                }
-            }
+            y.extend(m.mul(&x)?);
         }
-        x.zeroize();
+        drop(x);
         match self.cheat {
             Some(Cheat::FlipBit) => y[0] ^= 1 << 17,
             Some(Cheat::AddOne) => y[0] = y[0].wrapping_add(1),
             _ => {}
         }
-        let mut payload = words_to_bytes(&y);
-        y.zeroize();
+        let payload = Zeroizing::new(words_to_bytes(&y));
+        drop(y);
         let reply = EnvelopeHeader {
             direction: Direction::HelperToOwner,
             kind: KIND_RESULT,
             ..header.clone()
         };
         let sealed = self.to_owner.seal(&reply, &payload);
-        payload.zeroize();
+        drop(payload);
         let mut sealed = sealed?;
         match self.cheat {
             Some(Cheat::CorruptEnvelope) => {

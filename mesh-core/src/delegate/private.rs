@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rand::{CryptoRng, RngCore};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::activations::{f16_to_f32, q8_1_sums, quantize_like_ggml, ActivationFormat};
 use super::kernels::Matrix;
@@ -279,12 +279,14 @@ fn residuals(
     out
 }
 
-/// Clears an abandoned attempt's secrets: the encoded input, the partial sum
-/// and the helpers' partial results.
-fn wipe(xr: &mut Vec<u64>, y: &mut Vec<u64>, parts: &mut [Vec<u64>]) {
-    xr.zeroize();
-    y.zeroize();
-    parts.iter_mut().for_each(|p| p.zeroize());
+/// The residuals of one input (token, column, value, see [`residuals`]):
+/// plaintext activations, so their values are zeroed on drop.
+struct Residuals(Vec<(usize, usize, f64)>);
+
+impl Drop for Residuals {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(|(_, _, v)| v.zeroize());
+    }
 }
 
 /// The owner side of private delegation with `n >= 2` helpers (see the
@@ -850,10 +852,12 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         // The values ggml's quantized mat-vec would multiply (its integers
         // times the block scales, exact in f64): the ring then reproduces the
         // local path's integer dot products.
-        let mut xq = quantize_like_ggml(format, x)?;
+        // Every buffer that holds the input, its encoding, the helpers' partial
+        // results or their sum is zeroed when dropped, on every return path.
+        let xq = Zeroizing::new(quantize_like_ggml(format, x)?);
         let encoded = ring::encode_batch(&xq, &bounds);
         // Per token and block of 32: ggml's s minus the exact block sum.
-        let mut s_delta = if self.match_ggml_s && format == ActivationFormat::Q8_1 {
+        let s_delta = Zeroizing::new(if self.match_ggml_s && format == ActivationFormat::Q8_1 {
             for p in group {
                 self.ensure_mins(layer, *p)?;
             }
@@ -864,25 +868,26 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 .collect()
         } else {
             Vec::new()
-        };
+        });
         // What the fixed-point grid cannot hold exactly (activations far below
         // their token's maximum): the owner multiplies that part in itself.
-        let mut residual = match &encoded {
+        let residual = Residuals(match &encoded {
             Ok((xr, params)) => residuals(&xq, xr, params, cols),
             Err(_) => Vec::new(),
-        };
-        xq.zeroize();
-        let (mut xr, params) = encoded?;
+        });
+        drop(xq);
+        let (xr, params) = encoded?;
+        let xr = Zeroizing::new(xr);
         let n_helpers = self.active.len();
         let shares = share(&xr, n_helpers, &mut self.rng)?;
         self.stats.round_trips += 1;
         if attempt == 0 {
             self.stats.projections += group.len() as u64;
         }
-        let mut y = vec![0u64; n * rows];
+        let mut y = Zeroizing::new(vec![0u64; n * rows]);
         // Each helper's partial result, kept until the checks pass so a
         // failure can be attributed to a helper.
-        let mut parts: Vec<Vec<u64>> = Vec::with_capacity(n_helpers);
+        let mut parts: Vec<Zeroizing<Vec<u64>>> = Vec::with_capacity(n_helpers);
         // A helper whose session cannot be opened has failed like one that
         // does not answer.
         let mut culprits = Vec::new();
@@ -894,7 +899,6 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             }
         }
         if let Some(e) = first_error {
-            wipe(&mut xr, &mut y, &mut parts);
             return Err(Failure::Helpers {
                 error: Box::new(self.failure(
                     &culprits,
@@ -959,10 +963,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                         envelope,
                     });
                 }
-                Err(e) => {
-                    wipe(&mut xr, &mut y, &mut parts);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         }
         let headers: Vec<EnvelopeHeader> = calls.iter().map(|c| c.header.clone()).collect();
@@ -995,7 +996,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 part
             });
             match part {
-                Ok(part) => parts.push(part),
+                Ok(part) => parts.push(Zeroizing::new(part)),
                 Err(e) => {
                     culprits.push(i);
                     errors.push(format!("helper {h} gave no usable answer: {e}"));
@@ -1003,7 +1004,6 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             }
         }
         if !culprits.is_empty() {
-            wipe(&mut xr, &mut y, &mut parts);
             return Err(Failure::Helpers {
                 error: Box::new(self.failure(
                     &culprits,
@@ -1033,14 +1033,12 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             }
             offset += n * r;
         }
-        xr.zeroize();
+        drop(xr);
         if let Some((p, span, failure)) = failed {
-            y.zeroize();
-            s_delta.zeroize();
             self.stats.checks_failed += 1;
             let slices: Vec<&[u64]> = parts.iter().map(|v| &v[span.clone()]).collect();
             let culprits = self.attribute(layer, p, &shares, &slices);
-            parts.iter_mut().for_each(|p| p.zeroize());
+            drop(parts);
             let culprits = culprits.unwrap_or_default();
             let who = if culprits.is_empty() {
                 format!("one of helpers {:?} (not attributable)", self.active)
@@ -1070,12 +1068,13 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                 culprits,
             });
         }
-        parts.iter_mut().for_each(|p| p.zeroize());
+        drop(parts);
         drop(shares);
         let mut outs = Vec::with_capacity(group.len());
         let mut offset = 0;
         for (p, r) in group.iter().zip(&shapes) {
-            let mut out = ring::decode_batch(&y[offset..offset + n * r], *r, &params)?;
+            let mut out =
+                Zeroizing::new(ring::decode_batch(&y[offset..offset + n * r], *r, &params)?);
             if let (Some(mins), false) = (&self.matrices[&(layer, *p)].mins, s_delta.is_empty()) {
                 let nb = cols / 32;
                 for (yt, dt) in out.chunks_exact_mut(*r).zip(s_delta.chunks_exact(nb)) {
@@ -1088,16 +1087,12 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                     }
                 }
             }
-            if !residual.is_empty() {
-                self.add_residual_product(layer, *p, *r, &residual, &mut out)?;
+            if !residual.0.is_empty() {
+                self.add_residual_product(layer, *p, *r, &residual.0, &mut out)?;
             }
             outs.push(out.iter().map(|v| *v as f32).collect());
-            out.zeroize();
             offset += n * r;
         }
-        y.zeroize();
-        s_delta.zeroize();
-        residual.iter_mut().for_each(|(_, _, v)| v.zeroize());
         Ok(outs)
     }
 
@@ -1189,7 +1184,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         }
         let mut culprits = Vec::new();
         for (i, part) in parts.iter().enumerate() {
-            let mut xi = shares.expand(i)?;
+            let xi = Zeroizing::new(shares.expand(i)?);
             let wrong = part.len() % rows != 0
                 || part.len() / rows != xi.len() / cols
                 || xi
@@ -1201,7 +1196,7 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
                                 != ring::dot(&v[t * cols..(t + 1) * cols], xt)
                         })
                     });
-            xi.zeroize();
+            drop(xi);
             if wrong {
                 culprits.push(i);
             }

@@ -142,6 +142,8 @@ interface MeshLib : Library {
         userdata: Pointer?, stats: Pointer?
     ): Int
     fun mesh_context_cancel(ctx: Pointer): Int
+    fun mesh_context_add_lora(ctx: Pointer, path: Pointer, scale: Float): Int
+    fun mesh_context_clear_lora(ctx: Pointer): Int
     fun mesh_context_eval(ctx: Pointer, tokens: Pointer?, nTokens: SizeT, allLogits: Byte): Int
     fun mesh_context_logits(ctx: Pointer, buf: Pointer?, cap: SizeT, nOut: SizeTByReference): Int
     fun mesh_context_n_past(ctx: Pointer, out: SizeTByReference): Int
@@ -155,6 +157,7 @@ object MeshStatus {
     const val INVALID_ARG = 6
     const val BUSY = 7
     const val IO = 8
+    const val GGUF = 9
     const val CONTEXT_OVERFLOW = 13
     const val CANCELLED = 16
 }
@@ -387,6 +390,22 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
             h
         } ?: return
         Mesh.lib.mesh_context_free(h)
+    }
+
+    /**
+     * Applies a LoRA adapter (llama.cpp's GGUF adapter format) at [scale] (1 = as
+     * trained) in every later generate and eval, after the adapters added before.
+     * Another architecture, shapes that do not fit or not an adapter: GGUF;
+     * quantized halves: UNSUPPORTED; a missing file: IO. On an error the
+     * context's adapters are unchanged.
+     */
+    fun addLora(path: String, scale: Float = 1f) {
+        Mesh.check(Mesh.lib.mesh_context_add_lora(live(), Mesh.cstr(path), scale), "adding adapter $path")
+    }
+
+    /** Stops applying LoRA adapters (the base model again). */
+    fun clearLora() {
+        Mesh.check(Mesh.lib.mesh_context_clear_lora(live()), "clearing adapters")
     }
 
     /** Positions the KV cache holds (tokens evaluated and not truncated). */

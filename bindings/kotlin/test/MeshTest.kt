@@ -24,6 +24,38 @@ private fun expect(cond: Boolean, what: () -> String) {
     if (!cond) throw AssertionError(what())
 }
 
+/** Writes a GGUF v3 LoRA adapter with F32 tensors (name, ne0, ne1, values). */
+private fun writeAdapter(file: java.io.File, tensors: List<Triple<String, Pair<Long, Long>, FloatArray>>, arch: String = "llama") {
+    val out = java.io.ByteArrayOutputStream()
+    fun le(n: Int, put: (java.nio.ByteBuffer) -> Unit) {
+        val b = java.nio.ByteBuffer.allocate(n).order(java.nio.ByteOrder.LITTLE_ENDIAN)
+        put(b)
+        out.write(b.array())
+    }
+    fun u32(v: Int) = le(4) { it.putInt(v) }
+    fun u64(v: Long) = le(8) { it.putLong(v) }
+    fun str(v: String) { val b = v.toByteArray(); u64(b.size.toLong()); out.write(b) }
+    fun pad() { while (out.size() % 32 != 0) out.write(0) }
+    out.write("GGUF".toByteArray())
+    u32(3); u64(tensors.size.toLong()); u64(4)
+    str("general.architecture"); u32(8); str(arch)
+    str("general.type"); u32(8); str("adapter")
+    str("adapter.type"); u32(8); str("lora")
+    str("adapter.lora.alpha"); u32(6); le(4) { it.putFloat(0f) }
+    var offset = 0L
+    for ((name, dims, values) in tensors) {
+        str(name); u32(2); u64(dims.first); u64(dims.second)
+        u32(0); u64(offset) // F32
+        offset += (4L * values.size + 31) / 32 * 32
+    }
+    pad()
+    for ((_, _, values) in tensors) {
+        pad()
+        le(4 * values.size) { b -> values.forEach { b.putFloat(it) } }
+    }
+    file.writeBytes(out.toByteArray())
+}
+
 fun main() {
     val modelPath = System.getenv("MESH_MODEL") ?: "default"
 
@@ -163,6 +195,48 @@ fun main() {
                     expect(e.status == MeshStatus.CONTEXT_OVERFLOW) { e.statusName }
                 }
                 expect(ctx.nPast == 0L) { "nPast ${ctx.nPast}" }
+            }
+
+            test("LoRA adapter changes the output, clearLora restores it, bad adapters change nothing") {
+                val rank = 2L
+                val d = model.nEmbd
+                val ff = 1536L
+                val tensors = (0 until model.nLayers.toInt()).flatMap { layer ->
+                    val base = "blk.$layer.ffn_down.weight"
+                    val a = FloatArray((ff * rank).toInt()) { i -> ((i.toLong() * 7919) % 13 - 6) / 64f }
+                    val b = FloatArray((rank * d).toInt()) { i -> ((i.toLong() * 104729) % 11 - 5) / 64f }
+                    listOf(Triple("$base.lora_a", Pair(ff, rank), a), Triple("$base.lora_b", Pair(rank, d), b))
+                }
+                val dir = java.nio.file.Files.createTempDirectory("mesh-kotlin-lora").toFile()
+                try {
+                    val adapter = java.io.File(dir, "adapter.gguf")
+                    writeAdapter(adapter, tensors)
+                    val prompt = "The capital of France is"
+                    val base = ctx.generate(prompt, maxTokens = 8, temperature = 0f).text
+                    ctx.addLora(adapter.path, 1f)
+                    val adapted = ctx.generate(prompt, maxTokens = 8, temperature = 0f).text
+                    expect(adapted != base) { "the adapter changed nothing: '$adapted'" }
+                    ctx.clearLora()
+                    expect(ctx.generate(prompt, maxTokens = 8, temperature = 0f).text == base) { "clearLora" }
+                    val other = java.io.File(dir, "qwen2.gguf")
+                    writeAdapter(other, tensors, arch = "qwen2")
+                    try {
+                        ctx.addLora(other.path)
+                        throw AssertionError("no exception")
+                    } catch (e: MeshException) {
+                        expect(e.status == MeshStatus.GGUF) { e.statusName }
+                        expect("architecture" in (e.message ?: "")) { "message: ${e.message}" }
+                    }
+                    try {
+                        ctx.addLora(java.io.File(dir, "missing.gguf").path)
+                        throw AssertionError("no exception")
+                    } catch (e: MeshException) {
+                        expect(e.status == MeshStatus.IO) { e.statusName }
+                    }
+                    expect(ctx.generate(prompt, maxTokens = 8, temperature = 0f).text == base) { "a refused adapter changed the output" }
+                } finally {
+                    dir.deleteRecursively()
+                }
             }
 
             test("empty prompt is INVALID_ARG") {

@@ -59,6 +59,8 @@ int probe(void) {
     size_t counts = stats.prompt_tokens + stats.generated_tokens;
     double ms = stats.prompt_ms + stats.generate_ms;
     int32_t reason = stats.stop_reason;
+    st = mesh_context_add_lora(ctx, "adapter.gguf", 1.0f);
+    st = mesh_context_clear_lora(ctx);
     float logits[4];
     st = mesh_context_eval(ctx, ids, n, false);
     st = mesh_context_logits(ctx, logits, 4, &n);

@@ -30,6 +30,7 @@ public enum MeshStatus {
     public static let invalidArg: Int32 = 6
     public static let busy: Int32 = 7
     public static let io: Int32 = 8
+    public static let gguf: Int32 = 9
     public static let contextOverflow: Int32 = 13
     public static let cancelled: Int32 = 16
 }
@@ -284,6 +285,18 @@ public final class Context {
         var out = 0
         try check(mesh_context_n_ctx(handle, &out), "n_ctx")
         return out
+    }
+
+    /// Applies a LoRA adapter (llama.cpp's GGUF adapter format) at `scale`
+    /// (1 = as trained) in every later generate and eval, after the adapters
+    /// added before; on an error the context's adapters are unchanged.
+    public func addLora(path: String, scale: Float = 1) throws {
+        try check(mesh_context_add_lora(handle, path, scale), "adding adapter \(path)")
+    }
+
+    /// Stops applying LoRA adapters (the base model again).
+    public func clearLora() throws {
+        try check(mesh_context_clear_lora(handle), "clearing adapters")
     }
 
     /// Positions the KV cache holds now (tokens evaluated and not truncated).

@@ -171,9 +171,11 @@ impl HelperSession {
         let x = Zeroizing::new(decode_request(header.kind, &request, header.cols as usize)?);
         drop(request);
         // Reply: each matrix's `n·rows_m` values in turn.
-        let mut y = Zeroizing::new(Vec::new());
+        // Sized up front: a growing Vec would leave copies in freed memory.
+        let tokens = x.len().checked_div(header.cols as usize).unwrap_or(0);
+        let mut y = Zeroizing::new(Vec::with_capacity(tokens.saturating_mul(rows)));
         for m in &ms {
-            y.extend(m.mul(&x)?);
+            y.extend_from_slice(&Zeroizing::new(m.mul(&x)?));
         }
         drop(x);
         match self.cheat {

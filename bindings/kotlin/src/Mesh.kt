@@ -377,7 +377,7 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
     val nCtx: Long
         get() {
             val out = SizeTByReference()
-            Mesh.check(Mesh.lib.mesh_context_n_ctx(synchronized(lock) { handle } ?: throw IllegalStateException("context has been closed"), out), "n_ctx")
+            Mesh.check(Mesh.lib.mesh_context_n_ctx(live(), out), "n_ctx")
             return out.value
         }
 
@@ -418,6 +418,20 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
 
     private fun live(): Pointer = synchronized(lock) { handle } ?: throw IllegalStateException("context has been closed")
 
+    /** Runs [call] on the live handle, counted as active so [close] refuses meanwhile. */
+    private inline fun <T> running(call: (Pointer) -> T): T {
+        val h = synchronized(lock) {
+            val h = handle ?: throw IllegalStateException("context has been closed")
+            active++
+            h
+        }
+        try {
+            return call(h)
+        } finally {
+            synchronized(lock) { active-- }
+        }
+    }
+
     /**
      * Evaluates [tokens] at the end of the KV cache (positions [nPast]..), for a
      * sampling loop of your own: read [logits], pick a token, eval it, and so on.
@@ -428,16 +442,7 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
      */
     fun eval(tokens: IntArray, allLogits: Boolean = false) {
         val mem = if (tokens.isEmpty()) null else Memory(tokens.size * 4L).also { it.write(0, tokens, 0, tokens.size) }
-        val h = synchronized(lock) {
-            val h = handle ?: throw IllegalStateException("context has been closed")
-            active++
-            h
-        }
-        val st = try {
-            Mesh.lib.mesh_context_eval(h, mem, SizeT(tokens.size.toLong()), allLogits.toByte())
-        } finally {
-            synchronized(lock) { active-- }
-        }
+        val st = running { h -> Mesh.lib.mesh_context_eval(h, mem, SizeT(tokens.size.toLong()), allLogits.toByte()) }
         Mesh.check(st, "eval")
     }
 
@@ -527,15 +532,9 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
             }
         }
         val promptMem = Mesh.cstr(prompt)
-        val h = synchronized(lock) {
-            val h = handle ?: throw IllegalStateException("context has been closed")
-            active++
-            h
-        }
         val st = try {
-            lib.mesh_generate(h, promptMem, p.pointer, cb, null, stats.pointer)
+            running { h -> lib.mesh_generate(h, promptMem, p.pointer, cb, null, stats.pointer) }
         } finally {
-            synchronized(lock) { active-- }
             java.lang.ref.Reference.reachabilityFence(cb)
         }
         error?.let { throw it }

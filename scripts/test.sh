@@ -4,9 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Build every test (and the `mesh` binary they drive) first, with the
+# workspace's feature set: a separate `cargo run -p mesh-cli` would resolve
+# other features for shared dependencies and compile many of them twice.
+cargo test --workspace --no-run
+TARGET="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}"
 # Tests that need the model find it in the cache; fetch it up front so a missing
 # model is a clear setup error, not a skipped test.
-MESH_MODEL="$(cargo run --quiet -p mesh-cli -- fetch)"
+MESH_MODEL="$("$TARGET/debug/mesh" fetch)"
 export MESH_MODEL
 echo "test: model at $MESH_MODEL" >&2
 cargo test --workspace "$@"

@@ -247,6 +247,19 @@ pub fn generate_with<E: Engine>(
     let tok = engine.tokenizer();
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
+    // A prompt that cannot fit fails before anything is evaluated (the cache
+    // is left as it was, and no time is spent on positions that cannot be used).
+    let start = (0..engine.info().n_layers)
+        .map(|l| engine.session_len(session, l))
+        .max()
+        .unwrap_or(0);
+    let capacity = engine.session_capacity(session);
+    if start.saturating_add(prompt_ids.len()) > capacity {
+        return Err(Error::ContextOverflow {
+            needed: start.saturating_add(prompt_ids.len()),
+            capacity,
+        });
+    }
     let t0 = Instant::now();
     let mut logits = prompt_with(session, prompt_ids, params.batch, cancel, forward)?;
     let prompt_ms = t0.elapsed().as_secs_f64() * 1e3;

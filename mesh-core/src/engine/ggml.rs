@@ -1621,6 +1621,10 @@ impl Engine for GgmlEngine {
         s.kv.len.get(layer).copied().unwrap_or(0)
     }
 
+    fn session_capacity(&self, s: &GgmlSession) -> usize {
+        s.kv.n_ctx
+    }
+
     fn truncate_session(&self, s: &mut GgmlSession, len: usize) {
         for l in &mut s.kv.len {
             *l = (*l).min(len);

@@ -263,6 +263,9 @@ pub trait Engine: Send + Sync {
     /// Number of positions the session's KV cache holds for `layer`.
     fn session_len(&self, session: &Self::Session, layer: usize) -> usize;
 
+    /// Number of positions the session's KV cache can hold (its `n_ctx`).
+    fn session_capacity(&self, session: &Self::Session) -> usize;
+
     /// Forget every position from `len` on in all layers (for replay or retry).
     fn truncate_session(&self, session: &mut Self::Session, len: usize);
 

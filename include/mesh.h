@@ -153,6 +153,15 @@ enum mesh_status
    * (mesh_core `Network`).
    */
   MESH_STATUS_NETWORK = 20,
+  /**
+   * A handle argument is not a live handle of its type: it was freed
+   * already (a use after free, a double free), it is a handle of another
+   * type, or this library never made it. Detected unless the allocator has
+   * since given its address to a new handle of the same type; a handle
+   * freed while another call is still using it is not detected (that stays
+   * undefined behaviour).
+   */
+  MESH_STATUS_INVALID_HANDLE = 21,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

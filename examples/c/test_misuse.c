@@ -3,7 +3,7 @@
  *
  * NULL arguments, free(NULL), wrong struct_size, invalid UTF-8, buffer-too-small
  * semantics, a callback that stops early, re-entrant calls, cancellation from
- * another thread, a panic turned into MESH_STATUS_PANIC, and the last error
+ * another thread, freed handles (use after free, double free, wrong type), a panic turned into MESH_STATUS_PANIC, and the last error
  * message. Prints "N passed, M failed" and exits non-zero on failure.
  *
  * Model: $MESH_MODEL, else "default" (fetched into the cache on first use).
@@ -466,6 +466,28 @@ static void test_context_misuse(const mesh_model *model) {
     mesh_context_free(ctx);
 }
 
+/* Handles are tagged: a freed handle, a double free and a handle of another
+   type are MESH_STATUS_INVALID_HANDLE (or, for _free, a recorded message),
+   never a read of freed memory (ASan and valgrind run this too). */
+static void test_freed_handles(const mesh_model *model) {
+    mesh_context *ctx = NULL;
+    mesh_context_params cp = mesh_context_params_default();
+    cp.n_ctx = 32;
+    EXPECT(mesh_context_new(model, &cp, &ctx), MESH_STATUS_OK);
+    if (!ctx) return;
+    size_t n = 0;
+    EXPECT(mesh_model_n_layers((const mesh_model *)(const void *)ctx, &n),
+           MESH_STATUS_INVALID_HANDLE);
+    CONTAINS(last_error(), "is a mesh_context, not a mesh_model");
+    mesh_context_free(ctx);
+    EXPECT(mesh_context_n_past(ctx, &n), MESH_STATUS_INVALID_HANDLE);
+    CONTAINS(last_error(), "not a live mesh_context");
+    EXPECT(mesh_context_cancel(ctx), MESH_STATUS_INVALID_HANDLE);
+    mesh_context_free(ctx); /* a double free: reported, nothing freed */
+    CONTAINS(last_error(), "freed already");
+    EXPECT(mesh_model_n_layers(model, &n), MESH_STATUS_OK); /* the model is untouched */
+}
+
 /* Consumes the caller's reference: the context keeps the model alive. */
 static void test_context_outlives_model(const mesh_model *model) {
     mesh_context *ctx = NULL;
@@ -474,6 +496,9 @@ static void test_context_outlives_model(const mesh_model *model) {
     EXPECT(mesh_context_new(model, &cp, &ctx), MESH_STATUS_OK);
     mesh_model_free(model); /* the last reference outside the context */
     if (!ctx) return;
+    size_t n_layers = 0;
+    /* C owns no reference any more: the handle is dead to C, the context lives on. */
+    EXPECT(mesh_model_n_layers(model, &n_layers), MESH_STATUS_INVALID_HANDLE);
     mesh_generate_params gp = mesh_generate_params_default();
     gp.max_tokens = 1;
     mesh_generate_stats stats = new_stats();
@@ -725,6 +750,7 @@ int main(void) {
         RUN(test_tokenize(model));
         RUN(test_chat_template(model));
         RUN(test_context_misuse(model));
+        RUN(test_freed_handles(model));
         RUN(test_generate(model));
         if (!light) {
             RUN(test_cancel_from_another_thread(model));

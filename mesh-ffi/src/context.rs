@@ -29,6 +29,7 @@ pub struct mesh_context {
 }
 
 impl Castable for mesh_context {
+    const NAME: &'static str = "mesh_context";
     type Ownership = OwnershipBox;
     type RustType = Context;
 }

@@ -6,22 +6,35 @@
 //! reference, a string, a slice, a params struct or an output slot, or into a
 //! [`Failure`]: NULL is `MESH_STATUS_NULL_ARG`, misalignment
 //! `MESH_STATUS_MISALIGNED_ARG`, bad UTF-8 `MESH_STATUS_INVALID_UTF8`, a wrong
-//! `struct_size` `MESH_STATUS_STRUCT_SIZE`. What they cannot check (a dangling
-//! or foreign pointer, a buffer shorter than its stated length) is the caller's
-//! contract, spelled out in each function's documentation in `mesh.h`.
+//! `struct_size` `MESH_STATUS_STRUCT_SIZE`.
+//!
+//! Handles are tagged: every handle this library gives C is recorded in a
+//! registry (address, type, and for refcounted handles the references C owns)
+//! until C frees it, and a handle is looked up there before it is dereferenced.
+//! A freed handle, a double free, a handle of another type or a pointer this
+//! library never made is `MESH_STATUS_INVALID_HANDLE` (a `_free` of one frees
+//! nothing and records the message), never a read of freed memory. What cannot
+//! be checked (a handle freed while another call uses it, an address reused by
+//! a new handle of the same type, a buffer shorter than its stated length) is
+//! the caller's contract, spelled out in each function's documentation in
+//! `mesh.h`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::marker::PhantomData;
 use std::mem;
 use std::os::raw::{c_char, c_void};
 use std::ptr::{self, NonNull};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use crate::status::{mesh_status, Failure, FfiResult};
 
 /// A C handle type: which Rust value a pointer to it really points at, and who owns it.
 pub(crate) trait Castable {
+    /// The C type's name, for messages (`"mesh_model"`); also the handle's tag
+    /// in the registry, so it is unique per handle type.
+    const NAME: &'static str;
     /// [`OwnershipArc`] or [`OwnershipBox`].
     type Ownership;
     /// The Rust value behind the handle.
@@ -67,17 +80,85 @@ fn check_nullable<T>(ptr: *const T, name: &str) -> FfiResult<Option<NonNull<T>>>
     }
 }
 
+/// A handle C holds: its type's tag and how many references C owns (always 1
+/// for a Box handle; `_retain` adds to it for an Arc handle).
+struct Live {
+    kind: &'static str,
+    refs: usize,
+}
+
+/// Every handle given to C and not yet freed, by address.
+static LIVE: LazyLock<Mutex<HashMap<usize, Live>>> = LazyLock::new(Mutex::default);
+
+/// The registry, locked. Nothing panics while holding it, but a poisoned lock
+/// is still a consistent map (every update is a single insert or remove).
+fn live_handles() -> MutexGuard<'static, HashMap<usize, Live>> {
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The registry entry of a live handle of type `C` at `addr`, or the
+/// `MESH_STATUS_INVALID_HANDLE` failure saying what it is instead.
+fn live_entry<'m, C: Castable>(
+    map: &'m mut HashMap<usize, Live>,
+    addr: usize,
+    name: &str,
+) -> FfiResult<&'m mut Live> {
+    match map.get_mut(&addr) {
+        Some(live) if live.kind == C::NAME => Ok(live),
+        Some(live) => Err(Failure::new(
+            mesh_status::InvalidHandle,
+            format!(
+                "`{name}` ({addr:#x}) is a {}, not a {}",
+                live.kind,
+                C::NAME
+            ),
+        )),
+        None => Err(Failure::new(
+            mesh_status::InvalidHandle,
+            format!(
+                "`{name}` ({addr:#x}) is not a live {}: it was freed already, or it was not made by this library",
+                C::NAME
+            ),
+        )),
+    }
+}
+
+/// Record a new handle of type `C` that C owns once.
+fn register<C: Castable>(addr: usize) {
+    let previous = live_handles().insert(
+        addr,
+        Live {
+            kind: C::NAME,
+            refs: 1,
+        },
+    );
+    // Two live allocations never share an address.
+    debug_assert!(
+        previous.is_none(),
+        "{} at {addr:#x} registered twice",
+        C::NAME
+    );
+}
+
+/// Non-NULL, aligned and a live handle of type `C`.
+fn check_handle<C: Castable>(ptr: *const C, name: &str) -> FfiResult<NonNull<C::RustType>> {
+    let p = check(ptr.cast::<C::RustType>(), name)?;
+    live_entry::<C>(&mut live_handles(), p.as_ptr() as usize, name)?;
+    Ok(p)
+}
+
 /// The value behind a handle.
 ///
 /// # Safety
-/// `ptr` is NULL or came from this library for handle type `C` and is still alive
-/// for `'a`.
+/// `ptr` is NULL or any pointer; if it is a live handle of type `C` (checked),
+/// nothing frees it for `'a`.
 pub(crate) unsafe fn handle<'a, C: Castable>(
     ptr: *const C,
     name: &str,
 ) -> FfiResult<&'a C::RustType> {
-    let p = check(ptr.cast::<C::RustType>(), name)?;
-    // SAFETY: non-NULL and aligned; liveness and type are the caller's contract.
+    let p = check_handle(ptr, name)?;
+    // SAFETY: a live handle of type `C` points at its `RustType`; that it stays
+    // alive for `'a` is the caller's contract.
     Ok(unsafe { p.as_ref() })
 }
 
@@ -85,10 +166,13 @@ pub(crate) unsafe fn handle<'a, C: Castable>(
 pub(crate) fn arc_handle<C: Castable<Ownership = OwnershipArc>>(
     value: Arc<C::RustType>,
 ) -> *const C {
-    Arc::into_raw(value).cast()
+    let ptr = Arc::into_raw(value);
+    register::<C>(ptr as usize);
+    ptr.cast()
 }
 
-/// Another owner of the value behind `ptr` (the count goes up by one).
+/// A Rust-side owner of the value behind `ptr` (the Arc count goes up by one;
+/// the references C owns do not change).
 ///
 /// # Safety
 /// As [`handle`].
@@ -96,20 +180,45 @@ pub(crate) unsafe fn arc_clone<C: Castable<Ownership = OwnershipArc>>(
     ptr: *const C,
     name: &str,
 ) -> FfiResult<Arc<C::RustType>> {
-    let p = check(ptr.cast::<C::RustType>(), name)?;
-    // SAFETY: `p` came from `Arc::into_raw` (caller's contract) and is alive, so
-    // its count is at least one; the new count is owned by the returned Arc.
+    let p = check_handle(ptr, name)?;
+    // SAFETY: a live Arc handle came from `Arc::into_raw` and C still owns a
+    // count of it, so the count is at least one; the new count is owned by the
+    // returned Arc.
     unsafe {
         Arc::increment_strong_count(p.as_ptr().cast_const());
         Ok(Arc::from_raw(p.as_ptr().cast_const()))
     }
 }
 
-/// Drop one owner of an Arc handle; NULL is a no-op.
+/// One more reference owned by C (`_retain`), released by another `_free`.
 ///
 /// # Safety
-/// `ptr` is NULL or an owned reference to a live handle of type `C`, not used
-/// by this owner again.
+/// As [`handle`].
+pub(crate) unsafe fn arc_retain<C: Castable<Ownership = OwnershipArc>>(
+    ptr: *const C,
+    name: &str,
+) -> FfiResult {
+    let p = check(ptr.cast::<C::RustType>(), name)?;
+    let mut map = live_handles();
+    let live = live_entry::<C>(&mut map, p.as_ptr() as usize, name)?;
+    live.refs = live.refs.checked_add(1).ok_or_else(|| {
+        Failure::new(
+            mesh_status::InvalidArg,
+            format!("`{name}`: too many references"),
+        )
+    })?;
+    // SAFETY: live (checked under the lock that `_free` takes too), so the
+    // count is at least one; the new count belongs to the C reference.
+    unsafe { Arc::increment_strong_count(p.as_ptr().cast_const()) };
+    Ok(())
+}
+
+/// Drop one C-owned reference of an Arc handle; NULL is a no-op. A pointer
+/// that is not a live handle of type `C` is a failure and nothing is dropped.
+///
+/// # Safety
+/// `ptr` is NULL or any pointer; if it is a live handle, the caller gives up
+/// one of its references and does not use it again.
 pub(crate) unsafe fn arc_free<C: Castable<Ownership = OwnershipArc>>(
     ptr: *const C,
     name: &str,
@@ -117,21 +226,34 @@ pub(crate) unsafe fn arc_free<C: Castable<Ownership = OwnershipArc>>(
     let Some(p) = check_nullable(ptr.cast::<C::RustType>(), name)? else {
         return Ok(());
     };
-    // SAFETY: the caller gives up the count it owned.
+    let addr = p.as_ptr() as usize;
+    {
+        let mut map = live_handles();
+        let live = live_entry::<C>(&mut map, addr, name)?;
+        live.refs -= 1;
+        if live.refs == 0 {
+            map.remove(&addr);
+        }
+    }
+    // SAFETY: the caller gives up the count it owned (checked live above); the
+    // value is dropped outside the lock if this was the last count.
     drop(unsafe { Arc::from_raw(p.as_ptr().cast_const()) });
     Ok(())
 }
 
 /// A new single-owner handle owning `value`.
 pub(crate) fn box_handle<C: Castable<Ownership = OwnershipBox>>(value: C::RustType) -> *mut C {
-    Box::into_raw(Box::new(value)).cast()
+    let ptr = Box::into_raw(Box::new(value));
+    register::<C>(ptr as usize);
+    ptr.cast()
 }
 
-/// Drop a Box handle; NULL is a no-op.
+/// Drop a Box handle; NULL is a no-op. A pointer that is not a live handle of
+/// type `C` (freed already, another type) is a failure and nothing is freed.
 ///
 /// # Safety
-/// `ptr` is NULL or a live handle of type `C` that no other call is using and
-/// nothing uses afterwards.
+/// `ptr` is NULL or any pointer; if it is a live handle, no other call is
+/// using it and nothing uses it afterwards.
 pub(crate) unsafe fn box_free<C: Castable<Ownership = OwnershipBox>>(
     ptr: *mut C,
     name: &str,
@@ -139,7 +261,14 @@ pub(crate) unsafe fn box_free<C: Castable<Ownership = OwnershipBox>>(
     let Some(p) = check_nullable(ptr.cast::<C::RustType>(), name)? else {
         return Ok(());
     };
-    // SAFETY: came from `Box::into_raw` and is freed exactly once (caller's contract).
+    let addr = p.as_ptr() as usize;
+    {
+        let mut map = live_handles();
+        live_entry::<C>(&mut map, addr, name)?;
+        map.remove(&addr);
+    }
+    // SAFETY: came from `Box::into_raw` (it was live) and is now unregistered,
+    // so no later call reaches it: freed exactly once.
     drop(unsafe { Box::from_raw(p.as_ptr()) });
     Ok(())
 }

@@ -10,7 +10,8 @@
 //! * Handles are opaque. `mesh_model` is refcounted and thread-safe;
 //!   `mesh_context` has one owner and one generation at a time; `mesh_node`
 //!   has one owner and is thread-safe.
-//! * NULL, misaligned pointers, invalid UTF-8 and wrong `struct_size`s are
+//! * NULL, misaligned pointers, invalid UTF-8, wrong `struct_size`s and
+//!   handles that are not live (freed, of another type, never made here) are
 //!   statuses, and a panic is `MESH_STATUS_PANIC`; none of them reaches C as
 //!   undefined behaviour or unwinding.
 //!

@@ -23,6 +23,7 @@ pub struct mesh_model {
 }
 
 impl Castable for mesh_model {
+    const NAME: &'static str = "mesh_model";
     type Ownership = OwnershipArc;
     type RustType = GgmlEngine;
 }
@@ -114,11 +115,7 @@ pub unsafe extern "C" fn mesh_model_load(
 /// Threads: any thread, concurrently with any other use of the model.
 #[no_mangle]
 pub unsafe extern "C" fn mesh_model_retain(model: *const mesh_model) -> mesh_status {
-    boundary(|| {
-        let model = ffi::arc_clone(model, "model")?;
-        std::mem::forget(model);
-        Ok(())
-    })
+    boundary(|| ffi::arc_retain(model, "model"))
 }
 
 /// Drop one reference to `model`; the model is unloaded when no reference

@@ -33,6 +33,7 @@ pub struct mesh_node {
 }
 
 impl Castable for mesh_node {
+    const NAME: &'static str = "mesh_node";
     type Ownership = OwnershipBox;
     type RustType = NodeHandle;
 }

@@ -69,10 +69,17 @@ pub enum mesh_status {
     /// A network operation failed: dial, timeout, size limit, remote error
     /// (mesh_core `Network`).
     Network = 20,
+    /// A handle argument is not a live handle of its type: it was freed
+    /// already (a use after free, a double free), it is a handle of another
+    /// type, or this library never made it. Detected unless the allocator has
+    /// since given its address to a new handle of the same type; a handle
+    /// freed while another call is still using it is not detected (that stays
+    /// undefined behaviour).
+    InvalidHandle = 21,
 }
 
 /// Every status, in numeric order.
-const ALL_STATUSES: [mesh_status; 21] = [
+const ALL_STATUSES: [mesh_status; 22] = [
     mesh_status::Ok,
     mesh_status::NullArg,
     mesh_status::MisalignedArg,
@@ -94,6 +101,7 @@ const ALL_STATUSES: [mesh_status; 21] = [
     mesh_status::Internal,
     mesh_status::Seal,
     mesh_status::Network,
+    mesh_status::InvalidHandle,
 ];
 
 impl mesh_status {
@@ -136,6 +144,7 @@ impl mesh_status {
             mesh_status::Internal => b"MESH_STATUS_INTERNAL\0",
             mesh_status::Seal => b"MESH_STATUS_SEAL\0",
             mesh_status::Network => b"MESH_STATUS_NETWORK\0",
+            mesh_status::InvalidHandle => b"MESH_STATUS_INVALID_HANDLE\0",
         }
     }
 }

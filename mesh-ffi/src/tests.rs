@@ -6,7 +6,7 @@ use std::mem::size_of;
 use std::os::raw::{c_char, c_void};
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::ffi::Params;
@@ -271,6 +271,132 @@ fn misaligned_pointers_are_statuses() {
         assert_eq!(
             mesh_last_error_message(ptr::null_mut(), 0, bad_out),
             mesh_status::MisalignedArg
+        );
+    }
+}
+
+/// Handle types for the registry tests: no model or network needed.
+struct test_shared {
+    _private: [u8; 0],
+}
+impl ffi::Castable for test_shared {
+    const NAME: &'static str = "test_shared";
+    type Ownership = ffi::OwnershipArc;
+    type RustType = String;
+}
+struct test_owned {
+    _private: [u8; 0],
+}
+impl ffi::Castable for test_owned {
+    const NAME: &'static str = "test_owned";
+    type Ownership = ffi::OwnershipBox;
+    type RustType = String;
+}
+
+fn invalid_handle<T: std::fmt::Debug>(r: crate::status::FfiResult<T>) -> String {
+    let failure = r.expect_err("not a live handle");
+    assert_eq!(failure.status, mesh_status::InvalidHandle, "{failure}");
+    failure.message
+}
+
+#[test]
+fn a_freed_box_handle_is_a_status_and_a_double_free_frees_nothing() {
+    let h: *mut test_owned = ffi::box_handle("owned".to_owned());
+    unsafe {
+        assert_eq!(ffi::handle(h.cast_const(), "h").unwrap(), "owned");
+        ffi::box_free(h, "h").unwrap();
+        let m = invalid_handle(ffi::handle(h.cast_const(), "h"));
+        assert!(m.contains("not a live test_owned"), "{m}");
+        let m = invalid_handle(ffi::box_free(h, "h"));
+        assert!(m.contains("freed already"), "{m}");
+    }
+}
+
+#[test]
+fn an_arc_handle_lives_until_c_frees_its_last_reference() {
+    let h: *const test_shared = ffi::arc_handle(Arc::new("shared".to_owned()));
+    unsafe {
+        ffi::arc_retain(h, "h").unwrap();
+        // A Rust-side owner (e.g. a context holding its model) is not a C reference.
+        let rust_owner = ffi::arc_clone(h, "h").unwrap();
+        ffi::arc_free(h, "h").unwrap();
+        assert_eq!(
+            ffi::handle(h, "h").unwrap(),
+            "shared",
+            "one C reference left"
+        );
+        ffi::arc_free(h, "h").unwrap();
+        // C gave up every reference: the handle is dead to C although the
+        // value lives on in its Rust owner.
+        invalid_handle(ffi::handle(h, "h"));
+        invalid_handle(ffi::arc_retain(h, "h"));
+        invalid_handle(ffi::arc_clone(h, "h"));
+        invalid_handle(ffi::arc_free(h, "h"));
+        assert_eq!(*rust_owner, "shared");
+        assert_eq!(Arc::strong_count(&rust_owner), 1, "no count leaked or lost");
+    }
+}
+
+#[test]
+fn a_handle_of_another_type_is_a_status() {
+    let owned: *mut test_owned = ffi::box_handle("owned".to_owned());
+    let shared: *const test_shared = ffi::arc_handle(Arc::new("shared".to_owned()));
+    unsafe {
+        let m = invalid_handle(ffi::handle(owned.cast_const().cast::<test_shared>(), "h"));
+        assert!(m.contains("is a test_owned, not a test_shared"), "{m}");
+        invalid_handle(ffi::box_free(shared.cast_mut().cast::<test_owned>(), "h"));
+        invalid_handle(ffi::arc_free(owned.cast_const().cast::<test_shared>(), "h"));
+        // Both are intact after the failed frees.
+        assert_eq!(ffi::handle(owned.cast_const(), "h").unwrap(), "owned");
+        assert_eq!(ffi::handle(shared, "h").unwrap(), "shared");
+        ffi::box_free(owned, "h").unwrap();
+        ffi::arc_free(shared, "h").unwrap();
+    }
+}
+
+#[test]
+fn pointers_this_library_never_made_are_statuses_not_reads() {
+    // Aligned, non-NULL, and not a handle: the exports answer without reading it.
+    let fake = Box::leak(Box::new([0u64; 64])).as_mut_ptr();
+    let mut n = 0usize;
+    unsafe {
+        assert_eq!(
+            mesh_model_n_layers(fake.cast::<mesh_model>().cast_const(), &mut n),
+            mesh_status::InvalidHandle
+        );
+        assert!(
+            last_message().contains("not a live mesh_model"),
+            "{}",
+            last_message()
+        );
+        assert_eq!(
+            mesh_model_retain(fake.cast::<mesh_model>().cast_const()),
+            mesh_status::InvalidHandle
+        );
+        assert_eq!(
+            mesh_context_cancel(fake.cast::<mesh_context>().cast_const()),
+            mesh_status::InvalidHandle
+        );
+        set_last_error(String::new());
+        mesh_context_free(fake.cast::<mesh_context>());
+        assert!(
+            last_message().contains("not a live mesh_context"),
+            "{}",
+            last_message()
+        );
+        set_last_error(String::new());
+        mesh_node_free(fake.cast::<mesh_node>());
+        assert!(
+            last_message().contains("not a live mesh_node"),
+            "{}",
+            last_message()
+        );
+        set_last_error(String::new());
+        mesh_model_free(fake.cast::<mesh_model>().cast_const());
+        assert!(
+            last_message().contains("not a live mesh_model"),
+            "{}",
+            last_message()
         );
     }
 }

@@ -160,6 +160,7 @@ object MeshStatus {
     const val GGUF = 9
     const val CONTEXT_OVERFLOW = 13
     const val CANCELLED = 16
+    const val INVALID_HANDLE = 21
 }
 
 enum class StopReason { END_OF_GENERATION, MAX_TOKENS, CALLBACK, UNKNOWN }

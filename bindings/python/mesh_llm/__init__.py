@@ -92,6 +92,7 @@ class Status(enum.IntEnum):
     INTERNAL = 18
     SEAL = 19
     NETWORK = 20
+    INVALID_HANDLE = 21
 
 
 class StopReason(enum.IntEnum):

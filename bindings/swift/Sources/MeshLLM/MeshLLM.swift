@@ -33,6 +33,7 @@ public enum MeshStatus {
     public static let gguf: Int32 = 9
     public static let contextOverflow: Int32 = 13
     public static let cancelled: Int32 = 16
+    public static let invalidHandle: Int32 = 21
 }
 
 /// A mesh function failed.

@@ -203,6 +203,28 @@ enum Command {
         #[arg(long, default_value = "default")]
         model: String,
     },
+    /// Combine competing LoRA updates of one model robustly (norm clipping to
+    /// the median norm, then Multi-Krum) into one adapter, reproducibly: the
+    /// same files in the same order give the same bytes on every machine.
+    /// Prints JSON (output path and id, selected files, clip bound, norms,
+    /// scores).
+    Aggregate {
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// The updates (GGUF LoRA adapters of the model), in canonical order.
+        #[arg(required = true, num_args = 1..)]
+        adapters: Vec<PathBuf>,
+        /// How many updates may be Byzantine; Multi-Krum keeps the n - f most
+        /// central ones and needs at least 2f + 3 updates (0 keeps all).
+        #[arg(long, default_value_t = 1)]
+        byzantine: usize,
+        /// Clip bound on each update's Frobenius norm (default: the median norm).
+        #[arg(long)]
+        clip: Option<f64>,
+        /// Where to write the aggregate adapter (GGUF, F32).
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Run a mesh node until SIGINT/SIGTERM: one JSON line once listening
     /// (`peer_id`, `listen`), one per served model once it answers stage
     /// requests (`serving`), then one per event (peers, sessions opened/closed).
@@ -930,6 +952,47 @@ fn run(command: Command) -> Result<(), BoxError> {
         }
         Command::Fetch => {
             println!("{}", model_path("default")?.display());
+        }
+        Command::Aggregate {
+            model,
+            adapters,
+            byzantine,
+            clip,
+            output,
+        } => {
+            use mesh_core::engine::LoraAdapter;
+            use mesh_core::ledger::{aggregate, AggregateConfig};
+            let engine = load(&model, 1)?;
+            let loaded = adapters
+                .iter()
+                .map(|p| LoraAdapter::load(p, engine.info()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<&LoraAdapter> = loaded.iter().collect();
+            let config = AggregateConfig {
+                byzantine,
+                clip_bound: clip,
+            };
+            let agg = aggregate(engine.info(), &refs, &config)?;
+            // Loading it back checks it and gives its id (BLAKE3 of the bytes).
+            let id = LoraAdapter::from_bytes(&agg.adapter, engine.info())?.id();
+            // Written beside the target and renamed, so a failed run leaves no
+            // partial adapter behind.
+            let tmp = output.with_extension("gguf.partial");
+            std::fs::write(&tmp, &agg.adapter)
+                .and_then(|()| std::fs::rename(&tmp, &output))
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    format!("writing {}: {e}", output.display())
+                })?;
+            println!(
+                "{}",
+                json!({
+                    "output": output.display().to_string(),
+                    "id": id.to_hex(),
+                    "selected": agg.selected.iter().map(|&i| adapters[i].display().to_string()).collect::<Vec<_>>(),
+                    "clip_bound": agg.clip_bound, "norms": agg.norms, "scores": agg.scores,
+                })
+            );
         }
         Command::Info { model } => {
             let engine = load(&model, 1)?;

@@ -124,3 +124,76 @@ fn a_published_adapter_reaches_a_node_that_joins_later() {
     drop(a);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn aggregate_leaves_out_the_outlier_and_writes_a_loadable_adapter() {
+    use mesh_core::engine::LoraAdapter;
+    use mesh_core::ledger::aggregate::{update_distance, update_norm};
+    let m = model();
+    let path = mesh_core::fetch::resolve_model(&m, &mut |_| {}).unwrap();
+    let engine = GgmlEngine::load(&path, 1).unwrap();
+    let targets = [(2, Projection::Q), (7, Projection::Down)];
+    // Four peers agree on an update; a fifth sends an unrelated, larger one.
+    let honest = lora::testing::random_adapter(engine.info(), &targets, 4, 8.0, 0.05, 11);
+    let outlier = lora::testing::random_adapter(engine.info(), &targets, 4, 8.0, 0.5, 12);
+    let root = std::env::temp_dir().join(format!("mesh-cli-aggregate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let mut files = Vec::new();
+    for i in 0..5 {
+        let f = root.join(format!("update-{i}.gguf"));
+        std::fs::write(&f, if i == 3 { &outlier } else { &honest }).unwrap();
+        files.push(f.to_str().unwrap().to_owned());
+    }
+    let out = root.join("aggregate.gguf");
+    let run = |files: &[String]| {
+        let mut args = vec![
+            "aggregate",
+            "--model",
+            &m,
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend(files.iter().map(String::as_str));
+        Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&files);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let selected: Vec<&str> = v["selected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let want: Vec<&str> = [0, 1, 2, 4].iter().map(|&i| files[i].as_str()).collect();
+    assert_eq!(selected, want);
+    let agg = LoraAdapter::load(&out, engine.info()).unwrap();
+    assert_eq!(v["id"], agg.id().to_hex().as_str());
+    assert_eq!(
+        agg.rank(2, Projection::Q),
+        Some(16),
+        "4 updates of rank 4, stacked"
+    );
+    // Four identical updates, none clipped: their mean is the update itself.
+    let honest = LoraAdapter::from_bytes(&honest, engine.info()).unwrap();
+    let d = update_distance(&agg, &honest);
+    assert!(d <= 1e-6 * update_norm(&honest), "{d}");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        6,
+        "no partial file left"
+    );
+
+    // Too few updates for one Byzantine: an error, no output.
+    std::fs::remove_file(&out).unwrap();
+    let o = run(&files[..3]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("at least 5"), "{err}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -881,6 +881,100 @@ pub fn parse_lora_arg(arg: &str) -> Result<(std::path::PathBuf, f32)> {
     Ok((arg.into(), 1.0))
 }
 
+/// The GGUF name of the base matrix an adapter pair targets
+/// (`blk.3.attn_q.weight`, `output.weight`); the pair's tensors add `.lora_a`
+/// and `.lora_b`.
+pub fn base_tensor_name(layer: usize, projection: Projection) -> String {
+    let kind = match projection {
+        Projection::Q => "attn_q",
+        Projection::K => "attn_k",
+        Projection::V => "attn_v",
+        Projection::O => "attn_output",
+        Projection::Gate => "ffn_gate",
+        Projection::Up => "ffn_up",
+        Projection::Down => "ffn_down",
+        Projection::Output => return "output.weight".to_string(),
+    };
+    format!("blk.{layer}.{kind}.weight")
+}
+
+/// One adapted matrix's factors as f32 (F16 files widened), in the file's
+/// layouts: the update of the `rows x cols` base matrix is `B A`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraFactors {
+    /// The layer (0 for [`Projection::Output`]).
+    pub layer: usize,
+    /// The adapted projection.
+    pub projection: Projection,
+    /// The rank `r`.
+    pub rank: usize,
+    /// Input width of the base matrix.
+    pub cols: usize,
+    /// Output rows of the base matrix.
+    pub rows: usize,
+    /// A: `rank` rows of `cols` values (ggml `[cols, rank]`).
+    pub a: Vec<f32>,
+    /// B: `rows` rows of `rank` values (ggml `[rank, rows]`).
+    pub b: Vec<f32>,
+}
+
+/// The values of a 2-d F32 or F16 tensor of an adapter's context, in memory order.
+///
+/// # Safety
+/// `t` is a tensor of a live adapter context, F32 or F16 (checked at load).
+unsafe fn tensor_values(t: *const sys::ggml_tensor) -> Vec<f32> {
+    // SAFETY: the caller's contract; n elements of the tensor's type at `data`.
+    unsafe {
+        let n = ((*t).ne[0] * (*t).ne[1]) as usize;
+        if (*t).type_ == sys::ggml_type_GGML_TYPE_F16 {
+            std::slice::from_raw_parts((*t).data as *const u16, n)
+                .iter()
+                .map(|&h| half::f16::from_bits(h).to_f32())
+                .collect()
+        } else {
+            std::slice::from_raw_parts((*t).data as *const f32, n).to_vec()
+        }
+    }
+}
+
+impl LoraAdapter {
+    /// Every adapted matrix's factors, ordered by layer, then projection in
+    /// evaluation order ([`Projection::LAYER`], then [`Projection::Output`]).
+    pub fn factors(&self) -> Vec<LoraFactors> {
+        let order = |p: Projection| {
+            Projection::LAYER
+                .iter()
+                .position(|&q| q == p)
+                .unwrap_or(Projection::LAYER.len())
+        };
+        let mut keys: Vec<_> = self.pairs.keys().copied().collect();
+        keys.sort_by_key(|&(layer, p)| (layer, order(p)));
+        keys.into_iter()
+            .map(|(layer, projection)| {
+                let pair = &self.pairs[&(layer, projection)];
+                // SAFETY: tensors of this adapter's context, F32 or F16 (load checks).
+                let (a, b, cols, rows) = unsafe {
+                    (
+                        tensor_values(pair.a),
+                        tensor_values(pair.b),
+                        (*pair.a).ne[0] as usize,
+                        (*pair.b).ne[1] as usize,
+                    )
+                };
+                LoraFactors {
+                    layer,
+                    projection,
+                    rank: pair.rank,
+                    cols,
+                    rows,
+                    a,
+                    b,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Adapter checks against a fixed small llama-shaped model, for the fuzz
 /// target: not a stable API.
 #[doc(hidden)]
@@ -937,21 +1031,7 @@ pub mod testing {
         for &(layer, p) in targets {
             let (cols, rows) = projection_shape(info, p);
             let (cols, rows) = (cols as u64, rows as u64);
-            let kind = match p {
-                Projection::Q => "attn_q",
-                Projection::K => "attn_k",
-                Projection::V => "attn_v",
-                Projection::O => "attn_output",
-                Projection::Gate => "ffn_gate",
-                Projection::Up => "ffn_up",
-                Projection::Down => "ffn_down",
-                Projection::Output => "",
-            };
-            let base = if p == Projection::Output {
-                "output.weight".to_string()
-            } else {
-                format!("blk.{layer}.{kind}.weight")
-            };
+            let base = base_tensor_name(layer, p);
             let a: Vec<f32> = (0..cols * rank).map(|_| next()).collect();
             let b: Vec<f32> = (0..rank * rows).map(|_| next()).collect();
             tensors.push((format!("{base}.lora_a"), [cols, rank], a));

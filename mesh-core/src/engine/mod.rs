@@ -24,7 +24,7 @@ pub(crate) use self::ggml::available_memory;
 pub use self::ggml::{
     available_cores, cpu_class, default_threads, resolve_threads, GgmlEngine, GgmlSession,
 };
-pub use self::lora::{parse_lora_arg, ActiveLora, AdapterError, LoraAdapter};
+pub use self::lora::{parse_lora_arg, ActiveLora, AdapterError, LoraAdapter, LoraFactors};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};
 pub use self::quant::{dequantize, quantize, QUANT_TYPES};
 use crate::chat::ChatTemplate;

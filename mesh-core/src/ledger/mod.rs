@@ -5,18 +5,22 @@
 //! [`store`] (adapter files named by hash, written atomically) and
 //! [`transfer`] (chunks over request/response, verified by hash). Records are
 //! announced on the gossip topic [`record::UPDATE_TOPIC`] (see
-//! [`crate::node::Node::enable_updates`]). Deciding which update the mesh
-//! runs (stake-weighted BFT consensus, robust aggregation) is not built yet.
+//! [`crate::node::Node::enable_updates`]). [`aggregate()`] combines competing
+//! updates robustly and reproducibly (norm clipping, then Multi-Krum, exact in
+//! factor space). Deciding which update the mesh runs (stake-weighted BFT
+//! consensus) is not built yet.
 
 use std::path::Path;
 
 use crate::engine::ModelId;
 use crate::network::PeerId;
 
+pub mod aggregate;
 pub mod record;
 pub mod store;
 pub mod transfer;
 
+pub use aggregate::{aggregate, Aggregate, AggregateConfig};
 pub use record::{UpdateDraft, UpdateId, UpdateRecord};
 pub use store::AdapterStore;
 pub use transfer::{FetchConfig, Fetched};

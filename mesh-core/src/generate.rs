@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, Logits};
+use crate::json_mode::JsonMode;
 use crate::sampling::{Sampler, SamplerParams};
 use crate::{Error, Result};
 
@@ -60,6 +61,20 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// Tokens evaluated per graph while processing the prompt.
     pub batch: usize,
+    /// What the generated text must be: free text, or one JSON object.
+    pub format: OutputFormat,
+}
+
+/// The shape the generated text is constrained to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Whatever the model generates.
+    #[default]
+    Text,
+    /// One JSON object: tokens that cannot continue one are never sampled, and
+    /// generation ends ([`StopReason::EndOfGeneration`]) when it closes (see
+    /// [`crate::json_mode`]). `max_tokens` may still cut it short.
+    JsonObject,
 }
 
 impl Default for GenerateParams {
@@ -69,6 +84,7 @@ impl Default for GenerateParams {
             sampler: SamplerParams::default(),
             ignore_eos: false,
             batch: DEFAULT_BATCH,
+            format: OutputFormat::Text,
         }
     }
 }
@@ -270,12 +286,24 @@ pub fn generate_with<E: Engine>(
     let mut bytes = Vec::new();
     let mut stream = Utf8Stream::default();
     let mut stop = StopReason::MaxTokens;
+    let mut json = match params.format {
+        OutputFormat::Text => None,
+        OutputFormat::JsonObject => Some(JsonMode::new(tok)),
+    };
     while generated.len() < params.max_tokens {
         if cancelled() {
             stop = StopReason::Cancelled;
             break;
         }
-        let next = sampler.sample(&logits, &history)?;
+        let next = match &mut json {
+            None => sampler.sample(&logits, &history)?,
+            Some(j) => {
+                j.mask(&mut logits)?;
+                let next = sampler.sample(&logits, &history)?;
+                j.advance(next)?;
+                next
+            }
+        };
         if !params.ignore_eos && tok.is_eog(next) {
             stop = StopReason::EndOfGeneration;
             break;
@@ -287,6 +315,11 @@ pub fn generate_with<E: Engine>(
         let text = stream.push(&piece);
         if !text.is_empty() && !on_text(&text) {
             stop = StopReason::Callback;
+            break;
+        }
+        if json.as_ref().is_some_and(JsonMode::is_complete) {
+            // The object is closed: nothing may follow, so no forward pass.
+            stop = StopReason::EndOfGeneration;
             break;
         }
         if generated.len() == params.max_tokens {

@@ -25,6 +25,7 @@ mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod json_mode;
 pub mod ledger;
 pub mod network;
 pub mod node;

@@ -388,3 +388,97 @@ fn projections_supplied_from_outside_give_the_same_logits() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
+
+#[test]
+fn json_mode_generates_one_json_object() {
+    use mesh_core::chat::ChatMessage;
+    use mesh_core::generate::{
+        generate, tokenize_prompt, GenerateParams, OutputFormat, Prompt, StopReason,
+    };
+    use mesh_core::json_mode::JsonState;
+    use mesh_core::sampling::SamplerParams;
+    let e = engine();
+    let prompts = [
+        "Describe a cat as JSON with the keys name and age.",
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+    ];
+    let (mut unconstrained_objects, mut finished) = (0, 0);
+    for (i, text) in prompts.iter().enumerate() {
+        let ids = tokenize_prompt(e, &Prompt::Chat(vec![ChatMessage::new("user", *text)])).unwrap();
+        for (temperature, seed) in [(0.0, 0), (0.9, 1)] {
+            let params = GenerateParams {
+                max_tokens: 256,
+                sampler: SamplerParams {
+                    temperature,
+                    seed,
+                    ..SamplerParams::default()
+                },
+                format: OutputFormat::JsonObject,
+                ..GenerateParams::default()
+            };
+            let mut s = e.new_session(ids.len() + 256).unwrap();
+            let out = generate(e, &mut s, &ids, &params, None, &mut |_| true).unwrap();
+            if out.stop == StopReason::MaxTokens {
+                // A small model may ramble on inside the object: what it made
+                // is still a valid beginning of one.
+                let state = JsonState::new().feed(out.text.as_bytes());
+                assert!(state.is_some_and(|s| !s.is_complete()), "{}", out.text);
+                continue;
+            }
+            assert_eq!(out.stop, StopReason::EndOfGeneration, "{text}");
+            let v: serde_json::Value = serde_json::from_str(&out.text)
+                .unwrap_or_else(|err| panic!("{text} at {temperature}: {err}: {}", out.text));
+            assert!(v.is_object(), "{}", out.text);
+            assert!(out.text.ends_with('}'), "nothing follows the object");
+            finished += 1;
+        }
+        if i > 0 {
+            let params = GenerateParams {
+                max_tokens: 32,
+                sampler: SamplerParams::greedy(),
+                ..GenerateParams::default()
+            };
+            let mut s = e.new_session(ids.len() + 32).unwrap();
+            let out = generate(e, &mut s, &ids, &params, None, &mut |_| true).unwrap();
+            unconstrained_objects += usize::from(out.text.trim_start().starts_with('{'));
+        }
+    }
+    assert_eq!(
+        unconstrained_objects, 0,
+        "without JSON mode the other prompts are answered in prose"
+    );
+    assert!(
+        finished >= 2,
+        "only {finished} of 6 objects closed within 256 tokens"
+    );
+}
+
+#[test]
+fn a_prompt_that_cannot_fit_fails_before_anything_is_evaluated() {
+    use mesh_core::generate::{generate, GenerateParams};
+    let e = engine();
+    let toks = prompt();
+    let mut s = e.new_session(toks.len() - 1).unwrap();
+    let mut calls = 0;
+    match generate(
+        e,
+        &mut s,
+        &toks,
+        &GenerateParams::default(),
+        None,
+        &mut |_| {
+            calls += 1;
+            true
+        },
+    ) {
+        Err(Error::ContextOverflow { needed, capacity }) => {
+            assert_eq!((needed, capacity), (toks.len(), toks.len() - 1));
+        }
+        other => panic!("expected a context overflow, got {other:?}"),
+    }
+    assert_eq!(calls, 0);
+    for l in 0..e.info().n_layers {
+        assert_eq!(e.session_len(&s, l), 0, "layer {l} was written");
+    }
+}

@@ -13,7 +13,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use mesh_core::chat::ChatMessage;
 use mesh_core::engine::Engine;
-use mesh_core::generate::{GenerateParams, Prompt};
+use mesh_core::generate::{GenerateParams, OutputFormat, Prompt};
 use mesh_core::sampling::SamplerParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -169,12 +169,18 @@ fn settings(
 }
 
 /// A job of `prompt` with Ollama's `options`.
-fn job(prompt: Prompt, options: Option<Options>, mode: super::Mode) -> Result<Job, ApiError> {
+fn job(
+    prompt: Prompt,
+    options: Option<Options>,
+    mode: super::Mode,
+    format: OutputFormat,
+) -> Result<Job, ApiError> {
     let (sampler, max_tokens, stops) = settings(options)?;
     Ok(Job {
         prompt,
         params: GenerateParams {
             sampler,
+            format,
             ..GenerateParams::default()
         },
         max_tokens,
@@ -183,11 +189,20 @@ fn job(prompt: Prompt, options: Option<Options>, mode: super::Mode) -> Result<Jo
     })
 }
 
-fn check_format(format: &Option<Value>) -> Result<(), ApiError> {
+/// Ollama's `format`: absent or `""` for text, `"json"` for one JSON object
+/// (JSON mode); a JSON schema is refused rather than half honoured.
+fn output_format(format: &Option<Value>) -> Result<OutputFormat, ApiError> {
     match format {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::unsupported("format", "format (JSON output)")),
+        None | Some(Value::Null) => Ok(OutputFormat::Text),
+        Some(Value::String(s)) if s.is_empty() => Ok(OutputFormat::Text),
+        Some(Value::String(s)) if s == "json" => Ok(OutputFormat::JsonObject),
+        Some(Value::Object(_)) => Err(ApiError::unsupported(
+            "format",
+            "format with a JSON schema (use \"json\")",
+        )),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "format: expected \"json\" or a JSON schema, found {other}"
+        ))),
     }
 }
 
@@ -273,7 +288,7 @@ async fn respond(
 /// The job of a chat request (everything but the model name); `None`:
 /// no messages (Ollama's "load the model" call).
 pub fn chat_job(r: &ChatRequest, mode: super::Mode) -> Result<Option<Job>, ApiError> {
-    check_format(&r.format)?;
+    let format = output_format(&r.format)?;
     if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported("tools", "tools"));
     }
@@ -298,7 +313,7 @@ pub fn chat_job(r: &ChatRequest, mode: super::Mode) -> Result<Option<Job>, ApiEr
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    job(Prompt::Chat(messages), r.options.clone(), mode).map(Some)
+    job(Prompt::Chat(messages), r.options.clone(), mode, format).map(Some)
 }
 
 /// `POST /api/chat`.
@@ -337,7 +352,7 @@ async fn chat_inner(state: Arc<AppState>, req: Request) -> Result<Response, ApiE
 /// The job of a generate request (everything but the model name); `None`:
 /// an empty prompt (Ollama's "load the model" call).
 pub fn generate_job(r: &GenerateBody, mode: super::Mode) -> Result<Option<Job>, ApiError> {
-    check_format(&r.format)?;
+    let format = output_format(&r.format)?;
     if r.images.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(ApiError::unsupported("images", "images"));
     }
@@ -372,7 +387,7 @@ pub fn generate_job(r: &GenerateBody, mode: super::Mode) -> Result<Option<Job>, 
                 .collect(),
         )
     };
-    job(prompt, r.options.clone(), mode).map(Some)
+    job(prompt, r.options.clone(), mode, format).map(Some)
 }
 
 /// `POST /api/generate`.

@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use mesh_core::chat::ChatMessage;
 use mesh_core::engine::Engine;
-use mesh_core::generate::{GenerateParams, Prompt as MeshPrompt};
+use mesh_core::generate::{GenerateParams, OutputFormat, Prompt as MeshPrompt};
 use mesh_core::sampling::SamplerParams;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -224,12 +224,16 @@ pub fn chat_job(r: &CreateChatCompletionRequest, mode: super::Mode) -> Result<Jo
     if r.logprobs == Some(true) {
         return Err(ApiError::unsupported("logprobs", "logprobs"));
     }
-    if matches!(&r.response_format, Some(f) if !matches!(f, ResponseFormat::Text)) {
-        return Err(ApiError::unsupported(
-            "response_format",
-            "a response_format other than text",
-        ));
-    }
+    let format = match &r.response_format {
+        None | Some(ResponseFormat::Text) => OutputFormat::Text,
+        Some(ResponseFormat::JsonObject) => OutputFormat::JsonObject,
+        Some(_) => {
+            return Err(ApiError::unsupported(
+                "response_format",
+                "a response_format with a JSON schema (use json_object)",
+            ))
+        }
+    };
     // `seed` is deprecated in OpenAI's spec but still sent by clients.
     #[allow(deprecated)]
     let params = sampler(r.temperature, r.top_p, r.seed);
@@ -240,6 +244,7 @@ pub fn chat_job(r: &CreateChatCompletionRequest, mode: super::Mode) -> Result<Jo
         prompt: MeshPrompt::Chat(chat_messages(&r.messages)?),
         params: GenerateParams {
             sampler: params,
+            format,
             ..GenerateParams::default()
         },
         max_tokens: max_tokens.map(|m| m as usize),

@@ -99,6 +99,10 @@ enum Command {
         /// Keep generating past end-of-generation tokens.
         #[arg(long)]
         ignore_eos: bool,
+        /// JSON mode: constrain the output to one JSON object (tokens that
+        /// cannot continue one are never sampled; generation ends when it closes).
+        #[arg(long)]
+        json_mode: bool,
         /// Private mode: evaluate every linear layer on additive secret shares held
         /// by N (>= 2) helpers, with sealed messages and verified results: helper
         /// nodes found through --bootstrap, or in-process helpers without it.
@@ -620,6 +624,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             threads,
             ctx,
             ignore_eos,
+            json_mode,
             private,
             spares,
             inject_fault,
@@ -674,6 +679,11 @@ fn run(command: Command) -> Result<(), BoxError> {
                     ..SamplerParams::default()
                 },
                 ignore_eos,
+                format: if json_mode {
+                    generate::OutputFormat::JsonObject
+                } else {
+                    generate::OutputFormat::Text
+                },
                 ..GenerateParams::default()
             };
             let stdout = std::io::stdout();

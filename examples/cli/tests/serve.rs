@@ -243,9 +243,45 @@ fn bad_input_gets_the_apis_error_shapes() {
     let (st, v) = post_json(
         a,
         "/api/generate",
-        &json!({"model": "default", "prompt": "hi", "format": "json"}),
+        &json!({"model": "default", "prompt": "hi", "format": {"type": "object"}}),
     );
     assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("JSON schema"), "{v}");
+    let (st, v) = post_json(
+        a,
+        chat,
+        &json!({"model": "default", "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+    );
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("response_format")),
+        "{v}"
+    );
+    // JSON mode: one JSON object, ended when it closes.
+    let (st, v) = post_json(
+        a,
+        "/api/generate",
+        &json!({"model": "default", "stream": false, "format": "json",
+                "prompt": "Describe a cat as JSON with the keys name and age.",
+                "options": {"temperature": 0, "num_predict": 256}}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["done_reason"], "stop", "{v}");
+    let obj: serde_json::Value = serde_json::from_str(v["response"].as_str().unwrap()).unwrap();
+    assert!(obj.is_object(), "{v}");
+    let (st, v) = post_json(
+        a,
+        chat,
+        &json!({"model": "default", "temperature": 0, "max_tokens": 256,
+                "response_format": {"type": "json_object"},
+                "messages": [{"role": "user", "content": "Describe a cat as JSON with the keys name and age."}]}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let obj: serde_json::Value = serde_json::from_str(content).unwrap();
+    assert!(obj.is_object(), "{v}");
     // Unknown route.
     let (st, _, b) = request(a, "GET", "/v1/nothing", &[], b"");
     openai_error(st, &b, 404);

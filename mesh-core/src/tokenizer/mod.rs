@@ -327,6 +327,37 @@ pub struct Tokenizer {
     add_eos: bool,
     add_space_prefix: bool,
     clean_spaces: bool,
+    /// Every token's piece (`special == false`) back to back, built on first
+    /// use by [`Tokenizer::pieces`].
+    pieces: std::sync::OnceLock<Pieces>,
+}
+
+/// Every token's bytes ([`Tokenizer::token_to_piece`] with `special ==
+/// false`) in one buffer: what constrained sampling scans each step.
+#[derive(Clone, Debug, Default)]
+pub struct Pieces {
+    bytes: Vec<u8>,
+    /// Token `i` is `bytes[ends[i - 1]..ends[i]]` (from 0 for token 0).
+    ends: Vec<usize>,
+}
+
+impl Pieces {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The bytes of token `id`, or `None` outside the vocabulary.
+    pub fn get(&self, id: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(id)?;
+        let start = if id == 0 { 0 } else { self.ends[id - 1] };
+        Some(&self.bytes[start..end])
+    }
 }
 
 impl fmt::Debug for Tokenizer {
@@ -699,6 +730,7 @@ impl Tokenizer {
             add_eos,
             add_space_prefix,
             clean_spaces,
+            pieces: std::sync::OnceLock::new(),
         })
     }
 
@@ -873,6 +905,26 @@ impl Tokenizer {
             clean_up_spaces(&mut out);
         }
         Ok(out)
+    }
+
+    /// Every token's piece (as [`token_to_piece`](Self::token_to_piece) with
+    /// `special == false`: control tokens empty), computed once per tokenizer.
+    pub fn pieces(&self) -> &Pieces {
+        self.pieces.get_or_init(|| {
+            let mut p = Pieces {
+                bytes: Vec::with_capacity(self.tokens.len() * 6),
+                ends: Vec::with_capacity(self.tokens.len()),
+            };
+            for id in 0..self.tokens.len() {
+                // Every id below the vocabulary size is valid; a byte token
+                // with a malformed name (refused when decoding) has no bytes.
+                if let Ok(piece) = self.token_to_piece(id as u32, false) {
+                    p.bytes.extend_from_slice(&piece);
+                }
+                p.ends.push(p.bytes.len());
+            }
+            p
+        })
     }
 
     /// Number of tokens in the vocabulary.

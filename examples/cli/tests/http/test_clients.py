@@ -17,9 +17,9 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 MAX = 24
 
 
-def mesh_generate(*extra, max_tokens=MAX):
+def mesh_generate(*extra, max_tokens=MAX, prompt=PROMPT):
     out = subprocess.run(
-        [MESH, "generate", "--model", MODEL, "--chat", "--prompt", PROMPT,
+        [MESH, "generate", "--model", MODEL, "--chat", "--prompt", prompt,
          "--max-tokens", str(max_tokens), "--temperature", "0", "--threads", "1",
          "--format", "json", *extra],
         check=True, capture_output=True, text=True, timeout=600)
@@ -149,3 +149,22 @@ def test_ollama_list_show_and_errors(oll):
     with pytest.raises(ollama.ResponseError) as e:
         oll.chat(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 404
+
+
+JSON_PROMPT = "Describe a cat as JSON with the keys name and age."
+
+
+def test_json_mode_with_both_clients(oai, oll):
+    # OpenAI's response_format json_object and Ollama's format "json" both
+    # give `mesh generate --json-mode`'s object, ended when it closes.
+    ref = mesh_generate("--json-mode", max_tokens=256, prompt=JSON_PROMPT)
+    assert isinstance(json.loads(ref["text"]), dict), ref["text"]
+    msgs = [{"role": "user", "content": JSON_PROMPT}]
+    r = oai.chat.completions.create(model="smollm2", messages=msgs, temperature=0,
+                                    max_tokens=256, response_format={"type": "json_object"})
+    assert r.choices[0].message.content == ref["text"]
+    assert r.choices[0].finish_reason == "stop"
+    o = oll.chat(model="smollm2", messages=msgs, format="json",
+                 options={"temperature": 0, "num_predict": 256, "repeat_penalty": 1.0})
+    assert o.message.content == ref["text"]
+    assert o.done_reason == "stop"

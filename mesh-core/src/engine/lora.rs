@@ -171,7 +171,7 @@ struct Planned {
 }
 
 /// `(cols, rows)` of a projection of `info`'s model.
-fn projection_shape(info: &ModelInfo, p: Projection) -> (usize, usize) {
+pub(crate) fn projection_shape(info: &ModelInfo, p: Projection) -> (usize, usize) {
     let kv_dim = info.n_head_kv * info.head_dim;
     match p {
         Projection::Q | Projection::O => (info.n_embd, info.n_embd),

@@ -332,6 +332,7 @@ pub fn aggregate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::lora::projection_shape;
     use crate::engine::lora::testing::small_model;
 
     /// splitmix64 values uniform in [-1, 1).
@@ -357,17 +358,6 @@ mod tests {
         (0, Projection::Output),
     ];
 
-    fn shape(info: &ModelInfo, p: Projection) -> (usize, usize) {
-        let kv = info.n_head_kv * info.head_dim;
-        match p {
-            Projection::Q | Projection::O => (info.n_embd, info.n_embd),
-            Projection::K | Projection::V => (info.n_embd, kv),
-            Projection::Gate | Projection::Up => (info.n_embd, info.n_ff),
-            Projection::Down => (info.n_ff, info.n_embd),
-            Projection::Output => (info.n_embd, info.n_vocab),
-        }
-    }
-
     /// One pair's factors: `(layer, projection, rank, a, b)`.
     type Pair = (usize, Projection, usize, Vec<f32>, Vec<f32>);
 
@@ -376,7 +366,7 @@ mod tests {
         let info = small_model();
         let mut tensors = Vec::new();
         for (layer, p, rank, a, b) in pairs {
-            let (cols, rows) = shape(&info, *p);
+            let (cols, rows) = projection_shape(&info, *p);
             let base = base_tensor_name(*layer, *p);
             tensors.push((
                 format!("{base}.lora_a"),
@@ -400,7 +390,7 @@ mod tests {
         let base: Vec<_> = TARGETS
             .iter()
             .map(|&(l, p)| {
-                let (cols, rows) = shape(&info, p);
+                let (cols, rows) = projection_shape(&info, p);
                 (l, p, shared.vec(4 * cols, 0.1), shared.vec(rows * 4, 0.1))
             })
             .collect();
@@ -477,7 +467,7 @@ mod tests {
         // Another rank, alpha 0, and only one of the matrices.
         let info = small_model();
         let mut rng = Rng(7);
-        let (cols, rows) = shape(&info, Projection::Q);
+        let (cols, rows) = projection_shape(&info, Projection::Q);
         let other = adapter(
             0.0,
             &[(

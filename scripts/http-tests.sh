@@ -17,8 +17,11 @@ if [ "${1:-}" = "--browser" ]; then browser=1; shift; fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 say() { echo "http-tests: $*" >&2; }
 cd "$root"
-say "building mesh (dev profile)"
-cargo build --quiet -p mesh-cli
+say "building mesh (dev profile, with the test build's features)"
+# `cargo build -p mesh-cli` would resolve other features for shared
+# dependencies than the workspace's test build (scripts/test.sh) and compile
+# them again; this builds (or finds) the same `mesh` the CLI tests use.
+cargo test --quiet --workspace --no-run
 TARGET="${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}"
 export MESH_BIN="$TARGET/debug/mesh"

@@ -918,6 +918,17 @@ pub struct LoraFactors {
     pub b: Vec<f32>,
 }
 
+/// Where the pair of `(layer, projection)` sorts among an adapter's pairs:
+/// by layer, then in evaluation order ([`Projection::LAYER`], then
+/// [`Projection::Output`]).
+pub(crate) fn pair_order(layer: usize, projection: Projection) -> (usize, usize) {
+    let p = Projection::LAYER
+        .iter()
+        .position(|&q| q == projection)
+        .unwrap_or(Projection::LAYER.len());
+    (layer, p)
+}
+
 /// The values of a 2-d F32 or F16 tensor of an adapter's context, in memory order.
 ///
 /// # Safety
@@ -941,14 +952,8 @@ impl LoraAdapter {
     /// Every adapted matrix's factors, ordered by layer, then projection in
     /// evaluation order ([`Projection::LAYER`], then [`Projection::Output`]).
     pub fn factors(&self) -> Vec<LoraFactors> {
-        let order = |p: Projection| {
-            Projection::LAYER
-                .iter()
-                .position(|&q| q == p)
-                .unwrap_or(Projection::LAYER.len())
-        };
         let mut keys: Vec<_> = self.pairs.keys().copied().collect();
-        keys.sort_by_key(|&(layer, p)| (layer, order(p)));
+        keys.sort_by_key(|&(layer, p)| pair_order(layer, p));
         keys.into_iter()
             .map(|(layer, projection)| {
                 let pair = &self.pairs[&(layer, projection)];

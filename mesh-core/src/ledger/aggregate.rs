@@ -46,7 +46,7 @@
 
 use std::cmp::Ordering;
 
-use crate::engine::lora::{adapter_bytes, base_tensor_name};
+use crate::engine::lora::{adapter_bytes, base_tensor_name, pair_order};
 use crate::engine::{LoraAdapter, LoraFactors, ModelInfo, Projection};
 use crate::{Error, Result};
 
@@ -105,13 +105,9 @@ impl Update {
     }
 }
 
-/// Position of a pair in the adapters' common order.
+/// Position of a pair in the adapters' common order ([`LoraAdapter::factors`]'s).
 fn key(f: &LoraFactors) -> (usize, usize) {
-    let p = Projection::LAYER
-        .iter()
-        .position(|&q| q == f.projection)
-        .unwrap_or(Projection::LAYER.len());
-    (f.layer, p)
+    pair_order(f.layer, f.projection)
 }
 
 /// `⟨B_x A_x, B_y A_y⟩` (Frobenius) of two pairs of the same matrix:

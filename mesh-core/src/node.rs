@@ -696,6 +696,57 @@ impl Node {
             })
     }
 
+    /// Runs the ledger of `genesis` on this node's network with its identity:
+    /// a validator if the identity has stake in `genesis`, a follower
+    /// otherwise (see [`crate::ledger::consensus`]). Decided blocks go to
+    /// `store` (e.g. a [`crate::ledger::db::LedgerDb`]). With model sync
+    /// enabled ([`Node::enable_updates`]) the blocks carry update records
+    /// ([`crate::ledger::pool::UpdatePool`]): proposed when heard and held,
+    /// accepted only when this node holds (or has fetched) every adapter a
+    /// block names and each loads for a model served here. Without it,
+    /// blocks are empty. The ledger runs until the handle is dropped.
+    pub fn start_ledger(
+        &self,
+        genesis: crate::ledger::chain::Genesis,
+        store: Box<dyn crate::ledger::consensus::ChainStore>,
+        config: crate::ledger::consensus::LedgerConfig,
+    ) -> Result<crate::ledger::consensus::LedgerHandle> {
+        let Some(identity) = &self.identity else {
+            return Err(Error::InvalidArgument(
+                "running a ledger needs the node's identity (Node::with_identity)".into(),
+            ));
+        };
+        let builder: Box<dyn crate::ledger::consensus::BlockBuilder> = match self.update_store() {
+            Ok(store) => {
+                let updates = self.updates.clone();
+                let seen: crate::ledger::pool::SeenUpdates = Arc::new(move || {
+                    updates
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|u| u.seen.clone())
+                        .unwrap_or_default()
+                });
+                Box::new(crate::ledger::pool::UpdatePool::new(
+                    store,
+                    seen,
+                    self.net.clone(),
+                    self.handle.clone(),
+                    self.served_engines(),
+                ))
+            }
+            Err(_) => Box::new(crate::ledger::consensus::EmptyBlocks),
+        };
+        self.handle.block_on(crate::ledger::consensus::start(
+            self.net.clone(),
+            genesis,
+            identity,
+            store,
+            builder,
+            config,
+        ))
+    }
+
     /// Verified update records seen so far, oldest first.
     pub fn updates(&self) -> Vec<UpdateRecord> {
         self.lock_updates()
@@ -766,20 +817,31 @@ impl Node {
                 engine.info().id
             )));
         }
-        let store = self.update_store()?;
-        let me = self.net.local_peer_id();
-        let mut peers = vec![record.author];
-        peers.extend(self.handle.block_on(self.net.connected_peers())?);
-        let mut seen = std::collections::HashSet::new();
-        peers.retain(|p| *p != me && seen.insert(*p));
-        let fetched = self.handle.block_on(crate::ledger::transfer::fetch(
-            &self.net,
-            &store,
+        self.fetch_adapter(
+            engine,
             record.adapter,
             record.adapter_size,
-            &peers,
+            record.author,
             config,
-            &mut |_, _| {},
+        )
+    }
+
+    /// Fetches the adapter `id` of `size` bytes (from `holder` first, then
+    /// every connected peer; verified by hash) into the update store and
+    /// loads it for `engine`. For adapters named by the ledger
+    /// ([`crate::ledger::consensus::LedgerHandle::active_source`]), e.g. an
+    /// aggregate no update record names.
+    pub fn fetch_adapter(
+        &self,
+        engine: &GgmlEngine,
+        id: ModelId,
+        size: u64,
+        holder: PeerId,
+        config: &FetchConfig,
+    ) -> Result<(Arc<LoraAdapter>, Fetched)> {
+        let store = self.update_store()?;
+        let fetched = self.handle.block_on(crate::ledger::transfer::fetch_via(
+            &self.net, &store, id, size, holder, config,
         ))?;
         let adapter = engine.load_adapter(&fetched.path)?;
         Ok((adapter, fetched))

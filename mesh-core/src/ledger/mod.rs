@@ -7,8 +7,10 @@
 //! announced on the gossip topic [`record::UPDATE_TOPIC`] (see
 //! [`crate::node::Node::enable_updates`]). [`aggregate()`] combines competing
 //! updates robustly and reproducibly (norm clipping, then Multi-Krum, exact in
-//! factor space). Deciding which update the mesh runs (stake-weighted BFT
-//! consensus) is not built yet.
+//! factor space). Which update the mesh runs is decided by [`consensus`]
+//! (stake-weighted BFT: Malachite's Tendermint core over the node's own
+//! network) on the blocks of [`chain`] (genesis, blocks, commit certificates
+//! that verify offline).
 
 use std::path::Path;
 
@@ -16,6 +18,10 @@ use crate::engine::ModelId;
 use crate::network::PeerId;
 
 pub mod aggregate;
+pub mod chain;
+pub mod consensus;
+pub mod db;
+pub mod pool;
 pub mod record;
 pub mod store;
 pub mod transfer;

@@ -317,6 +317,24 @@ pub async fn fetch(
     fetch_sized(net, store, id, Size::Exact(size), peers, config, progress).await
 }
 
+/// Fetches adapter `id` of `size` bytes like [`fetch`], asking `holder`
+/// first, then every other connected peer (never this node itself).
+pub async fn fetch_via(
+    net: &Arc<dyn Network>,
+    store: &AdapterStore,
+    id: ModelId,
+    size: u64,
+    holder: PeerId,
+    config: &FetchConfig,
+) -> crate::Result<Fetched> {
+    let me = net.local_peer_id();
+    let mut peers = vec![holder];
+    peers.extend(net.connected_peers().await?);
+    let mut seen = std::collections::HashSet::new();
+    peers.retain(|p| *p != me && seen.insert(*p));
+    Ok(fetch(net, store, id, size, &peers, config, &mut |_, _| {}).await?)
+}
+
 /// Fetches file `id` into `store` like [`fetch`], when its size is not known
 /// beforehand (e.g. a model known only by id): each peer's first reply says
 /// how big the file is, and a peer claiming more than `max_size` bytes is

@@ -1,0 +1,938 @@
+//! The ledger's chain: a genesis (validators and their stake), blocks (the
+//! update records decided at a height and the adapter each base model runs
+//! from then on), commit certificates, and offline verification.
+//!
+//! A block counts only with a commit certificate: precommits for its hash by
+//! validators holding more than 2/3 of the genesis stake, each an Ed25519
+//! signature by the key the validator's peer id embeds. [`verify_chain`]
+//! checks a whole chain against the genesis alone, with no network.
+//!
+//! On the wire (all prost, every field checked on decode, never panics):
+//!
+//! ```proto
+//! syntax = "proto3";
+//! package mesh.ledger.v1;
+//! message Active { bytes base = 1; bytes adapter = 2; }
+//! message BlockMsg { uint32 version = 1; uint64 height = 2; bytes parent = 3;
+//!                    bytes proposer = 4; uint64 time_ms = 5;
+//!                    repeated bytes updates = 6; repeated Active active = 7; }
+//! message AggregateMsg { bytes base = 1; bytes adapter = 2; uint64 adapter_size = 3;
+//!                        uint32 byzantine = 4; }
+//! // BlockMsg also has: repeated AggregateMsg aggregates = 8;
+//! message CommitSig { bytes validator = 1; bytes signature = 2; }
+//! message CertMsg { uint64 height = 1; int64 round = 2; bytes block = 3;
+//!                   repeated CommitSig signatures = 4; }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::record::UpdateRecord;
+use super::LedgerError;
+use crate::engine::ModelId;
+use crate::network::identity::ed25519_of;
+use crate::network::PeerId;
+
+/// Version of [`BlockMsg`] this build writes and reads.
+pub const BLOCK_VERSION: u32 = 1;
+
+/// Largest encoded block accepted.
+pub const MAX_BLOCK_BYTES: usize = 256 * 1024;
+
+/// Most update records in one block.
+pub const MAX_BLOCK_UPDATES: usize = 32;
+
+/// Most validators in a genesis.
+pub const MAX_VALIDATORS: usize = 256;
+
+/// Largest stake of one validator (keeps every sum of stakes far from
+/// overflowing).
+pub const MAX_POWER: u64 = 1 << 40;
+
+/// Largest encoded commit certificate accepted.
+pub const MAX_CERT_BYTES: usize = 8 + MAX_VALIDATORS * 128 + 128;
+
+const BLOCK_DOMAIN: &[u8] = b"mesh-llm block v1\0";
+const GENESIS_DOMAIN: &[u8] = b"mesh-llm genesis v1\0";
+
+/// The hash of a block (or, for height 1's parent, of the genesis).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BlockHash(pub [u8; 32]);
+
+impl BlockHash {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for BlockHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for BlockHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlockHash({})", &self.to_hex()[..16])
+    }
+}
+
+/// One validator of a genesis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenesisValidator {
+    /// Its peer id (an Ed25519 identity: the key signs its votes).
+    #[serde(with = "peer_string")]
+    pub peer_id: PeerId,
+    /// Its stake (voting power), 1 to [`MAX_POWER`].
+    pub power: u64,
+}
+
+/// The chain's first statement: who validates, with how much stake.
+///
+/// Read from JSON:
+/// `{"chain_id": "my-mesh", "validators": [{"peer_id": "12D3Koo…", "power": 10}]}`.
+/// Validators are kept sorted by peer id; duplicates, zero stake and
+/// non-Ed25519 peer ids are errors (a zero-stake identity could change
+/// nothing anyway).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Genesis {
+    /// A name that separates this chain's signatures from any other's.
+    pub chain_id: String,
+    /// The validators.
+    pub validators: Vec<GenesisValidator>,
+}
+
+mod peer_string {
+    use super::PeerId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&p.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Genesis {
+    /// A checked genesis (see the type's documentation for the rules).
+    pub fn new(chain_id: &str, validators: Vec<GenesisValidator>) -> Result<Genesis, LedgerError> {
+        let mut g = Genesis {
+            chain_id: chain_id.to_string(),
+            validators,
+        };
+        g.check()?;
+        Ok(g)
+    }
+
+    /// Parses and checks a genesis file's JSON.
+    pub fn from_json(text: &str) -> Result<Genesis, LedgerError> {
+        let mut g: Genesis = serde_json::from_str(text)
+            .map_err(|e| LedgerError::Malformed(format!("genesis: {e}")))?;
+        g.check()?;
+        Ok(g)
+    }
+
+    /// The genesis as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn check(&mut self) -> Result<(), LedgerError> {
+        let bad = |m: String| Err(LedgerError::Malformed(format!("genesis: {m}")));
+        if self.chain_id.is_empty() || self.chain_id.len() > 64 {
+            return bad("chain_id must have 1 to 64 bytes".into());
+        }
+        if self.validators.is_empty() || self.validators.len() > MAX_VALIDATORS {
+            return bad(format!(
+                "{} validators: expected 1 to {MAX_VALIDATORS}",
+                self.validators.len()
+            ));
+        }
+        self.validators.sort_by_key(|v| v.peer_id);
+        for w in self.validators.windows(2) {
+            if w[0].peer_id == w[1].peer_id {
+                return bad(format!("validator {} is listed twice", w[0].peer_id));
+            }
+        }
+        for v in &self.validators {
+            if v.power == 0 || v.power > MAX_POWER {
+                return bad(format!(
+                    "validator {} has stake {}: expected 1 to {MAX_POWER}",
+                    v.peer_id, v.power
+                ));
+            }
+            ed25519_of(&v.peer_id).map_err(|e| LedgerError::Malformed(format!("genesis: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The genesis hash: the parent of block 1, and mixed into every
+    /// signature so that votes of one chain mean nothing on another.
+    pub fn hash(&self) -> BlockHash {
+        let mut h = blake3::Hasher::new();
+        h.update(GENESIS_DOMAIN);
+        h.update(&(self.chain_id.len() as u64).to_le_bytes());
+        h.update(self.chain_id.as_bytes());
+        for v in &self.validators {
+            let id = v.peer_id.to_bytes();
+            h.update(&(id.len() as u64).to_le_bytes());
+            h.update(&id);
+            h.update(&v.power.to_le_bytes());
+        }
+        BlockHash(*h.finalize().as_bytes())
+    }
+
+    /// The sum of all stakes.
+    pub fn total_power(&self) -> u64 {
+        self.validators.iter().map(|v| v.power).sum()
+    }
+
+    /// The stake of `peer` (0 for anyone not a validator).
+    pub fn power_of(&self, peer: &PeerId) -> u64 {
+        self.validators
+            .binary_search_by(|v| v.peer_id.cmp(peer))
+            .map(|i| self.validators[i].power)
+            .unwrap_or(0)
+    }
+}
+
+/// What a proposer puts in a block (see [`Block::build`]).
+#[derive(Clone, Debug, Default)]
+pub struct BlockDraft {
+    /// Update records decided at this height.
+    pub updates: Vec<UpdateRecord>,
+    /// Base model -> the adapter it runs from this height on.
+    pub active: BTreeMap<ModelId, ModelId>,
+    /// Base model -> the robust aggregate of its updates in this block (for
+    /// every base with several).
+    pub aggregates: BTreeMap<ModelId, AggregateEntry>,
+}
+
+/// The aggregate of a block's updates for one base model: the adapter
+/// [`crate::ledger::aggregate()`] writes from them (in block order, with
+/// `byzantine` tolerated), which every validator recomputes before voting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AggregateEntry {
+    /// The aggregate adapter's id (BLAKE3 of its file).
+    pub adapter: ModelId,
+    /// Its file's size.
+    pub adapter_size: u64,
+    /// Byzantine updates tolerated (Multi-Krum; 0: the clipped mean of all).
+    pub byzantine: u32,
+}
+
+/// The Byzantine updates a block aggregates `n` competing updates with: as
+/// many as Multi-Krum allows (`n >= 2f + 3`), 0 below 3 updates.
+pub fn byzantine_for(n: usize) -> u32 {
+    (n.saturating_sub(3) / 2) as u32
+}
+
+/// A decided (or proposed) block.
+#[derive(Clone)]
+pub struct Block {
+    /// Its height (1 is the first block).
+    pub height: u64,
+    /// The hash of the block before it (the genesis hash for height 1).
+    pub parent: BlockHash,
+    /// The validator that proposed it.
+    pub proposer: PeerId,
+    /// The proposer's clock when it built the block, in ms since 1970.
+    pub time_ms: u64,
+    /// Update records decided at this height (each signed by its author).
+    pub updates: Vec<UpdateRecord>,
+    /// Base model -> the adapter it runs from this height on.
+    pub active: BTreeMap<ModelId, ModelId>,
+    /// Base model -> the aggregate of its updates here (bases with several).
+    pub aggregates: BTreeMap<ModelId, AggregateEntry>,
+    encoded: Bytes,
+    hash: BlockHash,
+}
+
+impl fmt::Debug for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Block")
+            .field("height", &self.height)
+            .field("hash", &self.hash)
+            .field("parent", &self.parent)
+            .field("proposer", &self.proposer)
+            .field("updates", &self.updates.len())
+            .field("active", &self.active.len())
+            .finish()
+    }
+}
+
+impl PartialEq for Block {
+    fn eq(&self, other: &Block) -> bool {
+        self.hash == other.hash
+    }
+}
+impl Eq for Block {}
+impl PartialOrd for Block {
+    fn partial_cmp(&self, other: &Block) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Block {
+    fn cmp(&self, other: &Block) -> std::cmp::Ordering {
+        self.hash.cmp(&other.hash)
+    }
+}
+
+/// Wire form of a block's active adapter.
+#[derive(Clone, PartialEq, Message)]
+pub struct ActiveMsg {
+    /// Base model id.
+    #[prost(bytes = "vec", tag = "1")]
+    pub base: Vec<u8>,
+    /// Adapter id.
+    #[prost(bytes = "vec", tag = "2")]
+    pub adapter: Vec<u8>,
+}
+
+/// Wire form of a block.
+#[derive(Clone, PartialEq, Message)]
+pub struct BlockMsg {
+    /// [`BLOCK_VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Height.
+    #[prost(uint64, tag = "2")]
+    pub height: u64,
+    /// Parent hash.
+    #[prost(bytes = "vec", tag = "3")]
+    pub parent: Vec<u8>,
+    /// Proposer's peer id bytes.
+    #[prost(bytes = "vec", tag = "4")]
+    pub proposer: Vec<u8>,
+    /// Proposer's clock.
+    #[prost(uint64, tag = "5")]
+    pub time_ms: u64,
+    /// Encoded update records.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub updates: Vec<Vec<u8>>,
+    /// Active adapters, sorted by base, one per base.
+    #[prost(message, repeated, tag = "7")]
+    pub active: Vec<ActiveMsg>,
+    /// Aggregates, sorted by base, one per base.
+    #[prost(message, repeated, tag = "8")]
+    pub aggregates: Vec<AggregateMsg>,
+}
+
+/// Wire form of an [`AggregateEntry`].
+#[derive(Clone, PartialEq, Message)]
+pub struct AggregateMsg {
+    /// Base model id.
+    #[prost(bytes = "vec", tag = "1")]
+    pub base: Vec<u8>,
+    /// Aggregate adapter id.
+    #[prost(bytes = "vec", tag = "2")]
+    pub adapter: Vec<u8>,
+    /// Its size in bytes.
+    #[prost(uint64, tag = "3")]
+    pub adapter_size: u64,
+    /// Byzantine updates tolerated.
+    #[prost(uint32, tag = "4")]
+    pub byzantine: u32,
+}
+
+fn id32(what: &str, bytes: &[u8]) -> Result<[u8; 32], LedgerError> {
+    bytes.try_into().map_err(|_| {
+        LedgerError::Malformed(format!("{what}: expected 32 bytes, found {}", bytes.len()))
+    })
+}
+
+impl Block {
+    /// Builds (and encodes) the block `draft` describes. Fails where
+    /// [`Block::decode`] would refuse the result.
+    pub fn build(
+        height: u64,
+        parent: BlockHash,
+        proposer: PeerId,
+        draft: BlockDraft,
+    ) -> Result<Block, LedgerError> {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let msg = BlockMsg {
+            version: BLOCK_VERSION,
+            height,
+            parent: parent.0.to_vec(),
+            proposer: proposer.to_bytes(),
+            time_ms,
+            updates: draft.updates.iter().map(|u| u.encode()).collect(),
+            active: draft
+                .active
+                .iter()
+                .map(|(b, a)| ActiveMsg {
+                    base: b.0.to_vec(),
+                    adapter: a.0.to_vec(),
+                })
+                .collect(),
+            aggregates: draft
+                .aggregates
+                .iter()
+                .map(|(b, g)| AggregateMsg {
+                    base: b.0.to_vec(),
+                    adapter: g.adapter.0.to_vec(),
+                    adapter_size: g.adapter_size,
+                    byzantine: g.byzantine,
+                })
+                .collect(),
+        };
+        Block::decode(&msg.encode_to_vec())
+    }
+
+    /// Decodes and checks a block: sizes, fields, every update record's
+    /// signature, no record twice, and the rule for active adapters: each
+    /// names a base model with updates in this block; with one, it is that
+    /// update's adapter; with several, it is their aggregate, which the
+    /// block then names (with [`byzantine_for`] Byzantine updates tolerated,
+    /// no other choice; whether it is the right aggregate, validators
+    /// recompute).
+    /// Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Block, LedgerError> {
+        if bytes.len() > MAX_BLOCK_BYTES {
+            return Err(LedgerError::TooLarge {
+                what: "block",
+                size: bytes.len() as u64,
+                limit: MAX_BLOCK_BYTES as u64,
+            });
+        }
+        let msg =
+            BlockMsg::decode(bytes).map_err(|e| LedgerError::Malformed(format!("block: {e}")))?;
+        if msg.version != BLOCK_VERSION {
+            return Err(LedgerError::UnsupportedVersion(msg.version));
+        }
+        if msg.height == 0 {
+            return Err(LedgerError::Malformed("block height 0".into()));
+        }
+        if msg.updates.len() > MAX_BLOCK_UPDATES {
+            return Err(LedgerError::TooLarge {
+                what: "block updates",
+                size: msg.updates.len() as u64,
+                limit: MAX_BLOCK_UPDATES as u64,
+            });
+        }
+        let parent = BlockHash(id32("parent", &msg.parent)?);
+        let proposer = PeerId::from_bytes(&msg.proposer)
+            .map_err(|e| LedgerError::Malformed(format!("proposer: {e}")))?;
+        let mut updates = Vec::with_capacity(msg.updates.len());
+        for u in &msg.updates {
+            let record = UpdateRecord::decode(u)?;
+            if updates.iter().any(|r: &UpdateRecord| r.id() == record.id()) {
+                return Err(LedgerError::Malformed(format!(
+                    "update {} appears twice in the block",
+                    record.id()
+                )));
+            }
+            updates.push(record);
+        }
+        let mut active = BTreeMap::new();
+        for a in &msg.active {
+            let base = ModelId(id32("active base", &a.base)?);
+            let adapter = ModelId(id32("active adapter", &a.adapter)?);
+            if let Some((last, _)) = active.last_key_value() {
+                if *last >= base {
+                    return Err(LedgerError::Malformed(
+                        "active adapters must be sorted by base model, one per base".into(),
+                    ));
+                }
+            }
+            active.insert(base, adapter);
+        }
+        let mut aggregates = BTreeMap::new();
+        for g in &msg.aggregates {
+            let base = ModelId(id32("aggregate base", &g.base)?);
+            if let Some((last, _)) = aggregates.last_key_value() {
+                if *last >= base {
+                    return Err(LedgerError::Malformed(
+                        "aggregates must be sorted by base model, one per base".into(),
+                    ));
+                }
+            }
+            if g.adapter_size == 0 || g.adapter_size > super::record::MAX_ADAPTER_BYTES {
+                return Err(LedgerError::Malformed(format!(
+                    "aggregate size {}",
+                    g.adapter_size
+                )));
+            }
+            let entry = AggregateEntry {
+                adapter: ModelId(id32("aggregate adapter", &g.adapter)?),
+                adapter_size: g.adapter_size,
+                byzantine: g.byzantine,
+            };
+            aggregates.insert(base, entry);
+        }
+        for (base, adapter) in &active {
+            let for_base: Vec<&UpdateRecord> = updates.iter().filter(|u| u.base == *base).collect();
+            let bad = |why: String| Err(LedgerError::Malformed(format!("base {base}: {why}")));
+            match (for_base.len(), aggregates.get(base)) {
+                (0, _) => return bad("an active adapter without an update for it".into()),
+                (1, None) if for_base[0].adapter == *adapter => {}
+                (1, None) => return bad(format!("active adapter {adapter} is not its update's")),
+                (1, Some(_)) => return bad("an aggregate of a single update".into()),
+                (_, None) => return bad("several updates without their aggregate".into()),
+                (n, Some(g)) => {
+                    if g.adapter != *adapter {
+                        return bad("the active adapter is not the aggregate".into());
+                    }
+                    if g.byzantine != byzantine_for(n) {
+                        return bad(format!(
+                            "{} Byzantine updates tolerated among {n}: the rule says {}",
+                            g.byzantine,
+                            byzantine_for(n)
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(base) = aggregates.keys().find(|b| !active.contains_key(b)) {
+            return Err(LedgerError::Malformed(format!(
+                "an aggregate for base {base}, which the block does not activate"
+            )));
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(BLOCK_DOMAIN);
+        h.update(bytes);
+        Ok(Block {
+            height: msg.height,
+            parent,
+            proposer,
+            time_ms: msg.time_ms,
+            updates,
+            active,
+            aggregates,
+            encoded: Bytes::copy_from_slice(bytes),
+            hash: BlockHash(*h.finalize().as_bytes()),
+        })
+    }
+
+    /// The block as sent.
+    pub fn encoded(&self) -> &Bytes {
+        &self.encoded
+    }
+
+    /// The block's hash (what validators vote for).
+    pub fn hash(&self) -> BlockHash {
+        self.hash
+    }
+}
+
+/// One validator's precommit signature in a [`Certificate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitSig {
+    /// The validator.
+    pub validator: PeerId,
+    /// Its Ed25519 signature over the precommit (see
+    /// [`super::consensus::vote_sign_bytes`]).
+    pub signature: [u8; 64],
+}
+
+/// Proof that a block was decided: precommits for its hash, at one height
+/// and round, by validators holding more than 2/3 of the stake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certificate {
+    /// The block's height.
+    pub height: u64,
+    /// The consensus round in which it was decided.
+    pub round: u32,
+    /// The block's hash.
+    pub block: BlockHash,
+    /// The precommits.
+    pub signatures: Vec<CommitSig>,
+}
+
+/// Wire form of a [`CommitSig`].
+#[derive(Clone, PartialEq, Message)]
+pub struct CommitSigMsg {
+    /// Validator peer id bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub validator: Vec<u8>,
+    /// 64-byte signature.
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+}
+
+/// Wire form of a [`Certificate`].
+#[derive(Clone, PartialEq, Message)]
+pub struct CertMsg {
+    /// Height.
+    #[prost(uint64, tag = "1")]
+    pub height: u64,
+    /// Round.
+    #[prost(int64, tag = "2")]
+    pub round: i64,
+    /// Block hash.
+    #[prost(bytes = "vec", tag = "3")]
+    pub block: Vec<u8>,
+    /// Signatures.
+    #[prost(message, repeated, tag = "4")]
+    pub signatures: Vec<CommitSigMsg>,
+}
+
+impl Certificate {
+    /// The certificate as sent.
+    pub fn encode(&self) -> Vec<u8> {
+        CertMsg {
+            height: self.height,
+            round: i64::from(self.round),
+            block: self.block.0.to_vec(),
+            signatures: self
+                .signatures
+                .iter()
+                .map(|s| CommitSigMsg {
+                    validator: s.validator.to_bytes(),
+                    signature: s.signature.to_vec(),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Decodes a certificate (fields only: [`Certificate::verify`] checks
+    /// the signatures). Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Certificate, LedgerError> {
+        if bytes.len() > MAX_CERT_BYTES {
+            return Err(LedgerError::TooLarge {
+                what: "certificate",
+                size: bytes.len() as u64,
+                limit: MAX_CERT_BYTES as u64,
+            });
+        }
+        let msg = CertMsg::decode(bytes)
+            .map_err(|e| LedgerError::Malformed(format!("certificate: {e}")))?;
+        if msg.signatures.len() > MAX_VALIDATORS {
+            return Err(LedgerError::Malformed(format!(
+                "certificate with {} signatures",
+                msg.signatures.len()
+            )));
+        }
+        let round = u32::try_from(msg.round)
+            .map_err(|_| LedgerError::Malformed(format!("certificate round {}", msg.round)))?;
+        let signatures = msg
+            .signatures
+            .iter()
+            .map(|s| {
+                Ok(CommitSig {
+                    validator: PeerId::from_bytes(&s.validator)
+                        .map_err(|e| LedgerError::Malformed(format!("validator: {e}")))?,
+                    signature: s.signature.as_slice().try_into().map_err(|_| {
+                        LedgerError::Malformed(format!(
+                            "signature: expected 64 bytes, found {}",
+                            s.signature.len()
+                        ))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        Ok(Certificate {
+            height: msg.height,
+            round,
+            block: BlockHash(id32("certificate block", &msg.block)?),
+            signatures,
+        })
+    }
+
+    /// Checks the certificate against `genesis`: every signature a distinct
+    /// validator's and valid, and their stake more than 2/3 of the total.
+    /// Returns the stake that signed.
+    pub fn verify(&self, genesis: &Genesis) -> Result<u64, LedgerError> {
+        let chain = genesis.hash();
+        let mut seen: Vec<PeerId> = Vec::with_capacity(self.signatures.len());
+        let mut signed = 0u64;
+        for s in &self.signatures {
+            if seen.contains(&s.validator) {
+                return Err(LedgerError::Malformed(format!(
+                    "certificate: {} signed twice",
+                    s.validator
+                )));
+            }
+            seen.push(s.validator);
+            let power = genesis.power_of(&s.validator);
+            if power == 0 {
+                return Err(LedgerError::Malformed(format!(
+                    "certificate: {} is not a validator",
+                    s.validator
+                )));
+            }
+            let bytes = super::consensus::vote_sign_bytes(
+                &chain,
+                super::consensus::VoteKind::Precommit,
+                self.height,
+                i64::from(self.round),
+                Some(&self.block),
+                &s.validator,
+            );
+            let key = ed25519_of(&s.validator)
+                .map_err(|e| LedgerError::Malformed(format!("certificate: {e}")))?;
+            use ed25519_dalek::Verifier;
+            key.verify(&bytes, &ed25519_dalek::Signature::from_bytes(&s.signature))
+                .map_err(|_| LedgerError::BadSignature {
+                    author: s.validator,
+                })?;
+            signed += power;
+        }
+        if !has_quorum(signed, genesis.total_power()) {
+            return Err(LedgerError::Malformed(format!(
+                "certificate: stake {signed} of {} signed; more than 2/3 is needed",
+                genesis.total_power()
+            )));
+        }
+        Ok(signed)
+    }
+}
+
+/// More than 2/3 of `total`.
+pub fn has_quorum(signed: u64, total: u64) -> bool {
+    // signed > 2/3 total, in integers (stakes are at most 2^40 each).
+    3 * u128::from(signed) > 2 * u128::from(total)
+}
+
+/// Checks a chain offline against its genesis: heights 1, 2, ... in order,
+/// each block's parent the hash of the one before (the genesis hash for
+/// the first), and each certificate a valid quorum for its block. Returns
+/// the hash of the last block (the genesis hash for an empty chain).
+pub fn verify_chain<'a>(
+    genesis: &Genesis,
+    chain: impl IntoIterator<Item = (&'a Block, &'a Certificate)>,
+) -> Result<BlockHash, LedgerError> {
+    let mut parent = genesis.hash();
+    let mut height = 0u64;
+    for (block, cert) in chain {
+        height += 1;
+        verify_link(genesis, height, parent, block, cert)?;
+        parent = block.hash();
+    }
+    Ok(parent)
+}
+
+/// Checks one block and its certificate as the successor of `parent` at
+/// `height`.
+pub fn verify_link(
+    genesis: &Genesis,
+    height: u64,
+    parent: BlockHash,
+    block: &Block,
+    cert: &Certificate,
+) -> Result<(), LedgerError> {
+    if block.height != height {
+        return Err(LedgerError::Malformed(format!(
+            "block at position {height} has height {}",
+            block.height
+        )));
+    }
+    if block.parent != parent {
+        return Err(LedgerError::Malformed(format!(
+            "block {height}: parent {} is not {parent}",
+            block.parent
+        )));
+    }
+    if cert.height != height || cert.block != block.hash() {
+        return Err(LedgerError::Malformed(format!(
+            "block {height}: the certificate is for block {} at height {}",
+            cert.block, cert.height
+        )));
+    }
+    if genesis.power_of(&block.proposer) == 0 {
+        return Err(LedgerError::Malformed(format!(
+            "block {height}: proposer {} is not a validator",
+            block.proposer
+        )));
+    }
+    cert.verify(genesis)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::consensus::Decoded;
+    use crate::ledger::UpdateDraft;
+    use crate::network::Identity;
+    use proptest::prelude::*;
+
+    fn validators(n: u8) -> Vec<GenesisValidator> {
+        (1..=n)
+            .map(|i| GenesisValidator {
+                peer_id: Identity::from_seed([i; 32]).peer_id(),
+                power: u64::from(i),
+            })
+            .collect()
+    }
+
+    fn block_with_update() -> Block {
+        let author = Identity::from_seed([42; 32]);
+        let record = UpdateRecord::sign(
+            &author,
+            UpdateDraft {
+                base: ModelId([1; 32]),
+                adapter: ModelId([2; 32]),
+                adapter_size: 10,
+                parent: None,
+                metrics: vec![],
+            },
+        )
+        .unwrap();
+        let mut draft = BlockDraft::default();
+        draft.active.insert(record.base, record.adapter);
+        draft.updates.push(record);
+        Block::build(3, BlockHash([5; 32]), author.peer_id(), draft).unwrap()
+    }
+
+    #[test]
+    fn genesis_rules() {
+        let g = Genesis::new("m", validators(3)).unwrap();
+        assert_eq!(g.total_power(), 6);
+        assert_eq!(g.power_of(&validators(3)[1].peer_id), 2);
+        assert_eq!(g.power_of(&Identity::from_seed([9; 32]).peer_id()), 0);
+        assert_eq!(Genesis::from_json(&g.to_json()).unwrap(), g);
+        assert_eq!(Genesis::from_json(&g.to_json()).unwrap().hash(), g.hash());
+        let mut twice = validators(2);
+        twice.push(twice[0].clone());
+        assert!(Genesis::new("m", twice).is_err());
+        let mut zero = validators(2);
+        zero[0].power = 0;
+        assert!(Genesis::new("m", zero).is_err());
+        assert!(Genesis::new("m", vec![]).is_err());
+        assert!(Genesis::new("", validators(1)).is_err());
+        // A peer id that hashes its key (as RSA ids do) carries no key to check votes with.
+        let hashed = PeerId::random();
+        let bad = vec![GenesisValidator {
+            peer_id: hashed,
+            power: 1,
+        }];
+        assert!(Genesis::new("m", bad).is_err());
+        assert!(Genesis::from_json("{\"chain_id\": \"m\"}").is_err());
+        // Another name, another chain.
+        assert_ne!(Genesis::new("n", validators(3)).unwrap().hash(), g.hash());
+    }
+
+    #[test]
+    fn quorum_is_more_than_two_thirds() {
+        assert!(has_quorum(3, 4));
+        assert!(!has_quorum(2, 3));
+        assert!(has_quorum(3, 3));
+        assert!(!has_quorum(0, 1));
+        assert!(has_quorum(MAX_POWER * 200, MAX_POWER * 256));
+    }
+
+    #[test]
+    fn blocks_round_trip_and_the_adapter_rule_holds() {
+        let b = block_with_update();
+        let again = Block::decode(b.encoded()).unwrap();
+        assert_eq!(again.hash(), b.hash());
+        assert_eq!(again.active, b.active);
+        assert_eq!(again.updates[0].id(), b.updates[0].id());
+        // An active adapter that is not the block's update for that base.
+        let mut msg = BlockMsg::decode(b.encoded().as_ref()).unwrap();
+        msg.active[0].adapter = vec![3; 32];
+        assert!(Block::decode(&msg.encode_to_vec()).is_err());
+        // The same update twice.
+        let mut msg = BlockMsg::decode(b.encoded().as_ref()).unwrap();
+        msg.updates.push(msg.updates[0].clone());
+        assert!(Block::decode(&msg.encode_to_vec()).is_err());
+        // A record whose signature no longer matches.
+        let mut msg = BlockMsg::decode(b.encoded().as_ref()).unwrap();
+        let n = msg.updates[0].len();
+        msg.updates[0][n - 1] ^= 1;
+        assert!(Block::decode(&msg.encode_to_vec()).is_err());
+    }
+
+    fn record(seed: u8, base: u8) -> UpdateRecord {
+        UpdateRecord::sign(
+            &Identity::from_seed([seed; 32]),
+            UpdateDraft {
+                base: ModelId([base; 32]),
+                adapter: ModelId([seed; 32]),
+                adapter_size: 10,
+                parent: None,
+                metrics: vec![],
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn several_updates_of_a_model_need_their_aggregate() {
+        let author = Identity::from_seed([1; 32]).peer_id();
+        let build = |updates: Vec<UpdateRecord>, active: &[(u8, u8)], aggs: &[(u8, u8, u32)]| {
+            let draft = BlockDraft {
+                updates,
+                active: active
+                    .iter()
+                    .map(|(b, a)| (ModelId([*b; 32]), ModelId([*a; 32])))
+                    .collect(),
+                aggregates: aggs
+                    .iter()
+                    .map(|(b, a, f)| {
+                        let entry = AggregateEntry {
+                            adapter: ModelId([*a; 32]),
+                            adapter_size: 99,
+                            byzantine: *f,
+                        };
+                        (ModelId([*b; 32]), entry)
+                    })
+                    .collect(),
+            };
+            Block::build(1, BlockHash([0; 32]), author, draft)
+        };
+        let three = || vec![record(10, 1), record(11, 1), record(12, 1)];
+        // Three updates of model 1, their aggregate active.
+        let b = build(three(), &[(1, 50)], &[(1, 50, 0)]).unwrap();
+        let again = Block::decode(b.encoded()).unwrap();
+        assert_eq!(again.aggregates, b.aggregates);
+        assert_eq!(again.active[&ModelId([1; 32])], ModelId([50; 32]));
+        // Without the aggregate, or activating one of the inputs instead.
+        assert!(build(three(), &[(1, 10)], &[]).is_err());
+        assert!(build(three(), &[(1, 10)], &[(1, 50, 0)]).is_err());
+        // Multi-Krum needs n >= 2f + 3: 3 updates tolerate none.
+        assert!(build(three(), &[(1, 50)], &[(1, 50, 1)]).is_err());
+        let five = || (10..15).map(|s| record(s, 1)).collect::<Vec<_>>();
+        assert!(build(five(), &[(1, 50)], &[(1, 50, 1)]).is_ok());
+        // ... and no other choice: 5 updates tolerate exactly 1.
+        assert!(build(five(), &[(1, 50)], &[(1, 50, 0)]).is_err());
+        // An aggregate of one update, or of a model the block does not activate.
+        assert!(build(vec![record(10, 1)], &[(1, 10)], &[(1, 50, 0)]).is_err());
+        assert!(build(three(), &[(1, 50)], &[(1, 50, 0), (2, 51, 0)]).is_err());
+        assert_eq!(byzantine_for(2), 0);
+        assert_eq!(byzantine_for(4), 0);
+        assert_eq!(byzantine_for(5), 1);
+        assert_eq!(byzantine_for(8), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Block::decode(&bytes);
+            let _ = Certificate::decode(&bytes);
+            let _ = Decoded::decode(&bytes);
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = Genesis::from_json(text);
+            }
+            if let Ok(c) = Certificate::decode(&bytes) {
+                let g = Genesis::new("m", validators(4)).unwrap();
+                prop_assert!(c.verify(&g).is_err());
+            }
+        }
+
+        #[test]
+        fn a_changed_byte_changes_the_block_or_breaks_it(i in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let b = block_with_update();
+            let mut bytes = b.encoded().to_vec();
+            let at = i.index(bytes.len());
+            bytes[at] ^= 1 << bit;
+            if let Ok(other) = Block::decode(&bytes) {
+                prop_assert_ne!(other.hash(), b.hash());
+            }
+        }
+    }
+}

@@ -1170,6 +1170,64 @@ mesh_status mesh_node_set_event_callback(const struct mesh_node *node,
                                          void *userdata);
 
 /**
+ * Run the ledger of the genesis file at `genesis_path` (JSON: chain id,
+ * validators and their stake; see the README) on `node`: it votes if the
+ * node's identity (`mesh_node_params.identity_path`) has stake, and
+ * follows the chain otherwise. Decided blocks are kept in the redb file
+ * `store_path` (NULL: in the cache, named after the genesis). Model sync
+ * is switched on with adapters kept in `updates_dir` (NULL: the cache's
+ * `updates`): blocks carry the update records the node hears, and a
+ * validator votes only for blocks whose adapters it holds. The ledger runs
+ * until the node is freed.
+ *
+ * `MESH_STATUS_IO` when a file cannot be read or created,
+ * `MESH_STATUS_INVALID_ARG` for a genesis that is not valid, a store
+ * holding another chain's blocks, or a ledger already running on `node`.
+ *
+ * Threads: any thread; returns once the ledger runs (the store's blocks
+ * verified).
+ */
+mesh_status mesh_node_ledger_start(const struct mesh_node *node,
+                                   const char *genesis_path,
+                                   const char *store_path,
+                                   const char *updates_dir);
+
+/**
+ * The ledger's status as one JSON object, NUL-terminated in `buf` of `cap`
+ * bytes (buffer rules as `mesh_node_peer_id`): `height` (of the last
+ * decided block), `tip` (its hash, hex), `round` (of the height under way),
+ * `validator` (whether this node votes), `peers_height` (the highest height
+ * heard from a validator), `synced` (heard one and caught up with it) and
+ * `active` (model id -> the adapter id the ledger makes it run, hex).
+ *
+ * `MESH_STATUS_INVALID_ARG` if no ledger runs on `node`.
+ *
+ * Threads: any thread; returns at once.
+ */
+mesh_status mesh_node_ledger_status(const struct mesh_node *node,
+                                    char *buf,
+                                    size_t cap,
+                                    size_t *n_out);
+
+/**
+ * The adapter the ledger makes active for `model`, ready to apply with
+ * `mesh_context_add_lora`: fetched from peers if needed (checked against
+ * its hash and loaded for the model), its file's path NUL-terminated in
+ * `buf` of `cap` bytes (buffer rules as `mesh_node_peer_id`). An empty
+ * string if the ledger names no adapter for the model (yet).
+ *
+ * `MESH_STATUS_INVALID_ARG` if no ledger runs on `node`, `MESH_STATUS_NETWORK`
+ * if no peer sends the adapter, `MESH_STATUS_GGUF` if it does not load.
+ *
+ * Threads: any thread; blocks while fetching.
+ */
+mesh_status mesh_node_ledger_adapter(const struct mesh_node *node,
+                                     const struct mesh_model *model,
+                                     char *buf,
+                                     size_t cap,
+                                     size_t *n_out);
+
+/**
  * Send mesh's log messages of `level` and more severe to `cb` (with
  * `userdata`), replacing any previous callback. `cb` NULL or `level`
  * `MESH_LOG_OFF` turns logging off. Nothing is logged before the first call.

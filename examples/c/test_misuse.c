@@ -659,6 +659,11 @@ static void test_node_misuse_without_model(void) {
     EXPECT(mesh_node_serve(NULL, NULL, 0, 0), MESH_STATUS_NULL_ARG);
     EXPECT(mesh_node_generate(NULL, NULL, "x", NULL, MESH_MODE_LOCAL, NULL, NULL, NULL),
            MESH_STATUS_NULL_ARG);
+    char lbuf[64];
+    size_t ln = 0;
+    EXPECT(mesh_node_ledger_start(NULL, "g.json", NULL, NULL), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_ledger_status(NULL, lbuf, sizeof lbuf, &ln), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_ledger_adapter(NULL, NULL, lbuf, sizeof lbuf, &ln), MESH_STATUS_NULL_ARG);
     mesh_node_free(NULL);
 }
 
@@ -699,6 +704,13 @@ static void test_node_misuse(const mesh_model *model) {
     CONTAINS(buf, "/ip4/127.0.0.1/tcp/");
     CONTAINS(buf, "/p2p/12D3KooW");
     EXPECT(mesh_node_dial(node, "nonsense"), MESH_STATUS_INVALID_ARG);
+    /* The ledger: none runs yet; a genesis that is missing, or not one. */
+    EXPECT(mesh_node_ledger_status(node, buf, sizeof buf, &n), MESH_STATUS_INVALID_ARG);
+    CONTAINS(last_error(), "no ledger");
+    EXPECT(mesh_node_ledger_adapter(node, model, buf, sizeof buf, &n), MESH_STATUS_INVALID_ARG);
+    EXPECT(mesh_node_ledger_start(node, NULL, NULL, NULL), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_ledger_start(node, "/nonexistent/genesis.json", NULL, NULL), MESH_STATUS_IO);
+    EXPECT(mesh_node_ledger_start(node, "/dev/null", NULL, NULL), MESH_STATUS_INVALID_ARG);
     /* Layer ranges: empty, past the model. */
     EXPECT(mesh_node_serve(node, model, 5, 5), MESH_STATUS_INVALID_ARG);
     EXPECT(mesh_node_serve(node, model, 0, 10000), MESH_STATUS_INVALID_ARG);

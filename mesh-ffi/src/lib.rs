@@ -37,6 +37,8 @@ mod context;
 
 mod node;
 
+mod ledger;
+
 mod log;
 
 use std::os::raw::c_char;
@@ -48,6 +50,7 @@ pub use context::{
     mesh_context_truncate, mesh_generate, mesh_generate_params, mesh_generate_params_default,
     mesh_generate_stats, mesh_stop_reason, mesh_token_callback,
 };
+pub use ledger::{mesh_node_ledger_adapter, mesh_node_ledger_start, mesh_node_ledger_status};
 pub use log::{
     mesh_log_callback, mesh_log_level, mesh_log_set, MESH_LOG_DEBUG, MESH_LOG_ERROR, MESH_LOG_INFO,
     MESH_LOG_OFF, MESH_LOG_TRACE, MESH_LOG_WARN,

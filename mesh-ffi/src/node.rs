@@ -57,6 +57,9 @@ pub struct NodeHandle {
     running: Mutex<Vec<Arc<AtomicBool>>>,
     sink: Arc<Mutex<Option<EventSink>>>,
     events: Option<std::thread::JoinHandle<()>>,
+    /// The ledger this node runs (`mesh_node_ledger_start`), stopped before
+    /// the node shuts down.
+    pub(crate) ledger: Mutex<Option<mesh_core::ledger::consensus::LedgerHandle>>,
 }
 
 /// A node is used from several threads at once.
@@ -65,12 +68,12 @@ const _: () = {
     shared::<NodeHandle>();
 };
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl NodeHandle {
-    fn node(&self) -> &Node {
+    pub(crate) fn node(&self) -> &Node {
         self.node
             .as_ref()
             .expect("the node lives until the handle is freed")
@@ -79,6 +82,7 @@ impl NodeHandle {
 
 impl Drop for NodeHandle {
     fn drop(&mut self) {
+        drop(lock(&self.ledger).take());
         if let Some(node) = self.node.take() {
             if let Err(e) = node.shutdown() {
                 tracing::warn!("mesh_node_free: shutdown: {e}");
@@ -284,6 +288,7 @@ impl NodeHandle {
             running: Mutex::new(Vec::new()),
             sink,
             events: Some(events),
+            ledger: Mutex::new(None),
         })
     }
 

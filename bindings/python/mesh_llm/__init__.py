@@ -285,6 +285,12 @@ _SIGNATURES = {
     ),
     "mesh_node_cancel": (_status, [_node_p]),
     "mesh_node_set_event_callback": (_status, [_node_p, _EventCallback, c_void_p]),
+    "mesh_node_ledger_start": (_status, [_node_p, c_char_p, c_char_p, c_char_p]),
+    "mesh_node_ledger_status": (_status, [_node_p, c_char_p, c_size_t, POINTER(c_size_t)]),
+    "mesh_node_ledger_adapter": (
+        _status,
+        [_node_p, _model_p, c_char_p, c_size_t, POINTER(c_size_t)],
+    ),
 }
 
 _LIB_NAME = "libmesh_ffi.so"
@@ -925,6 +931,39 @@ class Node:
 
     def dial(self, addr: str) -> None:
         _check(_L().mesh_node_dial(self._handle(), _utf8(addr, "addr")), "dial")
+
+    def ledger_start(
+        self, genesis: str, store: Optional[str] = None, updates: Optional[str] = None
+    ) -> None:
+        """Run the ledger of the genesis file on this node (a validator if the
+        node's identity has stake in it); blocks in store (None: the cache),
+        adapters in updates (None: the cache)."""
+        _check(
+            _L().mesh_node_ledger_start(
+                self._handle(),
+                _utf8(genesis, "genesis"),
+                None if store is None else _utf8(store, "store"),
+                None if updates is None else _utf8(updates, "updates"),
+            ),
+            "ledger_start",
+        )
+
+    def ledger_status(self) -> dict:
+        """height, tip, round, validator, peers_height, synced, active
+        (model id -> adapter id)."""
+        raw = _buffer_call(_L().mesh_node_ledger_status, (self._handle(),), "ledger_status", 512)
+        return json.loads(raw.decode())
+
+    def ledger_adapter(self, model: "Model") -> Optional[str]:
+        """Path of the adapter the ledger makes active for model (fetched and
+        checked), for Context.add_lora; None if it names none."""
+        raw = _buffer_call(
+            _L().mesh_node_ledger_adapter,
+            (self._handle(), model._handle()),
+            "ledger_adapter",
+            512,
+        )
+        return raw.decode() or None
 
     def serve(self, model: "Model", layers: Optional[tuple] = None) -> None:
         """Serve layers (start, end) of model (end exclusive; None: all) to peers."""

@@ -91,3 +91,24 @@ def test_bad_addresses_and_modes_are_typed_errors(model):
             n.generate(model, "Hi", mesh_llm.Mode.PRIVATE, max_tokens=2)
         assert e.value.status == mesh_llm.Status.NETWORK
         assert "helpers" in str(e.value)
+
+
+def test_a_lone_validator_runs_the_ledger(model, tmp_path):
+    import json
+    import time
+
+    with mesh_llm.Node(listen=["/ip4/127.0.0.1/tcp/0"], identity_path=str(tmp_path / "id.key")) as n:
+        with pytest.raises(mesh_llm.MeshError):
+            n.ledger_status()  # no ledger runs yet
+        genesis = tmp_path / "genesis.json"
+        genesis.write_text(
+            json.dumps({"chain_id": "py", "validators": [{"peer_id": n.peer_id, "power": 1}]})
+        )
+        n.ledger_start(str(genesis), str(tmp_path / "l.redb"), str(tmp_path / "u"))
+        deadline = time.time() + 60
+        while n.ledger_status()["height"] < 2:
+            assert time.time() < deadline, n.ledger_status()
+            time.sleep(0.1)
+        s = n.ledger_status()
+        assert s["validator"] is True and len(s["tip"]) == 64 and s["active"] == {}
+        assert n.ledger_adapter(model) is None

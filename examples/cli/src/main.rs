@@ -19,8 +19,78 @@ use rand_chacha::ChaCha20Rng;
 use serde_json::json;
 
 mod demo;
+mod ledger;
 mod net;
 mod serve;
+
+/// `mesh ledger` subcommands.
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Write a genesis file: the chain's name and its validators with their
+    /// stake (prints the JSON, or a summary line with -o).
+    Genesis {
+        /// A name that keeps this chain's signatures apart from any other's.
+        #[arg(long)]
+        chain_id: String,
+        /// A validator: a peer id, or an identity file (created if missing,
+        /// as `mesh node --identity` does), with `:STAKE` (default 1). Repeatable.
+        #[arg(
+            long = "validator",
+            value_name = "PEER_ID|FILE[:STAKE]",
+            required = true
+        )]
+        validators: Vec<String>,
+        /// Write the genesis here.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Propose an adapter to the ledger: sign it as an update record of the
+    /// model (with --identity's key), announce it to the validators found
+    /// through --bootstrap, send it to those that fetch it, and wait until a
+    /// block decides it. Prints `{"update", "adapter", "decided_at", "active"}`
+    /// (`active`: what the model runs now: this adapter, or the aggregate
+    /// with competing updates). Fails if it is not decided within --wait.
+    Propose {
+        /// The adapter (llama.cpp GGUF LoRA), checked against the model.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base model: GGUF file, `default`, or a model id.
+        #[arg(long, default_value = "default")]
+        model: String,
+        /// The chain's genesis file.
+        #[arg(long)]
+        genesis: PathBuf,
+        /// Validators (or any node of the mesh) to reach (repeatable).
+        #[arg(long, required = true)]
+        bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// The author's key file (created if missing; default: a new key).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Seconds to wait for the decision.
+        #[arg(long, default_value_t = 120.0)]
+        wait: f64,
+    },
+    /// Print a ledger store's height, tip and active adapters (no checks).
+    Status {
+        /// The chain's genesis file.
+        #[arg(long)]
+        genesis: PathBuf,
+        /// The store (`ledger-*.redb`, see `mesh node --ledger-store`).
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Verify a ledger store offline: every block's parent, height and
+    /// commit certificate (more than 2/3 of the stake, valid signatures)
+    /// against the genesis. Fails with the first bad block.
+    Verify {
+        /// The chain's genesis file.
+        #[arg(long)]
+        genesis: PathBuf,
+        /// The store.
+        #[arg(long)]
+        store: PathBuf,
+    },
+}
 
 #[derive(Parser)]
 #[command(
@@ -103,6 +173,15 @@ enum Command {
         /// cannot continue one are never sampled; generation ends when it closes).
         #[arg(long)]
         json_mode: bool,
+        /// Run the adapter the ledger of this genesis makes active for the
+        /// model (after --lora adapters, scale 1): follows the chain from the
+        /// validators found through --bootstrap until in sync, fetches the
+        /// adapter (verified by hash) and prints `ledger_adapter` on stderr.
+        #[arg(long, value_name = "GENESIS", requires = "bootstrap")]
+        follow_ledger: Option<PathBuf>,
+        /// With --follow-ledger: seconds to wait for the chain to be in sync.
+        #[arg(long, default_value_t = 30.0, requires = "follow_ledger")]
+        ledger_wait: f64,
         /// Private mode: evaluate every linear layer on additive secret shares held
         /// by N (>= 2) helpers, with sealed messages and verified results: helper
         /// nodes found through --bootstrap, or in-process helpers without it.
@@ -239,8 +318,9 @@ enum Command {
         /// Peer to bootstrap from (repeatable).
         #[arg(long)]
         bootstrap: Vec<mesh_core::network::Multiaddr>,
-        /// Identity file (Ed25519 key, created with mode 0600 if missing; default: ephemeral).
-        #[arg(long)]
+        /// Identity file (Ed25519 key, created with mode 0600 if missing; default:
+        /// ephemeral). It is also the ledger's stake key (`--stake-key` is an alias).
+        #[arg(long, alias = "stake-key")]
         identity: Option<PathBuf>,
         /// Serve a model (path, `default`, or a model id: from the cache, else
         /// fetched from peers found through --bootstrap), optionally only
@@ -288,6 +368,31 @@ enum Command {
         /// ledger's decision, not built yet.
         #[arg(long, requires = "updates")]
         fetch_updates: bool,
+        /// Run the ledger of this genesis file: vote if this node's identity
+        /// has stake in it (use --identity), follow it otherwise. Prints
+        /// `ledger`, then `ledger_decided` / `ledger_synced` per block. With
+        /// --updates, blocks carry the update records heard whose adapters
+        /// every voter holds.
+        #[arg(long, value_name = "GENESIS")]
+        ledger: Option<PathBuf>,
+        /// Where the ledger's blocks are kept (redb; default: in the --updates
+        /// directory, else in the cache).
+        #[arg(long, value_name = "PATH", requires = "ledger")]
+        ledger_store: Option<PathBuf>,
+        /// Refuse to start unless the identity (--identity / --stake-key) has
+        /// stake in the --ledger genesis, i.e. unless this node votes.
+        #[arg(long, requires_all = ["ledger", "identity"])]
+        validator: bool,
+        /// Hold the adapter the ledger makes active for each served model
+        /// (fetched and checked; pipeline sessions then name it by hash).
+        /// Prints `ledger_adapter` when it changes.
+        #[arg(long, requires_all = ["ledger", "updates"])]
+        follow_ledger: bool,
+    },
+    /// The ledger: write a genesis file, show or verify a ledger store.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
     },
     /// Serve OpenAI's API (`/v1/chat/completions`, `/v1/completions`,
     /// `/v1/models`), Ollama's (`/api/chat`, `/api/generate`, `/api/tags`,
@@ -625,6 +730,8 @@ fn run(command: Command) -> Result<(), BoxError> {
             ctx,
             ignore_eos,
             json_mode,
+            follow_ledger,
+            ledger_wait,
             private,
             spares,
             inject_fault,
@@ -646,7 +753,20 @@ fn run(command: Command) -> Result<(), BoxError> {
             };
             let engine = GgmlEngine::load(model_path_via(&model, &bootstrap)?, threads)?;
             set_exact(&engine, exact)?;
-            let adapters = load_adapters(&engine, &lora)?;
+            let mut adapters = load_adapters(&engine, &lora)?;
+            if let Some(path) = &follow_ledger {
+                let genesis = ledger::read_genesis(path)?;
+                let node = net::client_node(net::ClientArgs {
+                    bootstrap: bootstrap.clone(),
+                    ..net::ClientArgs::default()
+                })?;
+                let wait = net::seconds("--ledger-wait", ledger_wait)?;
+                let active = ledger::active_adapter(&node, &engine, genesis, wait);
+                node.shutdown()?;
+                if let Some(adapter) = active? {
+                    adapters.push(ActiveLora::new(adapter, 1.0));
+                }
+            }
             let prompt = if chat {
                 let system = system.map(|s| ChatMessage::new("system", s));
                 let user = ChatMessage::new("user", prompt);
@@ -1032,6 +1152,10 @@ fn run(command: Command) -> Result<(), BoxError> {
             updates,
             publish_update,
             fetch_updates,
+            ledger,
+            ledger_store,
+            validator,
+            follow_ledger,
         } => net::node(net::NodeArgs {
             listen,
             bootstrap,
@@ -1047,7 +1171,39 @@ fn run(command: Command) -> Result<(), BoxError> {
             updates,
             publish_update,
             fetch_updates,
+            ledger,
+            ledger_store,
+            validator,
+            follow_ledger,
         })?,
+        Command::Ledger { command } => match command {
+            LedgerCommand::Genesis {
+                chain_id,
+                validators,
+                output,
+            } => ledger::genesis(&chain_id, &validators, output.as_deref())?,
+            LedgerCommand::Propose {
+                adapter,
+                model,
+                genesis,
+                bootstrap,
+                identity,
+                wait,
+            } => {
+                let path = model_path_via(&model, &bootstrap)?;
+                let wait = net::seconds("--wait", wait)?;
+                ledger::propose(
+                    &adapter,
+                    &path,
+                    &genesis,
+                    bootstrap,
+                    identity.as_deref(),
+                    wait,
+                )?
+            }
+            LedgerCommand::Status { genesis, store } => ledger::inspect(&genesis, &store, false)?,
+            LedgerCommand::Verify { genesis, store } => ledger::inspect(&genesis, &store, true)?,
+        },
         Command::Serve {
             model,
             name,

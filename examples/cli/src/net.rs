@@ -80,6 +80,14 @@ pub struct NodeArgs {
     pub publish_update: Option<PathBuf>,
     /// Fetch the adapters of update records heard.
     pub fetch_updates: bool,
+    /// The genesis of a ledger to run.
+    pub ledger: Option<PathBuf>,
+    /// Where its blocks are kept.
+    pub ledger_store: Option<PathBuf>,
+    /// Fail unless the identity has stake in the genesis.
+    pub validator: bool,
+    /// Hold the ledger's active adapters for served models.
+    pub follow_ledger: bool,
 }
 
 /// `mesh node`.
@@ -99,11 +107,29 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         updates,
         publish_update,
         fetch_updates,
+        ledger,
+        ledger_store,
+        validator,
+        follow_ledger,
     } = args;
+    let genesis = ledger
+        .as_deref()
+        .map(crate::ledger::read_genesis)
+        .transpose()?;
     let identity = match identity {
         Some(path) => Identity::load_or_create(&path)?,
         None => Identity::ephemeral(),
     };
+    if let (true, Some(g)) = (validator, &genesis) {
+        if g.power_of(&identity.peer_id()) == 0 {
+            return Err(format!(
+                "--validator: {} has no stake in the genesis of {}",
+                identity.peer_id(),
+                g.chain_id
+            )
+            .into());
+        }
+    }
     // Load every model before going online, so a bad path fails fast.
     let mut engines = Vec::new();
     for spec in &serve {
@@ -205,13 +231,39 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
                 .map_err(|e| format!("--publish-update {}: {e}", path.display()))?;
         }
     }
+    let ledger_handle = match genesis {
+        Some(g) => {
+            let store = match ledger_store {
+                Some(p) => p,
+                None => crate::ledger::default_store(updates.as_deref(), &g)?,
+            };
+            Some(crate::ledger::start_on(&node, g, &store)?)
+        }
+        None => None,
+    };
+    let mut ledger_events = ledger_handle.as_ref().map(|h| h.events());
+    let mut following = Following::default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
+            let next_ledger = async {
+                match ledger_events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                e = next_ledger => {
+                    if let (Ok(e), Some(h)) = (e, ledger_handle.as_ref()) {
+                        crate::ledger::print_event(h, &e);
+                        if follow_ledger {
+                            following.update(&node, &served, h);
+                        }
+                    }
+                },
                 e = events.recv() => match e {
                     Ok(e) => {
                         println!("{}", e.to_json());
@@ -230,12 +282,66 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         }
         Ok::<(), BoxError>(())
     })?;
+    drop(ledger_handle);
     // A fetch still running holds the node: it then ends with the process.
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown()?;
     }
     println!("{}", json!({"event": "shutdown"}));
     Ok(())
+}
+
+/// The adapters `--follow-ledger` holds, by model.
+#[derive(Default)]
+struct Following {
+    held: std::collections::HashMap<mesh_core::engine::ModelId, mesh_core::engine::ModelId>,
+}
+
+impl Following {
+    /// Fetches and holds (`serve_adapter`) the ledger's active adapter of each
+    /// served model that changed; prints `ledger_adapter` (or
+    /// `ledger_adapter_failed`). Fetches run on threads of their own.
+    fn update(
+        &mut self,
+        node: &Arc<Node>,
+        served: &[Arc<mesh_core::engine::GgmlEngine>],
+        ledger: &mesh_core::ledger::consensus::LedgerHandle,
+    ) {
+        for engine in served {
+            let model = engine.info().id;
+            let Some(source) = ledger.active_source(model) else {
+                continue;
+            };
+            if self.held.get(&model) == Some(&source.adapter) {
+                continue;
+            }
+            self.held.insert(model, source.adapter);
+            let (node, engine) = (node.clone(), engine.clone());
+            std::thread::spawn(move || {
+                let fetched = node
+                    .fetch_adapter(
+                        &engine,
+                        source.adapter,
+                        source.size,
+                        source.holder,
+                        &Default::default(),
+                    )
+                    .and_then(|(a, _)| node.serve_adapter(a));
+                match fetched {
+                    Ok(id) => println!(
+                        "{}",
+                        json!({"event": "ledger_adapter", "model": model.to_hex(),
+                               "adapter": id.to_hex(), "decided_at": source.height})
+                    ),
+                    Err(e) => println!(
+                        "{}",
+                        json!({"event": "ledger_adapter_failed", "adapter": source.adapter.to_hex(),
+                               "error": e.to_string()})
+                    ),
+                }
+            });
+        }
+    }
 }
 
 /// Fetches the adapter of `record` (if it is for a served model) on a thread

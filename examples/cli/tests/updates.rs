@@ -197,3 +197,243 @@ fn aggregate_leaves_out_the_outlier_and_writes_a_loadable_adapter() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The ledger across processes on loopback: four `mesh node --ledger`
+/// validators (identities and stakes from `mesh ledger genesis`); an author
+/// without stake runs `mesh ledger propose --adapter`; the update is fetched
+/// by every validator, decided with a commit certificate, and a fifth
+/// process, `mesh generate --follow-ledger`, fetches and runs it: its greedy tokens equal local
+/// generation with `--lora` on that file. `mesh ledger verify` then checks a
+/// validator's store offline.
+#[test]
+fn four_validator_processes_decide_an_update_that_a_fifth_process_runs() {
+    let m = model();
+    let path = mesh_core::fetch::resolve_model(&m, &mut |_| {}).unwrap();
+    let model_path = path.to_str().unwrap().to_owned();
+    let engine = GgmlEngine::load(&path, 1).unwrap();
+    let bytes = lora::testing::random_adapter(
+        engine.info(),
+        &[
+            (3, Projection::Q),
+            (12, Projection::Down),
+            (20, Projection::Up),
+        ],
+        8,
+        16.0,
+        0.08,
+        21,
+    );
+    let adapter_id = mesh_core::engine::LoraAdapter::from_bytes(&bytes, engine.info())
+        .unwrap()
+        .id()
+        .to_hex();
+    let model_id = engine.info().id.to_hex();
+    drop(engine);
+    let root = std::env::temp_dir().join(format!("mesh-cli-ledger-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("adapter.gguf");
+    std::fs::write(&file, &bytes).unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let mesh = |args: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(args)
+            .env("MESH_CACHE_DIR", root.join("cache"))
+            .output()
+            .unwrap()
+    };
+
+    // The genesis: four identity files (created here), unequal stake.
+    let genesis = root.join("genesis.json");
+    let mut args: Vec<String> = vec![
+        "ledger".into(),
+        "genesis".into(),
+        "--chain-id".into(),
+        "cli-test".into(),
+    ];
+    for (i, stake) in [3, 2, 2, 1].iter().enumerate() {
+        args.push("--validator".into());
+        args.push(format!("{}:{stake}", s(&root.join(format!("id{i}.key")))));
+    }
+    args.extend(["-o".into(), s(&genesis)]);
+    let o = mesh(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["validators"], 4);
+    assert_eq!(summary["total_stake"], 8);
+
+    let serve = format!("{model_path}:0-2");
+    let validator = |i: usize, extra: &[&str]| {
+        let dir = s(&root.join(format!("v{i}")));
+        let id = s(&root.join(format!("id{i}.key")));
+        let mut args = vec![
+            "node",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--serve",
+            &serve,
+            "--threads",
+            "1",
+            "--identity",
+            &id,
+            "--updates",
+            &dir,
+            "--validator",
+            "--ledger",
+        ];
+        let g = s(&genesis);
+        args.push(&g);
+        args.extend_from_slice(extra);
+        spawn(&args)
+    };
+    let file_arg = s(&file);
+    let v0 = validator(0, &[]);
+    let first = wait_for(&v0, Duration::from_secs(120), |v| v["peer_id"].is_string());
+    let addr = format!(
+        "{}/p2p/{}",
+        first["listen"][0].as_str().unwrap(),
+        first["peer_id"].as_str().unwrap()
+    );
+    let ledger = wait_for(&v0, Duration::from_secs(120), |v| v["event"] == "ledger");
+    assert_eq!(ledger["validator"], true);
+    let others: Vec<Proc> = (1..4)
+        .map(|i| validator(i, &["--bootstrap", &addr]))
+        .collect();
+    // The author (no stake) proposes the adapter and waits for the decision.
+    let author_key = s(&root.join("author.key"));
+    let g = s(&genesis);
+    // Without stake, `--validator` refuses to start.
+    let o = mesh(&[
+        "node".into(),
+        "--identity".into(),
+        author_key.clone(),
+        "--ledger".into(),
+        g.clone(),
+        "--validator".into(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no stake"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = mesh(&[
+        "ledger".into(),
+        "propose".into(),
+        "--adapter".into(),
+        file_arg.clone(),
+        "--model".into(),
+        model_path.clone(),
+        "--genesis".into(),
+        g.clone(),
+        "--bootstrap".into(),
+        addr.clone(),
+        "--identity".into(),
+        author_key,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let proposed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(proposed["adapter"], adapter_id.as_str());
+    assert_eq!(proposed["active"], adapter_id.as_str());
+    let decided = wait_for(&v0, Duration::from_secs(240), |v| {
+        v["event"] == "ledger_decided" && !v["updates"].as_array().unwrap().is_empty()
+    });
+    assert_eq!(decided["height"], proposed["decided_at"]);
+    assert_eq!(
+        decided["active"][&model_id],
+        adapter_id.as_str(),
+        "{decided}"
+    );
+
+    // The fifth process: not a validator, it follows the chain and runs the
+    // decided adapter.
+    let prompt = "The three primary colors are";
+    let gen = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "generate",
+            "--model",
+            &model_path,
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--max-tokens",
+            "24",
+            "--format",
+            "json",
+            "--threads",
+            "1",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let o = mesh(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        (v, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (followed, err) = gen(&["--follow-ledger", &g, "--bootstrap", &addr]);
+    assert!(
+        err.contains("\"ledger_adapter\"") && err.contains(&adapter_id),
+        "{err}"
+    );
+    let (local, _) = gen(&["--lora", &file_arg]);
+    let (plain, _) = gen(&[]);
+    assert_eq!(
+        followed["token_ids"], local["token_ids"],
+        "the followed adapter is not the file's"
+    );
+    assert_ne!(
+        local["token_ids"], plain["token_ids"],
+        "the adapter changes nothing: the test proves little"
+    );
+
+    // Offline: a validator's store verifies against the genesis alone.
+    drop(others);
+    drop(v0);
+    let store = std::fs::read_dir(root.join("v1"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "redb"))
+        .expect("validator 1's ledger store");
+    let o = mesh(&[
+        "ledger".into(),
+        "verify".into(),
+        "--genesis".into(),
+        g.clone(),
+        "--store".into(),
+        s(&store),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["active"][&model_id], adapter_id.as_str());
+    assert!(v["height"].as_u64().unwrap() >= decided["height"].as_u64().unwrap());
+    // Another genesis does not open this store.
+    let other = root.join("other.json");
+    let o = mesh(&[
+        "ledger".into(),
+        "genesis".into(),
+        "--chain-id".into(),
+        "other".into(),
+        "--validator".into(),
+        s(&root.join("id0.key")),
+        "-o".into(),
+        s(&other),
+    ]);
+    assert!(o.status.success());
+    let o = mesh(&[
+        "ledger".into(),
+        "status".into(),
+        "--genesis".into(),
+        s(&other),
+        "--store".into(),
+        s(&store),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another genesis"));
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1198,7 +1198,9 @@ mesh_status mesh_node_ledger_start(const struct mesh_node *node,
  * decided block), `tip` (its hash, hex), `round` (of the height under way),
  * `validator` (whether this node votes), `peers_height` (the highest height
  * heard from a validator), `synced` (heard one and caught up with it) and
- * `active` (model id -> the adapter id the ledger makes it run, hex).
+ * `active` (model id -> the adapter id the ledger makes it run, hex) and
+ * `stakes` (peer id -> stake: the validators of the next height, after the
+ * stake transfers decided so far).
  *
  * `MESH_STATUS_INVALID_ARG` if no ledger runs on `node`.
  *
@@ -1226,6 +1228,24 @@ mesh_status mesh_node_ledger_adapter(const struct mesh_node *node,
                                      char *buf,
                                      size_t cap,
                                      size_t *n_out);
+
+/**
+ * Gives `amount` of this node's stake in its ledger to the peer `to` (a
+ * peer id string): a transfer signed with the node's identity (its stake
+ * key), numbered after its last decided transfer, sent to the validators.
+ * It takes effect at the height after the block that carries it: watch
+ * `stakes` in `mesh_node_ledger_status`. A holder that gives all its stake
+ * stops voting; the receiver starts.
+ *
+ * `MESH_STATUS_INVALID_ARG` if no ledger runs on `node`, `to` is not an
+ * Ed25519 peer id or is this node, `amount` is 0, or this node does not
+ * hold `amount` at the ledger's current height.
+ *
+ * Threads: any thread; returns once the transfer is sent (not decided).
+ */
+mesh_status mesh_node_ledger_transfer(const struct mesh_node *node,
+                                      const char *to,
+                                      uint64_t amount);
 
 /**
  * Send mesh's log messages of `level` and more severe to `cb` (with

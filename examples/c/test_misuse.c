@@ -664,6 +664,7 @@ static void test_node_misuse_without_model(void) {
     EXPECT(mesh_node_ledger_start(NULL, "g.json", NULL, NULL), MESH_STATUS_NULL_ARG);
     EXPECT(mesh_node_ledger_status(NULL, lbuf, sizeof lbuf, &ln), MESH_STATUS_NULL_ARG);
     EXPECT(mesh_node_ledger_adapter(NULL, NULL, lbuf, sizeof lbuf, &ln), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_ledger_transfer(NULL, "x", 1), MESH_STATUS_NULL_ARG);
     mesh_node_free(NULL);
 }
 
@@ -708,6 +709,8 @@ static void test_node_misuse(const mesh_model *model) {
     EXPECT(mesh_node_ledger_status(node, buf, sizeof buf, &n), MESH_STATUS_INVALID_ARG);
     CONTAINS(last_error(), "no ledger");
     EXPECT(mesh_node_ledger_adapter(node, model, buf, sizeof buf, &n), MESH_STATUS_INVALID_ARG);
+    EXPECT(mesh_node_ledger_transfer(node, NULL, 1), MESH_STATUS_NULL_ARG);
+    EXPECT(mesh_node_ledger_transfer(node, "not a peer id", 1), MESH_STATUS_INVALID_ARG);
     EXPECT(mesh_node_ledger_start(node, NULL, NULL, NULL), MESH_STATUS_NULL_ARG);
     EXPECT(mesh_node_ledger_start(node, "/nonexistent/genesis.json", NULL, NULL), MESH_STATUS_IO);
     EXPECT(mesh_node_ledger_start(node, "/dev/null", NULL, NULL), MESH_STATUS_INVALID_ARG);

@@ -3,7 +3,8 @@
 //! proposals with whole blocks, status), blocks (`Block::decode`, records'
 //! signatures and the active-adapter rule), commit certificates
 //! (`Certificate::decode`, then `verify` against a fixed genesis), genesis
-//! files (`Genesis::from_json`). Each returns a value or a typed error and
+//! files (`Genesis::from_json`), stake transfers (`StakeTransfer::decode`,
+//! then `Stakes::apply` to the fixed genesis). Each returns a value or a typed error and
 //! never panics; what decodes re-encodes to bytes that decode the same.
 //!
 //! With cargo-fuzz (nightly): `cargo fuzz run ledger_decode`; on stable: `fuzz/run.sh`.
@@ -14,6 +15,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use mesh_core::ledger::chain::{Block, Certificate, Genesis, GenesisValidator};
 use mesh_core::ledger::consensus::Decoded;
+use mesh_core::ledger::{StakeTransfer, Stakes};
 use mesh_core::network::Identity;
 
 fn genesis() -> &'static Genesis {
@@ -33,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 4 {
+    match which % 5 {
         0 => {
             let _ = Decoded::decode(rest);
         }
@@ -48,7 +50,20 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(cert) = Certificate::decode(rest) {
                 let again = Certificate::decode(&cert.encode()).expect("re-encoded certificate");
                 assert_eq!(again, cert);
-                let _ = cert.verify(genesis());
+                let _ = cert.verify(&Stakes::genesis(genesis()));
+            }
+        }
+        3 => {
+            if let Ok(tx) = StakeTransfer::decode(rest) {
+                let again = StakeTransfer::decode(tx.encoded()).expect("re-decoded transfer");
+                assert_eq!(again, tx);
+                let mut stakes = Stakes::genesis(genesis());
+                let before = stakes.clone();
+                if stakes.apply(&tx).is_err() {
+                    assert_eq!(stakes, before, "a refused transfer changed the stakes");
+                } else {
+                    assert_eq!(stakes.total_power(), before.total_power());
+                }
             }
         }
         _ => {

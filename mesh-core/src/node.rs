@@ -747,6 +747,26 @@ impl Node {
         ))
     }
 
+    /// Gives `amount` of this node's stake in `ledger` (started with
+    /// [`Node::start_ledger`]) to `to`: a transfer signed with this node's
+    /// identity, numbered after its last decided one, sent to the
+    /// validators. It takes effect at the height after the block that
+    /// carries it (see [`crate::ledger::stake`]); an error now if this
+    /// node does not hold `amount` at the ledger's current height.
+    pub fn transfer_stake(
+        &self,
+        ledger: &crate::ledger::consensus::LedgerHandle,
+        to: PeerId,
+        amount: u64,
+    ) -> Result<crate::ledger::StakeTransfer> {
+        let Some(identity) = &self.identity else {
+            return Err(Error::InvalidArgument(
+                "giving stake needs the node's identity (Node::with_identity)".into(),
+            ));
+        };
+        Ok(ledger.transfer_stake(identity, to, amount)?)
+    }
+
     /// Verified update records seen so far, oldest first.
     pub fn updates(&self) -> Vec<UpdateRecord> {
         self.lock_updates()

@@ -19,7 +19,7 @@ use mesh_core::ledger::consensus::{
     LedgerEvent, LedgerHandle, LedgerMsg, MemoryChain, MeshContext, Proposal, ProposalMsg,
     ValidatorId, ValidatorSet, Vote, VoteKind, LEDGER_TOPIC,
 };
-use mesh_core::ledger::{UpdateDraft, UpdateRecord};
+use mesh_core::ledger::{StakeTransfer, Stakes, UpdateDraft, UpdateRecord};
 use mesh_core::network::memory::{LinkConfig, MemoryNet, MemoryNetwork};
 use mesh_core::network::{Identity, Limits, Network};
 use prost::Message as _;
@@ -197,7 +197,10 @@ async fn four_validators_decide_certified_blocks_and_a_follower_catches_up() {
         assert!(cert.signatures.len() >= 3, "{cert:?}");
         let again = Certificate::decode(&cert.encode()).unwrap();
         assert_eq!(&again, cert);
-        assert_eq!(again.verify(&g).unwrap(), cert.signatures.len() as u64);
+        assert_eq!(
+            again.verify(&Stakes::genesis(&g)).unwrap(),
+            cert.signatures.len() as u64
+        );
         assert_eq!(Block::decode(block.encoded()).unwrap().hash(), block.hash());
     }
     // Tampering is caught offline: a certificate for another block, or with
@@ -214,13 +217,13 @@ async fn four_validators_decide_certified_blocks_and_a_follower_catches_up() {
     .is_err());
     let mut short = reference[0].1.clone();
     short.signatures.truncate(2);
-    assert!(short.verify(&g).is_err());
+    assert!(short.verify(&Stakes::genesis(&g)).is_err());
     let mut forged = reference[0].1.clone();
     forged.signatures[0].signature[5] ^= 1;
-    assert!(forged.verify(&g).is_err());
+    assert!(forged.verify(&Stakes::genesis(&g)).is_err());
     // Another chain's genesis rejects these certificates.
     let other = Genesis::new("other-mesh", g.validators.clone()).unwrap();
-    assert!(reference[0].1.verify(&other).is_err());
+    assert!(reference[0].1.verify(&Stakes::genesis(&other)).is_err());
 
     // A follower (no stake) joins late and catches up by sync alone.
     let follower_id = Identity::from_seed([50; 32]);
@@ -331,6 +334,7 @@ async fn misbehave(
                 adapter: vec![6; 32],
             }],
             aggregates: vec![],
+            stake: vec![],
         };
         let msg = LedgerMsg {
             version: 1,
@@ -404,7 +408,7 @@ async fn a_faulty_validator_is_refused_and_the_chain_goes_on() {
         assert!(!bad_blocks.contains(&block.hash()));
         assert_ne!(block.proposer, ids[3].peer_id());
         // Only real precommits are in certificates: the forged one never counts.
-        assert!(cert.verify(&g).is_ok());
+        assert!(cert.verify(&Stakes::genesis(&g)).is_ok());
     }
     // Height 1 needed a second round: its first proposer was the faulty one.
     assert!(reference[0].1.round >= 1, "{:?}", reference[0].1);
@@ -477,6 +481,132 @@ async fn one_of_four_down_goes_on_two_down_halts_without_a_fork_then_resumes() {
             assert_eq!(a.0.hash(), b.0.hash(), "fork at height {}", a.0.height);
         }
     }
+}
+
+/// Waits (virtual time) until `cond` holds for every handle's status.
+async fn all_see(
+    handles: &[&LedgerHandle],
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&consensus::LedgerStatus) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !handles.iter().all(|h| cond(&h.status())) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every node saw {what} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stake_moves_by_signed_transfer_and_the_new_holder_validates() {
+    let net = MemoryNet::new(17);
+    net.set_default_link(LinkConfig {
+        latency: Duration::from_millis(10),
+        ..LinkConfig::default()
+    });
+    // A holds 3 of 6: nothing is decided without A (more than 4 is needed).
+    let ids = identities(4, 70);
+    let g = genesis(&ids, &[3, 1, 1, 1]);
+    let newcomer = Identity::from_seed([90; 32]);
+    let sybil = Identity::from_seed([91; 32]);
+    let mut all_ids = ids.clone();
+    all_ids.push(newcomer.clone());
+    let nodes = mesh(&net, &all_ids).await;
+    let mut handles: Vec<Option<LedgerHandle>> = Vec::new();
+    for (node, id) in nodes.iter().zip(&all_ids) {
+        handles.push(Some(start(node, &g, id, Box::new(EmptyBlocks)).await));
+    }
+    assert!(!handles[4].as_ref().unwrap().status().validator);
+    {
+        let refs: Vec<&LedgerHandle> = handles.iter().flatten().collect();
+        all_reach(&refs, 2, Duration::from_secs(60)).await;
+    }
+    let a = handles[0].as_ref().unwrap();
+    let chain = g.hash();
+    // Offered but never applied: a zero-stake identity giving stake, and B
+    // giving more than it holds.
+    let gift = StakeTransfer::sign(&sybil, chain, ids[1].peer_id(), 5, 1).unwrap();
+    a.submit_stake(gift.clone()).unwrap();
+    let overdraft = StakeTransfer::sign(&ids[1], chain, newcomer.peer_id(), 2, 1).unwrap();
+    a.submit_stake(overdraft.clone()).unwrap();
+    assert!(a.transfer_stake(&ids[1], newcomer.peer_id(), 2).is_err());
+    // A gives all its stake to the newcomer.
+    let tx = a.transfer_stake(&ids[0], newcomer.peer_id(), 3).unwrap();
+    assert_eq!(tx.nonce, 1);
+    {
+        let refs: Vec<&LedgerHandle> = handles.iter().flatten().collect();
+        all_see(&refs, Duration::from_secs(60), "the transfer", |s| {
+            s.stakes.power_of(&newcomer.peer_id()) == 3
+        })
+        .await;
+    }
+    let moved_at = handles[0].as_ref().unwrap().status().height;
+    for (i, h) in handles.iter().flatten().enumerate() {
+        let s = h.status();
+        assert_eq!(s.stakes.power_of(&ids[0].peer_id()), 0);
+        assert_eq!(s.stakes.total_power(), 6);
+        assert_eq!(s.stakes.validators().len(), 4);
+        assert_eq!(s.validator, i != 0, "node {i}");
+    }
+    // A leaves. Without the newcomer's vote B, C, D hold 3 of 6: the chain
+    // going on proves the transfer counts.
+    net.kill(ids[0].peer_id());
+    handles[0].take().unwrap().stop().await;
+    let target = moved_at + 3;
+    let refs: Vec<&LedgerHandle> = handles.iter().flatten().collect();
+    all_reach(&refs, target, Duration::from_secs(180)).await;
+    let reference = chain_of(refs[0], target);
+    for h in &refs[1..] {
+        for (x, y) in reference.iter().zip(chain_of(h, target)) {
+            assert_eq!(x.0.hash(), y.0.hash(), "fork at height {}", x.0.height);
+        }
+    }
+    // Offline: the chain verifies with per-height stakes, the transfer
+    // appears once, the refused ones never.
+    let (tip, stakes) =
+        mesh_core::ledger::chain::verify_chain_stakes(&g, reference.iter().map(|(b, c)| (b, c)))
+            .unwrap();
+    assert_eq!(tip, reference.last().unwrap().0.hash());
+    assert_eq!(stakes.power_of(&newcomer.peer_id()), 3);
+    assert_eq!(stakes.next_nonce(&ids[0].peer_id()), 2);
+    let carried: Vec<u64> = reference
+        .iter()
+        .filter(|(b, _)| b.stake.iter().any(|t| t.id() == tx.id()))
+        .map(|(b, _)| b.height)
+        .collect();
+    assert_eq!(carried.len(), 1, "{carried:?}");
+    for (b, _) in &reference {
+        assert!(b
+            .stake
+            .iter()
+            .all(|t| t.id() != gift.id() && t.id() != overdraft.id()));
+    }
+    // Blocks after the transfer's are certified by the newcomer, never by
+    // A, and their certificates do not verify under the genesis stakes.
+    let genesis_stakes = Stakes::genesis(&g);
+    for (b, c) in &reference[carried[0] as usize..] {
+        let signers: Vec<_> = c.signatures.iter().map(|s| s.validator).collect();
+        assert!(signers.contains(&newcomer.peer_id()), "block {}", b.height);
+        assert!(!signers.contains(&ids[0].peer_id()), "block {}", b.height);
+        assert!(c.verify(&genesis_stakes).is_err());
+    }
+    // A follower joining now syncs across the change of validator set.
+    let late_id = Identity::from_seed([92; 32]);
+    let late_node = net.add_node(late_id.clone(), Limits::default());
+    late_node.dial(nodes[4].addr()).await.unwrap();
+    late_node.dial(nodes[1].addr()).await.unwrap();
+    let late = start(&late_node, &g, &late_id, Box::new(EmptyBlocks)).await;
+    all_reach(&[&late], target, Duration::from_secs(120)).await;
+    for (x, y) in reference.iter().zip(chain_of(&late, target)) {
+        assert_eq!(x.0.hash(), y.0.hash());
+    }
+    let seen = late.status().stakes;
+    assert_eq!(seen.power_of(&newcomer.peer_id()), 3);
+    assert_eq!(seen.power_of(&ids[0].peer_id()), 0);
+    assert!(!late.status().validator);
 }
 
 /// Heights of every handle.

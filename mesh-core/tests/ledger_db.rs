@@ -14,6 +14,7 @@ use mesh_core::ledger::consensus::{
     self, certify, ChainStore, EmptyBlocks, LedgerConfig, LedgerHandle, VoteKind,
 };
 use mesh_core::ledger::db::LedgerDb;
+use mesh_core::ledger::Stakes;
 use mesh_core::network::memory::{MemoryNet, MemoryNetwork};
 use mesh_core::network::{Identity, Limits, Network};
 
@@ -154,7 +155,7 @@ fn kill_9_during_writes_never_leaves_a_partial_block() {
                 1 => g.hash(),
                 h => db.get(h - 1).expect("its parent").0.hash(),
             };
-            verify_link(&g, last, parent, &block, &cert).unwrap();
+            verify_link(&Stakes::genesis(&g), last, parent, &block, &cert).unwrap();
         }
     }
     let db = LedgerDb::open(&path, &g).unwrap();

@@ -102,7 +102,9 @@ fn no_ledger() -> Failure {
 /// decided block), `tip` (its hash, hex), `round` (of the height under way),
 /// `validator` (whether this node votes), `peers_height` (the highest height
 /// heard from a validator), `synced` (heard one and caught up with it) and
-/// `active` (model id -> the adapter id the ledger makes it run, hex).
+/// `active` (model id -> the adapter id the ledger makes it run, hex) and
+/// `stakes` (peer id -> stake: the validators of the next height, after the
+/// stake transfers decided so far).
 ///
 /// `MESH_STATUS_INVALID_ARG` if no ledger runs on `node`.
 ///
@@ -132,6 +134,9 @@ pub unsafe extern "C" fn mesh_node_ledger_status(
             "height": status.height, "tip": status.tip.to_hex(), "round": status.round,
             "validator": status.validator, "peers_height": status.peers_height,
             "synced": status.is_synced(), "active": active,
+            "stakes": status.stakes.validators().iter()
+                .map(|v| (v.peer_id.to_string(), json!(v.power)))
+                .collect::<serde_json::Map<String, Value>>(),
         })
         .to_string();
         buf.write_text(text.as_bytes())
@@ -174,5 +179,41 @@ pub unsafe extern "C" fn mesh_node_ledger_adapter(
             node.node()
                 .fetch_adapter(&engine, s.adapter, s.size, s.holder, &Default::default())?;
         buf.write_text(fetched.path.to_string_lossy().as_bytes())
+    })
+}
+
+/// Gives `amount` of this node's stake in its ledger to the peer `to` (a
+/// peer id string): a transfer signed with the node's identity (its stake
+/// key), numbered after its last decided transfer, sent to the validators.
+/// It takes effect at the height after the block that carries it: watch
+/// `stakes` in `mesh_node_ledger_status`. A holder that gives all its stake
+/// stops voting; the receiver starts.
+///
+/// `MESH_STATUS_INVALID_ARG` if no ledger runs on `node`, `to` is not an
+/// Ed25519 peer id or is this node, `amount` is 0, or this node does not
+/// hold `amount` at the ledger's current height.
+///
+/// Threads: any thread; returns once the transfer is sent (not decided).
+#[no_mangle]
+pub unsafe extern "C" fn mesh_node_ledger_transfer(
+    node: *const mesh_node,
+    to: *const c_char,
+    amount: u64,
+) -> mesh_status {
+    boundary(|| {
+        // SAFETY: caller's contract.
+        let node = unsafe { ffi::handle(node, "node") }?;
+        // SAFETY: caller's contract.
+        let text = unsafe { ffi::c_str(to, "to") }?;
+        let peer = text.parse::<mesh_core::network::PeerId>().map_err(|e| {
+            Failure::new(
+                mesh_status::InvalidArg,
+                format!("`to` ({text:?}) is not a peer id: {e}"),
+            )
+        })?;
+        let ledger = lock(&node.ledger);
+        let ledger = ledger.as_ref().ok_or_else(no_ledger)?;
+        node.node().transfer_stake(ledger, peer, amount)?;
+        Ok(())
     })
 }

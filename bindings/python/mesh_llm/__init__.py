@@ -291,6 +291,7 @@ _SIGNATURES = {
         _status,
         [_node_p, _model_p, c_char_p, c_size_t, POINTER(c_size_t)],
     ),
+    "mesh_node_ledger_transfer": (_status, [_node_p, c_char_p, c_uint64]),
 }
 
 _LIB_NAME = "libmesh_ffi.so"
@@ -950,9 +951,19 @@ class Node:
 
     def ledger_status(self) -> dict:
         """height, tip, round, validator, peers_height, synced, active
-        (model id -> adapter id)."""
+        (model id -> adapter id), stakes (peer id -> stake of the next height)."""
         raw = _buffer_call(_L().mesh_node_ledger_status, (self._handle(),), "ledger_status", 512)
         return json.loads(raw.decode())
+
+    def ledger_transfer(self, to: str, amount: int) -> None:
+        """Give amount of this node's stake to the peer id to (signed with the
+        node's identity; effective the height after a block carries it)."""
+        if not 0 < amount < 2**64:
+            raise ValueError("amount must be a positive 64-bit integer")
+        _check(
+            _L().mesh_node_ledger_transfer(self._handle(), _utf8(to, "to"), amount),
+            "ledger_transfer",
+        )
 
     def ledger_adapter(self, model: "Model") -> Optional[str]:
         """Path of the adapter the ledger makes active for model (fetched and

@@ -102,7 +102,7 @@ def test_a_lone_validator_runs_the_ledger(model, tmp_path):
             n.ledger_status()  # no ledger runs yet
         genesis = tmp_path / "genesis.json"
         genesis.write_text(
-            json.dumps({"chain_id": "py", "validators": [{"peer_id": n.peer_id, "power": 1}]})
+            json.dumps({"chain_id": "py", "validators": [{"peer_id": n.peer_id, "power": 2}]})
         )
         n.ledger_start(str(genesis), str(tmp_path / "l.redb"), str(tmp_path / "u"))
         deadline = time.time() + 60
@@ -111,4 +111,15 @@ def test_a_lone_validator_runs_the_ledger(model, tmp_path):
             time.sleep(0.1)
         s = n.ledger_status()
         assert s["validator"] is True and len(s["tip"]) == 64 and s["active"] == {}
+        assert s["stakes"] == {n.peer_id: 2}
         assert n.ledger_adapter(model) is None
+        # Stake transfers: more than it holds, a bad peer id, and itself are refused.
+        with mesh_llm.Node(listen=["/ip4/127.0.0.1/tcp/0"]) as other:
+            for to, amount in [(other.peer_id, 3), ("not-a-peer", 1), (n.peer_id, 1)]:
+                with pytest.raises(mesh_llm.MeshError) as e:
+                    n.ledger_transfer(to, amount)
+                assert e.value.status == mesh_llm.Status.INVALID_ARG
+            n.ledger_transfer(other.peer_id, 1)
+            while n.ledger_status()["stakes"] != {n.peer_id: 1, other.peer_id: 1}:
+                assert time.time() < deadline + 60, n.ledger_status()
+                time.sleep(0.1)

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_core::engine::{Engine, GgmlEngine, LoraAdapter};
-use mesh_core::ledger::chain::{verify_chain, Block, Genesis, GenesisValidator};
+use mesh_core::ledger::chain::{verify_chain_stakes, Block, Genesis, GenesisValidator};
 use mesh_core::ledger::consensus::{ChainStore, LedgerEvent, LedgerHandle};
 use mesh_core::ledger::db::LedgerDb;
+use mesh_core::ledger::Stakes;
 use mesh_core::network::{Identity, PeerId};
 use mesh_core::node::Node;
 use serde_json::{json, Value};
@@ -94,13 +95,18 @@ pub fn inspect(genesis: &Path, store: &Path, verify: bool) -> Result<(), BoxErro
             .ok_or_else(|| format!("{}: block {h} cannot be read", store.display()))?;
         blocks.push(pair);
     }
-    let tip = if verify {
-        verify_chain(&g, blocks.iter().map(|(b, c)| (b, c)))?
+    let (tip, stakes) = if verify {
+        verify_chain_stakes(&g, blocks.iter().map(|(b, c)| (b, c)))?
     } else {
-        blocks
+        let mut stakes = Stakes::genesis(&g);
+        for (b, _) in &blocks {
+            stakes = stakes.after(b)?;
+        }
+        let tip = blocks
             .last()
             .map(|(b, _)| b.hash())
-            .unwrap_or_else(|| g.hash())
+            .unwrap_or_else(|| g.hash());
+        (tip, stakes)
     };
     let mut active = std::collections::BTreeMap::new();
     let mut updates = 0;
@@ -111,12 +117,24 @@ pub fn inspect(genesis: &Path, store: &Path, verify: bool) -> Result<(), BoxErro
     let mut out = json!({
         "height": db.height(), "tip": tip.to_hex(), "genesis": g.hash().to_hex(),
         "chain_id": g.chain_id, "updates": updates, "active": active_json(&active),
+        "stakes": stakes_json(&stakes),
     });
     if verify {
         out["verified"] = json!(true);
     }
     println!("{out}");
     Ok(())
+}
+
+/// Peer id -> stake, for JSON output.
+pub fn stakes_json(stakes: &Stakes) -> Value {
+    Value::Object(
+        stakes
+            .validators()
+            .iter()
+            .map(|v| (v.peer_id.to_string(), json!(v.power)))
+            .collect(),
+    )
 }
 
 /// Where a node keeps its ledger by default: next to its update store, or in
@@ -133,7 +151,10 @@ pub fn block_json(event: &str, b: &Block, round: Option<u32>) -> Value {
     json!({"event": event, "height": b.height, "hash": b.hash().to_hex(),
            "proposer": b.proposer.to_string(), "round": round,
            "updates": b.updates.iter().map(|u| u.id().to_hex()).collect::<Vec<_>>(),
-           "active": active_json(&b.active)})
+           "active": active_json(&b.active),
+           "stake": b.stake.iter().map(|t| json!({"from": t.from.to_string(), "to": t.to.to_string(),
+                                                   "amount": t.amount, "nonce": t.nonce}))
+                           .collect::<Vec<_>>()})
 }
 
 /// Starts `node`'s ledger and prints `ledger` (and later `ledger_decided` /
@@ -238,6 +259,95 @@ pub fn propose(
     }
 }
 
+/// Opens a short-lived node (an ephemeral network identity: the stake key
+/// only signs) that follows the ledger of `genesis` in memory (a store on
+/// disk may be held by a node running here), and waits until it is in sync
+/// with the validators.
+fn follow(
+    genesis: &Genesis,
+    bootstrap: Vec<mesh_core::network::Multiaddr>,
+    wait: Duration,
+) -> Result<(Node, LedgerHandle), BoxError> {
+    let mut config = mesh_core::network::p2p::P2pConfig::new(Identity::ephemeral());
+    config.listen = vec!["/ip4/0.0.0.0/tcp/0".parse()?];
+    config.bootstrap = bootstrap;
+    let node = Node::open(config, Default::default())?;
+    let chain = mesh_core::ledger::consensus::MemoryChain::default();
+    let handle = node.start_ledger(genesis.clone(), Box::new(chain), Default::default())?;
+    wait_synced(&handle, wait, "--wait")?;
+    Ok((node, handle))
+}
+
+fn wait_synced(handle: &LedgerHandle, wait: Duration, flag: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + wait;
+    while !handle.status().is_synced() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{flag}: not in sync with the validators within {wait:?} (height {}, validators heard at {})",
+                handle.status().height,
+                handle.status().peers_height
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// `mesh ledger stake`.
+pub fn stake(
+    genesis: &Path,
+    identity: &Path,
+    to: PeerId,
+    amount: u64,
+    bootstrap: Vec<mesh_core::network::Multiaddr>,
+    wait: Duration,
+) -> Result<(), BoxError> {
+    let genesis = read_genesis(genesis)?;
+    if !identity.exists() {
+        return Err(format!("--identity {}: no such key file", identity.display()).into());
+    }
+    let giver = Identity::load_or_create(identity)?;
+    let (node, ledger) = follow(&genesis, bootstrap, wait)?;
+    let tx = ledger
+        .transfer_stake(&giver, to, amount)
+        .map_err(|e| format!("at height {}: {e}", ledger.status().height))?;
+    eprintln!(
+        "{}",
+        json!({"event": "stake_submitted", "transfer": tx.id().to_hex(), "nonce": tx.nonce,
+               "height": ledger.status().height})
+    );
+    let deadline = Instant::now() + wait;
+    let mut checked = ledger.status().height;
+    loop {
+        let height = ledger.status().height;
+        for h in checked + 1..=height {
+            if let Some((b, _)) = ledger.block(h) {
+                if b.stake.iter().any(|t| t.id() == tx.id()) {
+                    println!(
+                        "{}",
+                        json!({"transfer": tx.id().to_hex(), "from": tx.from.to_string(),
+                               "to": tx.to.to_string(), "amount": tx.amount, "decided_at": h,
+                               "stakes": stakes_json(&ledger.status().stakes)})
+                    );
+                    drop(ledger);
+                    node.shutdown()?;
+                    return Ok(());
+                }
+            }
+        }
+        checked = height;
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "transfer {} was not decided within {wait:?} (chain at height {height})",
+                tx.id()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `mesh generate --follow-ledger`: follows the ledger of `genesis` through
 /// `node` until it holds as many blocks as the validators it hears, then
 /// fetches the adapter the ledger makes active for `engine`'s model (if
@@ -253,18 +363,7 @@ pub fn active_adapter(
     let store = default_store(None, &genesis)?;
     let db = LedgerDb::open(&store, &genesis)?;
     let handle = node.start_ledger(genesis, Box::new(db), Default::default())?;
-    let deadline = Instant::now() + wait;
-    while !handle.status().is_synced() {
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "--follow-ledger: not in sync with the validators within {wait:?} (height {}, validators heard at {})",
-                handle.status().height,
-                handle.status().peers_height
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_synced(&handle, wait, "--follow-ledger")?;
     let status = handle.status();
     let Some(source) = handle.active_source(engine.info().id) else {
         eprintln!(

@@ -70,7 +70,34 @@ enum LedgerCommand {
         #[arg(long, default_value_t = 120.0)]
         wait: f64,
     },
-    /// Print a ledger store's height, tip and active adapters (no checks).
+    /// Give stake: sign a transfer of --amount of --identity's stake to --to
+    /// (a peer id), send it to the validators found through --bootstrap
+    /// (after catching up with the chain, which numbers the transfer), and
+    /// wait until a block applies it. The receiver votes from the next
+    /// height on; a holder that gives all its stake stops voting. Prints
+    /// `{"transfer", "from", "to", "amount", "decided_at", "stakes"}`.
+    Stake {
+        /// The chain's genesis file.
+        #[arg(long)]
+        genesis: PathBuf,
+        /// The giver's key file (a validator's `--identity` / `--stake-key`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The receiver's peer id.
+        #[arg(long)]
+        to: mesh_core::network::PeerId,
+        /// Stake to give (at most what the giver holds).
+        #[arg(long)]
+        amount: u64,
+        /// Validators (or any node of the mesh) to reach (repeatable).
+        #[arg(long, required = true)]
+        bootstrap: Vec<mesh_core::network::Multiaddr>,
+        /// Seconds to wait for the chain to be in sync and then for the
+        /// transfer to be decided (each).
+        #[arg(long, default_value_t = 120.0)]
+        wait: f64,
+    },
+    /// Print a ledger store's height, tip, active adapters and stakes (no checks).
     Status {
         /// The chain's genesis file.
         #[arg(long)]
@@ -380,7 +407,8 @@ enum Command {
         #[arg(long, value_name = "PATH", requires = "ledger")]
         ledger_store: Option<PathBuf>,
         /// Refuse to start unless the identity (--identity / --stake-key) has
-        /// stake in the --ledger genesis, i.e. unless this node votes.
+        /// stake (in the --ledger genesis, or given by transfers in the
+        /// stored chain), i.e. unless this node votes.
         #[arg(long, requires_all = ["ledger", "identity"])]
         validator: bool,
         /// Hold the adapter the ledger makes active for each served model
@@ -1200,6 +1228,17 @@ fn run(command: Command) -> Result<(), BoxError> {
                     identity.as_deref(),
                     wait,
                 )?
+            }
+            LedgerCommand::Stake {
+                genesis,
+                identity,
+                to,
+                amount,
+                bootstrap,
+                wait,
+            } => {
+                let wait = net::seconds("--wait", wait)?;
+                ledger::stake(&genesis, &identity, to, amount, bootstrap, wait)?
             }
             LedgerCommand::Status { genesis, store } => ledger::inspect(&genesis, &store, false)?,
             LedgerCommand::Verify { genesis, store } => ledger::inspect(&genesis, &store, true)?,

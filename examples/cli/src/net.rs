@@ -120,16 +120,6 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
         Some(path) => Identity::load_or_create(&path)?,
         None => Identity::ephemeral(),
     };
-    if let (true, Some(g)) = (validator, &genesis) {
-        if g.power_of(&identity.peer_id()) == 0 {
-            return Err(format!(
-                "--validator: {} has no stake in the genesis of {}",
-                identity.peer_id(),
-                g.chain_id
-            )
-            .into());
-        }
-    }
     // Load every model before going online, so a bad path fails fast.
     let mut engines = Vec::new();
     for spec in &serve {
@@ -237,7 +227,19 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
                 Some(p) => p,
                 None => crate::ledger::default_store(updates.as_deref(), &g)?,
             };
-            Some(crate::ledger::start_on(&node, g, &store)?)
+            let chain_id = g.chain_id.clone();
+            let handle = crate::ledger::start_on(&node, g, &store)?;
+            // Stake comes from the genesis or from transfers in the stored
+            // chain; a node given stake later starts voting by itself.
+            if validator && !handle.status().validator {
+                return Err(format!(
+                    "--validator: {} has no stake in the ledger {chain_id} (genesis and {} stored blocks); without --validator the node follows the chain and votes once a transfer gives it stake",
+                    node.peer_id(),
+                    handle.status().height
+                )
+                .into());
+            }
+            Some(handle)
         }
         None => None,
     };

@@ -390,6 +390,58 @@ fn four_validator_processes_decide_an_update_that_a_fifth_process_runs() {
         "the adapter changes nothing: the test proves little"
     );
 
+    // Validator 3 gives its stake (1 of 8) to the author: the author's key
+    // signs nothing here, validator 3's does; the chain goes on without it.
+    let author_peer = mesh_core::network::Identity::load_or_create(&root.join("author.key"))
+        .unwrap()
+        .peer_id()
+        .to_string();
+    let o = mesh(&[
+        "ledger".into(),
+        "stake".into(),
+        "--genesis".into(),
+        g.clone(),
+        "--identity".into(),
+        s(&root.join("id3.key")),
+        "--to".into(),
+        author_peer.clone(),
+        "--amount".into(),
+        "1".into(),
+        "--bootstrap".into(),
+        addr.clone(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let moved: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(moved["stakes"][&author_peer], 1, "{moved}");
+    assert_eq!(moved["stakes"].as_object().unwrap().len(), 4, "{moved}");
+    let after = moved["decided_at"].as_u64().unwrap();
+    wait_for(&v0, Duration::from_secs(120), |v| {
+        v["event"] == "ledger_decided" && v["height"].as_u64().is_some_and(|h| h > after + 1)
+    });
+    // More than it holds now (nothing) is refused before anything is sent.
+    let o = mesh(&[
+        "ledger".into(),
+        "stake".into(),
+        "--genesis".into(),
+        g.clone(),
+        "--identity".into(),
+        s(&root.join("id3.key")),
+        "--to".into(),
+        author_peer.clone(),
+        "--amount".into(),
+        "1".into(),
+        "--bootstrap".into(),
+        addr.clone(),
+        "--wait".into(),
+        "30".into(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("holds 0"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     // Offline: a validator's store verifies against the genesis alone.
     drop(others);
     drop(v0);
@@ -411,6 +463,7 @@ fn four_validator_processes_decide_an_update_that_a_fifth_process_runs() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["verified"], true);
     assert_eq!(v["active"][&model_id], adapter_id.as_str());
+    assert_eq!(v["stakes"][&author_peer], 1, "{v}");
     assert!(v["height"].as_u64().unwrap() >= decided["height"].as_u64().unwrap());
     // Another genesis does not open this store.
     let other = root.join("other.json");

@@ -19,6 +19,7 @@
 //! message AggregateMsg { bytes base = 1; bytes adapter = 2; uint64 adapter_size = 3;
 //!                        uint32 byzantine = 4; }
 //! // BlockMsg also has: repeated AggregateMsg aggregates = 8;
+//! //                    repeated bytes stake = 9;  (StakeMsg, see `stake`)
 //! message CommitSig { bytes validator = 1; bytes signature = 2; }
 //! message CertMsg { uint64 height = 1; int64 round = 2; bytes block = 3;
 //!                   repeated CommitSig signatures = 4; }
@@ -32,6 +33,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::record::UpdateRecord;
+use super::stake::{StakeTransfer, Stakes};
 use super::LedgerError;
 use crate::engine::ModelId;
 use crate::network::identity::ed25519_of;
@@ -46,7 +48,10 @@ pub const MAX_BLOCK_BYTES: usize = 256 * 1024;
 /// Most update records in one block.
 pub const MAX_BLOCK_UPDATES: usize = 32;
 
-/// Most validators in a genesis.
+/// Most stake transfers in one block.
+pub const MAX_BLOCK_STAKE: usize = 64;
+
+/// Most validators in a genesis (and at any height).
 pub const MAX_VALIDATORS: usize = 256;
 
 /// Largest stake of one validator (keeps every sum of stakes far from
@@ -214,6 +219,8 @@ pub struct BlockDraft {
     /// Base model -> the robust aggregate of its updates in this block (for
     /// every base with several).
     pub aggregates: BTreeMap<ModelId, AggregateEntry>,
+    /// Stake transfers, applied in this order (see [`Stakes::after`]).
+    pub stake: Vec<StakeTransfer>,
 }
 
 /// The aggregate of a block's updates for one base model: the adapter
@@ -252,6 +259,8 @@ pub struct Block {
     pub active: BTreeMap<ModelId, ModelId>,
     /// Base model -> the aggregate of its updates here (bases with several).
     pub aggregates: BTreeMap<ModelId, AggregateEntry>,
+    /// Stake transfers, in the order they apply (from the next height on).
+    pub stake: Vec<StakeTransfer>,
     encoded: Bytes,
     hash: BlockHash,
 }
@@ -265,6 +274,7 @@ impl fmt::Debug for Block {
             .field("proposer", &self.proposer)
             .field("updates", &self.updates.len())
             .field("active", &self.active.len())
+            .field("stake", &self.stake.len())
             .finish()
     }
 }
@@ -324,6 +334,9 @@ pub struct BlockMsg {
     /// Aggregates, sorted by base, one per base.
     #[prost(message, repeated, tag = "8")]
     pub aggregates: Vec<AggregateMsg>,
+    /// Encoded stake transfers ([`super::stake::StakeMsg`]).
+    #[prost(bytes = "vec", repeated, tag = "9")]
+    pub stake: Vec<Vec<u8>>,
 }
 
 /// Wire form of an [`AggregateEntry`].
@@ -387,6 +400,7 @@ impl Block {
                     byzantine: g.byzantine,
                 })
                 .collect(),
+            stake: draft.stake.iter().map(|t| t.encoded().to_vec()).collect(),
         };
         Block::decode(&msg.encode_to_vec())
     }
@@ -421,6 +435,23 @@ impl Block {
                 size: msg.updates.len() as u64,
                 limit: MAX_BLOCK_UPDATES as u64,
             });
+        }
+        if msg.stake.len() > MAX_BLOCK_STAKE {
+            return Err(LedgerError::TooLarge {
+                what: "block stake transfers",
+                size: msg.stake.len() as u64,
+                limit: MAX_BLOCK_STAKE as u64,
+            });
+        }
+        let mut stake: Vec<StakeTransfer> = Vec::with_capacity(msg.stake.len());
+        for t in &msg.stake {
+            let tx = StakeTransfer::decode(t)?;
+            if stake.iter().any(|s| s.id() == tx.id()) {
+                return Err(LedgerError::Malformed(
+                    "a stake transfer appears twice in the block".into(),
+                ));
+            }
+            stake.push(tx);
         }
         let parent = BlockHash(id32("parent", &msg.parent)?);
         let proposer = PeerId::from_bytes(&msg.proposer)
@@ -511,6 +542,7 @@ impl Block {
             updates,
             active,
             aggregates,
+            stake,
             encoded: Bytes::copy_from_slice(bytes),
             hash: BlockHash(*h.finalize().as_bytes()),
         })
@@ -642,11 +674,12 @@ impl Certificate {
         })
     }
 
-    /// Checks the certificate against `genesis`: every signature a distinct
-    /// validator's and valid, and their stake more than 2/3 of the total.
-    /// Returns the stake that signed.
-    pub fn verify(&self, genesis: &Genesis) -> Result<u64, LedgerError> {
-        let chain = genesis.hash();
+    /// Checks the certificate against the stakes of its height (those after
+    /// the block before it; [`Stakes::genesis`] for block 1): every
+    /// signature a distinct validator's and valid, and their stake more than
+    /// 2/3 of the total. Returns the stake that signed.
+    pub fn verify(&self, stakes: &Stakes) -> Result<u64, LedgerError> {
+        let chain = stakes.chain();
         let mut seen: Vec<PeerId> = Vec::with_capacity(self.signatures.len());
         let mut signed = 0u64;
         for s in &self.signatures {
@@ -657,7 +690,7 @@ impl Certificate {
                 )));
             }
             seen.push(s.validator);
-            let power = genesis.power_of(&s.validator);
+            let power = stakes.power_of(&s.validator);
             if power == 0 {
                 return Err(LedgerError::Malformed(format!(
                     "certificate: {} is not a validator",
@@ -681,10 +714,10 @@ impl Certificate {
                 })?;
             signed += power;
         }
-        if !has_quorum(signed, genesis.total_power()) {
+        if !has_quorum(signed, stakes.total_power()) {
             return Err(LedgerError::Malformed(format!(
                 "certificate: stake {signed} of {} signed; more than 2/3 is needed",
-                genesis.total_power()
+                stakes.total_power()
             )));
         }
         Ok(signed)
@@ -699,31 +732,43 @@ pub fn has_quorum(signed: u64, total: u64) -> bool {
 
 /// Checks a chain offline against its genesis: heights 1, 2, ... in order,
 /// each block's parent the hash of the one before (the genesis hash for
-/// the first), and each certificate a valid quorum for its block. Returns
-/// the hash of the last block (the genesis hash for an empty chain).
+/// the first), each certificate a valid quorum for its block under the
+/// stakes of its height, and every stake transfer applicable. Returns the
+/// hash of the last block (the genesis hash for an empty chain).
 pub fn verify_chain<'a>(
     genesis: &Genesis,
     chain: impl IntoIterator<Item = (&'a Block, &'a Certificate)>,
 ) -> Result<BlockHash, LedgerError> {
+    verify_chain_stakes(genesis, chain).map(|(tip, _)| tip)
+}
+
+/// [`verify_chain`], also returning the stakes after the last block (who
+/// validates the next height).
+pub fn verify_chain_stakes<'a>(
+    genesis: &Genesis,
+    chain: impl IntoIterator<Item = (&'a Block, &'a Certificate)>,
+) -> Result<(BlockHash, Stakes), LedgerError> {
     let mut parent = genesis.hash();
+    let mut stakes = Stakes::genesis(genesis);
     let mut height = 0u64;
     for (block, cert) in chain {
         height += 1;
-        verify_link(genesis, height, parent, block, cert)?;
+        stakes = verify_link(&stakes, height, parent, block, cert)?;
         parent = block.hash();
     }
-    Ok(parent)
+    Ok((parent, stakes))
 }
 
 /// Checks one block and its certificate as the successor of `parent` at
-/// `height`.
+/// `height`, under `stakes` (those of that height). Returns the stakes
+/// after the block.
 pub fn verify_link(
-    genesis: &Genesis,
+    stakes: &Stakes,
     height: u64,
     parent: BlockHash,
     block: &Block,
     cert: &Certificate,
-) -> Result<(), LedgerError> {
+) -> Result<Stakes, LedgerError> {
     if block.height != height {
         return Err(LedgerError::Malformed(format!(
             "block at position {height} has height {}",
@@ -742,14 +787,14 @@ pub fn verify_link(
             cert.block, cert.height
         )));
     }
-    if genesis.power_of(&block.proposer) == 0 {
+    if stakes.power_of(&block.proposer) == 0 {
         return Err(LedgerError::Malformed(format!(
             "block {height}: proposer {} is not a validator",
             block.proposer
         )));
     }
-    cert.verify(genesis)?;
-    Ok(())
+    cert.verify(stakes)?;
+    stakes.after(block)
 }
 
 #[cfg(test)]
@@ -882,6 +927,7 @@ mod tests {
                         (ModelId([*b; 32]), entry)
                     })
                     .collect(),
+                stake: vec![],
             };
             Block::build(1, BlockHash([0; 32]), author, draft)
         };
@@ -920,7 +966,7 @@ mod tests {
             }
             if let Ok(c) = Certificate::decode(&bytes) {
                 let g = Genesis::new("m", validators(4)).unwrap();
-                prop_assert!(c.verify(&g).is_err());
+                prop_assert!(c.verify(&Stakes::genesis(&g)).is_err());
             }
         }
 

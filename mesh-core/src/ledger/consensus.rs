@@ -8,7 +8,13 @@
 //! and one identity per node), they are signed with the node's Ed25519 key,
 //! timers are tokio's, and decided blocks go to a [`ChainStore`].
 //!
-//! * **Validators and stake** come from the [`Genesis`]; a validator's
+//! * **Validators and stake** come from the [`Genesis`] and change only by
+//!   [`StakeTransfer`]s decided in blocks ([`super::stake`]): each height
+//!   runs with the validator set of the stakes after the block before it
+//!   (Malachite gets it with each `StartHeight`). A node whose stake reaches
+//!   0 stops voting; one that receives stake starts. Transfers travel on the
+//!   same gossip topic; proposers include the valid ones they hold, and a
+//!   proposal whose transfers do not apply is dropped. A validator's
 //!   voting power is its stake. The proposer of a height is drawn with
 //!   probability proportional to stake (BLAKE3 of the chain and height), and
 //!   the following rounds rotate through the validator list, so a dead
@@ -27,10 +33,11 @@
 //!   ([`SYNC_METHOD`]) and appends each only after verifying its
 //!   certificate. Non-validators (followers) only do this.
 //!
-//! Not yet: a write-ahead log (a validator restarted mid-height starts that
-//! height again from round 0 and, having forgotten its earlier votes, could
-//! sign a conflicting one), stake changes as transactions, and gossip of
-//! Malachite's polka and round certificates (votes are rebroadcast instead).
+//! Not yet: a write-ahead log of Malachite's state (a validator restarted
+//! mid-height starts that height again from round 0; it never signs a vote
+//! conflicting with one it recorded, see [`ChainStore::signed_vote`], but it
+//! forgets a lock), and gossip of Malachite's polka and round certificates
+//! (votes are rebroadcast instead).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -48,7 +55,9 @@ use tokio::time::Instant;
 
 use super::chain::{
     verify_link, Block, BlockDraft, BlockHash, Certificate, CommitSig, Genesis, MAX_BLOCK_BYTES,
+    MAX_BLOCK_STAKE,
 };
+use super::stake::{StakeTransfer, Stakes};
 use super::LedgerError;
 use crate::engine::ModelId;
 use crate::network::identity::ed25519_of;
@@ -142,7 +151,7 @@ impl mt::Validator<MeshContext> for Validator {
     }
 }
 
-/// The validators of a genesis, sorted by peer id.
+/// The validators of one height, sorted by peer id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidatorSet {
     validators: Vec<Validator>,
@@ -150,10 +159,15 @@ pub struct ValidatorSet {
 }
 
 impl ValidatorSet {
-    /// The validator set `genesis` defines.
+    /// The validator set `genesis` defines (that of height 1).
     pub fn from_genesis(genesis: &Genesis) -> Result<ValidatorSet, LedgerError> {
-        let validators = genesis
-            .validators
+        ValidatorSet::from_stakes(&Stakes::genesis(genesis))
+    }
+
+    /// The validator set of `stakes`.
+    pub fn from_stakes(stakes: &Stakes) -> Result<ValidatorSet, LedgerError> {
+        let validators = stakes
+            .validators()
             .iter()
             .map(|v| {
                 Ok(Validator {
@@ -678,6 +692,9 @@ pub struct LedgerMsg {
     /// The sender's decided height (a status message when nothing else is set).
     #[prost(uint64, optional, tag = "4")]
     pub status: Option<u64>,
+    /// A stake transfer ([`super::stake::StakeMsg`]) for proposers to include.
+    #[prost(bytes = "vec", optional, tag = "5")]
+    pub stake: Option<Vec<u8>>,
 }
 
 /// A decoded [`LedgerMsg`] (signatures not yet verified).
@@ -690,6 +707,8 @@ pub enum Decoded {
     Proposal(Box<mt::SignedProposal<MeshContext>>),
     /// The sender's decided height.
     Status(u64),
+    /// A stake transfer (its signature checked).
+    Stake(StakeTransfer),
 }
 
 fn round_of(what: &str, r: i64, nil_ok: bool) -> Result<mt::Round, LedgerError> {
@@ -729,8 +748,9 @@ impl Decoded {
         if msg.version != LEDGER_MSG_VERSION {
             return Err(LedgerError::UnsupportedVersion(msg.version));
         }
-        match (msg.vote, msg.proposal, msg.status) {
-            (Some(v), None, None) => {
+        match (msg.vote, msg.proposal, msg.status, msg.stake) {
+            (None, None, None, Some(t)) => Ok(Decoded::Stake(StakeTransfer::decode(&t)?)),
+            (Some(v), None, None, None) => {
                 let kind = match v.kind {
                     1 => VoteKind::Prevote,
                     2 => VoteKind::Precommit,
@@ -759,7 +779,7 @@ impl Decoded {
                     sig64(&v.signature)?,
                 )))
             }
-            (None, Some(p), None) => {
+            (None, Some(p), None, None) => {
                 let block = Block::decode(&p.block)?;
                 if block.height != p.height {
                     return Err(LedgerError::Malformed(format!(
@@ -785,9 +805,9 @@ impl Decoded {
                     sig64(&p.signature)?,
                 ))))
             }
-            (None, None, Some(h)) => Ok(Decoded::Status(h)),
+            (None, None, Some(h), None) => Ok(Decoded::Status(h)),
             _ => Err(LedgerError::Malformed(
-                "a ledger message carries exactly one of vote, proposal, status".into(),
+                "a ledger message carries exactly one of vote, proposal, status, stake".into(),
             )),
         }
     }
@@ -832,6 +852,18 @@ pub fn encode_proposal(p: &mt::SignedProposal<MeshContext>) -> Bytes {
                 proposer: p.message.proposer.0.to_bytes(),
                 signature: p.signature.to_vec(),
             }),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// Encodes a stake transfer for [`LEDGER_TOPIC`].
+pub fn encode_stake(tx: &StakeTransfer) -> Bytes {
+    Bytes::from(
+        LedgerMsg {
+            version: LEDGER_MSG_VERSION,
+            stake: Some(tx.encoded().to_vec()),
             ..Default::default()
         }
         .encode_to_vec(),
@@ -1026,6 +1058,9 @@ pub struct LedgerStatus {
     pub validator: bool,
     /// The highest decided height heard from a peer (0: none heard yet).
     pub peers_height: u64,
+    /// The stakes after the last decided block: who validates the next
+    /// height.
+    pub stakes: Stakes,
 }
 
 impl LedgerStatus {
@@ -1072,6 +1107,7 @@ pub struct LedgerHandle {
     status: watch::Receiver<LedgerStatus>,
     events: broadcast::Sender<LedgerEvent>,
     chain: SharedChain,
+    submit: mpsc::Sender<StakeTransfer>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -1125,6 +1161,47 @@ impl LedgerHandle {
         None
     }
 
+    /// Offers a signed stake transfer to the validators (gossiped, re-sent
+    /// every [`LedgerConfig::status_interval`] until a block applies it or
+    /// it can no longer apply). It takes effect at the height after the
+    /// block that carries it: watch [`LedgerStatus::stakes`].
+    pub fn submit_stake(&self, tx: StakeTransfer) -> Result<(), LedgerError> {
+        let stakes = self.status.borrow().stakes.clone();
+        if tx.chain != stakes.chain() {
+            return Err(LedgerError::Malformed(
+                "stake transfer: signed for another chain".into(),
+            ));
+        }
+        let next = stakes.next_nonce(&tx.from);
+        if tx.nonce < next {
+            return Err(LedgerError::Malformed(format!(
+                "stake transfer: nonce {} was used; the next is {next}",
+                tx.nonce
+            )));
+        }
+        self.submit
+            .try_send(tx)
+            .map_err(|e| LedgerError::Malformed(format!("stake transfer not queued: {e}")))
+    }
+
+    /// Signs (with `identity`, the stake holder's key) and submits a transfer
+    /// of `amount` of its stake to `to`, numbered after the holder's last
+    /// decided transfer. Returns the transfer (its inclusion shows in
+    /// [`LedgerStatus::stakes`]).
+    pub fn transfer_stake(
+        &self,
+        identity: &Identity,
+        to: PeerId,
+        amount: u64,
+    ) -> Result<StakeTransfer, LedgerError> {
+        let stakes = self.status.borrow().stakes.clone();
+        let nonce = stakes.next_nonce(&identity.peer_id());
+        let tx = StakeTransfer::sign(identity, stakes.chain(), to, amount, nonce)?;
+        stakes.check(&tx)?;
+        self.submit_stake(tx.clone())?;
+        Ok(tx)
+    }
+
     /// Waits until the chain reaches `height`; false if the node stopped.
     pub async fn wait_for_height(&self, height: u64) -> bool {
         let mut rx = self.status.clone();
@@ -1163,22 +1240,24 @@ pub async fn start(
     config: LedgerConfig,
 ) -> crate::Result<LedgerHandle> {
     let chain = genesis.hash();
-    let valset = ValidatorSet::from_genesis(&genesis)?;
     let me = identity.peer_id();
-    let validator = genesis.power_of(&me) > 0;
-    // Verify what the store holds, and find the tip and active adapters.
+    // Verify what the store holds, and find the tip, the active adapters
+    // and the stakes of the next height.
     let mut tip = chain;
     let mut active = BTreeMap::new();
+    let mut stakes = Stakes::genesis(&genesis);
     for h in 1..=store.height() {
         let (block, cert) = store
             .get(h)
             .ok_or_else(|| LedgerError::Malformed(format!("the store lacks block {h}")))?;
-        verify_link(&genesis, h, tip, &block, &cert)?;
+        stakes = verify_link(&stakes, h, tip, &block, &cert)?;
         builder.decided(&block);
         tip = block.hash();
         active.extend(block.active.iter().map(|(b, a)| (*b, *a)));
     }
     let height = store.height();
+    let valset = ValidatorSet::from_stakes(&stakes)?;
+    let validator = stakes.power_of(&me) > 0;
     // Messages that do not decode are neither delivered nor forwarded, and
     // count against the peer that published them.
     let well_formed: crate::network::Validator = Arc::new(|_, data| match Decoded::decode(data) {
@@ -1195,6 +1274,7 @@ pub async fn start(
         active,
         validator,
         peers_height: 0,
+        stakes: stakes.clone(),
     });
     let (events, _) = broadcast::channel(256);
     let chain_store: SharedChain = Arc::new(Mutex::new(store));
@@ -1202,13 +1282,15 @@ pub async fn start(
     let keys = Keys::new(chain, identity);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let (synced_tx, synced_rx) = mpsc::channel(16);
+    let (submit_tx, submit_rx) = mpsc::channel(64);
     let mut runner = Runner {
         fx: Fx {
             ctx: ctx.clone(),
             chain: chain_store.clone(),
             keys,
-            valset: valset.clone(),
-            genesis,
+            valset,
+            stakes,
+            mempool: Vec::new(),
             me: ValidatorId(me),
             config,
             timers: HashMap::new(),
@@ -1229,15 +1311,17 @@ pub async fn start(
         synced_tx,
         best_peer: None,
         start_at: None,
+        own: Vec::new(),
     };
     if validator {
         runner.start_height(height + 1);
     }
-    let task = tokio::spawn(runner.run(gossip, sync_in, synced_rx, stop_rx));
+    let task = tokio::spawn(runner.run(gossip, sync_in, synced_rx, submit_rx, stop_rx));
     Ok(LedgerHandle {
         status: status_rx,
         events,
         chain: chain_store,
+        submit: submit_tx,
         stop: Some(stop_tx),
         task: Some(task),
     })
@@ -1248,8 +1332,12 @@ struct Fx {
     ctx: MeshContext,
     chain: SharedChain,
     keys: Keys,
+    /// The validator set of the height under way (from `stakes`).
     valset: ValidatorSet,
-    genesis: Genesis,
+    /// The stakes after the last decided block.
+    stakes: Stakes,
+    /// Stake transfers heard and not yet applied (at most [`MAX_MEMPOOL`]).
+    mempool: Vec<StakeTransfer>,
     me: ValidatorId,
     config: LedgerConfig,
     timers: HashMap<mt::Timeout, Instant>,
@@ -1262,7 +1350,23 @@ struct Fx {
     round: u32,
 }
 
+/// Most stake transfers a node holds for proposals.
+const MAX_MEMPOOL: usize = 256;
+
 impl Fx {
+    /// The transfers of the mempool that apply in turn to the current stakes
+    /// (lowest nonces first), at most [`MAX_BLOCK_STAKE`].
+    fn applicable_stake(&self) -> Vec<StakeTransfer> {
+        let mut candidates = self.mempool.clone();
+        candidates.sort_by_key(|t| (t.nonce, t.id()));
+        let mut stakes = self.stakes.clone();
+        candidates
+            .into_iter()
+            .filter(|t| stakes.apply(t).is_ok())
+            .take(MAX_BLOCK_STAKE)
+            .collect()
+    }
+
     /// Never two different votes for one (height, round, step): a vote is
     /// recorded in the store before it is signed, and one already recorded
     /// (say, before a restart) is signed again instead of a conflicting one.
@@ -1356,11 +1460,14 @@ impl Fx {
             }
             E::RepublishRoundCertificate(_, r) => r.resume_with(()),
             E::GetValue(height, round, _, r) => {
-                let draft = builder.draft(height.0);
+                let stake = self.applicable_stake();
+                let mut draft = builder.draft(height.0);
+                draft.stake = stake.clone();
                 let block = Block::build(height.0, tip, self.me.0, draft)
                     .or_else(|e| {
-                        tracing::warn!("ledger: the block builder's draft is invalid ({e}); proposing an empty block");
-                        Block::build(height.0, tip, self.me.0, BlockDraft::default())
+                        tracing::warn!("ledger: the block builder's draft is invalid ({e}); proposing a block without updates");
+                        let draft = BlockDraft { stake, ..Default::default() };
+                        Block::build(height.0, tip, self.me.0, draft)
                     })
                     .map_err(|e| e.to_string())?;
                 self.blocks.insert(block.hash(), block.clone());
@@ -1442,9 +1549,12 @@ struct Runner {
     syncing: bool,
     synced_tx: mpsc::Sender<SyncResult>,
     /// The peer with the longest chain heard of, and its height.
-    best_peer: Option<(PeerId, u64)>,
+    /// (Validators in this node's view first.)
+    best_peer: Option<(PeerId, u64, bool)>,
     /// When to start the next height (after [`LedgerConfig::block_interval`]).
     start_at: Option<(Instant, u64)>,
+    /// Stake transfers submitted here, re-sent until applied or stale.
+    own: Vec<StakeTransfer>,
 }
 
 const MAX_FUTURE_PROPOSALS: usize = 64;
@@ -1484,6 +1594,16 @@ impl Runner {
         ));
     }
 
+    /// Starts `height` and hands it the proposals for it heard early.
+    fn begin_height(&mut self, height: u64) {
+        self.start_height(height);
+        for (from, p) in std::mem::take(&mut self.future) {
+            if p.message.height.0 == height {
+                self.on_proposal(from, p);
+            }
+        }
+    }
+
     /// Feeds pending inputs to Malachite until none are left.
     fn drain(&mut self) {
         while let Some(input) = self.fx.pending.pop_front() {
@@ -1505,7 +1625,18 @@ impl Runner {
             }
             if let Some((block, cert)) = self.fx.decided.take() {
                 let round = cert.round;
-                if self.append(&block, &cert) {
+                let next = match self.fx.stakes.after(&block) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        // Every validator checked the transfers before voting.
+                        tracing::error!(
+                            "ledger: decided block {} does not apply: {e}",
+                            block.height
+                        );
+                        continue;
+                    }
+                };
+                if self.append(&block, &cert, next) {
                     let _ = self.events.send(LedgerEvent::Decided {
                         height: block.height,
                         hash: block.hash(),
@@ -1524,7 +1655,7 @@ impl Runner {
     }
 
     fn schedule_next(&mut self, height: u64) {
-        if self.consensus.is_none() {
+        if !self.is_validator() {
             return;
         }
         self.fx.timers.clear();
@@ -1532,8 +1663,14 @@ impl Runner {
         self.fx.outbox.push(encode_status(height - 1));
     }
 
-    /// Appends a decided block; false if it does not extend the chain.
-    fn append(&mut self, block: &Block, cert: &Certificate) -> bool {
+    /// Whether this node holds stake at the height under way.
+    fn is_validator(&self) -> bool {
+        self.fx.stakes.power_of(&self.fx.me.0) > 0
+    }
+
+    /// Appends a decided block (`next`: the stakes after it); false if it
+    /// does not extend the chain.
+    fn append(&mut self, block: &Block, cert: &Certificate, next: Stakes) -> bool {
         if block.height != self.height() + 1 || block.parent != self.tip() {
             return false;
         }
@@ -1546,11 +1683,60 @@ impl Runner {
             return false;
         }
         self.builder.decided(block);
+        let changed = next != self.fx.stakes;
+        if changed {
+            self.set_stakes(next);
+        }
+        let stakes = changed.then(|| self.fx.stakes.clone());
+        let validator = self.is_validator();
         self.status.send_modify(|s| {
             s.height = block.height;
             s.tip = block.hash();
             s.active.extend(block.active.iter().map(|(b, a)| (*b, *a)));
+            if let Some(stakes) = stakes {
+                s.stakes = stakes;
+                s.validator = validator;
+            }
         });
+        true
+    }
+
+    /// The stakes after a decided block: the next height's validator set;
+    /// this node stops or starts voting with them.
+    fn set_stakes(&mut self, next: Stakes) {
+        match ValidatorSet::from_stakes(&next) {
+            Ok(set) => self.fx.valset = set,
+            // Transfers only name receivers with Ed25519 keys (checked at decode).
+            Err(e) => tracing::error!("ledger: validator set: {e}"),
+        }
+        self.fx.stakes = next;
+        let stakes = &self.fx.stakes;
+        self.fx
+            .mempool
+            .retain(|t| t.chain == stakes.chain() && t.nonce >= stakes.next_nonce(&t.from));
+        self.own
+            .retain(|t| t.chain == stakes.chain() && t.nonce >= stakes.next_nonce(&t.from));
+        if !self.is_validator() && self.consensus.is_some() {
+            tracing::info!("ledger: this node's stake is gone; it stops voting");
+            self.consensus = None;
+            self.fx.timers.clear();
+            self.fx.pending.clear();
+            self.start_at = None;
+            self.future.clear();
+        }
+    }
+
+    /// Keeps a transfer heard or submitted, if it may still apply.
+    fn hold_stake(&mut self, tx: StakeTransfer) -> bool {
+        let stakes = &self.fx.stakes;
+        if tx.chain != stakes.chain() || tx.nonce < stakes.next_nonce(&tx.from) {
+            return false;
+        }
+        if self.fx.mempool.len() >= MAX_MEMPOOL || self.fx.mempool.iter().any(|t| t.id() == tx.id())
+        {
+            return false;
+        }
+        self.fx.mempool.push(tx);
         true
     }
 
@@ -1563,22 +1749,29 @@ impl Runner {
     /// `height`. Only validators are listened to: anyone else could make
     /// this node wait for blocks that do not exist.
     fn heard_of(&mut self, peer: PeerId, height: u64) {
-        if self.fx.genesis.power_of(&peer) == 0 {
-            return;
+        let trusted = self.fx.stakes.power_of(&peer) > 0;
+        if trusted {
+            self.status.send_if_modified(|s| {
+                let higher = height > s.peers_height;
+                s.peers_height = s.peers_height.max(height);
+                higher
+            });
         }
-        self.status.send_if_modified(|s| {
-            let higher = height > s.peers_height;
-            s.peers_height = s.peers_height.max(height);
-            higher
-        });
-        if height > self.height() && self.best_peer.is_none_or(|(_, h)| height > h) {
-            self.best_peer = Some((peer, height));
+        // Others are asked only while no validator is ahead: after stake
+        // moved, this node's (old) view may name none of the validators
+        // still running. What they send is verified like any block.
+        let better = match self.best_peer {
+            None => true,
+            Some((_, h, t)) => (trusted, height) > (t, h),
+        };
+        if height > self.height() && better {
+            self.best_peer = Some((peer, height, trusted));
         }
         self.maybe_sync();
     }
 
     fn maybe_sync(&mut self) {
-        let Some((peer, best)) = self.best_peer else {
+        let Some((peer, best, _)) = self.best_peer else {
             return;
         };
         if best <= self.height() {
@@ -1612,13 +1805,13 @@ impl Runner {
         match result {
             Ok((block, cert)) => {
                 let height = self.height() + 1;
-                match verify_link(&self.fx.genesis, height, self.tip(), &block, &cert) {
-                    Ok(()) => {
-                        if self.append(&block, &cert) {
+                match verify_link(&self.fx.stakes, height, self.tip(), &block, &cert) {
+                    Ok(next) => {
+                        if self.append(&block, &cert, next) {
                             let _ = self.events.send(LedgerEvent::Synced { height, from });
-                            if self.consensus.is_some() {
+                            if self.is_validator() {
                                 self.start_at = None;
-                                self.start_height(height + 1);
+                                self.begin_height(height + 1);
                             }
                         }
                     }
@@ -1644,6 +1837,15 @@ impl Runner {
         let current = self.height() + 1;
         match msg {
             Decoded::Status(h) => self.heard_of(from, h),
+            Decoded::Stake(tx) => {
+                if let Err(e) = self.fx.stakes.check(&tx) {
+                    // A later nonce may apply after the giver's earlier ones.
+                    if tx.nonce <= self.fx.stakes.next_nonce(&tx.from) {
+                        return self.reject(from, e.to_string());
+                    }
+                }
+                self.hold_stake(tx);
+            }
             Decoded::Vote(v) => {
                 let h = v.message.height.0;
                 if h > current {
@@ -1679,6 +1881,9 @@ impl Runner {
                     block.height, block.parent
                 ),
             );
+        }
+        if let Err(e) = self.fx.stakes.after(block) {
+            return self.reject(from, format!("proposal for height {}: {e}", block.height));
         }
         if let Err(e) = self.builder.check(block) {
             return self.reject(from, format!("proposal for height {}: {e}", block.height));
@@ -1733,12 +1938,7 @@ impl Runner {
             if t <= now {
                 self.start_at = None;
                 if h == self.height() + 1 {
-                    self.start_height(h);
-                    for (from, p) in std::mem::take(&mut self.future) {
-                        if p.message.height.0 == h {
-                            self.on_proposal(from, p);
-                        }
-                    }
+                    self.begin_height(h);
                 }
             }
         }
@@ -1761,6 +1961,7 @@ impl Runner {
         mut gossip: mpsc::Receiver<crate::network::GossipMessage>,
         mut sync_in: mpsc::Receiver<crate::network::InboundRequest>,
         mut synced: mpsc::Receiver<SyncResult>,
+        mut submitted: mpsc::Receiver<StakeTransfer>,
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) {
         let mut status_at = Instant::now();
@@ -1770,6 +1971,9 @@ impl Runner {
             if Instant::now() >= status_at {
                 let h = self.height();
                 self.fx.outbox.push(encode_status(h));
+                for tx in &self.own {
+                    self.fx.outbox.push(encode_stake(tx));
+                }
                 self.flush().await;
                 status_at = Instant::now() + self.fx.config.status_interval;
             }
@@ -1785,6 +1989,12 @@ impl Runner {
                 },
                 s = synced.recv() => if let Some((from, result)) = s {
                     self.on_synced(from, result);
+                },
+                t = submitted.recv() => if let Some(tx) = t {
+                    self.fx.outbox.push(encode_stake(&tx));
+                    if self.hold_stake(tx.clone()) {
+                        self.own.push(tx);
+                    }
                 },
                 _ = tokio::time::sleep_until(deadline) => self.fire_due(),
             }

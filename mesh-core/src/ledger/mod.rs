@@ -23,11 +23,13 @@ pub mod consensus;
 pub mod db;
 pub mod pool;
 pub mod record;
+pub mod stake;
 pub mod store;
 pub mod transfer;
 
 pub use aggregate::{aggregate, Aggregate, AggregateConfig};
 pub use record::{UpdateDraft, UpdateId, UpdateRecord};
+pub use stake::{StakeTransfer, Stakes};
 pub use store::AdapterStore;
 pub use transfer::{FetchConfig, Fetched};
 

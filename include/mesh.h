@@ -392,6 +392,15 @@ typedef struct mesh_generate_params {
    * text. Default false.
    */
   bool raw;
+  /**
+   * What the output must be: NULL or `"text"` (anything, the default), or
+   * `"json"`: one JSON object (tokens that cannot continue one are never
+   * sampled; generation ends when it closes, or at `max_tokens`). Like
+   * Ollama's `format: "json"` and OpenAI's `json_object`; JSON schemas are
+   * not supported (`MESH_STATUS_INVALID_ARG`). A NUL-terminated string read
+   * during the call only.
+   */
+  const char *format;
 } mesh_generate_params;
 
 /**
@@ -943,8 +952,8 @@ mesh_status mesh_context_clear_lora(const struct mesh_context *ctx);
  * `MESH_STATUS_CANCELLED` when `mesh_context_cancel` stopped it (the pieces
  * already streamed stay valid; `out_stats` is not written);
  * `MESH_STATUS_BUSY` when another `mesh_generate` runs on `ctx`;
- * `MESH_STATUS_INVALID_ARG` for out-of-range sampler settings or an empty
- * prompt.
+ * `MESH_STATUS_INVALID_ARG` for out-of-range sampler settings, a
+ * `params->format` other than NULL, "text" or "json", or an empty prompt.
  *
  * Lifetimes: `prompt`, `params` and `out_stats` are used only during the call;
  * `userdata` must stay valid until it returns.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_core::chat::ChatMessage;
 use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits};
-use mesh_core::generate::{self, GenerateOutput, GenerateParams, Prompt, StopReason};
+use mesh_core::generate::{self, GenerateOutput, GenerateParams, OutputFormat, Prompt, StopReason};
 use mesh_core::sampling::SamplerParams;
 
 use crate::ffi::{self, Castable, OwnershipBox, Params, TextCallback, Versioned};
@@ -306,12 +306,20 @@ pub struct mesh_generate_params {
     /// output of `mesh_chat_apply_template`) instead of tokenizing it as plain
     /// text. Default false.
     pub raw: bool,
+    /// What the output must be: NULL or `"text"` (anything, the default), or
+    /// `"json"`: one JSON object (tokens that cannot continue one are never
+    /// sampled; generation ends when it closes, or at `max_tokens`). Like
+    /// Ollama's `format: "json"` and OpenAI's `json_object`; JSON schemas are
+    /// not supported (`MESH_STATUS_INVALID_ARG`). A NUL-terminated string read
+    /// during the call only.
+    pub format: *const c_char,
 }
 
 // SAFETY: repr(C), starts with `struct_size: usize`.
 unsafe impl Versioned for mesh_generate_params {}
 
-// SAFETY: integers, floats and bools (C bools are 0 or 1).
+// SAFETY: integers, floats, bools (C bools are 0 or 1) and a pointer (any
+// value; read only after the NULL check, under `to_core`'s contract).
 unsafe impl Params for mesh_generate_params {
     fn default_value() -> Self {
         let d = GenerateParams::default();
@@ -328,6 +336,7 @@ unsafe impl Params for mesh_generate_params {
             ignore_eos: d.ignore_eos,
             chat: false,
             raw: false,
+            format: std::ptr::null(),
         }
     }
 }
@@ -343,7 +352,28 @@ impl mesh_generate_params {
     }
 
     /// mesh-core's settings, checked.
-    pub(crate) fn to_core(self) -> FfiResult<GenerateParams> {
+    ///
+    /// # Safety
+    /// `format` is NULL or a NUL-terminated string.
+    pub(crate) unsafe fn to_core(self) -> FfiResult<GenerateParams> {
+        let format = if self.format.is_null() {
+            ""
+        } else {
+            // SAFETY: caller's contract (non-NULL here).
+            unsafe { ffi::c_str(self.format, "params->format") }?
+        };
+        let format = match format {
+            "" | "text" => OutputFormat::Text,
+            "json" => OutputFormat::JsonObject,
+            other => {
+                return Err(Failure::new(
+                    mesh_status::InvalidArg,
+                    format!(
+                        "`params->format` is {other:?}: expected NULL, \"text\" or \"json\" (JSON schemas are not supported)"
+                    ),
+                ))
+            }
+        };
         let sampler = SamplerParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -358,6 +388,7 @@ impl mesh_generate_params {
             max_tokens: self.max_tokens,
             sampler,
             ignore_eos: self.ignore_eos,
+            format,
             ..GenerateParams::default()
         })
     }
@@ -557,8 +588,8 @@ pub unsafe extern "C" fn mesh_context_clear_lora(ctx: *const mesh_context) -> me
 /// `MESH_STATUS_CANCELLED` when `mesh_context_cancel` stopped it (the pieces
 /// already streamed stay valid; `out_stats` is not written);
 /// `MESH_STATUS_BUSY` when another `mesh_generate` runs on `ctx`;
-/// `MESH_STATUS_INVALID_ARG` for out-of-range sampler settings or an empty
-/// prompt.
+/// `MESH_STATUS_INVALID_ARG` for out-of-range sampler settings, a
+/// `params->format` other than NULL, "text" or "json", or an empty prompt.
 ///
 /// Lifetimes: `prompt`, `params` and `out_stats` are used only during the call;
 /// `userdata` must stay valid until it returns.
@@ -578,9 +609,9 @@ pub unsafe extern "C" fn mesh_generate(
         let params = ffi::params(params, "params")?;
         let stats = ffi::versioned_out(out_stats, "out_stats")?;
         let mut cb = TextCallback::new(cb, userdata);
-        let out = ctx.generate(&params.prompt(text), &params.to_core()?, &mut |piece| {
-            cb.send(piece)
-        })?;
+        // SAFETY: `params` is the caller's, `format` valid during the call.
+        let core = unsafe { params.to_core() }?;
+        let out = ctx.generate(&params.prompt(text), &core, &mut |piece| cb.send(piece))?;
         if let Some(stats) = stats {
             stats.write(mesh_generate_stats::from_output(&out)?);
         }

@@ -615,7 +615,8 @@ pub unsafe extern "C" fn mesh_node_generate(
                 ))
             }
         };
-        let request = GenerateRequest::new(params.prompt(text), params.to_core()?);
+        // SAFETY: `params` is the caller's, `format` valid during the call.
+        let request = GenerateRequest::new(params.prompt(text), unsafe { params.to_core() }?);
         let mut cb = TextCallback::new(cb, userdata);
         // SAFETY: the callback's contract (mesh_token_callback).
         let out = node.generate(&engine, &request, mode, &mut |piece| unsafe {

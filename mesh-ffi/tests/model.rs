@@ -242,6 +242,55 @@ fn greedy_generation_is_repeatable_and_counted() {
 }
 
 #[test]
+fn json_format_gives_one_json_object_and_other_formats_are_refused() {
+    let ctx = context(512);
+    let json = CString::new("json").unwrap();
+    let mut p = mesh_generate_params_default();
+    p.chat = true;
+    p.temperature = 0.0;
+    p.max_tokens = 200;
+    p.format = json.as_ptr();
+    let c = Collected::default();
+    let prompt = "Give me a JSON object with the name and age of a fictional person.";
+    let (s, st) = generate(ctx, prompt, &p, &c);
+    assert_eq!(s, mesh_status::Ok, "{}", last_error());
+    let text = c.text.lock().unwrap().clone();
+    // One JSON object, ended when it closed; or, cut at max_tokens, the
+    // unfinished beginning of one.
+    match serde_json::from_str::<serde_json::Value>(text.trim_start()) {
+        Ok(v) => {
+            assert!(v.is_object(), "{text}");
+            assert_eq!(st.stop_reason, mesh_stop_reason::EndOfGeneration, "{text}");
+        }
+        Err(e) => {
+            assert!(
+                e.is_eof() && text.trim_start().starts_with('{'),
+                "{e}: {text}"
+            );
+            assert_eq!(st.stop_reason, mesh_stop_reason::MaxTokens, "{text}");
+        }
+    }
+    // The same request as text is not constrained (and differs).
+    let text_fmt = CString::new("text").unwrap();
+    p.format = text_fmt.as_ptr();
+    let plain = Collected::default();
+    let (s, _) = generate(ctx, prompt, &p, &plain);
+    assert_eq!(s, mesh_status::Ok);
+    assert_ne!(*plain.text.lock().unwrap(), text);
+    // A schema, or anything else, is refused before anything is generated.
+    for bad in ["{\"type\": \"object\"}", "JSON", "yaml"] {
+        let bad = CString::new(bad).unwrap();
+        p.format = bad.as_ptr();
+        let none = Collected::default();
+        let (s, _) = generate(ctx, prompt, &p, &none);
+        assert_eq!(s, mesh_status::InvalidArg);
+        assert!(last_error().contains("format"), "{}", last_error());
+        assert_eq!(none.pieces.load(Ordering::SeqCst), 0);
+    }
+    unsafe { mesh_context_free(ctx) };
+}
+
+#[test]
 fn callback_can_stop_generation() {
     let ctx = context(256);
     let mut p = mesh_generate_params_default();

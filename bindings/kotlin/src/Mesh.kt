@@ -71,7 +71,7 @@ open class MeshContextParams : Structure() {
 
 @Structure.FieldOrder(
     "struct_size", "max_tokens", "temperature", "top_k", "top_p", "min_p",
-    "repeat_penalty", "repeat_last_n", "seed", "ignore_eos", "chat", "raw"
+    "repeat_penalty", "repeat_last_n", "seed", "ignore_eos", "chat", "raw", "format"
 )
 open class MeshGenerateParams : Structure() {
     @JvmField var struct_size = SizeT()
@@ -86,6 +86,7 @@ open class MeshGenerateParams : Structure() {
     @JvmField var ignore_eos: Byte = 0
     @JvmField var chat: Byte = 0
     @JvmField var raw: Byte = 0
+    @JvmField var format: Pointer? = null
     class ByValue : MeshGenerateParams(), Structure.ByValue
 }
 
@@ -479,6 +480,7 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
      * Generates text after [prompt]; null means the library's default.
      * [chat]: render the prompt as one user message with the chat template.
      * [raw]: (chat false) parse special-token text in the prompt.
+     * [format]: null or "text" (anything), or "json" (one JSON object; ends when it closes).
      * [temperature] <= 0 is greedy. [onPiece] gets each piece of text as it is
      * produced; returning false stops (stopReason CALLBACK). An exception
      * thrown by it stops generation and is rethrown here.
@@ -496,6 +498,7 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
         repeatPenalty: Float? = null,
         repeatLastN: Long? = null,
         ignoreEos: Boolean = false,
+        format: String? = null,
         onPiece: ((String) -> Boolean)? = null
     ): Generation {
         val lib = Mesh.lib
@@ -513,6 +516,8 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
         p.ignore_eos = ignoreEos.toByte()
         p.chat = chat.toByte()
         p.raw = raw.toByte()
+        val formatMem = format?.let { Mesh.cstr(it) }
+        p.format = formatMem
         p.write()
         val stats = MeshGenerateStats()
         stats.struct_size = SizeT(stats.size().toLong())
@@ -537,6 +542,7 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
             running { h -> lib.mesh_generate(h, promptMem, p.pointer, cb, null, stats.pointer) }
         } finally {
             java.lang.ref.Reference.reachabilityFence(cb)
+            java.lang.ref.Reference.reachabilityFence(formatMem)
         }
         error?.let { throw it }
         Mesh.check(st, "generate", text.toString())

@@ -123,6 +123,19 @@ fun main() {
                 expect(out.text.isNotBlank()) { "empty text" }
             }
 
+            test("format json gives a JSON object; a schema is INVALID_ARG") {
+                val out = ctx.generate("Describe a cat as JSON.", chat = true, maxTokens = 200, temperature = 0f, format = "json")
+                val t = out.text.trim()
+                expect(t.startsWith("{")) { "not an object: $t" }
+                if (out.stopReason == StopReason.END_OF_GENERATION) expect(t.endsWith("}")) { "unclosed: $t" }
+                try {
+                    ctx.generate("x", maxTokens = 4, format = "{\"type\": \"object\"}")
+                    throw AssertionError("no exception")
+                } catch (e: MeshException) {
+                    expect(e.status == MeshStatus.INVALID_ARG) { e.statusName }
+                }
+            }
+
             test("callback returning false stops early") {
                 var calls = 0
                 val out = ctx.generate("Once upon a time", maxTokens = 32, temperature = 0f) { calls++; false }

@@ -143,6 +143,7 @@ class _GenerateParams(Structure):
         ("ignore_eos", c_bool),
         ("chat", c_bool),
         ("raw", c_bool),
+        ("format", c_char_p),
     ]
 
 
@@ -575,7 +576,9 @@ class Model:
         return f"<mesh_llm.Model {self.path!r} ({state})>"
 
 
-def _prepare_generate(prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eos: bool, **sampler):
+def _prepare_generate(
+    prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eos: bool, format: Optional[str], **sampler
+):
     """The pieces every generate call needs: params (None = library default),
     the prompt bytes, the list pieces are collected into, the list an
     exception raised by on_piece lands in, and the C callback."""
@@ -584,6 +587,8 @@ def _prepare_generate(prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eo
     params.chat = chat
     params.raw = raw
     params.ignore_eos = ignore_eos
+    if format is not None:
+        params.format = _utf8(format, "format")  # the struct keeps the bytes alive
     for name, value in sampler.items():
         if value is not None:
             setattr(params, name, value)
@@ -791,11 +796,14 @@ class Context:
         repeat_penalty: Optional[float] = None,
         repeat_last_n: Optional[int] = None,
         ignore_eos: bool = False,
+        format: Optional[str] = None,
     ) -> Generation:
         """Generate text after `prompt`; None = the library's default.
 
         chat: render the prompt as one user message with the chat template.
         raw: (chat False) parse special-token text in the prompt.
+        format: None or "text" (anything), or "json": one JSON object (ends
+        when it closes; max_tokens may cut it short).
         temperature <= 0: greedy. on_piece(piece) is called with each piece
         of text as it is produced; returning False stops generation
         (stop_reason CALLBACK); returning None or True goes on. An exception
@@ -808,6 +816,7 @@ class Context:
             chat=chat,
             raw=raw,
             ignore_eos=ignore_eos,
+            format=format,
             max_tokens=max_tokens,
             temperature=temperature,
             seed=seed,
@@ -1010,6 +1019,7 @@ class Node:
         min_p: Optional[float] = None,
         repeat_penalty: Optional[float] = None,
         repeat_last_n: Optional[int] = None,
+        format: Optional[str] = None,
     ) -> Generation:
         """As Context.generate, in `mode` (Mode.PIPELINE: across the mesh).
         stats also has n_hops, failovers, hop_ms, bytes_per_token, n_helpers
@@ -1020,6 +1030,7 @@ class Node:
             chat=chat,
             raw=raw,
             ignore_eos=ignore_eos,
+            format=format,
             max_tokens=max_tokens,
             temperature=temperature,
             seed=seed,

@@ -84,6 +84,20 @@ def test_generate_chat(ctx):
     assert out.text.strip()
 
 
+def test_format_json_gives_one_object(ctx):
+    import json
+
+    out = ctx.generate("Describe a cat as JSON.", chat=True, max_tokens=200, temperature=0, format="json")
+    if out.stats.stop_reason == mesh_llm.StopReason.END_OF_GENERATION:
+        assert isinstance(json.loads(out.text), dict), out.text
+    else:
+        assert out.text.lstrip().startswith("{"), out.text
+    for bad in ['{"type": "object"}', "yaml"]:
+        with pytest.raises(mesh_llm.MeshError) as e:
+            ctx.generate("x", max_tokens=4, format=bad)
+        assert e.value.status == mesh_llm.Status.INVALID_ARG
+
+
 def test_callback_false_stops_early(ctx):
     pieces = []
 

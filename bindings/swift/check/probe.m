@@ -43,6 +43,7 @@ int probe(void) {
     struct mesh_generate_params gp = mesh_generate_params_default();
     gp.chat = true;
     gp.raw = false;
+    gp.format = "json";
     gp.ignore_eos = false;
     gp.max_tokens = (size_t)8;
     gp.temperature = 0.0f;

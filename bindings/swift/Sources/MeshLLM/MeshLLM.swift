@@ -234,6 +234,8 @@ public struct GenerateOptions {
     public var repeatPenalty: Float? = nil
     public var repeatLastN: Int? = nil
     public var ignoreEos = false
+    /// nil or "text" (anything), or "json": one JSON object (ends when it closes).
+    public var format: String? = nil
 
     public init(chat: Bool = false, raw: Bool = false, maxTokens: Int? = nil, temperature: Float? = nil,
                 seed: UInt64? = nil) {
@@ -365,6 +367,10 @@ public final class Context {
         if let v = options.minP { params.min_p = v }
         if let v = options.repeatPenalty { params.repeat_penalty = v }
         if let v = options.repeatLastN { params.repeat_last_n = v }
+        // A C copy of the format, alive for the call.
+        let format = options.format.map { strdup($0) } ?? nil
+        defer { free(format) }
+        params.format = UnsafePointer(format)
 
         var stats = mesh_generate_stats()
         // sizeof in C includes trailing padding: that is Swift's stride, not size.

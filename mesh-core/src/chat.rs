@@ -10,7 +10,7 @@
 //! `.strip()`, `.startswith()`, `.split()` and `.items()`.
 //!
 //! Templates come from model files and are untrusted. Rendering has one
-//! budget, minijinja's fuel ([`FUEL`]), paid for every instruction and for
+//! budget, minijinja's fuel (`FUEL`), paid for every instruction and for
 //! every byte of every string, list slot and output the template makes
 //! (checked before big allocations); the methods and filters added here
 //! (`split` as a filter and as Python's `split`, `rsplit` and `splitlines`,

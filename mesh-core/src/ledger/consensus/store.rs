@@ -1,0 +1,103 @@
+//! Where decided blocks go ([`ChainStore`]) and what goes into the blocks a
+//! node proposes ([`BlockBuilder`]).
+
+use std::collections::BTreeMap;
+
+use super::VoteKind;
+use crate::ledger::chain::{Block, BlockDraft, BlockHash, Certificate};
+use crate::ledger::LedgerError;
+
+/// Where decided blocks are kept.
+pub trait ChainStore: Send {
+    /// The height of the last decided block (0 for none).
+    fn height(&self) -> u64;
+    /// Block `height` with its certificate.
+    fn get(&self, height: u64) -> Option<(Block, Certificate)>;
+    /// Appends the next block; `block.height` must be `height() + 1`.
+    fn append(&mut self, block: &Block, cert: &Certificate) -> Result<(), LedgerError>;
+    /// The vote this validator signed for (height, round, step), if any
+    /// (`Some(None)`: nil).
+    fn signed_vote(&self, height: u64, round: u32, kind: VoteKind) -> Option<Option<BlockHash>>;
+    /// Records a vote before it is sent (see [`ChainStore::signed_vote`]).
+    fn record_vote(
+        &mut self,
+        height: u64,
+        round: u32,
+        kind: VoteKind,
+        value: Option<BlockHash>,
+    ) -> Result<(), LedgerError>;
+}
+
+/// A chain kept in memory.
+#[derive(Debug, Default)]
+pub struct MemoryChain {
+    blocks: Vec<(Block, Certificate)>,
+    votes: BTreeMap<(u64, u32, VoteKind), Option<BlockHash>>,
+}
+
+impl ChainStore for MemoryChain {
+    fn height(&self) -> u64 {
+        self.blocks.len() as u64
+    }
+
+    fn get(&self, height: u64) -> Option<(Block, Certificate)> {
+        let i = usize::try_from(height.checked_sub(1)?).ok()?;
+        self.blocks.get(i).cloned()
+    }
+
+    fn append(&mut self, block: &Block, cert: &Certificate) -> Result<(), LedgerError> {
+        if block.height != self.height() + 1 {
+            return Err(LedgerError::Malformed(format!(
+                "appending block {} to a chain of height {}",
+                block.height,
+                self.height()
+            )));
+        }
+        self.blocks.push((block.clone(), cert.clone()));
+        self.votes.retain(|(h, _, _), _| *h > block.height);
+        Ok(())
+    }
+
+    fn signed_vote(&self, height: u64, round: u32, kind: VoteKind) -> Option<Option<BlockHash>> {
+        self.votes.get(&(height, round, kind)).copied()
+    }
+
+    fn record_vote(
+        &mut self,
+        height: u64,
+        round: u32,
+        kind: VoteKind,
+        value: Option<BlockHash>,
+    ) -> Result<(), LedgerError> {
+        self.votes.insert((height, round, kind), value);
+        Ok(())
+    }
+}
+
+/// What goes into the blocks this node proposes, and what else it requires
+/// of blocks others propose.
+pub trait BlockBuilder: Send + 'static {
+    /// The contents of this node's proposal for `height`.
+    fn draft(&mut self, height: u64) -> BlockDraft;
+    /// Checks a proposed block beyond what [`Block::decode`] and the chain
+    /// links check (e.g. that its updates' adapters are held and sound).
+    /// An error makes this validator prevote nil for it.
+    fn check(&mut self, block: &Block) -> Result<(), String> {
+        let _ = block;
+        Ok(())
+    }
+    /// Called once a block is decided (by consensus or synced).
+    fn decided(&mut self, block: &Block) {
+        let _ = block;
+    }
+}
+
+/// Proposes empty blocks and accepts every well-formed block.
+#[derive(Debug, Default)]
+pub struct EmptyBlocks;
+
+impl BlockBuilder for EmptyBlocks {
+    fn draft(&mut self, _: u64) -> BlockDraft {
+        BlockDraft::default()
+    }
+}

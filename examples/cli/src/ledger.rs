@@ -228,32 +228,50 @@ pub fn propose(
         json!({"event": "update", "id": record.id().to_hex(), "adapter": record.adapter.to_hex(),
                "author": record.author.to_string()})
     );
+    let carries = |b: &Block| b.updates.iter().any(|u| u.id() == record.id());
+    match wait_for_block(&ledger, 0, wait, carries) {
+        Ok(b) => {
+            let active = b.active.get(&record.base).map(|a| a.to_hex());
+            println!(
+                "{}",
+                json!({"update": record.id().to_hex(), "adapter": record.adapter.to_hex(),
+                       "decided_at": b.height, "active": active})
+            );
+            drop(ledger);
+            node.shutdown()?;
+            Ok(())
+        }
+        Err(height) => Err(format!(
+            "update {} was not decided within {wait:?} (chain at height {height}); \
+             validators decide only updates whose adapter they could fetch and load",
+            record.id()
+        )
+        .into()),
+    }
+}
+
+/// The first block after height `from` for which `carries` holds, waiting
+/// up to `wait` for it; the chain's height if none came.
+fn wait_for_block(
+    ledger: &LedgerHandle,
+    from: u64,
+    wait: Duration,
+    carries: impl Fn(&Block) -> bool,
+) -> Result<Block, u64> {
     let deadline = Instant::now() + wait;
-    let mut checked = 0;
+    let mut checked = from;
     loop {
         let height = ledger.status().height;
         for h in checked + 1..=height {
             if let Some((b, _)) = ledger.block(h) {
-                if b.updates.iter().any(|u| u.id() == record.id()) {
-                    let active = b.active.get(&record.base).map(|a| a.to_hex());
-                    println!(
-                        "{}",
-                        json!({"update": record.id().to_hex(), "adapter": record.adapter.to_hex(),
-                               "decided_at": h, "active": active})
-                    );
-                    drop(ledger);
-                    node.shutdown()?;
-                    return Ok(());
+                if carries(&b) {
+                    return Ok(b);
                 }
             }
         }
         checked = height;
         if Instant::now() >= deadline {
-            return Err(format!(
-                "update {} was not decided within {wait:?} (chain at height {height});                  validators decide only updates whose adapter they could fetch and load",
-                record.id()
-            )
-            .into());
+            return Err(height);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -317,34 +335,26 @@ pub fn stake(
         json!({"event": "stake_submitted", "transfer": tx.id().to_hex(), "nonce": tx.nonce,
                "height": ledger.status().height})
     );
-    let deadline = Instant::now() + wait;
-    let mut checked = ledger.status().height;
-    loop {
-        let height = ledger.status().height;
-        for h in checked + 1..=height {
-            if let Some((b, _)) = ledger.block(h) {
-                if b.stake.iter().any(|t| t.id() == tx.id()) {
-                    println!(
-                        "{}",
-                        json!({"transfer": tx.id().to_hex(), "from": tx.from.to_string(),
-                               "to": tx.to.to_string(), "amount": tx.amount, "decided_at": h,
-                               "stakes": stakes_json(&ledger.status().stakes)})
-                    );
-                    drop(ledger);
-                    node.shutdown()?;
-                    return Ok(());
-                }
-            }
+    let from = ledger.status().height;
+    match wait_for_block(&ledger, from, wait, |b| {
+        b.stake.iter().any(|t| t.id() == tx.id())
+    }) {
+        Ok(b) => {
+            println!(
+                "{}",
+                json!({"transfer": tx.id().to_hex(), "from": tx.from.to_string(),
+                       "to": tx.to.to_string(), "amount": tx.amount, "decided_at": b.height,
+                       "stakes": stakes_json(&ledger.status().stakes)})
+            );
+            drop(ledger);
+            node.shutdown()?;
+            Ok(())
         }
-        checked = height;
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "transfer {} was not decided within {wait:?} (chain at height {height})",
-                tx.id()
-            )
-            .into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        Err(height) => Err(format!(
+            "transfer {} was not decided within {wait:?} (chain at height {height})",
+            tx.id()
+        )
+        .into()),
     }
 }
 

@@ -396,20 +396,25 @@ fn four_validator_processes_decide_an_update_that_a_fifth_process_runs() {
         .unwrap()
         .peer_id()
         .to_string();
-    let o = mesh(&[
-        "ledger".into(),
-        "stake".into(),
-        "--genesis".into(),
-        g.clone(),
-        "--identity".into(),
-        s(&root.join("id3.key")),
-        "--to".into(),
-        author_peer.clone(),
-        "--amount".into(),
-        "1".into(),
-        "--bootstrap".into(),
-        addr.clone(),
-    ]);
+    let give_one = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "ledger".into(),
+            "stake".into(),
+            "--genesis".into(),
+            g.clone(),
+            "--identity".into(),
+            s(&root.join("id3.key")),
+            "--to".into(),
+            author_peer.clone(),
+            "--amount".into(),
+            "1".into(),
+            "--bootstrap".into(),
+            addr.clone(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        mesh(&args)
+    };
+    let o = give_one(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let moved: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(moved["stakes"][&author_peer], 1, "{moved}");
@@ -419,22 +424,7 @@ fn four_validator_processes_decide_an_update_that_a_fifth_process_runs() {
         v["event"] == "ledger_decided" && v["height"].as_u64().is_some_and(|h| h > after + 1)
     });
     // More than it holds now (nothing) is refused before anything is sent.
-    let o = mesh(&[
-        "ledger".into(),
-        "stake".into(),
-        "--genesis".into(),
-        g.clone(),
-        "--identity".into(),
-        s(&root.join("id3.key")),
-        "--to".into(),
-        author_peer.clone(),
-        "--amount".into(),
-        "1".into(),
-        "--bootstrap".into(),
-        addr.clone(),
-        "--wait".into(),
-        "30".into(),
-    ]);
+    let o = give_one(&["--wait", "30"]);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("holds 0"),

@@ -202,11 +202,16 @@ impl Genesis {
 
     /// The stake of `peer` (0 for anyone not a validator).
     pub fn power_of(&self, peer: &PeerId) -> u64 {
-        self.validators
-            .binary_search_by(|v| v.peer_id.cmp(peer))
-            .map(|i| self.validators[i].power)
-            .unwrap_or(0)
+        stake_in(&self.validators, peer)
     }
+}
+
+/// The stake of `peer` in `validators` (sorted by peer id; 0 if absent).
+pub(crate) fn stake_in(validators: &[GenesisValidator], peer: &PeerId) -> u64 {
+    validators
+        .binary_search_by(|v| v.peer_id.cmp(peer))
+        .map(|i| validators[i].power)
+        .unwrap_or(0)
 }
 
 /// What a proposer puts in a block (see [`Block::build`]).

@@ -29,7 +29,9 @@ use bytes::Bytes;
 use ed25519_dalek::{Signer, Verifier};
 use prost::Message;
 
-use super::chain::{Block, BlockHash, Genesis, GenesisValidator, MAX_POWER, MAX_VALIDATORS};
+use super::chain::{
+    stake_in, Block, BlockHash, Genesis, GenesisValidator, MAX_POWER, MAX_VALIDATORS,
+};
 use super::LedgerError;
 use crate::network::identity::ed25519_of;
 use crate::network::{Identity, PeerId};
@@ -76,6 +78,7 @@ pub struct StakeTransfer {
     /// The giver's transfer number.
     pub nonce: u64,
     encoded: Bytes,
+    id: BlockHash,
 }
 
 impl fmt::Debug for StakeTransfer {
@@ -184,6 +187,7 @@ impl StakeTransfer {
             amount: msg.amount,
             nonce: msg.nonce,
             encoded: Bytes::copy_from_slice(bytes),
+            id: BlockHash(*blake3::hash(bytes).as_bytes()),
         })
     }
 
@@ -194,7 +198,7 @@ impl StakeTransfer {
 
     /// Its id: the BLAKE3 hash of its encoding.
     pub fn id(&self) -> BlockHash {
-        BlockHash(*blake3::hash(&self.encoded).as_bytes())
+        self.id
     }
 }
 
@@ -231,10 +235,7 @@ impl Stakes {
 
     /// The stake of `peer` (0 for anyone not a validator).
     pub fn power_of(&self, peer: &PeerId) -> u64 {
-        self.validators
-            .binary_search_by(|v| v.peer_id.cmp(peer))
-            .map(|i| self.validators[i].power)
-            .unwrap_or(0)
+        stake_in(&self.validators, peer)
     }
 
     /// The sum of all stakes (the genesis total: transfers keep it).
@@ -245,6 +246,12 @@ impl Stakes {
     /// The nonce `peer`'s next transfer must carry.
     pub fn next_nonce(&self, peer: &PeerId) -> u64 {
         self.nonces.get(peer).copied().unwrap_or(0) + 1
+    }
+
+    /// Whether `tx` may apply now or after the giver's earlier transfers:
+    /// this chain's, and its nonce not yet used.
+    pub fn may_apply(&self, tx: &StakeTransfer) -> bool {
+        tx.chain == self.chain && tx.nonce >= self.next_nonce(&tx.from)
     }
 
     /// Whether `tx` applies to these stakes: this chain's, the giver's next

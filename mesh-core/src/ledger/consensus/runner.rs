@@ -511,11 +511,8 @@ impl Runner {
         }
         self.fx.stakes = next;
         let stakes = &self.fx.stakes;
-        self.fx
-            .mempool
-            .retain(|t| t.chain == stakes.chain() && t.nonce >= stakes.next_nonce(&t.from));
-        self.own
-            .retain(|t| t.chain == stakes.chain() && t.nonce >= stakes.next_nonce(&t.from));
+        self.fx.mempool.retain(|t| stakes.may_apply(t));
+        self.own.retain(|t| stakes.may_apply(t));
         if !self.is_validator() && self.consensus.is_some() {
             tracing::info!("ledger: this node's stake is gone; it stops voting");
             self.consensus = None;
@@ -528,8 +525,7 @@ impl Runner {
 
     /// Keeps a transfer heard or submitted, if it may still apply.
     fn hold_stake(&mut self, tx: StakeTransfer) -> bool {
-        let stakes = &self.fx.stakes;
-        if tx.chain != stakes.chain() || tx.nonce < stakes.next_nonce(&tx.from) {
+        if !self.fx.stakes.may_apply(&tx) {
             return false;
         }
         if self.fx.mempool.len() >= MAX_MEMPOOL || self.fx.mempool.iter().any(|t| t.id() == tx.id())

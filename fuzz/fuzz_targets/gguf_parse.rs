@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_core::gguf::Gguf;
+use mesh_core::gguf::{Array, Gguf};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(g) = Gguf::parse(data) else {
@@ -18,12 +18,12 @@ fuzz_target!(|data: &[u8]| {
         let v = g.get(key);
         assert!(v.is_some());
         let _ = value.to_string();
-        let _ = g.get_str(key);
-        let _ = g.get_u32(key);
-        let _ = g.get_f32(key);
-        let _ = g.get_bool(key);
-        let _ = g.get_str_array(key);
-        let _ = g.get_array(key);
+        let _ = g.value::<&str>(key);
+        let _ = g.value::<u32>(key);
+        let _ = g.value::<f32>(key);
+        let _ = g.value::<bool>(key);
+        let _ = g.value::<&[String]>(key);
+        let _ = g.value::<&Array>(key);
     }
     let _ = g.architecture();
     for t in &g.tensors {

@@ -31,23 +31,23 @@ fn parses_the_default_model() {
     assert_eq!(g.version, 3);
     assert_eq!(g.alignment, 32);
     assert_eq!(g.architecture().unwrap(), "llama");
-    assert_eq!(g.get_u32("llama.block_count").unwrap(), 30);
-    assert_eq!(g.get_u32("llama.embedding_length").unwrap(), 576);
-    assert_eq!(g.get_u32("llama.attention.head_count").unwrap(), 9);
-    assert_eq!(g.get_u32("llama.attention.head_count_kv").unwrap(), 3);
-    assert_eq!(g.get_f32("llama.rope.freq_base").unwrap(), 100_000.0);
-    assert_eq!(g.get_str("tokenizer.ggml.model").unwrap(), "gpt2");
-    assert_eq!(g.get_u32("tokenizer.ggml.eos_token_id").unwrap(), 2);
-    assert!(!g.get_bool("tokenizer.ggml.add_bos_token").unwrap());
+    assert_eq!(g.value::<u32>("llama.block_count").unwrap(), 30);
+    assert_eq!(g.value::<u32>("llama.embedding_length").unwrap(), 576);
+    assert_eq!(g.value::<u32>("llama.attention.head_count").unwrap(), 9);
+    assert_eq!(g.value::<u32>("llama.attention.head_count_kv").unwrap(), 3);
+    assert_eq!(g.value::<f32>("llama.rope.freq_base").unwrap(), 100_000.0);
+    assert_eq!(g.value::<&str>("tokenizer.ggml.model").unwrap(), "gpt2");
+    assert_eq!(g.value::<u32>("tokenizer.ggml.eos_token_id").unwrap(), 2);
+    assert!(!g.value::<bool>("tokenizer.ggml.add_bos_token").unwrap());
     assert!(g
-        .get_str("tokenizer.chat_template")
+        .value::<&str>("tokenizer.chat_template")
         .unwrap()
         .contains("<|im_start|>"));
 
-    let tokens = g.get_str_array("tokenizer.ggml.tokens").unwrap();
+    let tokens = g.value::<&[String]>("tokenizer.ggml.tokens").unwrap();
     assert_eq!(tokens.len(), 49152);
     assert_eq!(tokens[..3], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]);
-    match g.get_array("tokenizer.ggml.token_type").unwrap() {
+    match g.value::<&Array>("tokenizer.ggml.token_type").unwrap() {
         Array::I32(types) => assert_eq!(types.len(), 49152),
         other => panic!(
             "token_type: expected array of i32, found {}",
@@ -55,7 +55,7 @@ fn parses_the_default_model() {
         ),
     }
     assert_eq!(
-        g.get_str_array("tokenizer.ggml.merges").unwrap().len(),
+        g.value::<&[String]>("tokenizer.ggml.merges").unwrap().len(),
         48900
     );
 

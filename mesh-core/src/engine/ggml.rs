@@ -329,7 +329,7 @@ impl GgmlEngine {
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default()
         };
-        let template = match gguf.get_opt_str("tokenizer.chat_template")? {
+        let template = match gguf.opt_value::<&str>("tokenizer.chat_template")? {
             Some(src) => ChatTemplate::new(src, &piece(tokenizer.bos()), &piece(tokenizer.eos()))?,
             None => ChatTemplate::chatml(),
         };

@@ -226,7 +226,7 @@ fn dims(t: &TensorInfo) -> String {
 /// Checks an adapter's metadata and tensors against `info`'s model; returns
 /// alpha and the pairs.
 fn plan(g: &Gguf, info: &ModelInfo) -> Result<(f32, Vec<Planned>)> {
-    match g.get_opt_str("general.type")? {
+    match g.opt_value::<&str>("general.type")? {
         Some("adapter") => {}
         other => {
             return Err(AdapterError::NotAnAdapter(format!(
@@ -235,7 +235,7 @@ fn plan(g: &Gguf, info: &ModelInfo) -> Result<(f32, Vec<Planned>)> {
             .into())
         }
     }
-    match g.get_opt_str("adapter.type")? {
+    match g.opt_value::<&str>("adapter.type")? {
         Some("lora") => {}
         other => {
             return Err(AdapterError::NotAnAdapter(format!(
@@ -252,7 +252,7 @@ fn plan(g: &Gguf, info: &ModelInfo) -> Result<(f32, Vec<Planned>)> {
         }
         .into());
     }
-    let alpha = g.get_opt_f32("adapter.lora.alpha")?.unwrap_or(0.0);
+    let alpha = g.opt_value::<f32>("adapter.lora.alpha")?.unwrap_or(0.0);
     if !(alpha.is_finite() && alpha >= 0.0) {
         return Err(AdapterError::BadAlpha(alpha).into());
     }
@@ -396,7 +396,7 @@ impl LoraAdapter {
             base: info.id,
             alpha,
             file_size: bytes.len() as u64,
-            name: g.get_opt_str("general.name")?.map(str::to_string),
+            name: g.opt_value::<&str>("general.name")?.map(str::to_string),
             ctx,
             pairs: HashMap::with_capacity(planned.len()),
             transposed: Vec::new(),

@@ -119,30 +119,37 @@ impl ModelInfo {
             }
         };
         let key = |k: &str| format!("{arch}.{k}");
-        let n_layers = usize_of(&key("block_count"), g.get_u32(&key("block_count"))?)?;
+        let n_layers = usize_of(&key("block_count"), g.value::<u32>(&key("block_count"))?)?;
         let n_embd = usize_of(
             &key("embedding_length"),
-            g.get_u32(&key("embedding_length"))?,
+            g.value::<u32>(&key("embedding_length"))?,
         )?;
         let n_ff = usize_of(
             &key("feed_forward_length"),
-            g.get_u32(&key("feed_forward_length"))?,
+            g.value::<u32>(&key("feed_forward_length"))?,
         )?;
         let n_head = usize_of(
             &key("attention.head_count"),
-            g.get_u32(&key("attention.head_count"))?,
+            g.value::<u32>(&key("attention.head_count"))?,
         )?;
-        let n_head_kv = match g.get_opt_u32(&key("attention.head_count_kv"))? {
+        let n_head_kv = match g.opt_value::<u32>(&key("attention.head_count_kv"))? {
             Some(v) => usize_of(&key("attention.head_count_kv"), v)?,
             None => n_head,
         };
-        let n_ctx_train = usize_of(&key("context_length"), g.get_u32(&key("context_length"))?)?;
-        let rms_eps = g.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
-        let rope_freq_base = g.get_opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
-        let rope_freq_scale = match g.get_opt_str(&key("rope.scaling.type"))? {
+        let n_ctx_train = usize_of(
+            &key("context_length"),
+            g.value::<u32>(&key("context_length"))?,
+        )?;
+        let rms_eps = g.value::<f32>(&key("attention.layer_norm_rms_epsilon"))?;
+        let rope_freq_base = g
+            .opt_value::<f32>(&key("rope.freq_base"))?
+            .unwrap_or(10000.0);
+        let rope_freq_scale = match g.opt_value::<&str>(&key("rope.scaling.type"))? {
             None | Some("none") => 1.0,
             Some("linear") => {
-                let factor = g.get_opt_f32(&key("rope.scaling.factor"))?.unwrap_or(1.0);
+                let factor = g
+                    .opt_value::<f32>(&key("rope.scaling.factor"))?
+                    .unwrap_or(1.0);
                 if !(factor.is_finite() && factor > 0.0) {
                     return Err(Error::Gguf(format!(
                         "{}: expected a positive factor, found {factor}",
@@ -174,7 +181,7 @@ impl ModelInfo {
             )));
         }
         let head_dim = n_embd / n_head;
-        if let Some(rot) = g.get_opt_u32(&key("rope.dimension_count"))? {
+        if let Some(rot) = g.opt_value::<u32>(&key("rope.dimension_count"))? {
             if rot as usize != head_dim {
                 return Err(Error::Unsupported(format!(
                     "{}: partial rotary embeddings ({rot} of {head_dim} dims)",
@@ -240,7 +247,7 @@ impl ModelInfo {
             .unwrap_or(token_embd.ggml_type);
         let info = ModelInfo {
             architecture: arch,
-            name: g.get_opt_str("general.name")?.map(str::to_string),
+            name: g.opt_value::<&str>("general.name")?.map(str::to_string),
             id,
             file_size,
             n_layers,

@@ -406,7 +406,7 @@ pub(crate) struct VocabSpec<'a> {
 impl<'a> VocabSpec<'a> {
     /// Read the tokenizer metadata of `g`.
     pub(crate) fn from_gguf(g: &'a Gguf) -> Result<VocabSpec<'a>> {
-        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+        let tokens = g.value::<&[String]>("tokenizer.ggml.tokens")?;
         let token_types = match g.get("tokenizer.ggml.token_type") {
             None => None,
             Some(Value::Array(Array::I32(v))) => Some(v.as_slice()),
@@ -440,23 +440,23 @@ impl<'a> VocabSpec<'a> {
         };
         let mut ids = Vec::new();
         for &(key, _) in ROLE_KEYS {
-            if let Some(id) = g.get_opt_u32(key)? {
+            if let Some(id) = g.opt_value::<u32>(key)? {
                 ids.push((key, id));
             }
         }
         Ok(VocabSpec {
-            model: g.get_str("tokenizer.ggml.model")?,
-            pre: g.get_opt_str("tokenizer.ggml.pre")?,
+            model: g.value::<&str>("tokenizer.ggml.model")?,
+            pre: g.opt_value::<&str>("tokenizer.ggml.pre")?,
             tokens,
             token_types,
             scores,
             merges,
             ids,
-            add_bos: g.get_opt_bool("tokenizer.ggml.add_bos_token")?,
-            add_eos: g.get_opt_bool("tokenizer.ggml.add_eos_token")?,
-            add_space_prefix: g.get_opt_bool("tokenizer.ggml.add_space_prefix")?,
-            name: g.get_opt_str("general.name")?,
-            architecture: g.get_opt_str("general.architecture")?,
+            add_bos: g.opt_value::<bool>("tokenizer.ggml.add_bos_token")?,
+            add_eos: g.opt_value::<bool>("tokenizer.ggml.add_eos_token")?,
+            add_space_prefix: g.opt_value::<bool>("tokenizer.ggml.add_space_prefix")?,
+            name: g.opt_value::<&str>("general.name")?,
+            architecture: g.opt_value::<&str>("general.architecture")?,
         })
     }
 }

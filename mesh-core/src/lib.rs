@@ -27,6 +27,7 @@ pub mod generate;
 pub mod gguf;
 pub mod json_mode;
 pub mod ledger;
+pub mod model_id;
 pub mod network;
 pub mod node;
 pub mod pipeline;

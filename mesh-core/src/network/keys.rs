@@ -12,7 +12,7 @@
 //! * A layer key's digest is the BLAKE3 of `mesh-llm/layer/1` followed by the
 //!   model id and the layer index as a big-endian u32.
 
-use crate::engine::ModelId;
+use crate::model_id::ModelId;
 
 /// CID version 1.
 const CID_V1: u8 = 0x01;

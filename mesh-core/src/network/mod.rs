@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::engine::ModelId;
+use crate::model_id::ModelId;
 use crate::Result;
 
 pub mod identity;

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::memory::{LinkConfig, MemoryConfig, MemoryNet, MemoryNetwork, NetStats};
 use super::{Announcement, Identity, Limits, Network};
-use crate::engine::ModelId;
+use crate::model_id::ModelId;
 use crate::Result;
 
 /// What to simulate.

@@ -28,7 +28,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use prost::Message;
 
 use super::{Announcement, Multiaddr, NetworkError, RemoteStatus, Request, Response};
-use crate::engine::ModelId;
+use crate::model_id::ModelId;
 use crate::Result;
 
 /// The wire version this build speaks.

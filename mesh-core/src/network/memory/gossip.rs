@@ -6,7 +6,13 @@ use super::*;
 impl World {
     /// Node `at` sends (or forwards) `msg` to its connected peers subscribed
     /// to the topic, except `except` and the source.
-    pub(super) fn forward(&mut self, net: &MemoryNet, at: usize, msg: &Arc<Gossip>, except: Option<PeerId>) {
+    pub(super) fn forward(
+        &mut self,
+        net: &MemoryNet,
+        at: usize,
+        msg: &Arc<Gossip>,
+        except: Option<PeerId>,
+    ) {
         let targets: Vec<PeerId> = self.nodes[at]
             .connected
             .iter()
@@ -45,10 +51,15 @@ impl World {
     }
 
     /// Node `at` learnt `list` is everything `source` serves now.
-    pub(super) fn learn_announcements(&mut self, at: usize, source: PeerId, list: Vec<Announcement>) {
+    pub(super) fn learn_announcements(
+        &mut self,
+        at: usize,
+        source: PeerId,
+        list: Vec<Announcement>,
+    ) {
         let node = &mut self.nodes[at];
         let old = node.known.remove(&source).unwrap_or_default();
-        for (model, layers) in super::announcement_changes(&old, &list) {
+        for (model, layers) in crate::network::announcement_changes(&old, &list) {
             node.emit(Event::ProvidersChanged {
                 model,
                 peer: source,
@@ -120,5 +131,4 @@ impl MemoryNet {
         }
         w.forward(self, to, &msg, Some(from_peer));
     }
-
 }

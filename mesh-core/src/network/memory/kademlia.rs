@@ -152,7 +152,13 @@ impl World {
     }
 
     /// Node `to` answers a Kademlia request from `from_peer`.
-    pub(super) fn handle_kad(&mut self, to: usize, from_peer: PeerId, op: KadOp, key: Key) -> KadReply {
+    pub(super) fn handle_kad(
+        &mut self,
+        to: usize,
+        from_peer: PeerId,
+        op: KadOp,
+        key: Key,
+    ) -> KadReply {
         self.table_insert(to, from_peer);
         let now = Instant::now();
         let ttl = self.config.provider_ttl;
@@ -199,7 +205,6 @@ impl World {
         }
         reply
     }
-
 }
 
 pub(super) struct Lookup {
@@ -218,7 +223,13 @@ pub(super) enum Probe {
 impl MemoryNet {
     /// One Kademlia request from node `from` to `to_peer` and its reply,
     /// within the request deadline; `None` if it failed or timed out.
-    pub(super) async fn kad_rpc(&self, from: usize, to_peer: PeerId, op: KadOp, key: Key) -> Option<KadReply> {
+    pub(super) async fn kad_rpc(
+        &self,
+        from: usize,
+        to_peer: PeerId,
+        op: KadOp,
+        key: Key,
+    ) -> Option<KadReply> {
         let deadline = self.lock().config.rpc_timeout;
         tokio::time::timeout(deadline, self.kad_exchange(from, to_peer, op, key))
             .await
@@ -283,7 +294,13 @@ impl MemoryNet {
 
     /// An iterative lookup of `target` by node `me`: ends when the `K`
     /// closest peers seen have all answered (or failed), or at `deadline`.
-    pub(super) async fn lookup(&self, me: usize, target: Key, op: KadOp, deadline: Option<Instant>) -> Lookup {
+    pub(super) async fn lookup(
+        &self,
+        me: usize,
+        target: Key,
+        op: KadOp,
+        deadline: Option<Instant>,
+    ) -> Lookup {
         let mut providers = BTreeSet::new();
         let mut probes: BTreeMap<(Key, PeerId), Probe> = BTreeMap::new();
         let my_peer = {
@@ -394,7 +411,6 @@ impl MemoryNet {
         });
         w.nodes[me].tasks.push(task.abort_handle());
     }
-
 }
 
 pub(super) fn provider_of(

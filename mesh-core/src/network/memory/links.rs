@@ -234,7 +234,6 @@ impl World {
             }
         }
     }
-
 }
 
 /// What a node answers to a request, now or once its handler replies.

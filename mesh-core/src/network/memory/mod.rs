@@ -91,7 +91,7 @@ use super::{
     Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
     Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
 };
-use crate::engine::ModelId;
+use crate::model_id::ModelId;
 use crate::Result;
 
 mod gossip;
@@ -101,9 +101,7 @@ mod links;
 #[cfg(test)]
 mod tests;
 
-use handle::*;
 use kademlia::*;
-use links::*;
 
 /// Kademlia bucket size and replication factor.
 pub const K: usize = 20;
@@ -493,5 +491,4 @@ impl MemoryNet {
     pub fn stats(&self) -> NetStats {
         self.lock().stats
     }
-
 }

@@ -362,7 +362,11 @@ impl State {
         }
     }
 
-    pub(super) fn send_reply(&mut self, channel: ResponseChannel<RrResponse>, reply: Option<Reply>) {
+    pub(super) fn send_reply(
+        &mut self,
+        channel: ResponseChannel<RrResponse>,
+        reply: Option<Reply>,
+    ) {
         let body = streams::reply_body(reply.as_ref(), self.limits.max_response_bytes);
         // Fails only if the requester is gone; nothing to do then.
         let _ = self

@@ -15,18 +15,18 @@ pub(crate) enum RrRequest {
 /// A response frame body (encoded when sent, raw when received: the loop
 /// decodes it knowing the peer).
 #[derive(Debug)]
-pub(crate) struct RrResponse(Bytes);
+pub(crate) struct RrResponse(pub(super) Bytes);
 
 /// Length-prefixed prost frames with limits checked before allocation.
 #[derive(Clone, Debug)]
 pub(crate) struct MeshCodec {
-    limits: Limits,
+    pub(super) limits: Limits,
 }
 
 impl request_response::Codec for MeshCodec {
-    pub(super) type Protocol = StreamProtocol;
-    pub(super) type Request = RrRequest;
-    pub(super) type Response = RrResponse;
+    type Protocol = StreamProtocol;
+    type Request = RrRequest;
+    type Response = RrResponse;
 
     async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<RrRequest>
     where

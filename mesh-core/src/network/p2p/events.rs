@@ -4,7 +4,12 @@
 use super::*;
 
 impl State {
-    pub(super) fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+    pub(super) fn on_gossip(
+        &mut self,
+        source: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
         let Some(publisher) = message.source else {
             let _ = self
                 .swarm
@@ -64,7 +69,7 @@ impl State {
             .remote_announcements
             .insert(peer, list.clone())
             .unwrap_or_default();
-        for (model, layers) in super::announcement_changes(&old, &list) {
+        for (model, layers) in crate::network::announcement_changes(&old, &list) {
             self.emit(Event::ProvidersChanged {
                 model,
                 peer,
@@ -267,5 +272,4 @@ impl State {
             _ => {}
         }
     }
-
 }

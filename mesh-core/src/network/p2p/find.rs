@@ -29,7 +29,12 @@ impl State {
         }
     }
 
-    pub(super) fn on_describe(&mut self, find: kad::QueryId, peer: PeerId, result: Result<Response>) {
+    pub(super) fn on_describe(
+        &mut self,
+        find: kad::QueryId,
+        peer: PeerId,
+        result: Result<Response>,
+    ) {
         let Some(f) = self.finds.get_mut(&find) else {
             return;
         };
@@ -83,7 +88,6 @@ impl State {
             }
         }
     }
-
 }
 
 pub(super) fn matches_find(a: &Announcement, model: ModelId, layer: Option<u32>) -> bool {

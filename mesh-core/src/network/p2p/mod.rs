@@ -48,7 +48,7 @@ use super::{
     Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
     Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
 };
-use crate::engine::ModelId;
+use crate::model_id::ModelId;
 use crate::{Error, Result};
 
 mod actor;
@@ -59,8 +59,8 @@ mod swarm;
 
 pub(crate) use codec::*;
 use find::*;
-pub use swarm::{layer_key, model_key};
 use swarm::*;
+pub use swarm::{layer_key, model_key};
 
 /// Protocol id of our request-response protocol.
 pub const RR_PROTOCOL: &str = "/mesh-llm/rr/1";

@@ -518,11 +518,15 @@ mod avx2 {
         rows: [&[u8]; R],
         p: &Prepared,
     ) -> Option<[u64; R]> {
-        match ty {
-            GgmlType::Q8_0 => rows_dot_k::<0, R>(rows, p),
-            GgmlType::Q4_0 => rows_dot_k::<1, R>(rows, p),
-            GgmlType::Q4_1 => rows_dot_k::<2, R>(rows, p),
-            _ => None,
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => rows_dot_k::<0, R>(rows, p),
+                GgmlType::Q4_0 => rows_dot_k::<1, R>(rows, p),
+                GgmlType::Q4_1 => rows_dot_k::<2, R>(rows, p),
+                _ => None,
+            }
         }
     }
 
@@ -552,43 +556,47 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn decode_block<const K: u8>(blk: *const u8) -> Option<Block> {
-        let (mant, sh) = half_parts(u16::from_le_bytes([*blk, *blk.add(1)]))?;
-        // The block's 32 quants as two vectors of 16 i16 (weights 0..16, 16..32).
-        let (q0, q1) = if K == 0 {
-            (
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
-            )
-        } else {
-            let nibbles = _mm_set1_epi8(0x0f);
-            let v = _mm_loadu_si128(blk.add(if K == 1 { 2 } else { 4 }).cast());
-            (
-                _mm256_cvtepu8_epi16(_mm_and_si128(v, nibbles)),
-                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibbles)),
-            )
-        };
-        // ±mant·q as i32 (|.| < 2^18), even and odd positions of each half.
-        let even = _mm256_set1_epi32(i32::from(mant as i16 as u16));
-        let odd = _mm256_set1_epi32(i32::from(mant as i16 as u16) << 16);
-        let offset = match K {
-            // Σ D·(q - 8): the -8·D·ΣX term.
-            1 => (-8 * (i64::from(mant) << sh)) as u64,
-            2 => {
-                let (m, msh) = half_parts(u16::from_le_bytes([*blk.add(2), *blk.add(3)]))?;
-                (i64::from(m) << msh) as u64
-            }
-            _ => 0,
-        };
-        Some(Block {
-            w: [
-                _mm256_madd_epi16(q0, even),
-                _mm256_madd_epi16(q0, odd),
-                _mm256_madd_epi16(q1, even),
-                _mm256_madd_epi16(q1, odd),
-            ],
-            count: _mm_cvtsi32_si128(sh as i32),
-            offset,
-        })
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let (mant, sh) = half_parts(u16::from_le_bytes([*blk, *blk.add(1)]))?;
+            // The block's 32 quants as two vectors of 16 i16 (weights 0..16, 16..32).
+            let (q0, q1) = if K == 0 {
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
+                )
+            } else {
+                let nibbles = _mm_set1_epi8(0x0f);
+                let v = _mm_loadu_si128(blk.add(if K == 1 { 2 } else { 4 }).cast());
+                (
+                    _mm256_cvtepu8_epi16(_mm_and_si128(v, nibbles)),
+                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibbles)),
+                )
+            };
+            // ±mant·q as i32 (|.| < 2^18), even and odd positions of each half.
+            let even = _mm256_set1_epi32(i32::from(mant as i16 as u16));
+            let odd = _mm256_set1_epi32(i32::from(mant as i16 as u16) << 16);
+            let offset = match K {
+                // Σ D·(q - 8): the -8·D·ΣX term.
+                1 => (-8 * (i64::from(mant) << sh)) as u64,
+                2 => {
+                    let (m, msh) = half_parts(u16::from_le_bytes([*blk.add(2), *blk.add(3)]))?;
+                    (i64::from(m) << msh) as u64
+                }
+                _ => 0,
+            };
+            Some(Block {
+                w: [
+                    _mm256_madd_epi16(q0, even),
+                    _mm256_madd_epi16(q0, odd),
+                    _mm256_madd_epi16(q1, even),
+                    _mm256_madd_epi16(q1, odd),
+                ],
+                count: _mm_cvtsi32_si128(sh as i32),
+                offset,
+            })
+        }
     }
 
     #[target_feature(enable = "avx2")]
@@ -596,59 +604,63 @@ mod avx2 {
         rows: [&[u8]; R],
         p: &Prepared,
     ) -> Option<[u64; R]> {
-        let ts = [34, 18, 20][K as usize];
-        let nb = p.sums.len();
-        assert!(p.lo.len() == 32 * nb && p.hi.len() == 32 * nb);
-        assert!(rows.iter().all(|r| r.len() == nb * ts));
-        let zero = _mm256_setzero_si256();
-        let mut acc_lo = [zero; R];
-        let mut acc_hi = [zero; R];
-        let mut extra = [0u64; R];
-        for b in 0..nb {
-            let mut blocks = [const { None }; R];
-            for (i, row) in rows.iter().enumerate() {
-                blocks[i] = Some(decode_block::<K>(row.as_ptr().add(b * ts))?);
-            }
-            let lo = p.lo.as_ptr().add(32 * b).cast::<__m256i>();
-            let hi = p.hi.as_ptr().add(32 * b).cast::<__m256i>();
-            let mut blo = [zero; R];
-            let mut bhi = [zero; R];
-            for g in 0..4 {
-                let (x_even, x_odd) = (
-                    _mm256_loadu_si256(lo.add(2 * g)),
-                    _mm256_loadu_si256(lo.add(2 * g + 1)),
-                );
-                let x_hi = _mm256_loadu_si256(hi.add(g));
-                for i in 0..R {
-                    let wg = blocks[i].as_ref().unwrap_unchecked().w[g];
-                    // lo_j·mant·q_j exactly (|.| < 2^49): lanes 0, 2, 4, 6 then 1, 3, 5, 7.
-                    blo[i] = _mm256_add_epi64(blo[i], _mm256_mul_epi32(x_even, wg));
-                    blo[i] = _mm256_add_epi64(
-                        blo[i],
-                        _mm256_mul_epi32(x_odd, _mm256_srli_epi64(wg, 32)),
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let ts = [34, 18, 20][K as usize];
+            let nb = p.sums.len();
+            assert!(p.lo.len() == 32 * nb && p.hi.len() == 32 * nb);
+            assert!(rows.iter().all(|r| r.len() == nb * ts));
+            let zero = _mm256_setzero_si256();
+            let mut acc_lo = [zero; R];
+            let mut acc_hi = [zero; R];
+            let mut extra = [0u64; R];
+            for b in 0..nb {
+                let mut blocks = [const { None }; R];
+                for (i, row) in rows.iter().enumerate() {
+                    blocks[i] = Some(decode_block::<K>(row.as_ptr().add(b * ts))?);
+                }
+                let lo = p.lo.as_ptr().add(32 * b).cast::<__m256i>();
+                let hi = p.hi.as_ptr().add(32 * b).cast::<__m256i>();
+                let mut blo = [zero; R];
+                let mut bhi = [zero; R];
+                for g in 0..4 {
+                    let (x_even, x_odd) = (
+                        _mm256_loadu_si256(lo.add(2 * g)),
+                        _mm256_loadu_si256(lo.add(2 * g + 1)),
                     );
-                    // hi_j·mant·q_j mod 2^32.
-                    bhi[i] = _mm256_add_epi32(bhi[i], _mm256_mullo_epi32(x_hi, wg));
+                    let x_hi = _mm256_loadu_si256(hi.add(g));
+                    for i in 0..R {
+                        let wg = blocks[i].as_ref().unwrap_unchecked().w[g];
+                        // lo_j·mant·q_j exactly (|.| < 2^49): lanes 0, 2, 4, 6 then 1, 3, 5, 7.
+                        blo[i] = _mm256_add_epi64(blo[i], _mm256_mul_epi32(x_even, wg));
+                        blo[i] = _mm256_add_epi64(
+                            blo[i],
+                            _mm256_mul_epi32(x_odd, _mm256_srli_epi64(wg, 32)),
+                        );
+                        // hi_j·mant·q_j mod 2^32.
+                        bhi[i] = _mm256_add_epi32(bhi[i], _mm256_mullo_epi32(x_hi, wg));
+                    }
+                }
+                for i in 0..R {
+                    let blk = blocks[i].as_ref().unwrap_unchecked();
+                    acc_lo[i] = _mm256_add_epi64(acc_lo[i], _mm256_sll_epi64(blo[i], blk.count));
+                    acc_hi[i] = _mm256_add_epi32(acc_hi[i], _mm256_sll_epi32(bhi[i], blk.count));
+                    extra[i] = extra[i].wrapping_add(blk.offset.wrapping_mul(p.sums[b]));
                 }
             }
+            let mut out = [0u64; R];
             for i in 0..R {
-                let blk = blocks[i].as_ref().unwrap_unchecked();
-                acc_lo[i] = _mm256_add_epi64(acc_lo[i], _mm256_sll_epi64(blo[i], blk.count));
-                acc_hi[i] = _mm256_add_epi32(acc_hi[i], _mm256_sll_epi32(bhi[i], blk.count));
-                extra[i] = extra[i].wrapping_add(blk.offset.wrapping_mul(p.sums[b]));
+                let mut l = [0u64; 4];
+                let mut h = [0u32; 8];
+                _mm256_storeu_si256(l.as_mut_ptr().cast(), acc_lo[i]);
+                _mm256_storeu_si256(h.as_mut_ptr().cast(), acc_hi[i]);
+                let lo = l.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+                let hi = h.iter().fold(0u32, |a, v| a.wrapping_add(*v));
+                out[i] = lo.wrapping_add(u64::from(hi) << 32).wrapping_add(extra[i]);
             }
+            Some(out)
         }
-        let mut out = [0u64; R];
-        for i in 0..R {
-            let mut l = [0u64; 4];
-            let mut h = [0u32; 8];
-            _mm256_storeu_si256(l.as_mut_ptr().cast(), acc_lo[i]);
-            _mm256_storeu_si256(h.as_mut_ptr().cast(), acc_hi[i]);
-            let lo = l.iter().fold(0u64, |a, v| a.wrapping_add(*v));
-            let hi = h.iter().fold(0u32, |a, v| a.wrapping_add(*v));
-            out[i] = lo.wrapping_add(u64::from(hi) << 32).wrapping_add(extra[i]);
-        }
-        Some(out)
     }
 }
 

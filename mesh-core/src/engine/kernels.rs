@@ -88,9 +88,13 @@ pub(crate) fn scale_to_userdata(scale: f32) -> *mut c_void {
 /// # Safety
 /// `t` must be a contiguous F32 tensor whose data is valid for `nelements` floats.
 unsafe fn rows_of<'a>(t: *const sys::ggml_tensor) -> (&'a [f32], usize) {
-    let n = sys::ggml_nelements(t) as usize;
-    let ne0 = (*t).ne[0] as usize;
-    (std::slice::from_raw_parts((*t).data as *const f32, n), ne0)
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let n = sys::ggml_nelements(t) as usize;
+        let ne0 = (*t).ne[0] as usize;
+        (std::slice::from_raw_parts((*t).data as *const f32, n), ne0)
+    }
 }
 
 /// `dst = silu(a) * b` element-wise (SwiGLU), a and b of the same shape.
@@ -105,13 +109,17 @@ pub(crate) unsafe extern "C" fn swiglu_op(
     nth: i32,
     _userdata: *mut c_void,
 ) {
-    let (a, ne0) = rows_of(a);
-    let (b, _) = rows_of(b);
-    let n = a.len().min(b.len());
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, n);
-    let (r0, r1) = share(n / ne0.max(1), ith, nth);
-    let range = r0 * ne0..r1 * ne0;
-    swiglu(&mut out[range.clone()], &a[range.clone()], &b[range]);
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let (a, ne0) = rows_of(a);
+        let (b, _) = rows_of(b);
+        let n = a.len().min(b.len());
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, n);
+        let (r0, r1) = share(n / ne0.max(1), ith, nth);
+        let range = r0 * ne0..r1 * ne0;
+        swiglu(&mut out[range.clone()], &a[range.clone()], &b[range]);
+    }
 }
 
 /// Defines `$name` to run `$body` through a copy compiled for AVX2 and FMA when
@@ -238,27 +246,31 @@ pub(crate) unsafe extern "C" fn rope_op(
     nth: i32,
     userdata: *mut c_void,
 ) {
-    let p = &*(userdata as *const RopeParams);
-    let ne = (*a).ne;
-    let (d, heads, n) = (ne[0] as usize, ne[1] as usize, ne[2] as usize);
-    let src = std::slice::from_raw_parts((*a).data as *const f32, d * heads * n);
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, d * heads * n);
-    let pos = std::slice::from_raw_parts((*positions).data as *const i32, n);
-    let (r0, r1) = share(heads * n, ith, nth);
-    let mut cache = Vec::with_capacity(p.n_dims / 2);
-    let mut cached = None;
-    for r in r0..r1 {
-        let t = r / heads;
-        if cached != Some(t) {
-            rope_cache(p, pos[t], &mut cache);
-            cached = Some(t);
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let p = &*(userdata as *const RopeParams);
+        let ne = (*a).ne;
+        let (d, heads, n) = (ne[0] as usize, ne[1] as usize, ne[2] as usize);
+        let src = std::slice::from_raw_parts((*a).data as *const f32, d * heads * n);
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, d * heads * n);
+        let pos = std::slice::from_raw_parts((*positions).data as *const i32, n);
+        let (r0, r1) = share(heads * n, ith, nth);
+        let mut cache = Vec::with_capacity(p.n_dims / 2);
+        let mut cached = None;
+        for r in r0..r1 {
+            let t = r / heads;
+            if cached != Some(t) {
+                rope_cache(p, pos[t], &mut cache);
+                cached = Some(t);
+            }
+            rope_row(
+                p,
+                &cache,
+                &src[r * d..(r + 1) * d],
+                &mut out[r * d..(r + 1) * d],
+            );
         }
-        rope_row(
-            p,
-            &cache,
-            &src[r * d..(r + 1) * d],
-            &mut out[r * d..(r + 1) * d],
-        );
     }
 }
 
@@ -275,14 +287,18 @@ pub(crate) unsafe extern "C" fn round_f16_op(
     nth: i32,
     _userdata: *mut c_void,
 ) {
-    let (a, ne0) = rows_of(a);
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, a.len());
-    let (r0, r1) = share(a.len() / ne0.max(1), ith, nth);
-    for (o, &v) in out[r0 * ne0..r1 * ne0]
-        .iter_mut()
-        .zip(&a[r0 * ne0..r1 * ne0])
-    {
-        *o = round_f16(v);
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let (a, ne0) = rows_of(a);
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, a.len());
+        let (r0, r1) = share(a.len() / ne0.max(1), ith, nth);
+        for (o, &v) in out[r0 * ne0..r1 * ne0]
+            .iter_mut()
+            .zip(&a[r0 * ne0..r1 * ne0])
+        {
+            *o = round_f16(v);
+        }
     }
 }
 
@@ -300,16 +316,20 @@ pub(crate) unsafe extern "C" fn soft_max_op(
     nth: i32,
     userdata: *mut c_void,
 ) {
-    let scale = f32::from_bits(userdata as usize as u32);
-    let (a, ne0) = rows_of(a);
-    let (mask, _) = rows_of(mask);
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, a.len());
-    let mask_rows = mask.len() / ne0.max(1);
-    let (r0, r1) = share(a.len() / ne0.max(1), ith, nth);
-    for r in r0..r1 {
-        let m = &mask[(r % mask_rows.max(1)) * ne0..][..ne0];
-        let x = &a[r * ne0..][..ne0];
-        soft_max_row(&mut out[r * ne0..][..ne0], x, m, scale);
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let scale = f32::from_bits(userdata as usize as u32);
+        let (a, ne0) = rows_of(a);
+        let (mask, _) = rows_of(mask);
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, a.len());
+        let mask_rows = mask.len() / ne0.max(1);
+        let (r0, r1) = share(a.len() / ne0.max(1), ith, nth);
+        for r in r0..r1 {
+            let m = &mask[(r % mask_rows.max(1)) * ne0..][..ne0];
+            let x = &a[r * ne0..][..ne0];
+            soft_max_row(&mut out[r * ne0..][..ne0], x, m, scale);
+        }
     }
 }
 
@@ -363,37 +383,41 @@ pub(crate) unsafe extern "C" fn dot_f16_op(
     nth: i32,
     _userdata: *mut c_void,
 ) {
-    let (ane, anb) = ((*a).ne, (*a).nb);
-    let (k, m, ha) = (ane[0] as usize, ane[1] as usize, ane[2].max(1) as usize);
-    let (bne, bnb) = ((*b).ne, (*b).nb);
-    let (n, hb) = (bne[1] as usize, bne[2].max(1) as usize);
-    let ratio = (hb / ha).max(1);
-    let b_data = (*b).data as *const u8;
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, m * n * hb);
-    // Thread `ith` takes a share of the `Hb · N` output rows; it converts the
-    // fp16 rows of `a` for one head at a time (once per head, not per row).
-    let (r0, r1) = share(hb * n, ith, nth);
-    let mut rows = vec![0f32; m * k];
-    let mut rows_head = usize::MAX;
-    let mut bv = vec![0f32; k];
-    for r in r0..r1 {
-        let (h, t) = (r / n, r % n);
-        let ah = h / ratio;
-        if ah != rows_head {
-            let base = ((*a).data as *const u8).add(ah * anb[2]);
-            for (i, row) in rows.chunks_exact_mut(k).enumerate() {
-                let src = std::slice::from_raw_parts(base.add(i * anb[1]).cast::<u16>(), k);
-                for (d, &s) in row.iter_mut().zip(src) {
-                    *d = half::f16::from_bits(s).to_f32();
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let (ane, anb) = ((*a).ne, (*a).nb);
+        let (k, m, ha) = (ane[0] as usize, ane[1] as usize, ane[2].max(1) as usize);
+        let (bne, bnb) = ((*b).ne, (*b).nb);
+        let (n, hb) = (bne[1] as usize, bne[2].max(1) as usize);
+        let ratio = (hb / ha).max(1);
+        let b_data = (*b).data as *const u8;
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, m * n * hb);
+        // Thread `ith` takes a share of the `Hb · N` output rows; it converts the
+        // fp16 rows of `a` for one head at a time (once per head, not per row).
+        let (r0, r1) = share(hb * n, ith, nth);
+        let mut rows = vec![0f32; m * k];
+        let mut rows_head = usize::MAX;
+        let mut bv = vec![0f32; k];
+        for r in r0..r1 {
+            let (h, t) = (r / n, r % n);
+            let ah = h / ratio;
+            if ah != rows_head {
+                let base = ((*a).data as *const u8).add(ah * anb[2]);
+                for (i, row) in rows.chunks_exact_mut(k).enumerate() {
+                    let src = std::slice::from_raw_parts(base.add(i * anb[1]).cast::<u16>(), k);
+                    for (d, &s) in row.iter_mut().zip(src) {
+                        *d = half::f16::from_bits(s).to_f32();
+                    }
                 }
+                rows_head = ah;
             }
-            rows_head = ah;
+            let src = b_data.add(h * bnb[2] + t * bnb[1]).cast::<f32>();
+            for (d, &s) in bv.iter_mut().zip(std::slice::from_raw_parts(src, k)) {
+                *d = round_f16(s);
+            }
+            dot_rows_fixed(&mut out[r * m..(r + 1) * m], &rows, &bv);
         }
-        let src = b_data.add(h * bnb[2] + t * bnb[1]).cast::<f32>();
-        for (d, &s) in bv.iter_mut().zip(std::slice::from_raw_parts(src, k)) {
-            *d = round_f16(s);
-        }
-        dot_rows_fixed(&mut out[r * m..(r + 1) * m], &rows, &bv);
     }
 }
 

@@ -177,33 +177,37 @@ unsafe fn quantize_rows(
     c1: usize,
     exact: bool,
 ) {
-    // Always present for Q8_1; were it missing, `available()`'s self-test (which runs
-    // this function) would fail and the kernel would never be used.
-    let Some(from_float) = type_traits(sys::ggml_type_GGML_TYPE_Q8_1).from_float else {
-        return;
-    };
-    let l = ActLayout::new(cols, n);
-    let d_tab = buf.add(l.q8_bytes()).cast::<f32>();
-    let s_tab = d_tab.add(l.d_floats());
-    for c in c0..c1 {
-        let row = buf.add(c * l.nb * Y_BLOCK);
-        from_float(x.add(c * cols), row.cast(), cols as i64);
-        for b in 0..l.nb {
-            let blk = row.add(b * Y_BLOCK);
-            let d = u16::from_le_bytes([*blk, *blk.add(1)]);
-            let s = u16::from_le_bytes([*blk.add(2), *blk.add(3)]);
-            let d = sys::ggml_fp16_to_fp32(d);
-            for k in 0..D_REPEAT {
-                *d_tab.add((b * n + c) * D_REPEAT + k) = d;
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        // Always present for Q8_1; were it missing, `available()`'s self-test (which runs
+        // this function) would fail and the kernel would never be used.
+        let Some(from_float) = type_traits(sys::ggml_type_GGML_TYPE_Q8_1).from_float else {
+            return;
+        };
+        let l = ActLayout::new(cols, n);
+        let d_tab = buf.add(l.q8_bytes()).cast::<f32>();
+        let s_tab = d_tab.add(l.d_floats());
+        for c in c0..c1 {
+            let row = buf.add(c * l.nb * Y_BLOCK);
+            from_float(x.add(c * cols), row.cast(), cols as i64);
+            for b in 0..l.nb {
+                let blk = row.add(b * Y_BLOCK);
+                let d = u16::from_le_bytes([*blk, *blk.add(1)]);
+                let s = u16::from_le_bytes([*blk.add(2), *blk.add(3)]);
+                let d = sys::ggml_fp16_to_fp32(d);
+                for k in 0..D_REPEAT {
+                    *d_tab.add((b * n + c) * D_REPEAT + k) = d;
+                }
+                *s_tab.add(b * n + c) = if exact {
+                    let sumq: i32 = (0..QK)
+                        .map(|k| i32::from(*blk.add(4 + k).cast::<i8>()))
+                        .sum();
+                    d * sumq as f32
+                } else {
+                    sys::ggml_fp16_to_fp32(s)
+                };
             }
-            *s_tab.add(b * n + c) = if exact {
-                let sumq: i32 = (0..QK)
-                    .map(|k| i32::from(*blk.add(4 + k).cast::<i8>()))
-                    .sum();
-                d * sumq as f32
-            } else {
-                sys::ggml_fp16_to_fp32(s)
-            };
         }
     }
 }
@@ -228,8 +232,12 @@ unsafe fn gemm_rows(
     r1: usize,
     exact: bool,
 ) {
-    let vnni = use_avx512();
-    gemm_rows_with(vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let vnni = use_avx512();
+        gemm_rows_with(vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
+    }
 }
 
 /// The AVX-512 variant where the CPU has it and `MESH_NO_AVX512` is not set
@@ -261,30 +269,34 @@ unsafe fn gemm_rows_with(
     r1: usize,
     exact: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let l = ActLayout::new(cols, n);
-        let d_tab = buf.add(l.q8_bytes()).cast::<f32>();
-        let a = Act {
-            q: buf,
-            d: d_tab,
-            s: d_tab.add(l.d_floats()),
-            nb: l.nb,
-            n,
-        };
-        // SAFETY: the caller guarantees the buffers and the CPU features of the
-        // chosen variant (see # Safety).
-        match (vnni, exact) {
-            (true, false) => avx512::gemm(w, w_stride, rows, &a, out, r0, r1),
-            (false, false) => avx2::gemm(w, w_stride, rows, &a, out, r0, r1),
-            (true, true) => avx512::gemm_exact(w, w_stride, rows, &a, out, r0, r1),
-            (false, true) => avx2::gemm_exact(w, w_stride, rows, &a, out, r0, r1),
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let l = ActLayout::new(cols, n);
+            let d_tab = buf.add(l.q8_bytes()).cast::<f32>();
+            let a = Act {
+                q: buf,
+                d: d_tab,
+                s: d_tab.add(l.d_floats()),
+                nb: l.nb,
+                n,
+            };
+            // SAFETY: the caller guarantees the buffers and the CPU features of the
+            // chosen variant (see # Safety).
+            match (vnni, exact) {
+                (true, false) => avx512::gemm(w, w_stride, rows, &a, out, r0, r1),
+                (false, false) => avx2::gemm(w, w_stride, rows, &a, out, r0, r1),
+                (true, true) => avx512::gemm_exact(w, w_stride, rows, &a, out, r0, r1),
+                (false, true) => avx2::gemm_exact(w, w_stride, rows, &a, out, r0, r1),
+            }
         }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
-        unreachable!("q4_1::available() is false off x86_64");
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (vnni, w, w_stride, rows, cols, buf, n, out, r0, r1, exact);
+            unreachable!("q4_1::available() is false off x86_64");
+        }
     }
 }
 
@@ -327,9 +339,9 @@ macro_rules! tiled_kernel {
             /// ggml's `mul_sum_us8_pairs_float`: u8 x i8 products summed in fours, as floats.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn dot(qx: __m256i, qy: __m256i) -> __m256 {
+            unsafe fn dot(qx: __m256i, qy: __m256i) -> __m256 { unsafe {
                 _mm256_cvtepi32_ps(idot(qx, qy))
-            }
+            }}
 
             /// Sum of 4 f64 lanes.
             #[inline]
@@ -357,7 +369,7 @@ macro_rules! tiled_kernel {
                 out: *mut f32,
                 rows: usize,
                 r0: usize,
-            ) {
+            ) { unsafe {
                 let mut acc = [[_mm256_setzero_pd(); C]; R];
                 // The min terms: 4 tokens in one f64 vector per row when C == 4,
                 // else scalars (mw·sx is exact, so fma and mul + add agree).
@@ -419,7 +431,7 @@ macro_rules! tiled_kernel {
                             (hsum_pd(acc[r][c]) + summs[r][c]) as f32;
                     }
                 }
-            }
+            }}
 
             #[inline]
             #[target_feature(enable = $features)]
@@ -431,7 +443,7 @@ macro_rules! tiled_kernel {
                 out: *mut f32,
                 rows: usize,
                 r0: usize,
-            ) {
+            ) { unsafe {
                 let mut c = cols.start;
                 while c + 4 <= cols.end {
                     tile_exact::<R, 4>(w, w_stride, a, c, out, rows, r0);
@@ -443,7 +455,7 @@ macro_rules! tiled_kernel {
                     1 => tile_exact::<R, 1>(w, w_stride, a, c, out, rows, r0),
                     _ => {}
                 }
-            }
+            }}
 
             /// See `super::gemm_rows_with` with `exact`.
             #[target_feature(enable = $features)]
@@ -455,7 +467,7 @@ macro_rules! tiled_kernel {
                 out: *mut f32,
                 r0: usize,
                 r1: usize,
-            ) {
+            ) { unsafe {
                 let mut cb = 0;
                 while cb < a.n {
                     let cols = cb..(cb + COL_BLOCK).min(a.n);
@@ -469,7 +481,7 @@ macro_rules! tiled_kernel {
                     }
                     cb = cols.end;
                 }
-            }
+            }}
 
             /// Outputs of `R` weight rows (from `w`) x `C` tokens (from `c0`).
             // Index loops over the register tile's small fixed-size arrays read best here.
@@ -484,7 +496,7 @@ macro_rules! tiled_kernel {
                 out: *mut f32,
                 rows: usize,
                 r0: usize,
-            ) {
+            ) { unsafe {
                 let mut acc = [[_mm256_setzero_ps(); C]; R];
                 let mut summs4 = [_mm_setzero_ps(); R];
                 let mut summs = [[0f32; C]; R];
@@ -539,7 +551,7 @@ macro_rules! tiled_kernel {
                         *out.add((c0 + c) * rows + r0 + r) = hsum(acc[r][c]) + summs[r][c];
                     }
                 }
-            }
+            }}
 
             #[inline]
             #[target_feature(enable = $features)]
@@ -551,7 +563,7 @@ macro_rules! tiled_kernel {
                 out: *mut f32,
                 rows: usize,
                 r0: usize,
-            ) {
+            ) { unsafe {
                 let mut c = cols.start;
                 while c + 4 <= cols.end {
                     tile::<R, 4>(w, w_stride, a, c, out, rows, r0);
@@ -563,7 +575,7 @@ macro_rules! tiled_kernel {
                     1 => tile::<R, 1>(w, w_stride, a, c, out, rows, r0),
                     _ => {}
                 }
-            }
+            }}
 
             /// See `super::gemm_rows`.
             #[target_feature(enable = $features)]
@@ -575,7 +587,7 @@ macro_rules! tiled_kernel {
                 out: *mut f32,
                 r0: usize,
                 r1: usize,
-            ) {
+            ) { unsafe {
                 let mut cb = 0;
                 while cb < a.n {
                     let cols = cb..(cb + COL_BLOCK).min(a.n);
@@ -589,7 +601,7 @@ macro_rules! tiled_kernel {
                     }
                     cb = cols.end;
                 }
-            }
+            }}
         }
     };
 }
@@ -606,17 +618,19 @@ tiled_kernel!(avx2, "avx2,fma,f16c", |qx, qy| {
 // because the intrinsic needs Rust 1.89 and the workspace supports 1.85.
 #[cfg(target_arch = "x86_64")]
 tiled_kernel!(avx512, "avx2,fma,f16c", |qx, qy| {
-    let mut sums = _mm256_setzero_si256();
-    // SAFETY: this variant only runs where `has_avx512_vnni()` detected AVX-512
-    // VNNI and VL (the EVEX encoding of `vpdpbusd` on ymm registers); register-only.
-    std::arch::asm!(
-        "vpdpbusd {sums}, {x}, {y}",
-        sums = inout(ymm_reg) sums,
-        x = in(ymm_reg) qx,
-        y = in(ymm_reg) qy,
-        options(pure, nomem, nostack, preserves_flags),
-    );
-    sums
+    unsafe {
+        let mut sums = _mm256_setzero_si256();
+        // SAFETY: this variant only runs where `has_avx512_vnni()` detected AVX-512
+        // VNNI and VL (the EVEX encoding of `vpdpbusd` on ymm registers); register-only.
+        std::arch::asm!(
+            "vpdpbusd {sums}, {x}, {y}",
+            sums = inout(ymm_reg) sums,
+            x = in(ymm_reg) qx,
+            y = in(ymm_reg) qy,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        sums
+    }
 });
 
 /// Whether the CPU can run the `avx512` (VNNI) variant.
@@ -645,21 +659,25 @@ pub(crate) unsafe extern "C" fn quantize_op(
     nth: i32,
     userdata: *mut c_void,
 ) {
-    let cols = (*a).ne[0] as usize;
-    let n = (*a).ne[1] as usize;
-    let (c0, c1) = share(n, ith, nth);
-    // SAFETY: the graph code only builds this op on a contiguous F32 `[cols, n]` with
-    // `fits(cols, n)`, so `dst` (same shape, 32-byte aligned) has room for the layout;
-    // each thread writes only its own rows' bytes and table entries.
-    quantize_rows(
-        (*a).data as *const f32,
-        (*dst).data as *mut u8,
-        cols,
-        n,
-        c0,
-        c1,
-        !userdata.is_null(),
-    );
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let cols = (*a).ne[0] as usize;
+        let n = (*a).ne[1] as usize;
+        let (c0, c1) = share(n, ith, nth);
+        // SAFETY: the graph code only builds this op on a contiguous F32 `[cols, n]` with
+        // `fits(cols, n)`, so `dst` (same shape, 32-byte aligned) has room for the layout;
+        // each thread writes only its own rows' bytes and table entries.
+        quantize_rows(
+            (*a).data as *const f32,
+            (*dst).data as *mut u8,
+            cols,
+            n,
+            c0,
+            c1,
+            !userdata.is_null(),
+        );
+    }
 }
 
 /// `dst = w · x` with `w` Q4_1 `[cols, rows]` and `xq` the output of [`quantize_op`]
@@ -677,27 +695,31 @@ pub(crate) unsafe extern "C" fn gemm_op(
     nth: i32,
     userdata: *mut c_void,
 ) {
-    let cols = (*w).ne[0] as usize;
-    let rows = (*w).ne[1] as usize;
-    let n = (*xq).ne[1] as usize;
-    // Whole row pairs per thread.
-    let (p0, p1) = share(rows.div_ceil(2), ith, nth);
-    let (r0, r1) = ((2 * p0).min(rows), (2 * p1).min(rows));
-    // SAFETY: the op is only built when `available()` (CPU features checked), on a
-    // Q4_1 `w` whose `cols` match the quantized `xq` (an earlier node, complete when
-    // this one runs) and a `dst` of `rows * n` floats; threads get disjoint rows.
-    gemm_rows(
-        (*w).data as *const u8,
-        (*w).nb[1],
-        rows,
-        cols,
-        (*xq).data as *const u8,
-        n,
-        (*dst).data as *mut f32,
-        r0,
-        r1,
-        !userdata.is_null(),
-    );
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let cols = (*w).ne[0] as usize;
+        let rows = (*w).ne[1] as usize;
+        let n = (*xq).ne[1] as usize;
+        // Whole row pairs per thread.
+        let (p0, p1) = share(rows.div_ceil(2), ith, nth);
+        let (r0, r1) = ((2 * p0).min(rows), (2 * p1).min(rows));
+        // SAFETY: the op is only built when `available()` (CPU features checked), on a
+        // Q4_1 `w` whose `cols` match the quantized `xq` (an earlier node, complete when
+        // this one runs) and a `dst` of `rows * n` floats; threads get disjoint rows.
+        gemm_rows(
+            (*w).data as *const u8,
+            (*w).nb[1],
+            rows,
+            cols,
+            (*xq).data as *const u8,
+            n,
+            (*dst).data as *mut f32,
+            r0,
+            r1,
+            !userdata.is_null(),
+        );
+    }
 }
 
 /// The `userdata` of [`quantize_op`] and [`gemm_op`] that selects exact accumulation

@@ -130,21 +130,25 @@ pub(crate) unsafe extern "C" fn exact_gemm_op(
     nth: i32,
     _userdata: *mut c_void,
 ) {
-    let cols = (*w).ne[0] as usize;
-    let rows = (*w).ne[1] as usize;
-    let n = (*x).ne[1] as usize;
-    let (r0, r1) = share(rows, ith, nth);
-    // SAFETY: `w` is a contiguous Q8_0 matrix of `rows` rows of `cols / 32`
-    // blocks; `x` holds `n` F32 rows of `cols` values, `nb[1]` bytes apart;
-    // `dst` holds `rows * n` floats and threads write disjoint rows.
-    let w = std::slice::from_raw_parts((*w).data as *const u8, rows * (cols / 32) * BLOCK);
-    let mut xs = Vec::with_capacity(cols * n);
-    for t in 0..n {
-        let p = ((*x).data as *const u8).add(t * (*x).nb[1]) as *const f32;
-        xs.extend_from_slice(std::slice::from_raw_parts(p, cols));
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let cols = (*w).ne[0] as usize;
+        let rows = (*w).ne[1] as usize;
+        let n = (*x).ne[1] as usize;
+        let (r0, r1) = share(rows, ith, nth);
+        // SAFETY: `w` is a contiguous Q8_0 matrix of `rows` rows of `cols / 32`
+        // blocks; `x` holds `n` F32 rows of `cols` values, `nb[1]` bytes apart;
+        // `dst` holds `rows * n` floats and threads write disjoint rows.
+        let w = std::slice::from_raw_parts((*w).data as *const u8, rows * (cols / 32) * BLOCK);
+        let mut xs = Vec::with_capacity(cols * n);
+        for t in 0..n {
+            let p = ((*x).data as *const u8).add(t * (*x).nb[1]) as *const f32;
+            xs.extend_from_slice(std::slice::from_raw_parts(p, cols));
+        }
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
+        gemm_rows(has_avx2(), w, rows, cols, &xs, n, out, (r0, r1));
     }
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
-    gemm_rows(has_avx2(), w, rows, cols, &xs, n, out, (r0, r1));
 }
 
 #[cfg(test)]

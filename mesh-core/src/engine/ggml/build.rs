@@ -71,76 +71,85 @@ impl GgmlEngine {
     /// # Safety
     /// `w` and `x` are tensors of this graph (or the weights) with `x.ne[0] == w.ne[0]`.
     pub(super) unsafe fn mat_mul(&self, g: &mut Graph, w: T, x: T, n: usize) -> T {
-        let ctx = g.ctx;
-        let (cols, rows) = ((*w).ne[0] as usize, (*w).ne[1] as usize);
-        let exact = self.exact.load(Ordering::Relaxed);
-        let use_kernel = (exact || (self.custom_gemm.load(Ordering::Relaxed) && n >= 2))
-            && (*w).type_ == sys::ggml_type_GGML_TYPE_Q4_1
-            && (*w).ne[2] == 1
-            && (*w).ne[3] == 1
-            && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
-            && sys::ggml_is_contiguous(x)
-            && (*x).ne[0] as usize == cols
-            && (*x).ne[1] as usize == n
-            && (*x).ne[2] == 1
-            && (*x).ne[3] == 1
-            && q4_1::fits(cols, n);
-        if !use_kernel {
-            let exact_q8_0 = exact
-                && (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let ctx = g.ctx;
+            let (cols, rows) = ((*w).ne[0] as usize, (*w).ne[1] as usize);
+            let exact = self.exact.load(Ordering::Relaxed);
+            let use_kernel = (exact || (self.custom_gemm.load(Ordering::Relaxed) && n >= 2))
+                && (*w).type_ == sys::ggml_type_GGML_TYPE_Q4_1
                 && (*w).ne[2] == 1
                 && (*w).ne[3] == 1
-                && sys::ggml_is_contiguous(w)
                 && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
+                && sys::ggml_is_contiguous(x)
                 && (*x).ne[0] as usize == cols
+                && (*x).ne[1] as usize == n
                 && (*x).ne[2] == 1
                 && (*x).ne[3] == 1
-                && (*x).nb[0] == 4
-                && q8_0::fits(cols);
-            if exact_q8_0 {
-                // The custom op's result takes the shape of its first argument.
-                let shape = g.shape_3d(rows as i64, (*x).ne[1], 1);
-                return sys::ggml_map_custom3(
-                    ctx,
-                    shape,
-                    w,
-                    x,
-                    Some(q8_0::exact_gemm_op),
-                    N_TASKS_MAX,
-                    ptr::null_mut(),
-                );
+                && q4_1::fits(cols, n);
+            if !use_kernel {
+                let exact_q8_0 = exact
+                    && (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
+                    && (*w).ne[2] == 1
+                    && (*w).ne[3] == 1
+                    && sys::ggml_is_contiguous(w)
+                    && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
+                    && (*x).ne[0] as usize == cols
+                    && (*x).ne[2] == 1
+                    && (*x).ne[3] == 1
+                    && (*x).nb[0] == 4
+                    && q8_0::fits(cols);
+                if exact_q8_0 {
+                    // The custom op's result takes the shape of its first argument.
+                    let shape = g.shape_3d(rows as i64, (*x).ne[1], 1);
+                    return sys::ggml_map_custom3(
+                        ctx,
+                        shape,
+                        w,
+                        x,
+                        Some(q8_0::exact_gemm_op),
+                        N_TASKS_MAX,
+                        ptr::null_mut(),
+                    );
+                }
+                return sys::ggml_mul_mat(ctx, w, x);
             }
-            return sys::ggml_mul_mat(ctx, w, x);
+            let userdata = if exact {
+                q4_1::exact_userdata()
+            } else {
+                ptr::null_mut()
+            };
+            let xq = match g
+                .quantized
+                .iter()
+                .find(|(src, ex, _)| *src == x && *ex == exact)
+            {
+                Some(&(_, _, xq)) => xq,
+                None => {
+                    let xq = sys::ggml_map_custom1(
+                        ctx,
+                        x,
+                        Some(q4_1::quantize_op),
+                        N_TASKS_MAX,
+                        userdata,
+                    );
+                    g.quantized.push((x, exact, xq));
+                    xq
+                }
+            };
+            // The custom op's result takes the shape of its first argument.
+            let shape = g.shape_3d(rows as i64, n as i64, 1);
+            sys::ggml_map_custom3(
+                ctx,
+                shape,
+                w,
+                xq,
+                Some(q4_1::gemm_op),
+                N_TASKS_MAX,
+                userdata,
+            )
         }
-        let userdata = if exact {
-            q4_1::exact_userdata()
-        } else {
-            ptr::null_mut()
-        };
-        let xq = match g
-            .quantized
-            .iter()
-            .find(|(src, ex, _)| *src == x && *ex == exact)
-        {
-            Some(&(_, _, xq)) => xq,
-            None => {
-                let xq =
-                    sys::ggml_map_custom1(ctx, x, Some(q4_1::quantize_op), N_TASKS_MAX, userdata);
-                g.quantized.push((x, exact, xq));
-                xq
-            }
-        };
-        // The custom op's result takes the shape of its first argument.
-        let shape = g.shape_3d(rows as i64, n as i64, 1);
-        sys::ggml_map_custom3(
-            ctx,
-            shape,
-            w,
-            xq,
-            Some(q4_1::gemm_op),
-            N_TASKS_MAX,
-            userdata,
-        )
     }
 
     /// `w · cur` plus each adapter's `s · B (A cur)` for `projection` of `layer`,
@@ -159,8 +168,12 @@ impl GgmlEngine {
         cur: T,
         n: usize,
     ) -> T {
-        let res = self.mat_mul(g, w, cur, n);
-        self.add_adapters(g, adapters, layer, projection, res, cur)
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let res = self.mat_mul(g, w, cur, n);
+            self.add_adapters(g, adapters, layer, projection, res, cur)
+        }
     }
 
     /// `res` plus each adapter's `s · B (A cur)` for `projection` of `layer`,
@@ -177,12 +190,16 @@ impl GgmlEngine {
         mut res: T,
         cur: T,
     ) -> T {
-        for act in adapters {
-            if let Some(pair) = act.adapter.pair(layer, projection) {
-                res = self.lora_add(g, res, act, pair, cur);
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            for act in adapters {
+                if let Some(pair) = act.adapter.pair(layer, projection) {
+                    res = self.lora_add(g, res, act, pair, cur);
+                }
             }
+            res
         }
-        res
     }
 
     /// `res + s · B (A cur)` for one adapter pair. F32 halves go through
@@ -203,39 +220,43 @@ impl GgmlEngine {
         pair: &LoraPair,
         cur: T,
     ) -> T {
-        let ctx = g.ctx;
-        let scale = act.adapter.effective_scale(act.scale, pair.rank);
-        let fused = (*pair.a).type_ == sys::ggml_type_GGML_TYPE_F32
-            && (*pair.b).type_ == sys::ggml_type_GGML_TYPE_F32
-            && !pair.bt.is_null()
-            && (*cur).type_ == sys::ggml_type_GGML_TYPE_F32
-            && (*res).type_ == sys::ggml_type_GGML_TYPE_F32
-            && sys::ggml_is_contiguous(cur)
-            && sys::ggml_is_contiguous(res)
-            && (*cur).ne[2] == 1
-            && (*cur).ne[3] == 1
-            && (*res).ne[1] == (*cur).ne[1]
-            && (*res).ne[2] == 1
-            && (*res).ne[3] == 1;
-        if !fused {
-            let ab = sys::ggml_mul_mat(ctx, pair.b, sys::ggml_mul_mat(ctx, pair.a, cur));
-            return sys::ggml_add(ctx, res, sys::ggml_scale(ctx, ab, scale));
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let ctx = g.ctx;
+            let scale = act.adapter.effective_scale(act.scale, pair.rank);
+            let fused = (*pair.a).type_ == sys::ggml_type_GGML_TYPE_F32
+                && (*pair.b).type_ == sys::ggml_type_GGML_TYPE_F32
+                && !pair.bt.is_null()
+                && (*cur).type_ == sys::ggml_type_GGML_TYPE_F32
+                && (*res).type_ == sys::ggml_type_GGML_TYPE_F32
+                && sys::ggml_is_contiguous(cur)
+                && sys::ggml_is_contiguous(res)
+                && (*cur).ne[2] == 1
+                && (*cur).ne[3] == 1
+                && (*res).ne[1] == (*cur).ne[1]
+                && (*res).ne[2] == 1
+                && (*res).ne[3] == 1;
+            if !fused {
+                let ab = sys::ggml_mul_mat(ctx, pair.b, sys::ggml_mul_mat(ctx, pair.a, cur));
+                return sys::ggml_add(ctx, res, sys::ggml_scale(ctx, ab, scale));
+            }
+            let order = if !self.exact.load(Ordering::Relaxed) && cpu_class() == CpuClass::Avx512 {
+                DotOrder::Wide16
+            } else {
+                DotOrder::Wide8
+            };
+            let call = Box::new(LoraCall {
+                a: pair.a,
+                b: pair.b,
+                bt: pair.bt,
+                scale,
+                order,
+            });
+            let userdata = &*call as *const LoraCall as *mut c_void;
+            g.lora_calls.push(call);
+            sys::ggml_map_custom2(ctx, res, cur, Some(lora_add_op), N_TASKS_MAX, userdata)
         }
-        let order = if !self.exact.load(Ordering::Relaxed) && cpu_class() == CpuClass::Avx512 {
-            DotOrder::Wide16
-        } else {
-            DotOrder::Wide8
-        };
-        let call = Box::new(LoraCall {
-            a: pair.a,
-            b: pair.b,
-            bt: pair.bt,
-            scale,
-            order,
-        });
-        let userdata = &*call as *const LoraCall as *mut c_void;
-        g.lora_calls.push(call);
-        sys::ggml_map_custom2(ctx, res, cur, Some(lora_add_op), N_TASKS_MAX, userdata)
     }
 
     /// Positions and the causal mask of `n` tokens at `pos`, as graph inputs.
@@ -274,119 +295,126 @@ impl GgmlEngine {
         inp_pos: T,
         kq_mask: T,
     ) -> T {
-        let info = &self.info;
-        let (ctx, gf) = (g.ctx, g.gf);
-        let n_kv = kv_span(pos + n);
-        let hd = info.head_dim as i64;
-        let kv_dim = info.n_head_kv * info.head_dim;
-        let kq_scale = 1.0 / (info.head_dim as f32).sqrt();
-        let (kc, vc) = (s.k[il], s.v[il]);
-        let k_esz = sys::ggml_element_size(kc);
-        let v_esz = sys::ggml_element_size(vc);
-        // Our RoPE rather than ggml's: the pinned ggml rounds the rotation
-        // differently from current llama.cpp in rare elements.
-        let rope_params = &*self.rope as *const kernels::RopeParams as *mut std::ffi::c_void;
-        let rope = |t: T, heads: usize| {
-            let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
-            sys::ggml_map_custom2(
-                ctx,
-                t,
-                inp_pos,
-                Some(kernels::rope_op),
-                N_TASKS_MAX,
-                rope_params,
-            )
-        };
-        let q = rope(q, info.n_head);
-        let k = rope(k, info.n_head_kv);
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let info = &self.info;
+            let (ctx, gf) = (g.ctx, g.gf);
+            let n_kv = kv_span(pos + n);
+            let hd = info.head_dim as i64;
+            let kv_dim = info.n_head_kv * info.head_dim;
+            let kq_scale = 1.0 / (info.head_dim as f32).sqrt();
+            let (kc, vc) = (s.k[il], s.v[il]);
+            let k_esz = sys::ggml_element_size(kc);
+            let v_esz = sys::ggml_element_size(vc);
+            // Our RoPE rather than ggml's: the pinned ggml rounds the rotation
+            // differently from current llama.cpp in rare elements.
+            let rope_params = &*self.rope as *const kernels::RopeParams as *mut std::ffi::c_void;
+            let rope = |t: T, heads: usize| {
+                let t = sys::ggml_reshape_3d(ctx, t, hd, heads as i64, n as i64);
+                sys::ggml_map_custom2(
+                    ctx,
+                    t,
+                    inp_pos,
+                    Some(kernels::rope_op),
+                    N_TASKS_MAX,
+                    rope_params,
+                )
+            };
+            let q = rope(q, info.n_head);
+            let k = rope(k, info.n_head_kv);
 
-        // Append this batch's K (row per token) and V (transposed) to the cache.
-        let k_dst = sys::ggml_view_1d(ctx, kc, (n * kv_dim) as i64, k_esz * kv_dim * pos);
-        sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, k, k_dst));
-        let v_t = sys::ggml_transpose(ctx, sys::ggml_reshape_2d(ctx, v, kv_dim as i64, n as i64));
-        let v_dst = sys::ggml_view_2d(ctx, vc, n as i64, kv_dim as i64, v_esz * s.cap, v_esz * pos);
-        sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
+            // Append this batch's K (row per token) and V (transposed) to the cache.
+            let k_dst = sys::ggml_view_1d(ctx, kc, (n * kv_dim) as i64, k_esz * kv_dim * pos);
+            sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, k, k_dst));
+            let v_t =
+                sys::ggml_transpose(ctx, sys::ggml_reshape_2d(ctx, v, kv_dim as i64, n as i64));
+            let v_dst =
+                sys::ggml_view_2d(ctx, vc, n as i64, kv_dim as i64, v_esz * s.cap, v_esz * pos);
+            sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, v_t, v_dst));
 
-        // Contiguous queries let ggml use its tiled (llamafile) F16 x F32 kernel for
-        // K·Q instead of one dot product per pair: ~10% of prompt time. Rounded
-        // to fp16 first, as current ggml converts them before its f16 x f16
-        // kernel (same per-element order): K·Q is then bit-identical to it.
-        //
-        // One token (decode) is the exception, as in current llama.cpp: its
-        // products are ggml's f16 dot products (queries and softmax weights
-        // converted to f16 tensors, which routes ggml past the tiled kernel),
-        // so a decode step computes what upstream's does.
-        let to_f16 = |t: T| {
-            let ne = &(*t).ne;
-            let h = sys::ggml_new_tensor_3d(ctx, sys::ggml_type_GGML_TYPE_F16, ne[0], ne[1], ne[2]);
-            sys::ggml_cpy(ctx, t, h)
-        };
-        let exact = self.exact.load(Ordering::Relaxed);
-        let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
-        let qp = if exact {
-            qp
-        } else if n == 1 {
-            to_f16(qp)
-        } else {
-            sys::ggml_map_custom1(
+            // Contiguous queries let ggml use its tiled (llamafile) F16 x F32 kernel for
+            // K·Q instead of one dot product per pair: ~10% of prompt time. Rounded
+            // to fp16 first, as current ggml converts them before its f16 x f16
+            // kernel (same per-element order): K·Q is then bit-identical to it.
+            //
+            // One token (decode) is the exception, as in current llama.cpp: its
+            // products are ggml's f16 dot products (queries and softmax weights
+            // converted to f16 tensors, which routes ggml past the tiled kernel),
+            // so a decode step computes what upstream's does.
+            let to_f16 = |t: T| {
+                let ne = &(*t).ne;
+                let h =
+                    sys::ggml_new_tensor_3d(ctx, sys::ggml_type_GGML_TYPE_F16, ne[0], ne[1], ne[2]);
+                sys::ggml_cpy(ctx, t, h)
+            };
+            let exact = self.exact.load(Ordering::Relaxed);
+            let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
+            let qp = if exact {
+                qp
+            } else if n == 1 {
+                to_f16(qp)
+            } else {
+                sys::ggml_map_custom1(
+                    ctx,
+                    qp,
+                    Some(kernels::round_f16_op),
+                    N_TASKS_MAX,
+                    ptr::null_mut(),
+                )
+            };
+            let keys = sys::ggml_view_3d(
                 ctx,
-                qp,
-                Some(kernels::round_f16_op),
-                N_TASKS_MAX,
-                ptr::null_mut(),
-            )
-        };
-        let keys = sys::ggml_view_3d(
-            ctx,
-            kc,
-            hd,
-            n_kv as i64,
-            info.n_head_kv as i64,
-            k_esz * kv_dim,
-            k_esz * info.head_dim,
-            0,
-        );
-        // Exact mode: both products in a CPU-independent summation order (ggml's
-        // own follow its vector width, which differs between AVX2 and AVX-512
-        // builds), so exact results are bit-identical on every CPU.
-        let product = |g: &mut Graph, a: T, b: T| {
-            if !exact {
-                return sys::ggml_mul_mat(ctx, a, b);
-            }
-            let shape = g.shape_3d((*a).ne[1], (*b).ne[1], (*b).ne[2]);
-            sys::ggml_map_custom3(
+                kc,
+                hd,
+                n_kv as i64,
+                info.n_head_kv as i64,
+                k_esz * kv_dim,
+                k_esz * info.head_dim,
+                0,
+            );
+            // Exact mode: both products in a CPU-independent summation order (ggml's
+            // own follow its vector width, which differs between AVX2 and AVX-512
+            // builds), so exact results are bit-identical on every CPU.
+            let product = |g: &mut Graph, a: T, b: T| {
+                if !exact {
+                    return sys::ggml_mul_mat(ctx, a, b);
+                }
+                let shape = g.shape_3d((*a).ne[1], (*b).ne[1], (*b).ne[2]);
+                sys::ggml_map_custom3(
+                    ctx,
+                    shape,
+                    a,
+                    b,
+                    Some(kernels::dot_f16_op),
+                    N_TASKS_MAX,
+                    ptr::null_mut(),
+                )
+            };
+            let kq = product(g, keys, qp);
+            let kq = sys::ggml_map_custom2(
                 ctx,
-                shape,
-                a,
-                b,
-                Some(kernels::dot_f16_op),
+                kq,
+                kq_mask,
+                Some(kernels::soft_max_op),
                 N_TASKS_MAX,
-                ptr::null_mut(),
-            )
-        };
-        let kq = product(g, keys, qp);
-        let kq = sys::ggml_map_custom2(
-            ctx,
-            kq,
-            kq_mask,
-            Some(kernels::soft_max_op),
-            N_TASKS_MAX,
-            kernels::scale_to_userdata(kq_scale),
-        );
-        let values = sys::ggml_view_3d(
-            ctx,
-            vc,
-            n_kv as i64,
-            hd,
-            info.n_head_kv as i64,
-            v_esz * s.cap,
-            v_esz * s.cap * info.head_dim,
-            0,
-        );
-        let kq = if n == 1 && !exact { to_f16(kq) } else { kq };
-        let kqv = product(g, values, kq);
-        let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
-        sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64)
+                kernels::scale_to_userdata(kq_scale),
+            );
+            let values = sys::ggml_view_3d(
+                ctx,
+                vc,
+                n_kv as i64,
+                hd,
+                info.n_head_kv as i64,
+                v_esz * s.cap,
+                v_esz * s.cap * info.head_dim,
+                0,
+            );
+            let kq = if n == 1 && !exact { to_f16(kq) } else { kq };
+            let kqv = product(g, values, kq);
+            let merged = sys::ggml_permute(ctx, kqv, 0, 2, 1, 3);
+            sys::ggml_cont_2d(ctx, merged, info.n_embd as i64, n as i64)
+        }
     }
 
     /// The transformer layers `layers` on `x` (`n` tokens at `pos`), appending K/V.
@@ -522,26 +550,33 @@ impl Graph {
     /// # Safety
     /// The sizes are positive and their product fits in memory.
     pub(super) unsafe fn shape_3d(&mut self, ne0: i64, ne1: i64, ne2: i64) -> T {
-        let elems = (ne0 * ne1 * ne2) as usize;
-        let (t, cap) = match self.shape {
-            Some((t, cap)) if cap >= elems => (t, cap),
-            _ => {
-                let t =
-                    sys::ggml_new_tensor_1d(self.ctx, sys::ggml_type_GGML_TYPE_F32, elems as i64);
-                (t, elems)
-            }
-        };
-        self.shape = Some((t, cap));
-        sys::ggml_view_3d(
-            self.ctx,
-            t,
-            ne0,
-            ne1,
-            ne2,
-            4 * ne0 as usize,
-            4 * (ne0 * ne1) as usize,
-            0,
-        )
+        // SAFETY: the caller upholds this function's safety contract (its
+        // `# Safety` section or the documented invariants it is called under).
+        unsafe {
+            let elems = (ne0 * ne1 * ne2) as usize;
+            let (t, cap) = match self.shape {
+                Some((t, cap)) if cap >= elems => (t, cap),
+                _ => {
+                    let t = sys::ggml_new_tensor_1d(
+                        self.ctx,
+                        sys::ggml_type_GGML_TYPE_F32,
+                        elems as i64,
+                    );
+                    (t, elems)
+                }
+            };
+            self.shape = Some((t, cap));
+            sys::ggml_view_3d(
+                self.ctx,
+                t,
+                ne0,
+                ne1,
+                ne2,
+                4 * ne0 as usize,
+                4 * (ne0 * ne1) as usize,
+                0,
+            )
+        }
     }
 
     pub(super) fn input_i32(&mut self, data: &[i32]) -> T {

@@ -154,41 +154,46 @@ pub(crate) unsafe extern "C" fn lora_add_op(
     nth: i32,
     userdata: *mut std::ffi::c_void,
 ) {
-    let call = &*(userdata as *const LoraCall);
-    let (a, b) = (call.a, call.b);
-    let cols = (*a).ne[0] as usize;
-    let rank = (*a).ne[1] as usize;
-    let rows = (*b).ne[1] as usize;
-    let n = (*x).ne[1] as usize;
-    let job = LoraJob {
-        order: call.order,
-        scale: call.scale,
-        cols,
-        rank,
-        rows,
-        n,
-        x: std::slice::from_raw_parts((*x).data as *const f32, cols * n),
-        a: std::slice::from_raw_parts((*a).data as *const f32, cols * rank),
-        b: std::slice::from_raw_parts((*b).data as *const f32, rank * rows),
-        bt: std::slice::from_raw_parts(call.bt, rank * rows),
-        res: std::slice::from_raw_parts((*res).data as *const f32, rows * n),
-    };
-    let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(job: &LoraJob<'_>, out: &mut [f32], ith: i32, nth: i32) {
-            job.run(out, ith, nth)
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    // SAFETY: the caller upholds this function's safety contract (its
+    // `# Safety` section or the documented invariants it is called under).
+    unsafe {
+        let call = &*(userdata as *const LoraCall);
+        let (a, b) = (call.a, call.b);
+        let cols = (*a).ne[0] as usize;
+        let rank = (*a).ne[1] as usize;
+        let rows = (*b).ne[1] as usize;
+        let n = (*x).ne[1] as usize;
+        let job = LoraJob {
+            order: call.order,
+            scale: call.scale,
+            cols,
+            rank,
+            rows,
+            n,
+            x: std::slice::from_raw_parts((*x).data as *const f32, cols * n),
+            a: std::slice::from_raw_parts((*a).data as *const f32, cols * rank),
+            b: std::slice::from_raw_parts((*b).data as *const f32, rank * rows),
+            bt: std::slice::from_raw_parts(call.bt, rank * rows),
+            res: std::slice::from_raw_parts((*res).data as *const f32, rows * n),
+        };
+        let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
+        #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above). The
-            // arithmetic is the same either way: `mul_add` is a fused
-            // multiply-add in hardware or in libm.
-            return avx2(&job, out, ith, nth);
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(job: &LoraJob<'_>, out: &mut [f32], ith: i32, nth: i32) {
+                job.run(out, ith, nth)
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above). The
+                // arithmetic is the same either way: `mul_add` is a fused
+                // multiply-add in hardware or in libm.
+                return avx2(&job, out, ith, nth);
+            }
         }
+        job.run(out, ith, nth)
     }
-    job.run(out, ith, nth)
 }
 
 /// The work of one [`lora_add_op`].

@@ -2,6 +2,7 @@
 //! projections, and bad input.
 
 mod common;
+use common::argmax;
 
 use std::sync::OnceLock;
 
@@ -33,10 +34,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    mesh_core::sampling::argmax(v).unwrap() as usize
 }
 
 #[test]

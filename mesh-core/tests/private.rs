@@ -3,6 +3,7 @@
 //! local engine, cheating helpers, and bytes per token.
 
 mod common;
+use common::{argmax, rel_l2};
 
 use std::sync::OnceLock;
 
@@ -38,20 +39,6 @@ fn exact_engine() -> &'static GgmlEngine {
 
 fn projector(n: usize, seed: u64) -> PrivateProjector<'static, GgmlEngine, ChaCha20Rng> {
     PrivateProjector::new(engine(), n, ChaCha20Rng::seed_from_u64(seed)).unwrap()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    mesh_core::sampling::argmax(v).unwrap() as usize
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += (f64::from(*g) - f64::from(*w)).powi(2);
-        den += f64::from(*w).powi(2);
-    }
-    (num / den).sqrt()
 }
 
 /// Largest minus second-largest logit.

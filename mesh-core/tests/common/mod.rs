@@ -100,3 +100,19 @@ pub fn exact_golden(
         cpu_class()
     );
 }
+
+/// Index of the largest logit (the first of equal ones; NaN never wins).
+pub fn argmax(v: &[f32]) -> usize {
+    mesh_core::sampling::argmax(v).expect("non-empty logits") as usize
+}
+
+/// Relative L2 distance `|got - want| / |want|`, summed in f64.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (f64::from(*g) - f64::from(*w)).powi(2);
+        den += f64::from(*w).powi(2);
+    }
+    (num / den).sqrt()
+}

@@ -495,6 +495,22 @@ pub(crate) fn announcement_changes(
         .collect()
 }
 
+/// Longest gossip topic name, in bytes (both implementations).
+pub const MAX_TOPIC_LEN: usize = 256;
+
+/// Checks a gossip topic name (both implementations): 1 to
+/// [`MAX_TOPIC_LEN`] bytes without control characters.
+pub(crate) fn check_topic(topic: &str) -> Result<()> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || topic.chars().any(char::is_control) {
+        return Err(NetworkError::Gossip(format!(
+            "topic {:?}: expected 1 to {MAX_TOPIC_LEN} bytes without control characters",
+            topic.chars().take(80).collect::<String>()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Checks a method name handlers may claim: 1..=64 printable ASCII bytes, not
 /// a built-in method.
 pub(crate) fn check_method(method: &str) -> Result<()> {

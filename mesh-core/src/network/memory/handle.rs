@@ -325,14 +325,3 @@ impl Network for MemoryNetwork {
         Ok(())
     }
 }
-
-pub(super) fn check_topic(topic: &str) -> Result<()> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
-        return Err(NetworkError::Gossip(format!(
-            "expected a topic of 1 to {MAX_TOPIC_LEN} bytes, found {}",
-            topic.len()
-        ))
-        .into());
-    }
-    Ok(())
-}

@@ -87,9 +87,9 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::{
-    check_method, keys, wire, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
-    Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
-    Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
+    check_method, check_topic, keys, wire, Announcement, Event, GossipMessage, Identity,
+    InboundRequest, Limits, Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus,
+    Reply, Request, Response, Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
 };
 use crate::model_id::ModelId;
 use crate::Result;
@@ -124,8 +124,8 @@ pub const HANDSHAKE_BYTES: usize = 256;
 /// Modelled size of a ping and of its answer.
 pub const PING_BYTES: usize = 40;
 
-/// Longest gossip topic name.
-pub const MAX_TOPIC_LEN: usize = 256;
+/// Longest gossip topic name (the network-wide limit).
+pub use super::MAX_TOPIC_LEN;
 
 /// Most providers a node stores for one key.
 const MAX_PROVIDERS_PER_KEY: usize = 1024;

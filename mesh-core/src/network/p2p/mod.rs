@@ -44,9 +44,9 @@ use tokio::time::Instant;
 use super::streams::{self, Handlers, StreamClient};
 use super::wire::{self, Frame};
 use super::{
-    check_method, keys, Announcement, Event, GossipMessage, Identity, InboundRequest, Limits,
-    Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request, Response,
-    Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
+    check_method, check_topic, keys, Announcement, Event, GossipMessage, Identity, InboundRequest,
+    Limits, Multiaddr, Network, NetworkError, PeerId, Provider, RemoteStatus, Reply, Request,
+    Response, Validation, Validator, ANNOUNCE_TOPIC, DESCRIBE_METHOD,
 };
 use crate::model_id::ModelId;
 use crate::{Error, Result};
@@ -524,17 +524,6 @@ impl Network for P2pNetwork {
         }
         result
     }
-}
-
-fn check_topic(topic: &str) -> Result<()> {
-    if topic.is_empty() || topic.len() > 256 || topic.chars().any(char::is_control) {
-        return Err(NetworkError::Gossip(format!(
-            "topic {:?}: expected 1 to 256 bytes without control characters",
-            topic.chars().take(80).collect::<String>()
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 /// The peer id at the end of a multiaddr (`.../p2p/<id>`), if any.

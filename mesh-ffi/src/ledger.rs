@@ -205,12 +205,7 @@ pub unsafe extern "C" fn mesh_node_ledger_transfer(
         let node = unsafe { ffi::handle(node, "node") }?;
         // SAFETY: caller's contract.
         let text = unsafe { ffi::c_str(to, "to") }?;
-        let peer = text.parse::<mesh_core::network::PeerId>().map_err(|e| {
-            Failure::new(
-                mesh_status::InvalidArg,
-                format!("`to` ({text:?}) is not a peer id: {e}"),
-            )
-        })?;
+        let peer = crate::node::parse_peer_id(text, "to")?;
         let ledger = lock(&node.ledger);
         let ledger = ledger.as_ref().ok_or_else(no_ledger)?;
         node.node().transfer_stake(ledger, peer, amount)?;

@@ -243,13 +243,11 @@ impl NodeHandle {
             let what = format!("params->trusted[{i}]");
             // SAFETY: caller's contract.
             let text = unsafe { ffi::c_str(t, &what) }?;
-            let peer = text.parse::<PeerId>().map_err(|e| {
-                Failure::new(
-                    mesh_status::InvalidArg,
-                    format!("`{what}` ({text:?}) is not a peer id: {e}"),
-                )
-            })?;
-            options.private.selection.trusted.push(peer);
+            options
+                .private
+                .selection
+                .trusted
+                .push(parse_peer_id(text, &what)?);
         }
         let private = (
             match params.private_helpers {
@@ -699,5 +697,16 @@ pub unsafe extern "C" fn mesh_node_set_event_callback(
             userdata: userdata as usize,
         });
         Ok(())
+    })
+}
+
+/// A peer id given as text by a C caller (`what` names the argument in the
+/// error).
+pub(crate) fn parse_peer_id(text: &str, what: &str) -> Result<PeerId, Failure> {
+    text.parse::<PeerId>().map_err(|e| {
+        Failure::new(
+            mesh_status::InvalidArg,
+            format!("`{what}` ({text:?}) is not a peer id: {e}"),
+        )
     })
 }

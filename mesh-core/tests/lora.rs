@@ -98,8 +98,18 @@ fn adapter_path() -> PathBuf {
             "rebuilt adapter values differ from the recorded ones"
         );
         let bytes = lora::adapter_bytes("llama", a["alpha"].as_f64().unwrap() as f32, &tensors);
-        let path = std::env::temp_dir().join(format!("mesh-test-lora-{}.gguf", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
+        // One file per adapter content in cargo's scratch directory for
+        // tests (reused by later runs, not one per process in /tmp); written
+        // aside and renamed, so parallel test processes never read half a file.
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join(format!("mesh-test-lora-{}.gguf", &hex[..16]));
+        let part = dir.join(format!(
+            "mesh-test-lora-{}.{}.part",
+            &hex[..16],
+            std::process::id()
+        ));
+        std::fs::write(&part, bytes).unwrap();
+        std::fs::rename(&part, &path).unwrap();
         path
     })
     .clone()

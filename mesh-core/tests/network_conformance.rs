@@ -5,6 +5,9 @@
 //! simulated loss, churn) stays in `network_p2p.rs`, `network_sim.rs` and the
 //! in-memory module's unit tests.
 
+mod common;
+use common::eventually;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use mesh_core::network::{
     DESCRIBE_METHOD, MAX_TOPIC_LEN,
 };
 use mesh_core::Error;
-use tokio::time::{sleep, Instant};
+use tokio::time::Instant;
 
 const MODEL: ModelId = ModelId([9; 32]);
 
@@ -61,22 +64,6 @@ async fn close(nodes: &[&Arc<dyn Network>]) {
     for n in nodes {
         n.shutdown().await.unwrap();
     }
-}
-
-/// Polls `check` every 50 ms until it holds or `limit` passes.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if check().await {
-            return;
-        }
-        sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not reached within {limit:?}");
 }
 
 fn gossip_err(r: mesh_core::Result<impl Sized>) -> bool {

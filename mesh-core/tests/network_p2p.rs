@@ -2,6 +2,9 @@
 //! layer-range providers, gossip reaches everyone, tensors travel both ways,
 //! limits and failures are typed errors.
 
+mod common;
+use common::eventually;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,22 +38,6 @@ fn tcp_addr(addrs: &[Multiaddr]) -> Multiaddr {
         .find(|a| a.to_string().contains("/tcp/"))
         .expect("a TCP listen address")
         .clone()
-}
-
-/// Polls `check` until it is true or `limit` passes (then panics with `what`).
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if check().await {
-            return;
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not reached within {limit:?}");
 }
 
 fn ann(layers: std::ops::Range<u32>) -> Announcement {

@@ -1,4 +1,5 @@
-//! Shared helpers for integration tests that need the default model.
+//! Shared helpers for integration tests: the default model, comparisons of
+//! logits, polling for network conditions.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -115,4 +116,21 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
         den += f64::from(*w).powi(2);
     }
     (num / den).sqrt()
+}
+
+/// Polls `check` every 50 ms until it holds, or panics naming `what` once
+/// `limit` has passed.
+pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not reached within {limit:?}");
 }

@@ -649,7 +649,10 @@ async fn requests_use_streams_and_fall_back_to_request_response() {
     let s = client.stream_stats();
     assert_eq!((s.opened, s.reused, s.fallbacks), (1, 4, 0), "{s:?}");
 
-    // Concurrent ones open more streams; every reply is its own request's.
+    // Concurrent ones may open more streams (how many depends on how the
+    // tasks interleave: on a busy host they can run one after another on
+    // the one pooled stream); every reply is its own request's.
+    let before = client.stream_stats();
     let mut tasks = Vec::new();
     for i in 0..16 {
         let (c, peer) = (client.clone(), with.local_peer_id());
@@ -662,7 +665,12 @@ async fn requests_use_streams_and_fall_back_to_request_response() {
         check(i, r.unwrap());
     }
     let s = client.stream_stats();
-    assert!(s.opened > 1 && s.opened <= 17, "{s:?}");
+    // Each request went on a pooled stream, a fresh one, or over
+    // request-response (a pooled stream found dead counts twice).
+    let sent =
+        (s.opened - before.opened) + (s.reused - before.reused) + (s.fallbacks - before.fallbacks);
+    assert!(sent >= 16, "{s:?} after {before:?}");
+    assert!(s.opened >= 1, "{s:?}");
 
     // An oversized request is refused on the stream, which stays usable.
     let big = Request {

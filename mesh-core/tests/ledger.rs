@@ -763,104 +763,165 @@ async fn validators_on_real_libp2p_swarms_decide_and_a_follower_syncs() {
     }
 }
 
+/// Four validators (stake 2, 1, 1, 1) with model sync, each a `Node` with
+/// its own update store, and a fifth network node for an author without
+/// stake, all connected on one in-memory network (real time, two threads).
+struct SyncMesh {
+    nodes: Vec<MemoryNetwork>,
+    validators: Vec<mesh_core::node::Node>,
+    handles: Vec<LedgerHandle>,
+    base: std::path::PathBuf,
+    genesis: Genesis,
+    author: Identity,
+    // Dropped last: the nodes' tasks run on it.
+    rt: tokio::runtime::Runtime,
+}
+
+fn sync_mesh(seed: u8, tag: &str) -> SyncMesh {
+    use mesh_core::node::{Node, NodeOptions};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let net = MemoryNet::new(u64::from(seed));
+    let ids = identities(4, seed);
+    let genesis = genesis(&ids, &[2, 1, 1, 1]);
+    let author = Identity::from_seed([seed.wrapping_add(10); 32]);
+    let mut all = ids.clone();
+    all.push(author.clone());
+    let nodes = rt.block_on(mesh(&net, &all));
+    let base = std::env::temp_dir().join(format!("mesh-ledger-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (mut validators, mut handles) = (Vec::new(), Vec::new());
+    for (i, (n, id)) in nodes.iter().zip(&ids).enumerate() {
+        let netw: Arc<dyn Network> = Arc::new(n.clone());
+        let node = Node::with_network(netw, rt.handle().clone(), NodeOptions::default())
+            .with_identity(id.clone())
+            .unwrap();
+        node.enable_updates(base.join(format!("n{i}"))).unwrap();
+        let h = node
+            .start_ledger(genesis.clone(), Box::new(MemoryChain::default()), config())
+            .unwrap();
+        handles.push(h);
+        validators.push(node);
+    }
+    SyncMesh {
+        nodes,
+        validators,
+        handles,
+        base,
+        genesis,
+        author,
+        rt,
+    }
+}
+
+impl SyncMesh {
+    /// Validator `i`'s update store.
+    fn store(&self, i: usize) -> mesh_core::ledger::AdapterStore {
+        mesh_core::ledger::AdapterStore::open(self.base.join(format!("n{i}"))).unwrap()
+    }
+
+    /// Gossips `record` from the author a few times (gossip reaches only the
+    /// nodes subscribed at the time).
+    fn publish(&self, record: &UpdateRecord) {
+        let data = Bytes::from(record.encode());
+        let author_net = self.nodes[4].clone();
+        self.rt.block_on(async {
+            for _ in 0..3 {
+                author_net
+                    .publish(mesh_core::ledger::record::UPDATE_TOPIC, data.clone())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+    }
+
+    /// Polls `done` every 100 ms for up to `within`; whether it held.
+    fn wait_for(&self, within: Duration, mut done: impl FnMut(&SyncMesh) -> bool) -> bool {
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            if done(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// The chain up to the lowest validator's height, verified offline.
+    fn verified_chain(&self) -> Vec<(Block, Certificate)> {
+        let top = self
+            .handles
+            .iter()
+            .map(|h| h.status().height)
+            .min()
+            .unwrap();
+        let chain = chain_of(&self.handles[0], top);
+        verify_chain(&self.genesis, chain.iter().map(|(b, c)| (b, c))).unwrap();
+        chain
+    }
+
+    fn close(self) {
+        drop(self.handles);
+        for v in self.validators {
+            v.shutdown().unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn record_of(author: &Identity, adapter: ModelId, size: usize) -> UpdateRecord {
+    UpdateRecord::sign(
+        author,
+        UpdateDraft {
+            base: ModelId([5; 32]),
+            adapter,
+            adapter_size: size as u64,
+            parent: None,
+            metrics: vec![],
+        },
+    )
+    .unwrap()
+}
+
 /// Nodes with model sync run the ledger: an update record gossiped by an
 /// author (no stake) is fetched by the validators, decided in a block, and
 /// becomes the active adapter everywhere; every validator then holds the
 /// adapter's bytes.
 #[test]
 fn nodes_decide_a_gossiped_update_once_every_validator_holds_its_adapter() {
-    use mesh_core::ledger::record::UPDATE_TOPIC;
-    use mesh_core::ledger::AdapterStore;
     use mesh_core::node::{Node, NodeOptions};
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    let m = sync_mesh(120, "pool");
+    // The author is a node with model sync too: it stores an adapter (any
+    // bytes: no model is served here) and serves it from there.
+    let author_net: Arc<dyn Network> = Arc::new(m.nodes[4].clone());
+    let author = Node::with_network(author_net, m.rt.handle().clone(), NodeOptions::default())
+        .with_identity(m.author.clone())
         .unwrap();
-    let net = MemoryNet::new(15);
-    let ids = identities(4, 120);
-    let g = genesis(&ids, &[2, 1, 1, 1]);
-    let author = Identity::from_seed([130; 32]);
-    let mut all = ids.clone();
-    all.push(author.clone());
-    let nodes = rt.block_on(mesh(&net, &all));
-    let base = std::env::temp_dir().join(format!("mesh-ledger-pool-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    let mut meshes = Vec::new();
-    let mut handles = Vec::new();
-    for (i, (n, id)) in nodes.iter().zip(&all).enumerate() {
-        let netw: Arc<dyn Network> = Arc::new(n.clone());
-        let node = Node::with_network(netw, rt.handle().clone(), NodeOptions::default())
-            .with_identity(id.clone())
-            .unwrap();
-        node.enable_updates(base.join(format!("n{i}"))).unwrap();
-        if i < 4 {
-            let h = node
-                .start_ledger(g.clone(), Box::new(MemoryChain::default()), config())
-                .unwrap();
-            handles.push(h);
-        }
-        meshes.push(node);
-    }
-    // The author stores an adapter (any bytes: no model is served here) and
-    // announces a record for it.
+    author.enable_updates(m.base.join("author")).unwrap();
     let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let store = AdapterStore::open(base.join("n4")).unwrap();
+    let store = mesh_core::ledger::AdapterStore::open(m.base.join("author")).unwrap();
     let adapter = store.put(&bytes).unwrap();
-    let record = UpdateRecord::sign(
-        &author,
-        UpdateDraft {
-            base: ModelId([5; 32]),
-            adapter,
-            adapter_size: bytes.len() as u64,
-            parent: None,
-            metrics: vec![],
-        },
-    )
-    .unwrap();
-    let data = Bytes::from(record.encode());
-    let author_net = nodes[4].clone();
-    // Gossip reaches only nodes there: send it a few times as validators
-    // subscribe.
-    rt.block_on(async {
-        for _ in 0..3 {
-            author_net
-                .publish(UPDATE_TOPIC, data.clone())
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
-    let decided = rt.block_on(async {
-        let wait = async {
-            loop {
-                // Decided everywhere, and every validator's fetch (started
-                // when it first checked a block naming it) has finished.
-                let held = (0..4).all(|i| {
-                    AdapterStore::open(base.join(format!("n{i}")))
-                        .is_ok_and(|s| s.get(adapter).is_some())
-                });
-                if held
-                    && handles
-                        .iter()
-                        .all(|h| h.status().active.get(&record.base) == Some(&adapter))
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(90), wait).await
+    let record = record_of(&m.author, adapter, bytes.len());
+    m.publish(&record);
+    // Decided everywhere, and every validator's fetch (started when it first
+    // checked a block naming it) has finished.
+    let decided = m.wait_for(Duration::from_secs(90), |m| {
+        (0..4).all(|i| m.store(i).get(adapter).is_some())
+            && m.handles
+                .iter()
+                .all(|h| h.status().active.get(&record.base) == Some(&adapter))
     });
     assert!(
-        decided.is_ok(),
+        decided,
         "the update was not decided: {:?}",
-        handles.iter().map(|h| h.status()).collect::<Vec<_>>()
+        m.handles.iter().map(|h| h.status()).collect::<Vec<_>>()
     );
-    let top = handles.iter().map(|h| h.status().height).min().unwrap();
-    let chain = chain_of(&handles[0], top);
-    verify_chain(&g, chain.iter().map(|(b, c)| (b, c))).unwrap();
+    let chain = m.verified_chain();
     let carrying: Vec<&Block> = chain
         .iter()
         .map(|(b, _)| b)
@@ -869,15 +930,90 @@ fn nodes_decide_a_gossiped_update_once_every_validator_holds_its_adapter() {
     assert_eq!(carrying.len(), 1, "the update was decided more than once");
     assert_eq!(carrying[0].updates[0].id(), record.id());
     for i in 0..4 {
-        let held = AdapterStore::open(base.join(format!("n{i}")))
-            .unwrap()
+        let held = m
+            .store(i)
             .get(adapter)
             .expect("every validator holds the decided adapter");
         assert_eq!(std::fs::read(held).unwrap(), bytes);
     }
-    drop(handles);
-    for m in meshes {
-        m.shutdown().unwrap();
+    author.shutdown().unwrap();
+    m.close();
+}
+
+/// An author whose record names one adapter but who sends other bytes for
+/// it: no validator keeps the bytes, the update is never decided, the chain
+/// goes on with empty blocks, and the validators' fetches back off (each
+/// asks a handful of times, not once per block it proposes).
+#[test]
+fn an_author_sending_other_bytes_than_its_record_names_gets_nothing_decided() {
+    use mesh_core::ledger::transfer::{self, ADAPTER_METHOD};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let m = sync_mesh(160, "liar");
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 11 % 253) as u8).collect();
+    let store = mesh_core::ledger::AdapterStore::open(m.base.join("author")).unwrap();
+    let adapter = store.put(&bytes).unwrap();
+    // The file under the adapter's hash now holds other bytes of the same
+    // size, which the author sends when asked.
+    let mut other = bytes.clone();
+    other.iter_mut().step_by(997).for_each(|b| *b ^= 0x5a);
+    std::fs::write(store.path_of(adapter), &other).unwrap();
+    // The author answers chunk requests from that store, counting them (an
+    // adapter this size is one request per fetch).
+    let asked = Arc::new(AtomicUsize::new(0));
+    let author_net = m.nodes[4].clone();
+    let counter = asked.clone();
+    m.rt.block_on(async {
+        let mut requests = author_net.handle(ADAPTER_METHOD).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(transfer::serve(store.clone(), rx));
+        tokio::spawn(async move {
+            while let Some(r) = requests.recv().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                if tx.send(r).await.is_err() {
+                    break;
+                }
+            }
+        });
+    });
+    let start = std::time::Instant::now();
+    let h0 = m.handles.iter().map(|h| h.status().height).min().unwrap();
+    m.publish(&record_of(&m.author, adapter, bytes.len()));
+    // Long enough for many proposals by every validator.
+    let went_on = m.wait_for(Duration::from_secs(120), |m| {
+        m.handles.iter().all(|h| h.status().height >= h0 + 60)
+    });
+    assert!(
+        went_on,
+        "the chain stalled: {:?}",
+        m.handles.iter().map(|h| h.status()).collect::<Vec<_>>()
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let chain = m.verified_chain();
+    assert!(
+        chain
+            .iter()
+            .all(|(b, _)| b.updates.is_empty() && b.active.is_empty()),
+        "a block carries the liar's update"
+    );
+    for (i, h) in m.handles.iter().enumerate() {
+        assert!(h.status().active.is_empty(), "validator {i}");
+        assert!(
+            m.store(i).get(adapter).is_none(),
+            "validator {i} kept the bytes"
+        );
     }
-    let _ = std::fs::remove_dir_all(&base);
+    // Each validator fetches when it first proposes after hearing the
+    // record, then after 1, 2, 4, ... s: within `elapsed` seconds at most
+    // 2 + log2(elapsed) times: 12 requests in 7.5 s here, against 59 when
+    // the pool retried on every proposal.
+    let asked = asked.load(Ordering::Relaxed);
+    let bound = 4.0 * (2.0 + elapsed.max(1.0).log2());
+    eprintln!("{asked} chunk requests to the author in {elapsed:.1} s (bound {bound:.1})");
+    assert!(asked >= 1, "no validator tried to fetch the adapter");
+    assert!(
+        (asked as f64) <= bound,
+        "{asked} requests in {elapsed:.1} s: fetches do not back off"
+    );
+    m.close();
 }

@@ -18,9 +18,16 @@
 //! adapter (the aggregate is bit-reproducible). Aggregating needs the model:
 //! a node that does not serve it includes one update per model, and does
 //! not vote for aggregates of it.
+//!
+//! A fetch that fails (no peer sends the adapter, or every one that did sent
+//! other bytes than its hash names) is tried again only after a pause that
+//! doubles with each failure ([`retry_delay`]: 1 s, 2 s, 4 s, ... up to 5
+//! minutes): an author that lies about its adapter costs each validator a
+//! handful of transfers, not one per block, and its update is never decided.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 
@@ -34,6 +41,24 @@ use crate::network::Network;
 /// Most updates of one model aggregated in one block.
 pub const MAX_AGGREGATED: usize = 8;
 
+/// Longest pause between two fetches of an adapter that could not be fetched.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// The pause before fetching an adapter again after `failures` failed
+/// fetches of it: 1 s after the first, doubling, at most [`MAX_RETRY_DELAY`].
+pub fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    Duration::from_secs(1u64 << doublings).min(MAX_RETRY_DELAY)
+}
+
+/// One adapter's fetches: whether one runs, and when to try after failures.
+#[derive(Clone, Copy, Debug)]
+struct Fetching {
+    running: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
 /// The records a node has heard, oldest first.
 pub type SeenUpdates = Arc<dyn Fn() -> Vec<UpdateRecord> + Send + Sync>;
 
@@ -45,7 +70,8 @@ pub struct UpdatePool {
     handle: Handle,
     engines: Vec<Arc<GgmlEngine>>,
     decided: HashSet<UpdateId>,
-    fetching: Arc<Mutex<HashSet<ModelId>>>,
+    /// Adapters being fetched or that failed to fetch (see [`retry_delay`]).
+    fetching: Arc<Mutex<HashMap<ModelId, Fetching>>>,
     /// Adapters (content-addressed, so for good) that loaded for their model.
     loadable: HashSet<ModelId>,
     /// Aggregates computed: (inputs, byzantine) -> the result.
@@ -70,7 +96,7 @@ impl UpdatePool {
             handle,
             engines,
             decided: HashSet::new(),
-            fetching: Arc::new(Mutex::new(HashSet::new())),
+            fetching: Arc::new(Mutex::new(HashMap::new())),
             loadable: HashSet::new(),
             aggregated: std::collections::HashMap::new(),
         }
@@ -150,12 +176,20 @@ impl UpdatePool {
     }
 
     fn fetch(&self, record: &UpdateRecord) {
-        let fresh = self
-            .fetching
-            .lock()
-            .map(|mut f| f.insert(record.adapter))
-            .unwrap_or(false);
-        if !fresh {
+        let now = Instant::now();
+        let start = self.fetching.lock().is_ok_and(|mut f| {
+            let state = f.entry(record.adapter).or_insert(Fetching {
+                running: false,
+                failures: 0,
+                retry_at: None,
+            });
+            if state.running || state.retry_at.is_some_and(|t| now < t) {
+                return false;
+            }
+            state.running = true;
+            true
+        });
+        if !start {
             return;
         }
         let (net, store, fetching) = (self.net.clone(), self.store.clone(), self.fetching.clone());
@@ -170,11 +204,29 @@ impl UpdatePool {
                 &FetchConfig::default(),
             )
             .await;
-            if let Err(e) = result {
-                tracing::info!("ledger: fetching adapter {}: {e}", record.adapter);
-            }
-            if let Ok(mut f) = fetching.lock() {
-                f.remove(&record.adapter);
+            let Ok(mut f) = fetching.lock() else {
+                return;
+            };
+            match result {
+                Ok(_) => {
+                    f.remove(&record.adapter);
+                }
+                Err(e) => {
+                    let state = f.entry(record.adapter).or_insert(Fetching {
+                        running: false,
+                        failures: 0,
+                        retry_at: None,
+                    });
+                    state.running = false;
+                    state.failures += 1;
+                    let pause = retry_delay(state.failures);
+                    state.retry_at = Some(Instant::now() + pause);
+                    tracing::info!(
+                        "ledger: fetching adapter {} (failure {}; next try in {pause:?}): {e}",
+                        record.adapter,
+                        state.failures
+                    );
+                }
             }
         });
     }
@@ -246,5 +298,18 @@ impl BlockBuilder for UpdatePool {
 
     fn decided(&mut self, block: &Block) {
         self.decided.extend(block.updates.iter().map(|r| r.id()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_retries_back_off_to_a_cap() {
+        let delays: Vec<u64> = (1..=12).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(retry_delay(0), Duration::from_secs(1));
+        assert_eq!(retry_delay(u32::MAX), MAX_RETRY_DELAY);
     }
 }

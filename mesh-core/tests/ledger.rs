@@ -246,6 +246,43 @@ async fn four_validators_decide_certified_blocks_and_a_follower_catches_up() {
     );
 }
 
+/// A validator without model sync (`EmptyBlocks`) prevotes nil for blocks
+/// with updates: holding more than a third of the stake it keeps every
+/// update out (the chain goes on with its empty blocks); with less, the
+/// others decide the update without it.
+#[tokio::test(start_paused = true)]
+async fn a_validator_without_model_sync_never_votes_for_updates() {
+    for (powers, decided) in [([2, 1, 1, 1], false), ([1, 2, 2, 2], true)] {
+        let net = MemoryNet::new(13);
+        let ids = identities(4, 50);
+        let g = genesis(&ids, &powers);
+        let nodes = mesh(&net, &ids).await;
+        let update = record(&Identity::from_seed([98; 32]));
+        let mut handles = Vec::new();
+        for (i, (node, id)) in nodes.iter().zip(&ids).enumerate() {
+            let builder: Box<dyn BlockBuilder> = if i == 0 {
+                Box::new(EmptyBlocks)
+            } else {
+                Box::new(Mempool {
+                    record: Some(update.clone()),
+                    from_height: 1,
+                })
+            };
+            handles.push(start(node, &g, id, builder).await);
+        }
+        let refs: Vec<&LedgerHandle> = handles.iter().collect();
+        all_reach(&refs, 6, Duration::from_secs(300)).await;
+        let chain = chain_of(&handles[1], 6);
+        verify_chain(&g, chain.iter().map(|(b, c)| (b, c))).unwrap();
+        let carried = chain.iter().any(|(b, _)| !b.updates.is_empty());
+        assert_eq!(carried, decided, "stakes {powers:?}");
+        for h in &handles {
+            let active = h.status().active.get(&update.base).copied();
+            assert_eq!(active.is_some(), decided, "stakes {powers:?}");
+        }
+    }
+}
+
 /// Publishes a signed vote as `keys`' validator.
 async fn vote(node: &MemoryNetwork, keys: &Keys, v: Vote) {
     let signature = keys.sign_vote(&v);

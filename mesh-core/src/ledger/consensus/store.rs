@@ -92,12 +92,29 @@ pub trait BlockBuilder: Send + 'static {
     }
 }
 
-/// Proposes empty blocks and accepts every well-formed block.
+/// The builder of a node without model sync: proposes empty blocks (stake
+/// transfers aside, which the ledger adds itself) and accepts well-formed
+/// blocks without updates. A block carrying updates or aggregates it
+/// refuses: this node holds no adapters, so it cannot check that they are
+/// held and load, and nobody votes for an update it could not run. With
+/// more than a third of the stake on such validators, no update is decided.
 #[derive(Debug, Default)]
 pub struct EmptyBlocks;
 
 impl BlockBuilder for EmptyBlocks {
     fn draft(&mut self, _: u64) -> BlockDraft {
         BlockDraft::default()
+    }
+
+    fn check(&mut self, block: &Block) -> Result<(), String> {
+        if block.updates.is_empty() && block.aggregates.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "block {} carries {} update(s): this node runs no model sync and cannot check \
+             their adapters",
+            block.height,
+            block.updates.len()
+        ))
     }
 }

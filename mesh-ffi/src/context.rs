@@ -504,9 +504,12 @@ pub unsafe extern "C" fn mesh_context_new(
     out: *mut *mut mesh_context,
 ) -> mesh_status {
     boundary(|| {
-        let model = ffi::arc_clone(model, "model")?;
-        let params = ffi::params(params, "params")?;
-        let out = ffi::out(out, "out")?;
+        // SAFETY: caller's contract.
+        let model = unsafe { ffi::arc_clone(model, "model") }?;
+        // SAFETY: caller's contract.
+        let params = unsafe { ffi::params(params, "params") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::out(out, "out") }?;
         out.write(ffi::box_handle(Context::new(model, &params)?));
         Ok(())
     })
@@ -519,7 +522,8 @@ pub unsafe extern "C" fn mesh_context_new(
 /// callback).
 #[no_mangle]
 pub unsafe extern "C" fn mesh_context_free(ctx: *mut mesh_context) {
-    boundary_void(|| ffi::box_free(ctx, "ctx"))
+    // SAFETY: caller's contract.
+    boundary_void(|| unsafe { ffi::box_free(ctx, "ctx") })
 }
 
 /// Number of positions the context's KV cache holds, into `*out`.
@@ -531,8 +535,10 @@ pub unsafe extern "C" fn mesh_context_n_ctx(
     out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx, "ctx")?;
-        ffi::out(out, "out")?.write(ctx.n_ctx);
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx, "ctx") }?;
+        // SAFETY: caller's contract.
+        unsafe { ffi::out(out, "out") }?.write(ctx.n_ctx);
         Ok(())
     })
 }
@@ -554,8 +560,10 @@ pub unsafe extern "C" fn mesh_context_add_lora(
     scale: f32,
 ) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx, "ctx")?;
-        let path = ffi::c_str(path, "path")?;
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx, "ctx") }?;
+        // SAFETY: caller's contract.
+        let path = unsafe { ffi::c_str(path, "path") }?;
         ctx.set_lora(Some((path, scale)))
     })
 }
@@ -566,7 +574,8 @@ pub unsafe extern "C" fn mesh_context_add_lora(
 #[no_mangle]
 pub unsafe extern "C" fn mesh_context_clear_lora(ctx: *const mesh_context) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx, "ctx")?;
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx, "ctx") }?;
         ctx.set_lora(None)
     })
 }
@@ -604,14 +613,21 @@ pub unsafe extern "C" fn mesh_generate(
     out_stats: *mut mesh_generate_stats,
 ) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx.cast_const(), "ctx")?;
-        let text = ffi::c_str(prompt, "prompt")?;
-        let params = ffi::params(params, "params")?;
-        let stats = ffi::versioned_out(out_stats, "out_stats")?;
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx.cast_const(), "ctx") }?;
+        // SAFETY: caller's contract.
+        let text = unsafe { ffi::c_str(prompt, "prompt") }?;
+        // SAFETY: caller's contract.
+        let params = unsafe { ffi::params(params, "params") }?;
+        // SAFETY: caller's contract.
+        let stats = unsafe { ffi::versioned_out(out_stats, "out_stats") }?;
         let mut cb = TextCallback::new(cb, userdata);
         // SAFETY: `params` is the caller's, `format` valid during the call.
         let core = unsafe { params.to_core() }?;
-        let out = ctx.generate(&params.prompt(text), &core, &mut |piece| cb.send(piece))?;
+        // SAFETY: caller's contract.
+        let out = ctx.generate(&params.prompt(text), &core, &mut |piece| unsafe {
+            cb.send(piece)
+        })?;
         if let Some(stats) = stats {
             stats.write(mesh_generate_stats::from_output(&out)?);
         }
@@ -628,7 +644,8 @@ pub unsafe extern "C" fn mesh_generate(
 #[no_mangle]
 pub unsafe extern "C" fn mesh_context_cancel(ctx: *const mesh_context) -> mesh_status {
     boundary(|| {
-        ffi::handle(ctx, "ctx")?.cancel();
+        // SAFETY: caller's contract.
+        unsafe { ffi::handle(ctx, "ctx") }?.cancel();
         Ok(())
     })
 }
@@ -661,8 +678,10 @@ pub unsafe extern "C" fn mesh_context_eval(
     all_logits: bool,
 ) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx.cast_const(), "ctx")?;
-        let tokens = ffi::slice(tokens, n_tokens, "tokens")?;
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx.cast_const(), "ctx") }?;
+        // SAFETY: caller's contract.
+        let tokens = unsafe { ffi::slice(tokens, n_tokens, "tokens") }?;
         ctx.eval(tokens, all_logits)
     })
 }
@@ -685,8 +704,10 @@ pub unsafe extern "C" fn mesh_context_logits(
     n_out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx, "ctx")?;
-        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx, "ctx") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?;
         let logits = lock(&ctx.logits);
         out.write_items(&logits)
     })
@@ -703,8 +724,10 @@ pub unsafe extern "C" fn mesh_context_n_past(
     out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let ctx = ffi::handle(ctx, "ctx")?;
-        let out = ffi::out(out, "out")?;
+        // SAFETY: caller's contract.
+        let ctx = unsafe { ffi::handle(ctx, "ctx") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::out(out, "out") }?;
         out.write(ctx.n_past()?);
         Ok(())
     })
@@ -722,5 +745,6 @@ pub unsafe extern "C" fn mesh_context_truncate(
     ctx: *const mesh_context,
     n_past: usize,
 ) -> mesh_status {
-    boundary(|| ffi::handle(ctx, "ctx")?.truncate(n_past))
+    // SAFETY: caller's contract.
+    boundary(|| unsafe { ffi::handle(ctx, "ctx") }?.truncate(n_past))
 }

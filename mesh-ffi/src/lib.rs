@@ -125,7 +125,10 @@ pub unsafe extern "C" fn mesh_last_error_message(
 ) -> mesh_status {
     // This call never changes the message it reports, not even when it fails.
     let message = last_error();
-    let status = boundary(|| ffi::buf_out(buf, cap, n_out, "buf")?.write_text_truncated(&message));
+    // SAFETY: caller's contract.
+    let status = boundary(|| {
+        unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?.write_text_truncated(&message)
+    });
     set_last_error(message);
     status
 }

@@ -94,9 +94,12 @@ pub unsafe extern "C" fn mesh_model_load(
     out: *mut *const mesh_model,
 ) -> mesh_status {
     boundary(|| {
-        let spec = ffi::c_str(path_or_default, "path_or_default")?;
-        let params = ffi::params(params, "params")?;
-        let out = ffi::out(out, "out")?;
+        // SAFETY: caller's contract.
+        let spec = unsafe { ffi::c_str(path_or_default, "path_or_default") }?;
+        // SAFETY: caller's contract.
+        let params = unsafe { ffi::params(params, "params") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::out(out, "out") }?;
         let path = resolve_model(spec, &mut |_| {})?;
         let engine = GgmlEngine::load(path, params.n_threads)?;
         if params.exact_accumulation && !engine.set_exact_accumulation(true) {
@@ -115,7 +118,8 @@ pub unsafe extern "C" fn mesh_model_load(
 /// Threads: any thread, concurrently with any other use of the model.
 #[no_mangle]
 pub unsafe extern "C" fn mesh_model_retain(model: *const mesh_model) -> mesh_status {
-    boundary(|| ffi::arc_retain(model, "model"))
+    // SAFETY: caller's contract.
+    boundary(|| unsafe { ffi::arc_retain(model, "model") })
 }
 
 /// Drop one reference to `model`; the model is unloaded when no reference
@@ -127,7 +131,8 @@ pub unsafe extern "C" fn mesh_model_retain(model: *const mesh_model) -> mesh_sta
 /// references.
 #[no_mangle]
 pub unsafe extern "C" fn mesh_model_free(model: *const mesh_model) {
-    boundary_void(|| ffi::arc_free(model, "model"))
+    // SAFETY: caller's contract.
+    boundary_void(|| unsafe { ffi::arc_free(model, "model") })
 }
 
 /// The model's architecture (`general.architecture`, e.g. `"llama"`), copied
@@ -147,8 +152,10 @@ pub unsafe extern "C" fn mesh_model_architecture(
     n_out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        // SAFETY: caller's contract.
+        let model = unsafe { ffi::handle(model, "model") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?;
         out.write_text(model.info().architecture.as_bytes())
     })
 }
@@ -166,8 +173,10 @@ pub unsafe extern "C" fn mesh_model_id(
     n_out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        // SAFETY: caller's contract.
+        let model = unsafe { ffi::handle(model, "model") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?;
         out.write_text(model.info().id.to_hex().as_bytes())
     })
 }
@@ -180,7 +189,8 @@ pub unsafe extern "C" fn mesh_model_n_layers(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    info_usize(model, out, |i| i.n_layers)
+    // SAFETY: caller's contract.
+    unsafe { info_usize(model, out, |i| i.n_layers) }
 }
 
 /// Context length the model was trained with, into `*out`.
@@ -191,7 +201,8 @@ pub unsafe extern "C" fn mesh_model_n_ctx_train(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    info_usize(model, out, |i| i.n_ctx_train)
+    // SAFETY: caller's contract.
+    unsafe { info_usize(model, out, |i| i.n_ctx_train) }
 }
 
 /// Vocabulary size (token ids are `0 .. n_vocab - 1`), into `*out`.
@@ -202,7 +213,8 @@ pub unsafe extern "C" fn mesh_model_n_vocab(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    info_usize(model, out, |i| i.n_vocab)
+    // SAFETY: caller's contract.
+    unsafe { info_usize(model, out, |i| i.n_vocab) }
 }
 
 /// Embedding (hidden state) width, into `*out`.
@@ -213,7 +225,8 @@ pub unsafe extern "C" fn mesh_model_n_embd(
     model: *const mesh_model,
     out: *mut usize,
 ) -> mesh_status {
-    info_usize(model, out, |i| i.n_embd)
+    // SAFETY: caller's contract.
+    unsafe { info_usize(model, out, |i| i.n_embd) }
 }
 
 /// Write one number of the model's metadata to `*out`: the shared body of the

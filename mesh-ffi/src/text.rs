@@ -43,9 +43,12 @@ pub unsafe extern "C" fn mesh_tokenize(
     n_out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        let text = ffi::c_str(text, "text")?;
-        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        // SAFETY: caller's contract.
+        let model = unsafe { ffi::handle(model, "model") }?;
+        // SAFETY: caller's contract.
+        let text = unsafe { ffi::c_str(text, "text") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?;
         let ids = model.tokenizer().encode(text, add_special, parse_special)?;
         out.write_items(&ids)
     })
@@ -75,9 +78,12 @@ pub unsafe extern "C" fn mesh_detokenize(
     n_out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        let ids = ffi::slice(ids, n_ids, "ids")?;
-        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        // SAFETY: caller's contract.
+        let model = unsafe { ffi::handle(model, "model") }?;
+        // SAFETY: caller's contract.
+        let ids = unsafe { ffi::slice(ids, n_ids, "ids") }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?;
         out.write_text(&model.tokenizer().decode(ids, special)?)
     })
 }
@@ -107,9 +113,12 @@ pub unsafe extern "C" fn mesh_chat_apply_template(
     n_out: *mut usize,
 ) -> mesh_status {
     boundary(|| {
-        let model = ffi::handle(model, "model")?;
-        let messages = chat_messages(ffi::slice(messages, n_messages, "messages")?)?;
-        let out = ffi::buf_out(buf, cap, n_out, "buf")?;
+        // SAFETY: caller's contract.
+        let model = unsafe { ffi::handle(model, "model") }?;
+        // SAFETY: caller's contract.
+        let messages = unsafe { chat_messages(ffi::slice(messages, n_messages, "messages")?) }?;
+        // SAFETY: caller's contract.
+        let out = unsafe { ffi::buf_out(buf, cap, n_out, "buf") }?;
         let text = model
             .chat_template()
             .render(&messages, add_generation_prompt)?;

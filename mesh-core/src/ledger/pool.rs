@@ -24,6 +24,7 @@
 //! doubles with each failure ([`retry_delay`]: 1 s, 2 s, 4 s, ... up to 5
 //! minutes): an author that lies about its adapter costs each validator a
 //! handful of transfers, not one per block, and its update is never decided.
+//! A failed adapter is remembered only while a record naming it is heard of.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,7 @@ pub fn retry_delay(failures: u32) -> Duration {
 }
 
 /// One adapter's fetches: whether one runs, and when to try after failures.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Fetching {
     running: bool,
     failures: u32,
@@ -178,11 +179,7 @@ impl UpdatePool {
     fn fetch(&self, record: &UpdateRecord) {
         let now = Instant::now();
         let start = self.fetching.lock().is_ok_and(|mut f| {
-            let state = f.entry(record.adapter).or_insert(Fetching {
-                running: false,
-                failures: 0,
-                retry_at: None,
-            });
+            let state = f.entry(record.adapter).or_default();
             if state.running || state.retry_at.is_some_and(|t| now < t) {
                 return false;
             }
@@ -212,11 +209,7 @@ impl UpdatePool {
                     f.remove(&record.adapter);
                 }
                 Err(e) => {
-                    let state = f.entry(record.adapter).or_insert(Fetching {
-                        running: false,
-                        failures: 0,
-                        retry_at: None,
-                    });
+                    let state = f.entry(record.adapter).or_default();
                     state.running = false;
                     state.failures += 1;
                     let pause = retry_delay(state.failures);
@@ -237,7 +230,15 @@ impl BlockBuilder for UpdatePool {
         // Per base model, the oldest usable records not decided yet.
         let mut by_base: std::collections::BTreeMap<ModelId, Vec<UpdateRecord>> =
             std::collections::BTreeMap::new();
-        for record in (self.seen)() {
+        let seen = (self.seen)();
+        // Failed fetches are remembered only while their records are heard
+        // of (at most the node's bounded record list), so bogus records
+        // cannot grow the map without bound.
+        let heard: HashSet<ModelId> = seen.iter().map(|r| r.adapter).collect();
+        if let Ok(mut f) = self.fetching.lock() {
+            f.retain(|id, state| state.running || heard.contains(id));
+        }
+        for record in seen {
             let group = by_base.entry(record.base).or_default();
             if self.decided.contains(&record.id()) || group.len() >= MAX_AGGREGATED {
                 continue;

@@ -36,7 +36,6 @@ mod tests;
 
 use reader::*;
 pub use types::{GgmlType, TensorInfo};
-use value::wrong_type;
 pub use value::{Array, FromValue, Value, ValueType};
 
 /// The four bytes every GGUF file starts with.

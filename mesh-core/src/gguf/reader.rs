@@ -1,6 +1,7 @@
 //! The bounds-checked reader of untrusted GGUF bytes: header, metadata
 //! entries, arrays, tensor infos, and the checks across them.
 
+use super::value::wrong_type;
 use super::*;
 use std::collections::HashMap;
 

@@ -3,11 +3,13 @@
 //! text pieces as valid UTF-8, perplexity, and a throughput benchmark.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, Logits};
 use crate::json_mode::JsonMode;
+use crate::json_schema::{JsonSchema, SchemaMode};
 use crate::sampling::{Sampler, SamplerParams};
 use crate::{Error, Result};
 
@@ -66,7 +68,7 @@ pub struct GenerateParams {
 }
 
 /// The shape the generated text is constrained to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub enum OutputFormat {
     /// Whatever the model generates.
     #[default]
@@ -75,6 +77,38 @@ pub enum OutputFormat {
     /// generation ends ([`StopReason::EndOfGeneration`]) when it closes (see
     /// [`crate::json_mode`]). `max_tokens` may still cut it short.
     JsonObject,
+    /// One JSON object that the schema accepts (structured output, see
+    /// [`crate::json_schema`]); ends like [`OutputFormat::JsonObject`].
+    JsonSchema(Arc<JsonSchema>),
+}
+
+/// The automaton of a constrained [`OutputFormat`].
+enum Constraint<'t> {
+    Json(JsonMode<'t>),
+    Schema(SchemaMode<'t>),
+}
+
+impl Constraint<'_> {
+    fn mask(&self, logits: &mut [f32]) -> Result<usize> {
+        match self {
+            Constraint::Json(j) => j.mask(logits),
+            Constraint::Schema(s) => s.mask(logits),
+        }
+    }
+
+    fn advance(&mut self, id: u32) -> Result<()> {
+        match self {
+            Constraint::Json(j) => j.advance(id),
+            Constraint::Schema(s) => s.advance(id),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        match self {
+            Constraint::Json(j) => j.is_complete(),
+            Constraint::Schema(s) => s.is_complete(),
+        }
+    }
 }
 
 impl Default for GenerateParams {
@@ -286,9 +320,10 @@ pub fn generate_with<E: Engine>(
     let mut bytes = Vec::new();
     let mut stream = Utf8Stream::default();
     let mut stop = StopReason::MaxTokens;
-    let mut json = match params.format {
+    let mut json = match &params.format {
         OutputFormat::Text => None,
-        OutputFormat::JsonObject => Some(JsonMode::new(tok)),
+        OutputFormat::JsonObject => Some(Constraint::Json(JsonMode::new(tok))),
+        OutputFormat::JsonSchema(s) => Some(Constraint::Schema(SchemaMode::new(tok, s.clone()))),
     };
     while generated.len() < params.max_tokens {
         if cancelled() {
@@ -317,7 +352,7 @@ pub fn generate_with<E: Engine>(
             stop = StopReason::Callback;
             break;
         }
-        if json.as_ref().is_some_and(JsonMode::is_complete) {
+        if json.as_ref().is_some_and(Constraint::is_complete) {
             // The object is closed: nothing may follow, so no forward pass.
             stop = StopReason::EndOfGeneration;
             break;

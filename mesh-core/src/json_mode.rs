@@ -129,6 +129,28 @@ impl JsonState {
         self.mode == Mode::Done
     }
 
+    /// Before one JSON value of any kind (the structured-output automaton
+    /// reads strings, literals, numbers and free objects or arrays with
+    /// it): complete once the value is, except a number, whose end shows
+    /// only in the byte after it (see [`value_complete`](Self::value_complete)).
+    pub(crate) fn value_start() -> JsonState {
+        JsonState {
+            mode: Mode::Value,
+            ..JsonState::new()
+        }
+    }
+
+    /// Whether a value begun at [`value_start`](Self::value_start) could
+    /// end here without being [complete](Self::is_complete): a number.
+    pub(crate) fn value_complete(&self) -> bool {
+        self.depth == 0 && matches!(self.mode, Mode::Num(n) if n.complete())
+    }
+
+    /// Whether inside a number.
+    pub(crate) fn in_number(&self) -> bool {
+        matches!(self.mode, Mode::Num(_))
+    }
+
     /// The state after `bytes`, or `None` if they cannot continue a JSON object.
     pub fn feed(self, bytes: &[u8]) -> Option<JsonState> {
         bytes.iter().try_fold(self, |s, &b| s.step(b))
@@ -161,7 +183,7 @@ impl JsonState {
                     return None;
                 }
                 self.mode = if usize::from(pos) + 1 == w.len() {
-                    Mode::After
+                    self.after_value()
                 } else {
                     Mode::Lit { word, pos: pos + 1 }
                 };
@@ -207,6 +229,16 @@ impl JsonState {
             (Mode::After, b'}') => self.close(true),
             (Mode::After, b']') => self.close(false),
             _ => None,
+        }
+    }
+
+    /// After a string or literal: more of the container, or the end of a
+    /// value read from [`value_start`](Self::value_start).
+    fn after_value(&self) -> Mode {
+        if self.depth == 0 {
+            Mode::Done
+        } else {
+            Mode::After
         }
     }
 
@@ -292,7 +324,7 @@ impl JsonState {
         } else {
             match b {
                 b'"' => {
-                    self.mode = if key { Mode::Colon } else { Mode::After };
+                    self.mode = if key { Mode::Colon } else { self.after_value() };
                     return Some(self);
                 }
                 b'\\' => esc = 1,

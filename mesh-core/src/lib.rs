@@ -63,6 +63,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod json_mode;
+pub mod json_schema;
 pub mod ledger;
 pub mod model_id;
 pub mod network;

@@ -46,6 +46,7 @@ fi
 [ -f corpus/http_requests/seed-chat ] || printf '{"model":"default","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"stop":["x"],"max_tokens":8,"stream":true,"mesh":{"mode":"private"}}' > corpus/http_requests/seed-chat
 [ -f corpus/http_requests/seed-completion ] || printf '{"model":"default","prompt":[1,2,3],"temperature":0.5,"seed":3}' > corpus/http_requests/seed-completion
 [ -f corpus/http_requests/seed-ollama ] || printf '{"model":"default","prompt":"hi","system":"s","raw":false,"options":{"num_predict":-1,"top_k":4,"stop":["a"]}}' > corpus/http_requests/seed-ollama
+[ -f corpus/http_requests/seed-schema ] || printf '{"model":"default","prompt":"hi","format":{"$defs":{"P":{"type":"object","properties":{"k":{"enum":["a","ab",1,10]},"n":{"type":["integer","null"]}},"required":["k"]}},"type":"object","properties":{"p":{"$ref":"#/$defs/P"},"l":{"type":"array","items":{"anyOf":[{"type":"string"},{"type":"boolean"}]},"maxItems":2}},"required":["p"]}}' > corpus/http_requests/seed-schema
 [ -f corpus/ffi_strings/seed ] || printf 'Hello <|im_start|>user\n\xc3\xa9\xf0\x9f\x99\x82' > corpus/ffi_strings/seed
 
 # Chat templates: ChatML (the default model's), one with Python methods and

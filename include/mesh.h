@@ -393,12 +393,14 @@ typedef struct mesh_generate_params {
    */
   bool raw;
   /**
-   * What the output must be: NULL or `"text"` (anything, the default), or
+   * What the output must be: NULL or `"text"` (anything, the default),
    * `"json"`: one JSON object (tokens that cannot continue one are never
-   * sampled; generation ends when it closes, or at `max_tokens`). Like
-   * Ollama's `format: "json"` and OpenAI's `json_object`; JSON schemas are
-   * not supported (`MESH_STATUS_INVALID_ARG`). A NUL-terminated string read
-   * during the call only.
+   * sampled; generation ends when it closes, or at `max_tokens`), like
+   * Ollama's `format: "json"` and OpenAI's `json_object`; or a JSON Schema
+   * as JSON text (starting with `{`): one object the schema accepts
+   * (structured output; a schema with a keyword that is not enforced, e.g.
+   * `pattern`, is `MESH_STATUS_INVALID_ARG` naming it). A NUL-terminated
+   * string read during the call only.
    */
   const char *format;
 } mesh_generate_params;
@@ -953,7 +955,8 @@ mesh_status mesh_context_clear_lora(const struct mesh_context *ctx);
  * already streamed stay valid; `out_stats` is not written);
  * `MESH_STATUS_BUSY` when another `mesh_generate` runs on `ctx`;
  * `MESH_STATUS_INVALID_ARG` for out-of-range sampler settings, a
- * `params->format` other than NULL, "text" or "json", or an empty prompt.
+ * `params->format` other than NULL, "text", "json" or a usable JSON schema,
+ * or an empty prompt.
  *
  * Lifetimes: `prompt`, `params` and `out_stats` are used only during the call;
  * `userdata` must stay valid until it returns.

@@ -1,5 +1,7 @@
 //! `mesh serve`'s request parsers (OpenAI chat and completions, Ollama chat,
-//! generate and show) on arbitrary bodies: errors, never panics.
+//! generate and show) on arbitrary bodies, and the structured-output automaton
+//! of a JSON schema found in a body (`format`, `response_format`) reading the
+//! body's bytes: errors, never panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use mesh_core::chat::ChatMessage;
 use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits};
 use mesh_core::generate::{self, GenerateOutput, GenerateParams, OutputFormat, Prompt, StopReason};
+use mesh_core::json_schema::JsonSchema;
 use mesh_core::sampling::SamplerParams;
 
 use crate::ffi::{self, Castable, OwnershipBox, Params, TextCallback, Versioned};
@@ -306,12 +307,14 @@ pub struct mesh_generate_params {
     /// output of `mesh_chat_apply_template`) instead of tokenizing it as plain
     /// text. Default false.
     pub raw: bool,
-    /// What the output must be: NULL or `"text"` (anything, the default), or
+    /// What the output must be: NULL or `"text"` (anything, the default),
     /// `"json"`: one JSON object (tokens that cannot continue one are never
-    /// sampled; generation ends when it closes, or at `max_tokens`). Like
-    /// Ollama's `format: "json"` and OpenAI's `json_object`; JSON schemas are
-    /// not supported (`MESH_STATUS_INVALID_ARG`). A NUL-terminated string read
-    /// during the call only.
+    /// sampled; generation ends when it closes, or at `max_tokens`), like
+    /// Ollama's `format: "json"` and OpenAI's `json_object`; or a JSON Schema
+    /// as JSON text (starting with `{`): one object the schema accepts
+    /// (structured output; a schema with a keyword that is not enforced, e.g.
+    /// `pattern`, is `MESH_STATUS_INVALID_ARG` naming it). A NUL-terminated
+    /// string read during the call only.
     pub format: *const c_char,
 }
 
@@ -365,11 +368,23 @@ impl mesh_generate_params {
         let format = match format {
             "" | "text" => OutputFormat::Text,
             "json" => OutputFormat::JsonObject,
+            schema if schema.trim_start().starts_with('{') => {
+                let invalid = |e: String| {
+                    Failure::new(
+                        mesh_status::InvalidArg,
+                        format!("`params->format` is not a usable JSON schema: {e}"),
+                    )
+                };
+                let value: serde_json::Value =
+                    serde_json::from_str(schema).map_err(|e| invalid(e.to_string()))?;
+                let compiled = JsonSchema::compile(&value).map_err(|e| invalid(e.to_string()))?;
+                OutputFormat::JsonSchema(Arc::new(compiled))
+            }
             other => {
                 return Err(Failure::new(
                     mesh_status::InvalidArg,
                     format!(
-                        "`params->format` is {other:?}: expected NULL, \"text\" or \"json\" (JSON schemas are not supported)"
+                        "`params->format` is {other:?}: expected NULL, \"text\", \"json\" or a JSON schema"
                     ),
                 ))
             }
@@ -598,7 +613,8 @@ pub unsafe extern "C" fn mesh_context_clear_lora(ctx: *const mesh_context) -> me
 /// already streamed stay valid; `out_stats` is not written);
 /// `MESH_STATUS_BUSY` when another `mesh_generate` runs on `ctx`;
 /// `MESH_STATUS_INVALID_ARG` for out-of-range sampler settings, a
-/// `params->format` other than NULL, "text" or "json", or an empty prompt.
+/// `params->format` other than NULL, "text", "json" or a usable JSON schema,
+/// or an empty prompt.
 ///
 /// Lifetimes: `prompt`, `params` and `out_stats` are used only during the call;
 /// `userdata` must stay valid until it returns.

@@ -242,7 +242,7 @@ fn greedy_generation_is_repeatable_and_counted() {
 }
 
 #[test]
-fn json_format_gives_one_json_object_and_other_formats_are_refused() {
+fn json_format_and_schemas_constrain_the_output_and_other_formats_are_refused() {
     let ctx = context(512);
     let json = CString::new("json").unwrap();
     let mut p = mesh_generate_params_default();
@@ -277,8 +277,30 @@ fn json_format_gives_one_json_object_and_other_formats_are_refused() {
     let (s, _) = generate(ctx, prompt, &p, &plain);
     assert_eq!(s, mesh_status::Ok);
     assert_ne!(*plain.text.lock().unwrap(), text);
-    // A schema, or anything else, is refused before anything is generated.
-    for bad in ["{\"type\": \"object\"}", "JSON", "yaml"] {
+    // A JSON schema: the object it asks for.
+    let schema = CString::new(
+        r#"{"type": "object", "properties": {"name": {"type": "string"},
+            "age": {"type": "integer"}}, "required": ["name", "age"]}"#,
+    )
+    .unwrap();
+    p.format = schema.as_ptr();
+    let structured = Collected::default();
+    let (s, st) = generate(ctx, prompt, &p, &structured);
+    assert_eq!(s, mesh_status::Ok, "{}", last_error());
+    let text = structured.text.lock().unwrap().clone();
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(v["name"].is_string() && v["age"].is_i64(), "{text}");
+    assert_eq!(v.as_object().unwrap().len(), 2, "{text}");
+    assert_eq!(st.stop_reason, mesh_stop_reason::EndOfGeneration, "{text}");
+    // A schema with a keyword that is not enforced, a broken one, or
+    // anything else, is refused before anything is generated.
+    for bad in [
+        "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"pattern\": \"x\"}}}",
+        "{\"type\": ",
+        "JSON",
+        "yaml",
+    ] {
         let bad = CString::new(bad).unwrap();
         p.format = bad.as_ptr();
         let none = Collected::default();

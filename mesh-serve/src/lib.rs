@@ -987,6 +987,20 @@ pub fn parse_requests(data: &[u8]) -> usize {
         jobs += usize::from(matches!(ollama::generate_job(&b.value, mode), Ok(Some(_))));
     }
     let _ = parse_json::<ollama::ShowRequest>(data);
+    // A schema in the body (Ollama's `format`, OpenAI's `response_format`):
+    // the automaton it compiles to reads the body's own bytes.
+    if let Ok(v) = serde_json::from_slice::<Value>(data) {
+        let schemas = [
+            v.get("format"),
+            v.pointer("/response_format/json_schema/schema"),
+        ];
+        for schema in schemas.into_iter().flatten() {
+            if let Ok(s) = mesh_core::json_schema::JsonSchema::compile(schema) {
+                let state = mesh_core::json_schema::SchemaState::new(Arc::new(s));
+                let _ = state.feed(data).map(|s| s.is_complete());
+            }
+        }
+    }
     jobs
 }
 

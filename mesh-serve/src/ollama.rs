@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use mesh_core::chat::ChatMessage;
 use mesh_core::engine::Engine;
 use mesh_core::generate::{GenerateParams, OutputFormat, Prompt};
+use mesh_core::json_schema::JsonSchema;
 use mesh_core::sampling::SamplerParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -190,16 +191,17 @@ fn job(
 }
 
 /// Ollama's `format`: absent or `""` for text, `"json"` for one JSON object
-/// (JSON mode); a JSON schema is refused rather than half honoured.
+/// (JSON mode), a JSON schema for structured output (a schema using what
+/// [`mesh_core::json_schema`] does not enforce is refused, naming the
+/// keyword, rather than half honoured).
 fn output_format(format: &Option<Value>) -> Result<OutputFormat, ApiError> {
     match format {
         None | Some(Value::Null) => Ok(OutputFormat::Text),
         Some(Value::String(s)) if s.is_empty() => Ok(OutputFormat::Text),
         Some(Value::String(s)) if s == "json" => Ok(OutputFormat::JsonObject),
-        Some(Value::Object(_)) => Err(ApiError::unsupported(
-            "format",
-            "format with a JSON schema (use \"json\")",
-        )),
+        Some(schema @ Value::Object(_)) => JsonSchema::compile(schema)
+            .map(|s| OutputFormat::JsonSchema(Arc::new(s)))
+            .map_err(|e| ApiError::bad_request(format!("format: {e}"))),
         Some(other) => Err(ApiError::bad_request(format!(
             "format: expected \"json\" or a JSON schema, found {other}"
         ))),

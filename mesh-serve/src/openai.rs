@@ -26,6 +26,7 @@ use futures::Stream;
 use mesh_core::chat::ChatMessage;
 use mesh_core::engine::Engine;
 use mesh_core::generate::{GenerateParams, OutputFormat, Prompt as MeshPrompt};
+use mesh_core::json_schema::JsonSchema;
 use mesh_core::sampling::SamplerParams;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -227,11 +228,13 @@ pub fn chat_job(r: &CreateChatCompletionRequest, mode: super::Mode) -> Result<Jo
     let format = match &r.response_format {
         None | Some(ResponseFormat::Text) => OutputFormat::Text,
         Some(ResponseFormat::JsonObject) => OutputFormat::JsonObject,
-        Some(_) => {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "a response_format with a JSON schema (use json_object)",
-            ))
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let schema = json_schema.schema.as_ref().ok_or_else(|| {
+                ApiError::bad_request("response_format.json_schema.schema is missing")
+            })?;
+            let compiled = JsonSchema::compile(schema)
+                .map_err(|e| ApiError::bad_request(format!("response_format: {e}")))?;
+            OutputFormat::JsonSchema(Arc::new(compiled))
         }
     };
     // `seed` is deprecated in OpenAI's spec but still sent by clients.

@@ -480,7 +480,7 @@ class Context internal constructor(model: Model, nCtx: Long?, nThreads: Long?) :
      * Generates text after [prompt]; null means the library's default.
      * [chat]: render the prompt as one user message with the chat template.
      * [raw]: (chat false) parse special-token text in the prompt.
-     * [format]: null or "text" (anything), or "json" (one JSON object; ends when it closes).
+     * [format]: null or "text" (anything), "json" (one JSON object; ends when it closes), or a JSON schema as JSON text (one object the schema accepts).
      * [temperature] <= 0 is greedy. [onPiece] gets each piece of text as it is
      * produced; returning false stops (stopReason CALLBACK). An exception
      * thrown by it stops generation and is rethrown here.

@@ -577,7 +577,7 @@ class Model:
 
 
 def _prepare_generate(
-    prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eos: bool, format: Optional[str], **sampler
+    prompt: str, on_piece, *, chat: bool, raw: bool, ignore_eos: bool, format: Union[None, str, dict], **sampler
 ):
     """The pieces every generate call needs: params (None = library default),
     the prompt bytes, the list pieces are collected into, the list an
@@ -587,6 +587,8 @@ def _prepare_generate(
     params.chat = chat
     params.raw = raw
     params.ignore_eos = ignore_eos
+    if isinstance(format, dict):
+        format = json.dumps(format)  # a JSON schema
     if format is not None:
         params.format = _utf8(format, "format")  # the struct keeps the bytes alive
     for name, value in sampler.items():
@@ -796,14 +798,16 @@ class Context:
         repeat_penalty: Optional[float] = None,
         repeat_last_n: Optional[int] = None,
         ignore_eos: bool = False,
-        format: Optional[str] = None,
+        format: Union[None, str, dict] = None,
     ) -> Generation:
         """Generate text after `prompt`; None = the library's default.
 
         chat: render the prompt as one user message with the chat template.
         raw: (chat False) parse special-token text in the prompt.
-        format: None or "text" (anything), or "json": one JSON object (ends
-        when it closes; max_tokens may cut it short).
+        format: None or "text" (anything), "json": one JSON object (ends
+        when it closes; max_tokens may cut it short), or a JSON schema (a
+        dict, or its JSON text): one object the schema accepts (structured
+        output; a keyword the library does not enforce raises INVALID_ARG).
         temperature <= 0: greedy. on_piece(piece) is called with each piece
         of text as it is produced; returning False stops generation
         (stop_reason CALLBACK); returning None or True goes on. An exception
@@ -1019,7 +1023,7 @@ class Node:
         min_p: Optional[float] = None,
         repeat_penalty: Optional[float] = None,
         repeat_last_n: Optional[int] = None,
-        format: Optional[str] = None,
+        format: Union[None, str, dict] = None,
     ) -> Generation:
         """As Context.generate, in `mode` (Mode.PIPELINE: across the mesh).
         stats also has n_hops, failovers, hop_ms, bytes_per_token, n_helpers

@@ -92,7 +92,12 @@ def test_format_json_gives_one_object(ctx):
         assert isinstance(json.loads(out.text), dict), out.text
     else:
         assert out.text.lstrip().startswith("{"), out.text
-    for bad in ['{"type": "object"}', "yaml"]:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "lives": {"type": "integer"}},
+              "required": ["name", "lives"]}
+    out = ctx.generate("Describe a cat as JSON.", chat=True, max_tokens=200, temperature=0, format=schema)
+    cat = json.loads(out.text)
+    assert list(cat) == ["name", "lives"] and isinstance(cat["lives"], int), out.text
+    for bad in ['{"type": "object", "properties": {"a": {"format": "email"}}}', "yaml"]:
         with pytest.raises(mesh_llm.MeshError) as e:
             ctx.generate("x", max_tokens=4, format=bad)
         assert e.value.status == mesh_llm.Status.INVALID_ARG

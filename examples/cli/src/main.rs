@@ -198,8 +198,13 @@ enum Command {
         ignore_eos: bool,
         /// JSON mode: constrain the output to one JSON object (tokens that
         /// cannot continue one are never sampled; generation ends when it closes).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json_schema")]
         json_mode: bool,
+        /// Structured output: constrain the output to one JSON object that
+        /// the JSON Schema in this file accepts (see `mesh_core::json_schema`
+        /// for the supported keywords; others are refused by name).
+        #[arg(long, value_name = "FILE")]
+        json_schema: Option<PathBuf>,
         /// Run the adapter the ledger of this genesis makes active for the
         /// model (after --lora adapters, scale 1): follows the chain from the
         /// validators found through --bootstrap until in sync, fetches the
@@ -758,6 +763,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             ctx,
             ignore_eos,
             json_mode,
+            json_schema,
             follow_ledger,
             ledger_wait,
             private,
@@ -827,10 +833,18 @@ fn run(command: Command) -> Result<(), BoxError> {
                     ..SamplerParams::default()
                 },
                 ignore_eos,
-                format: if json_mode {
-                    generate::OutputFormat::JsonObject
-                } else {
-                    generate::OutputFormat::Text
+                format: match (&json_schema, json_mode) {
+                    (Some(path), _) => {
+                        let text =
+                            std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                        let value: serde_json::Value = serde_json::from_slice(&text)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        generate::OutputFormat::JsonSchema(std::sync::Arc::new(
+                            mesh_core::json_schema::JsonSchema::compile(&value)?,
+                        ))
+                    }
+                    (None, true) => generate::OutputFormat::JsonObject,
+                    (None, false) => generate::OutputFormat::Text,
                 },
                 ..GenerateParams::default()
             };

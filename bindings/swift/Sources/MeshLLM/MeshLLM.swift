@@ -234,7 +234,8 @@ public struct GenerateOptions {
     public var repeatPenalty: Float? = nil
     public var repeatLastN: Int? = nil
     public var ignoreEos = false
-    /// nil or "text" (anything), or "json": one JSON object (ends when it closes).
+    /// nil or "text" (anything), "json": one JSON object (ends when it closes),
+    /// or a JSON schema as JSON text: one object the schema accepts.
     public var format: String? = nil
 
     public init(chat: Bool = false, raw: Bool = false, maxTokens: Int? = nil, temperature: Float? = nil,

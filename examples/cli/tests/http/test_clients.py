@@ -154,6 +154,55 @@ def test_ollama_list_show_and_errors(oll):
 JSON_PROMPT = "Describe a cat as JSON with the keys name and age."
 
 
+CAT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "colors": {"type": "array", "items": {"enum": ["black", "white", "orange", "grey"]},
+                   "maxItems": 3},
+        "indoor": {"type": "boolean"},
+    },
+    "required": ["name", "age", "colors", "indoor"],
+}
+
+
+def check_cat(text):
+    cat = json.loads(text)
+    assert list(cat) == ["name", "age", "colors", "indoor"], text
+    assert isinstance(cat["name"], str) and isinstance(cat["age"], int), text
+    assert len(cat["colors"]) <= 3 and set(cat["colors"]) <= {"black", "white", "orange", "grey"}
+    assert isinstance(cat["indoor"], bool), text
+
+
+def test_structured_output_with_both_clients(oai, oll, tmp_path):
+    # OpenAI's response_format json_schema and Ollama's format with a schema
+    # both give `mesh generate --json-schema`'s object.
+    schema_file = tmp_path / "cat.json"
+    schema_file.write_text(json.dumps(CAT_SCHEMA))
+    ref = mesh_generate("--json-schema", str(schema_file), max_tokens=256, prompt=JSON_PROMPT)
+    check_cat(ref["text"])
+    msgs = [{"role": "user", "content": JSON_PROMPT}]
+    r = oai.chat.completions.create(
+        model="smollm2", messages=msgs, temperature=0, max_tokens=256,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "cat", "schema": CAT_SCHEMA, "strict": True}})
+    assert r.choices[0].message.content == ref["text"]
+    assert r.choices[0].finish_reason == "stop"
+    o = oll.chat(model="smollm2", messages=msgs, format=CAT_SCHEMA,
+                 options={"temperature": 0, "num_predict": 256, "repeat_penalty": 1.0})
+    assert o.message.content == ref["text"]
+    assert o.done_reason == "stop"
+    # A schema using a keyword mesh-llm does not enforce is refused by name.
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(
+            model="smollm2", messages=msgs, max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "properties": {"a": {"type": "string", "format": "email"}}}}})
+    assert "format" in str(e.value)
+
+
 def test_json_mode_with_both_clients(oai, oll):
     # OpenAI's response_format json_object and Ollama's format "json" both
     # give `mesh generate --json-mode`'s object, ended when it closes.

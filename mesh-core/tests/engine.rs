@@ -126,6 +126,99 @@ fn batches_of_two_or_more_tokens_are_bit_identical_however_split() {
     }
 }
 
+/// Decode steps of sessions at different positions, in one graph, give each
+/// session the logits of its step alone, bit for bit, and the same caches.
+#[test]
+fn batched_decode_steps_are_bit_identical_to_lone_ones() {
+    let e = engine();
+    let toks = prompt();
+    let prefixes = [1, 4, toks.len() - 1];
+    let mut alone = Vec::new();
+    let mut batched = Vec::new();
+    for &k in &prefixes {
+        for list in [&mut alone, &mut batched] {
+            let mut s = e.new_session(64).unwrap();
+            e.forward(&toks[..k], Logits::Last, &mut s).unwrap();
+            list.push(s);
+        }
+    }
+    let next: Vec<u32> = prefixes.iter().map(|&k| toks[k]).collect();
+    let want: Vec<Vec<f32>> = alone
+        .iter_mut()
+        .zip(&next)
+        .map(|(s, &t)| e.forward(&[t], Logits::Last, s).unwrap())
+        .collect();
+    let mut items: Vec<_> = batched.iter_mut().zip(next.iter().copied()).collect();
+    let got = e.forward_batch(&mut items).unwrap();
+    assert_eq!(got.len(), 3);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "session {i}: max diff {}", max_abs_diff(g, w));
+    }
+    // The caches took the step: the next token agrees too.
+    for (a, b) in alone.iter_mut().zip(batched.iter_mut()) {
+        let t = toks[1];
+        assert_eq!(
+            e.forward(&[t], Logits::Last, a).unwrap(),
+            e.forward(&[t], Logits::Last, b).unwrap()
+        );
+    }
+    // Bad steps are refused before any cache moves.
+    let len = e.session_len(&batched[0], 0);
+    let mut bad: Vec<_> = batched.iter_mut().map(|s| (s, 999_999u32)).collect();
+    assert!(matches!(
+        e.forward_batch(&mut bad),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(e.session_len(&batched[0], 0), len);
+}
+
+/// Threads decoding at once through the batcher get the tokens they get
+/// alone, and their steps do share graphs.
+#[test]
+fn concurrent_decodes_are_batched_and_unchanged() {
+    let e = engine();
+    let pool = mesh_core::compute::ComputePool::new();
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            let text = ["Paris is", "The sea", "Once upon a time", "1, 2, 3,"][i];
+            e.tokenizer().encode(text, true, false).unwrap()
+        })
+        .collect();
+    let greedy = |p: &[u32], batched: bool, pool: &mesh_core::compute::ComputePool| {
+        let mut s = e.new_session(64).unwrap();
+        let mut logits = pool.run(|| e.forward(p, Logits::Last, &mut s)).unwrap();
+        let mut out = Vec::new();
+        let mut decoder = e.decoder();
+        for _ in 0..12 {
+            let t = argmax(&logits) as u32;
+            out.push(t);
+            logits = if batched {
+                decoder.decode(t, &mut s, pool).unwrap()
+            } else {
+                pool.run(|| e.forward(&[t], Logits::Last, &mut s)).unwrap()
+            };
+        }
+        out
+    };
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(p, false, &pool)).collect();
+    let before = e.batch_stats();
+    let got: Vec<Vec<u32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| scope.spawn(|| greedy(p, true, &pool)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(got, want);
+    let after = e.batch_stats();
+    let (batches, steps) = (after.batches - before.batches, after.steps - before.steps);
+    assert_eq!(steps, 4 * 12);
+    assert!(
+        batches < steps,
+        "{batches} batches for {steps} steps: none shared a graph"
+    );
+}
+
 #[test]
 fn logits_last_equals_last_row_of_logits_all() {
     let e = engine();

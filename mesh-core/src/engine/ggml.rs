@@ -6,8 +6,11 @@
 //! graph allocator place the intermediates in a buffer the session reuses, and
 //! computes it on `n_threads` threads. This is the only module with ggml `unsafe`.
 
+mod batch;
 mod build;
 mod run;
+
+pub use self::batch::{BatchStats, Decoder, LINGER, MAX_BATCH};
 
 use std::ffi::{c_void, CString};
 use std::fs::File;
@@ -159,6 +162,8 @@ pub struct GgmlEngine {
     exact: AtomicBool,
     /// RoPE parameters for [`kernels::rope_op`] (boxed: graphs hold its address).
     rope: Box<kernels::RopeParams>,
+    /// Decode steps of concurrent sessions, computed together.
+    batcher: batch::Batcher,
     mmap: Mmap,
 }
 
@@ -227,6 +232,11 @@ impl Drop for KvCache {
         unsafe { sys::ggml_free(self.ctx.as_ptr()) }
     }
 }
+
+// SAFETY: the scratch exclusively owns its allocator and buffers; moving it to
+// another thread moves that ownership (the engine's batch scratch is behind a
+// mutex).
+unsafe impl Send for Scratch {}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -355,6 +365,7 @@ impl GgmlEngine {
             custom_gemm: AtomicBool::new(q4_1::available()),
             exact: AtomicBool::new(false),
             rope,
+            batcher: batch::Batcher::default(),
             mmap,
         })
     }
@@ -484,22 +495,26 @@ impl GgmlEngine {
             k,
             v,
         };
-        // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
-        let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
-            .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
-        let nodes = max_nodes(info.n_layers, 0);
         Ok(GgmlSession {
             n_layers: info.n_layers,
             kv_dim,
             kv,
-            scratch: Scratch {
-                n_threads: self.n_threads,
-                nodes,
-                galloc,
-                meta: vec![0; meta_bytes(nodes)],
-                work: Vec::new(),
-            },
+            scratch: self.new_scratch(max_nodes(info.n_layers, 0))?,
             adapters: Vec::new(),
+        })
+    }
+
+    /// Graph buffers for graphs of up to `nodes` nodes.
+    fn new_scratch(&self, nodes: usize) -> Result<Scratch> {
+        // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
+        let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
+            .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
+        Ok(Scratch {
+            n_threads: self.n_threads,
+            nodes,
+            galloc,
+            meta: vec![0; meta_bytes(nodes)],
+            work: Vec::new(),
         })
     }
 

@@ -22,7 +22,8 @@ use std::ops::Range;
 
 pub(crate) use self::ggml::available_memory;
 pub use self::ggml::{
-    available_cores, cpu_class, default_threads, resolve_threads, GgmlEngine, GgmlSession,
+    available_cores, cpu_class, default_threads, resolve_threads, BatchStats, Decoder, GgmlEngine,
+    GgmlSession, LINGER, MAX_BATCH,
 };
 pub use self::lora::{parse_lora_arg, ActiveLora, AdapterError, LoraAdapter, LoraFactors};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};

@@ -10,10 +10,11 @@ Builds the release `mesh`, then
    alternating, RUNS times each; checks the texts are equal; reports decode
    tokens/s (inter-token time, best run) and time to first token (the CLI's
    prompt time plus one decode step, against request-sent to first chunk);
-2. sends C concurrent streaming requests (C in --clients) and reports total
-   tokens/s and p50/p99 of the gap between a client's tokens.
-Concurrent decode steps are not batched into one forward pass: sessions
-take turns on the node's compute pool.
+2. sends C concurrent streaming requests (C in --clients) to that server,
+   whose concurrent decode steps are batched into one graph, and to a second
+   one started with --no-batch (one step at a time), alternating; reports
+   total tokens/s and p50/p99 of the gap between a client's tokens, and
+   checks every text equals `mesh generate`'s.
 """
 import argparse, http.client, json, os, statistics, subprocess, threading, time
 
@@ -59,14 +60,19 @@ def main():
     short, _ = prompt_files("serve", 16)
     prompt = open(short).read()
     clients = [int(c) for c in args.clients.split(",")]
-    srv = subprocess.Popen([mesh, "serve", "--model", model, "--name", "default", "--listen", "127.0.0.1:0",
-                            "--threads", str(args.threads), "--parallel", str(max(clients)),
-                            "--queue", str(2 * max(clients))], stdout=subprocess.PIPE, text=True)
-    try:
-        url = json.loads(srv.stdout.readline())["listening"]
+    def start(*extra):
+        p = subprocess.Popen([mesh, "serve", "--model", model, "--name", "default", "--listen",
+                              "127.0.0.1:0", "--threads", str(args.threads), "--parallel",
+                              str(max(clients)), "--queue", str(2 * max(clients)), *extra],
+                             stdout=subprocess.PIPE, text=True)
+        url = json.loads(p.stdout.readline())["listening"]
         host, port = url[len("http://"):].split(":")
-        port = int(port)
-        stream_completion(host, port, prompt, 4)  # warm up
+        stream_completion(host, int(port), prompt, 4)  # warm up
+        return p, host, int(port)
+
+    srv, host, port = start()
+    unbatched, _, port_unbatched = start("--no-batch")
+    try:
         cli_tps, cli_ttft, srv_tps, srv_ttft = [], [], [], []
         for _ in range(args.runs):
             g = generate(mesh, model, short, args.tg, args.threads)
@@ -84,28 +90,33 @@ def main():
         print(f"| time to first token, ms (best) | {min(cli_ttft):.1f} | {min(srv_ttft):.1f} | "
               f"+{min(srv_ttft) - min(cli_ttft):.1f} ms |")
         print()
-        print("| concurrent clients | total tokens/s | p50 token gap ms | p99 token gap ms | texts equal |")
-        print("|---|---|---|---|---|")
+        print("| concurrent clients | decode steps | total tokens/s | p50 token gap ms "
+              "| p99 token gap ms | texts equal to mesh generate |")
+        print("|---|---|---|---|---|---|")
         for c in clients:
-            results = [None] * c
+            for name, p in (("batched", port), ("one by one", port_unbatched)):
+                results = [None] * c
 
-            def one(i):
-                results[i] = stream_completion(host, port, prompt, args.tg)
+                def one(i):
+                    results[i] = stream_completion(host, p, prompt, args.tg)
 
-            t0 = time.perf_counter()
-            ts = [threading.Thread(target=one, args=(i,)) for i in range(c)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            wall = time.perf_counter() - t0
-            gaps = [(b - a) * 1e3 for _, _, times in results for a, b in zip(times, times[1:])]
-            tokens = sum(len(times) for _, _, times in results)
-            equal = all(r[0] == results[0][0] for r in results)
-            print(f"| {c} | {tokens / wall:.1f} | {pct(gaps, 50):.1f} | {pct(gaps, 99):.1f} | {equal} |")
+                t0 = time.perf_counter()
+                ts = [threading.Thread(target=one, args=(i,)) for i in range(c)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                wall = time.perf_counter() - t0
+                gaps = [(b - a) * 1e3 for _, _, times in results for a, b in zip(times, times[1:])]
+                tokens = sum(len(times) for _, _, times in results)
+                equal = all(r[0] == g["text"] for r in results)
+                print(f"| {c} | {name} | {tokens / wall:.1f} | {pct(gaps, 50):.1f} | "
+                      f"{pct(gaps, 99):.1f} | {equal} |")
+                assert equal, [r[0] for r in results]
     finally:
-        srv.terminate()
-        srv.wait(timeout=60)
+        for p in (srv, unbatched):
+            p.terminate()
+            p.wait(timeout=60)
 
 
 if __name__ == "__main__":

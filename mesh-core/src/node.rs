@@ -74,6 +74,11 @@ pub struct NodeOptions {
     /// to peers that ask for it by id ([`Node::fetch_model`]); by default it
     /// does, so a peer can join knowing only the model id.
     pub withhold_model_files: bool,
+    /// When set, the decode steps of concurrent local generations compute one
+    /// after another; by default they are batched into one graph
+    /// ([`GgmlEngine::decode`]), with identical results and more tokens per
+    /// second in all (a debugging and benchmarking switch).
+    pub unbatched_decode: bool,
 }
 
 /// How a node's private generations ([`Mode::Private`]) find and use helpers.
@@ -610,8 +615,13 @@ impl Node {
             Mode::Local | Mode::Private { .. } => None,
         };
         let mut pos = 0usize;
+        let batched = !self.options.unbatched_decode;
+        let mut decoder = engine.decoder();
         let mut forward = |tokens: &[u32], s: &mut GgmlSession| match pipeline.as_mut() {
-            None => compute::pool().run(|| engine.forward(tokens, Logits::Last, s)),
+            None => match tokens {
+                [token] if batched => decoder.decode(*token, s, compute::pool()),
+                _ => compute::pool().run(|| engine.forward(tokens, Logits::Last, s)),
+            },
             Some(p) => {
                 let hidden = p.forward(engine.embed(tokens, pos)?, s)?;
                 pos += tokens.len();

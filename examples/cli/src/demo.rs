@@ -143,6 +143,7 @@ pub fn demo(args: DemoArgs) -> Result<(), BoxError> {
         helper_timeout: 30.0,
         // All three run on this machine: the demo vouches for them.
         trust: peers.iter().map(|p| p.peer_id).collect(),
+        unbatched_decode: false,
     })?;
     let request = GenerateRequest::new(
         Prompt::Chat(vec![ChatMessage::new("user", &args.prompt)]),

@@ -483,6 +483,11 @@ enum Command {
         /// Exact accumulation (see `mesh generate --exact`).
         #[arg(long)]
         exact: bool,
+        /// Compute the decode steps of concurrent requests one after another
+        /// instead of batching them into one graph (same tokens, fewer per
+        /// second in all: for comparisons).
+        #[arg(long)]
+        no_batch: bool,
         /// Seconds a pipeline stage may take to answer before it is replaced.
         #[arg(long, default_value_t = 30.0)]
         stage_timeout: f64,
@@ -884,6 +889,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                         find_timeout,
                         helper_timeout,
                         trust,
+                        unbatched_decode: false,
                     })?;
                     let printer = events.then(|| {
                         let mut rx = node.events();
@@ -1277,6 +1283,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             stage_timeout,
             helper_timeout,
             find_timeout,
+            no_batch,
         } => {
             if helpers < 2 {
                 return Err("--helpers: private mode needs at least 2".into());
@@ -1300,6 +1307,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     find_timeout,
                     helper_timeout,
                     trust,
+                    unbatched_decode: no_batch,
                 },
                 config: serve::ServeConfig {
                     listen,

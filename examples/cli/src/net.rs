@@ -396,6 +396,8 @@ pub struct ClientArgs {
     pub find_timeout: f64,
     pub helper_timeout: f64,
     pub trust: Vec<mesh_core::network::PeerId>,
+    /// Decode steps of concurrent generations one by one (`mesh serve --no-batch`).
+    pub unbatched_decode: bool,
 }
 
 impl Default for ClientArgs {
@@ -408,6 +410,7 @@ impl Default for ClientArgs {
             find_timeout: 10.0,
             helper_timeout: 30.0,
             trust: Vec::new(),
+            unbatched_decode: false,
         }
     }
 }
@@ -435,6 +438,7 @@ pub fn client_node(args: ClientArgs) -> Result<Node, BoxError> {
             // Check vectors are the owner's secret: cached with the model, 0600.
             cache_dir: mesh_core::fetch::cache_dir().ok().map(|d| d.join("checks")),
         },
+        unbatched_decode: args.unbatched_decode,
         ..NodeOptions::default()
     };
     Ok(Node::open(config, options)?)

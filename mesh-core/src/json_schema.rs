@@ -40,6 +40,8 @@ pub const MAX_NODES: usize = 4096;
 pub const MAX_DEPTH: usize = 64;
 /// Most readings the automaton keeps open at once.
 const MAX_READINGS: usize = 64;
+/// Longest property name or enum / const value, in bytes of JSON text.
+pub const MAX_LITERAL: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Node {
@@ -383,8 +385,7 @@ impl Compiler<'_> {
         let mut out = Vec::new();
         for k in order {
             let value = self.node(&props[k], depth + 1)?;
-            let key = serde_json::to_vec(&Value::String(k.to_string()))
-                .map_err(|e| bad(e.to_string()))?;
+            let key = compact(&Value::String(k.to_string()))?;
             out.push((key, value, required.contains(&k)));
         }
         self.nodes[id as usize] = Node::Object(out);
@@ -440,7 +441,14 @@ impl Compiler<'_> {
 }
 
 fn compact(v: &Value) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| bad(e.to_string()))
+    let text = serde_json::to_vec(v).map_err(|e| bad(e.to_string()))?;
+    if text.len() > MAX_LITERAL {
+        return Err(bad(format!(
+            "a property name or enum value of {} bytes (at most {MAX_LITERAL})",
+            text.len()
+        )));
+    }
+    Ok(text)
 }
 
 /// Where the object property keys (key frames) and literals stand.

@@ -77,13 +77,15 @@ enum Mode {
     After,
     /// Inside a string; `esc` is 0, 1 after `\`, 2..=5 while reading the
     /// hex digits of `\u`; `utf8` is the continuation bytes still expected,
-    /// `lo`/`hi` the range the next one must be in.
+    /// `lo`/`hi` the range the next one must be in; `sur` tracks UTF-16
+    /// surrogates in `\u` escapes (see [`Sur`]).
     Str {
         key: bool,
         esc: u8,
         utf8: u8,
         lo: u8,
         hi: u8,
+        sur: Sur,
     },
     Num(Num),
     /// Inside `true`, `false` or `null`: the literal and the next position.
@@ -93,6 +95,28 @@ enum Mode {
     },
     /// The top-level object is closed: nothing more.
     Done,
+}
+
+/// Surrogates in `\u` escapes: a high one (`\uD800`-`\uDBFF`) must be
+/// followed at once by a low one (`\uDC00`-`\uDFFF`), and a low one may not
+/// come alone. RFC 8259's grammar allows unpaired ones, but strict parsers
+/// (serde_json, Go's) refuse them, so they are never generated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sur {
+    /// Nothing pending.
+    None,
+    /// In a `\u` escape whose first digit was `D`.
+    D,
+    /// In the escape of a high surrogate (its second digit was 8-B).
+    High,
+    /// A high surrogate ended: `\` must come.
+    WantBackslash,
+    /// ... then `u`.
+    WantU,
+    /// In the low surrogate's escape: `D` must come.
+    LowD,
+    /// ... then C-F.
+    LowC,
 }
 
 /// Where a JSON text stands after some bytes: the value of the automaton
@@ -165,7 +189,8 @@ impl JsonState {
                 utf8,
                 lo,
                 hi,
-            } => return self.string(key, esc, utf8, lo, hi, b),
+                sur,
+            } => return self.string(key, (esc, utf8, lo, hi, sur), b),
             Mode::Num(n) => {
                 if let Some(next) = n.step(b) {
                     self.mode = Mode::Num(next);
@@ -211,6 +236,7 @@ impl JsonState {
                     utf8: 0,
                     lo: 0,
                     hi: 0,
+                    sur: Sur::None,
                 };
                 Some(self)
             }
@@ -288,6 +314,7 @@ impl JsonState {
                 utf8: 0,
                 lo: 0,
                 hi: 0,
+                sur: Sur::None,
             },
             b'-' => Mode::Num(Num::Minus),
             b'0' => Mode::Num(Num::Zero),
@@ -300,10 +327,11 @@ impl JsonState {
         Some(self)
     }
 
-    /// One byte inside a string: escapes, control characters refused, UTF-8
-    /// checked as `str` does (no overlong forms, no surrogates, at most U+10FFFF).
-    fn string(mut self, key: bool, esc: u8, utf8: u8, lo: u8, hi: u8, b: u8) -> Option<JsonState> {
-        let (mut esc, mut utf8, mut lo, mut hi) = (esc, utf8, lo, hi);
+    /// One byte inside a string: escapes (surrogates paired, see [`Sur`]),
+    /// control characters refused, UTF-8 checked as `str` does (no overlong
+    /// forms, no surrogates, at most U+10FFFF).
+    fn string(mut self, key: bool, st: (u8, u8, u8, u8, Sur), b: u8) -> Option<JsonState> {
+        let (mut esc, mut utf8, mut lo, mut hi, mut sur) = st;
         if utf8 > 0 {
             if b < lo || b > hi {
                 return None;
@@ -311,16 +339,43 @@ impl JsonState {
             utf8 -= 1;
             (lo, hi) = (0x80, 0xBF);
         } else if esc == 1 {
-            esc = match b {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => 0,
-                b'u' => 2,
-                _ => return None,
-            };
+            if sur == Sur::WantU {
+                if b != b'u' {
+                    return None;
+                }
+                (esc, sur) = (2, Sur::LowD);
+            } else {
+                esc = match b {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => 0,
+                    b'u' => 2,
+                    _ => return None,
+                };
+            }
         } else if esc >= 2 {
             if !b.is_ascii_hexdigit() {
                 return None;
             }
+            let digit = (b as char).to_digit(16).unwrap_or(0);
+            sur = match (sur, esc) {
+                (Sur::None, 2) if digit == 0xD => Sur::D,
+                (Sur::D, 3) if (0x8..=0xB).contains(&digit) => Sur::High,
+                (Sur::D, 3) if digit >= 0xC => return None, // a lone low surrogate
+                (Sur::D, 3) => Sur::None,
+                (Sur::LowD, 2) if digit == 0xD => Sur::LowC,
+                (Sur::LowD, 2) => return None,
+                (Sur::LowC, 3) if digit >= 0xC => Sur::None,
+                (Sur::LowC, 3) => return None,
+                (other, _) => other,
+            };
             esc = if esc == 5 { 0 } else { esc + 1 };
+            if esc == 0 && sur == Sur::High {
+                sur = Sur::WantBackslash;
+            }
+        } else if sur == Sur::WantBackslash {
+            if b != b'\\' {
+                return None;
+            }
+            (esc, sur) = (1, Sur::WantU);
         } else {
             match b {
                 b'"' => {
@@ -346,6 +401,7 @@ impl JsonState {
             utf8,
             lo,
             hi,
+            sur,
         };
         Some(self)
     }
@@ -434,6 +490,29 @@ mod tests {
 
     fn prefix_ok(text: &[u8]) -> bool {
         JsonState::new().feed(text).is_some()
+    }
+
+    #[test]
+    fn surrogate_escapes_come_in_pairs() {
+        for (text, ok) in [
+            (r#"{"a":"\ud83d\ude00"}"#, true),
+            (r#"{"a":"\uD83D\uDE00x"}"#, true),
+            (r#"{"a":"\u00e9\uD7FF\uE000\uffff"}"#, true),
+            (r#"{"\ud800\udc00":1}"#, true),
+            (r#"{"a":"\ud83d"}"#, false),
+            (r#"{"a":"\ude00"}"#, false),
+            (r#"{"a":"\ud83dx"}"#, false),
+            (r#"{"a":"\ud83d\u0041"}"#, false),
+            (r#"{"a":"\ud83d\n"}"#, false),
+            (r#"{"a":"\ud83d\ud83d"}"#, false),
+        ] {
+            assert_eq!(complete(text), ok, "{text}");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(text).is_ok(),
+                ok,
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -339,17 +339,7 @@ impl GgmlEngine {
                 sys::ggml_view_1d(ctx, t, rows as i64, (*t).nb[1] * i)
             };
             for il in 0..info.n_layers {
-                let lt = &self.tensors.layers[il];
-                let cur =
-                    sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.attn_norm);
-                let with_bias = |t: T, bias: Option<T>| match bias {
-                    Some(bias) => sys::ggml_add(ctx, t, bias),
-                    None => t,
-                };
-                let mm = |g: &mut Graph, w: T, cur: T| self.mat_mul(g, w, cur, b);
-                let q = with_bias(mm(g, lt.wq, cur), lt.bq);
-                let k = with_bias(mm(g, lt.wk, cur), lt.bk);
-                let v = with_bias(mm(g, lt.wv, cur), lt.bv);
+                let (q, k, v) = self.build_qkv(g, &[], il, x, b);
                 let mut attn: Option<T> = None;
                 for (i, (kv, &(inp_pos, kq_mask))) in kvs.iter().zip(&inputs).enumerate() {
                     let a = self.attention(
@@ -377,20 +367,7 @@ impl GgmlEngine {
                     info.n_embd as i64,
                     b as i64,
                 );
-                x = sys::ggml_add(ctx, mm(g, lt.wo, attn), x);
-
-                let cur = sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.ffn_norm);
-                let gate = mm(g, lt.gate, cur);
-                let up = mm(g, lt.up, cur);
-                let act = sys::ggml_map_custom2(
-                    ctx,
-                    gate,
-                    up,
-                    Some(kernels::swiglu_op),
-                    N_TASKS_MAX,
-                    ptr::null_mut(),
-                );
-                x = sys::ggml_add(ctx, mm(g, lt.down, act), x);
+                x = self.build_rest_of_layer(g, &[], il, x, attn, b);
             }
         }
         x

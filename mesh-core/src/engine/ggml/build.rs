@@ -432,46 +432,96 @@ impl GgmlEngine {
         if layers.is_empty() {
             return x;
         }
-        let info = &self.info;
-        let ctx = g.ctx;
         let (inp_pos, kq_mask) = self.position_inputs(g, pos, n);
         // SAFETY: all shapes below follow from the validated model hyper-parameters
         // and the checked `pos + n <= n_ctx`; views stay inside the KV tensors.
         unsafe {
             for il in layers {
-                let lt = &self.tensors.layers[il];
-                let cur =
-                    sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.attn_norm);
-                let with_bias = |t: T, b: Option<T>| match b {
-                    Some(b) => sys::ggml_add(ctx, t, b),
-                    None => t,
-                };
-                let mm = |g: &mut Graph, p: Projection, w: T, cur: T| {
-                    self.lora_mat_mul(g, adapters, il, p, w, cur, n)
-                };
-                let q = with_bias(mm(g, Projection::Q, lt.wq, cur), lt.bq);
-                let k = with_bias(mm(g, Projection::K, lt.wk, cur), lt.bk);
-                let v = with_bias(mm(g, Projection::V, lt.wv, cur), lt.bv);
+                let (q, k, v) = self.build_qkv(g, adapters, il, x, n);
                 let attn = self.attention(g, s, il, q, k, v, pos, n, inp_pos, kq_mask);
-                let attn = mm(g, Projection::O, lt.wo, attn);
-                x = sys::ggml_add(ctx, attn, x);
-
-                let cur = sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, info.rms_eps), lt.ffn_norm);
-                let gate = mm(g, Projection::Gate, lt.gate, cur);
-                let up = mm(g, Projection::Up, lt.up, cur);
-                let act = sys::ggml_map_custom2(
-                    ctx,
-                    gate,
-                    up,
-                    Some(kernels::swiglu_op),
-                    N_TASKS_MAX,
-                    ptr::null_mut(),
-                );
-                let ffn = mm(g, Projection::Down, lt.down, act);
-                x = sys::ggml_add(ctx, ffn, x);
+                x = self.build_rest_of_layer(g, adapters, il, x, attn, n);
             }
         }
         x
+    }
+
+    /// The attention inputs of layer `il` for `x` (`n` tokens): the norm, then
+    /// the Q, K and V projections with their biases.
+    ///
+    /// # Safety
+    /// `x` is an `n_embd x n` F32 tensor of this graph; the adapters were
+    /// checked against this model.
+    pub(super) unsafe fn build_qkv(
+        &self,
+        g: &mut Graph,
+        adapters: &[ActiveLora],
+        il: usize,
+        x: T,
+        n: usize,
+    ) -> (T, T, T) {
+        // SAFETY: as this function's contract; shapes from the validated model.
+        unsafe {
+            let ctx = g.ctx;
+            let lt = &self.tensors.layers[il];
+            let cur = sys::ggml_mul(
+                ctx,
+                sys::ggml_rms_norm(ctx, x, self.info.rms_eps),
+                lt.attn_norm,
+            );
+            let with_bias = |t: T, b: Option<T>| match b {
+                Some(b) => sys::ggml_add(ctx, t, b),
+                None => t,
+            };
+            let mut mm = |p: Projection, w: T| self.lora_mat_mul(g, adapters, il, p, w, cur, n);
+            (
+                with_bias(mm(Projection::Q, lt.wq), lt.bq),
+                with_bias(mm(Projection::K, lt.wk), lt.bk),
+                with_bias(mm(Projection::V, lt.wv), lt.bv),
+            )
+        }
+    }
+
+    /// The rest of layer `il` after attention: the output projection of
+    /// `attn` added to `x`, then the feed-forward block (norm, SwiGLU, down
+    /// projection) added to that.
+    ///
+    /// # Safety
+    /// `x` and `attn` are `n_embd x n` F32 tensors of this graph; the
+    /// adapters were checked against this model.
+    pub(super) unsafe fn build_rest_of_layer(
+        &self,
+        g: &mut Graph,
+        adapters: &[ActiveLora],
+        il: usize,
+        x: T,
+        attn: T,
+        n: usize,
+    ) -> T {
+        // SAFETY: as this function's contract; shapes from the validated model.
+        unsafe {
+            let ctx = g.ctx;
+            let lt = &self.tensors.layers[il];
+            let mm = |g: &mut Graph, p: Projection, w: T, cur: T| {
+                self.lora_mat_mul(g, adapters, il, p, w, cur, n)
+            };
+            let x = sys::ggml_add(ctx, mm(g, Projection::O, lt.wo, attn), x);
+            let cur = sys::ggml_mul(
+                ctx,
+                sys::ggml_rms_norm(ctx, x, self.info.rms_eps),
+                lt.ffn_norm,
+            );
+            let gate = mm(g, Projection::Gate, lt.gate, cur);
+            let up = mm(g, Projection::Up, lt.up, cur);
+            let act = sys::ggml_map_custom2(
+                ctx,
+                gate,
+                up,
+                Some(kernels::swiglu_op),
+                N_TASKS_MAX,
+                ptr::null_mut(),
+            );
+            sys::ggml_add(ctx, mm(g, Projection::Down, lt.down, act), x)
+        }
     }
 
     /// Final norm and output projection of `x` (`n` tokens).

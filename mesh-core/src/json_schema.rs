@@ -15,10 +15,13 @@
 //! `anyOf`, `oneOf` (generated as `anyOf`: overlapping alternatives are not
 //! excluded), `allOf` of one schema, local `$ref` (`#/$defs/..`,
 //! `#/definitions/..`, recursion included), `true`, and the annotations
-//! (`title`, `description`, `default`, `examples`, ...). Keywords that
+//! (`title`, `description`, `default`, `examples`, ...), `format` among them:
+//! draft 2020-12 makes it an annotation unless a schema opts into format
+//! assertion, so a `"format": "date-time"` string (pydantic's `datetime`,
+//! `EmailStr`, `UUID`) is generated as a plain string. Keywords that
 //! constrain values in ways the automaton does not enforce (`pattern`,
-//! `format`, `minLength`, `minimum`, ...) are refused by name rather than
-//! silently ignored. The root must be an object. Properties are generated in
+//! `minLength`, `minimum`, `uniqueItems`, ...) are refused by name rather
+//! than silently ignored. The root must be an object. Properties are generated in
 //! the order of `required`, then the optional ones by name; every required
 //! property appears, optional ones may be left out. Enum and const values are
 //! generated in compact form (`serde_json`'s).
@@ -87,6 +90,9 @@ const ANNOTATIONS: &[&str] = &[
     "readOnly",
     "writeOnly",
     "deprecated",
+    "format",
+    "contentEncoding",
+    "contentMediaType",
     "$defs",
     "definitions",
     "strict",

@@ -123,13 +123,19 @@ fun main() {
                 expect(out.text.isNotBlank()) { "empty text" }
             }
 
-            test("format json gives a JSON object; a schema is INVALID_ARG") {
+            test("format json gives a JSON object, a schema its object; an unenforceable schema is INVALID_ARG") {
                 val out = ctx.generate("Describe a cat as JSON.", chat = true, maxTokens = 200, temperature = 0f, format = "json")
                 val t = out.text.trim()
                 expect(t.startsWith("{")) { "not an object: $t" }
                 if (out.stopReason == StopReason.END_OF_GENERATION) expect(t.endsWith("}")) { "unclosed: $t" }
+                val schema = "{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\"}, " +
+                    "\"lives\": {\"type\": \"integer\"}}, \"required\": [\"name\", \"lives\"]}"
+                val cat = ctx.generate("Describe a cat as JSON.", chat = true, maxTokens = 200, temperature = 0f, format = schema)
+                expect(cat.stopReason == StopReason.END_OF_GENERATION) { "not closed: ${cat.text}" }
+                expect(Regex("""^\{\s*"name"\s*:\s*".*"\s*,\s*"lives"\s*:\s*-?\d+\s*}$""", RegexOption.DOT_MATCHES_ALL)
+                    .matches(cat.text.trim())) { "not the schema's object: ${cat.text}" }
                 try {
-                    ctx.generate("x", maxTokens = 4, format = "{\"type\": \"object\"}")
+                    ctx.generate("x", maxTokens = 4, format = "{\"type\": \"object\", \"properties\": {\"a\": {\"pattern\": \"x\"}}}")
                     throw AssertionError("no exception")
                 } catch (e: MeshException) {
                     expect(e.status == MeshStatus.INVALID_ARG) { e.statusName }

@@ -434,3 +434,33 @@ fn wrong_adapters_are_typed_errors_on_the_real_model() {
         Err(Error::Io { .. })
     ));
 }
+
+/// A session with adapters decodes alone: through the batcher it gets the
+/// logits of a plain step, and it never counts as a session that batches
+/// wait for (they would linger for steps that never join them).
+#[test]
+fn a_decoder_with_adapters_decodes_alone_and_is_not_waited_for() {
+    let e = engine();
+    let adapter = e.load_adapter(adapter_path()).unwrap();
+    let pool = mesh_core::compute::ComputePool::new();
+    let prompt = e.tokenizer().encode("Paris is", true, false).unwrap();
+    let mut alone = session_with(&e, &adapter, 1.0);
+    let mut through = session_with(&e, &adapter, 1.0);
+    let first = e.forward(&prompt, Logits::Last, &mut alone).unwrap();
+    e.forward(&prompt, Logits::Last, &mut through).unwrap();
+    let t = argmax(&first).unwrap();
+    let before = e.batch_stats();
+    let mut decoder = e.decoder();
+    let got = decoder.decode(t, &mut through, &pool).unwrap();
+    assert_eq!(e.batch_stats().decoding, before.decoding);
+    assert_eq!(got, e.forward(&[t], Logits::Last, &mut alone).unwrap());
+    // A plain session counts while its decoder lives.
+    let mut plain = e.new_session(64).unwrap();
+    e.forward(&prompt, Logits::Last, &mut plain).unwrap();
+    let mut other = e.decoder();
+    other.decode(t, &mut plain, &pool).unwrap();
+    assert_eq!(e.batch_stats().decoding, before.decoding + 1);
+    drop(other);
+    assert_eq!(e.batch_stats().decoding, before.decoding);
+    drop(decoder);
+}

@@ -74,11 +74,17 @@ pub struct BatchStats {
     pub batches: u64,
     /// Decode steps they computed.
     pub steps: u64,
+    /// Generations decoding through the batcher right now (live
+    /// [`Decoder`]s that have decoded a session without adapters): the
+    /// sessions a batch waits for.
+    pub decoding: usize,
 }
 
 /// One generation's decode steps through the batcher of its engine (see the
 /// [module docs](self)): from its first step until it is dropped, the
-/// generation counts as decoding, and batches wait briefly for its steps.
+/// generation counts as decoding, and batches wait briefly for its steps. A
+/// session with adapters decodes alone and does not count: no batch could
+/// take its steps.
 pub struct Decoder<'e> {
     engine: &'e GgmlEngine,
     counted: bool,
@@ -106,7 +112,7 @@ impl Decoder<'_> {
         session: &mut GgmlSession,
         pool: &ComputePool,
     ) -> Result<Vec<f32>> {
-        if !self.counted {
+        if !self.counted && session.adapters.is_empty() {
             self.counted = true;
             self.engine
                 .batcher
@@ -162,13 +168,12 @@ impl GgmlEngine {
                 // Ours is in the queue (nobody took it): run it with up to
                 // MAX_BATCH - 1 others, the oldest first.
                 let at = q.iter().position(|s| Arc::ptr_eq(s, &step));
-                let mut batch = Vec::new();
+                let mut batch = Vec::with_capacity(MAX_BATCH);
                 if let Some(at) = at {
                     batch.push(q.remove(at));
                 }
-                while batch.len() < MAX_BATCH && !q.is_empty() {
-                    batch.push(q.remove(0));
-                }
+                let more = (MAX_BATCH - batch.len()).min(q.len());
+                batch.extend(q.drain(..more));
                 batch
             };
             self.run_steps(&batch);
@@ -215,6 +220,7 @@ impl GgmlEngine {
         BatchStats {
             batches: self.batcher.batches.load(Relaxed),
             steps: self.batcher.batched_steps.load(Relaxed),
+            decoding: self.batcher.active.load(Relaxed),
         }
     }
 

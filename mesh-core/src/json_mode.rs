@@ -439,42 +439,46 @@ impl<'t> JsonMode<'t> {
     /// end of generation), which would not move it forward. Returns how many
     /// tokens remain; an error if none does.
     pub fn mask(&self, logits: &mut [f32]) -> Result<usize> {
-        let mut left = 0;
-        for (id, logit) in logits.iter_mut().enumerate() {
-            let ok = self
-                .pieces
-                .get(id)
-                .is_some_and(|p| !p.is_empty() && self.state.feed(p).is_some());
-            if ok && !logit.is_nan() {
-                left += 1;
-            } else {
-                *logit = f32::NAN;
-            }
-        }
-        if left == 0 {
-            return Err(Error::InvalidArgument(
+        mask_tokens(self.pieces, logits, |p| self.state.feed(p).is_some()).ok_or_else(|| {
+            Error::InvalidArgument(
                 "JSON mode: no token of the vocabulary continues the JSON".into(),
-            ));
-        }
-        Ok(left)
+            )
+        })
     }
 
     /// Move past token `id` (one [`mask`](Self::mask) allowed).
     pub fn advance(&mut self, id: u32) -> Result<()> {
-        let next = self
+        self.state = self
             .pieces
             .get(id as usize)
-            .and_then(|p| self.state.feed(p));
-        match next {
-            Some(s) => {
-                self.state = s;
-                Ok(())
-            }
-            None => Err(Error::InvalidArgument(format!(
-                "JSON mode: token {id} does not continue the JSON"
-            ))),
+            .and_then(|p| self.state.feed(p))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("JSON mode: token {id} does not continue the JSON"))
+            })?;
+        Ok(())
+    }
+}
+
+/// Sets to NaN the logit of every token whose piece is empty (control
+/// tokens, end of generation: they would not move the text forward) or
+/// refused by `ok`, and of every token without a piece; the number left, or
+/// `None` if none is. The masking loop of [`JsonMode`] and
+/// [`SchemaMode`](crate::json_schema::SchemaMode).
+pub(crate) fn mask_tokens(
+    pieces: &Pieces,
+    logits: &mut [f32],
+    mut ok: impl FnMut(&[u8]) -> bool,
+) -> Option<usize> {
+    let mut left = 0;
+    for (id, logit) in logits.iter_mut().enumerate() {
+        let allowed = pieces.get(id).is_some_and(|p| !p.is_empty() && ok(p));
+        if allowed && !logit.is_nan() {
+            left += 1;
+        } else {
+            *logit = f32::NAN;
         }
     }
+    (left > 0).then_some(left)
 }
 
 #[cfg(test)]

@@ -889,46 +889,31 @@ impl<'t> SchemaMode<'t> {
     /// once per byte value, so tokens refused there cost nothing more.
     pub fn mask(&self, logits: &mut [f32]) -> Result<usize> {
         let mut first: Vec<Option<Option<SchemaState>>> = vec![None; 256];
-        let mut left = 0;
-        for (id, logit) in logits.iter_mut().enumerate() {
-            let ok = match self.pieces.get(id) {
-                Some(p) if !p.is_empty() => {
-                    let after = first[p[0] as usize]
-                        .get_or_insert_with(|| self.state.feed(&p[..1]))
-                        .as_ref();
-                    after.is_some_and(|s| s.accepts(&p[1..]))
-                }
-                _ => false,
-            };
-            if ok && !logit.is_nan() {
-                left += 1;
-            } else {
-                *logit = f32::NAN;
-            }
-        }
-        if left == 0 {
-            return Err(Error::InvalidArgument(
+        crate::json_mode::mask_tokens(self.pieces, logits, |p| {
+            first[p[0] as usize]
+                .get_or_insert_with(|| self.state.feed(&p[..1]))
+                .as_ref()
+                .is_some_and(|s| s.accepts(&p[1..]))
+        })
+        .ok_or_else(|| {
+            Error::InvalidArgument(
                 "JSON schema: no token of the vocabulary continues the document".into(),
-            ));
-        }
-        Ok(left)
+            )
+        })
     }
 
     /// Moves past token `id` (one [`mask`](Self::mask) allowed).
     pub fn advance(&mut self, id: u32) -> Result<()> {
-        match self
+        self.state = self
             .pieces
             .get(id as usize)
             .and_then(|p| self.state.feed(p))
-        {
-            Some(s) => {
-                self.state = s;
-                Ok(())
-            }
-            None => Err(Error::InvalidArgument(format!(
-                "JSON schema: token {id} does not continue the document"
-            ))),
-        }
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "JSON schema: token {id} does not continue the document"
+                ))
+            })?;
+        Ok(())
     }
 }
 

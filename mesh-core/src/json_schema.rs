@@ -663,17 +663,10 @@ fn step(schema: &JsonSchema, mut r: Reading, b: u8, out: &mut Vec<Reading>, dept
             let Node::Object(props) = schema.node(node) else {
                 return;
             };
-            let mut left = 0u64;
-            let mut done = None;
-            for (i, p) in props.iter().enumerate() {
-                if cands & (1 << i) != 0 && p.0.get(pos as usize) == Some(&b) {
-                    if p.0.len() == pos as usize + 1 {
-                        done = Some(i);
-                    } else {
-                        left |= 1 << i;
-                    }
-                }
-            }
+            let pos = pos as usize;
+            let left = with_byte_at(props.iter().map(|p| &p.0[..]), cands, pos, b);
+            let done =
+                (0..props.len()).find(|&i| left & (1 << i) != 0 && props[i].0.len() == pos + 1);
             if let Some(i) = done {
                 // A key's text ends with its only unescaped quote: no other
                 // candidate continues past it.
@@ -688,7 +681,7 @@ fn step(schema: &JsonSchema, mut r: Reading, b: u8, out: &mut Vec<Reading>, dept
             } else if left != 0 {
                 r.stack[n] = Frame::Key {
                     node,
-                    pos: pos + 1,
+                    pos: pos as u16 + 1,
                     cands: left,
                 };
                 emit(out, r);
@@ -729,18 +722,9 @@ fn step(schema: &JsonSchema, mut r: Reading, b: u8, out: &mut Vec<Reading>, dept
             let Node::Literals(texts) = schema.node(node) else {
                 return;
             };
-            let mut left = 0u64;
-            let mut complete = false;
-            for (i, t) in texts.iter().enumerate() {
-                if cands & (1 << i) == 0 {
-                    continue;
-                }
-                if t.len() == pos as usize {
-                    complete = true;
-                } else if t[pos as usize] == b {
-                    left |= 1 << i;
-                }
-            }
+            let left = with_byte_at(texts.iter().map(|t| &t[..]), cands, pos as usize, b);
+            let complete =
+                (0..texts.len()).any(|i| cands & (1 << i) != 0 && texts[i].len() == pos as usize);
             if left != 0 {
                 let mut r2 = r.clone();
                 r2.stack[n] = Frame::Lit {
@@ -842,12 +826,7 @@ fn start_value(
             }
         }
         Node::Literals(texts) => {
-            let mut cands = 0u64;
-            for (i, t) in texts.iter().enumerate() {
-                if t.first() == Some(&b) {
-                    cands |= 1 << i;
-                }
-            }
+            let cands = with_byte_at(texts.iter().map(|t| &t[..]), u64::MAX, 0, b);
             if cands != 0 {
                 r.stack.push(Frame::Lit {
                     node,
@@ -859,6 +838,15 @@ fn start_value(
         }
         _ => {}
     }
+}
+
+/// The candidates of `cands` (bit `i` for the `i`th text) whose byte at
+/// `pos` is `b`: how a key or literal being read narrows, one byte at a time.
+fn with_byte_at<'a>(texts: impl Iterator<Item = &'a [u8]>, cands: u64, pos: usize, b: u8) -> u64 {
+    texts
+        .enumerate()
+        .filter(|&(i, t)| cands & (1 << i) != 0 && t.get(pos) == Some(&b))
+        .fold(0, |m, (i, _)| m | 1 << i)
 }
 
 /// Structured output over one tokenizer's vocabulary: which tokens may come

@@ -76,7 +76,7 @@ pub struct NodeOptions {
     pub withhold_model_files: bool,
     /// When set, the decode steps of concurrent local generations compute one
     /// after another; by default they are batched into one graph
-    /// ([`GgmlEngine::decode`]), with identical results and more tokens per
+    /// ([`GgmlEngine::decoder`]), with identical results and more tokens per
     /// second in all (a debugging and benchmarking switch).
     pub unbatched_decode: bool,
 }

@@ -80,8 +80,8 @@ pub struct BatchStats {
     pub decoding: usize,
 }
 
-/// One generation's decode steps through the batcher of its engine (see the
-/// [module docs](self)): from its first step until it is dropped, the
+/// One generation's decode steps through the batcher of its engine (see
+/// [`GgmlEngine::forward_batch`]): from its first step until it is dropped, the
 /// generation counts as decoding, and batches wait briefly for its steps. A
 /// session with adapters decodes alone and does not count: no batch could
 /// take its steps.
@@ -272,7 +272,8 @@ impl GgmlEngine {
     }
 
     /// The logits of one token for each `(session, token)` of `items`, in one
-    /// graph (see the [module docs](self)); each session's cache takes its
+    /// graph (projections over all tokens side by side, each session's attention
+    /// on its own cache); each session's cache takes its
     /// token. Sessions must hold every layer, have no adapters, and be
     /// distinct; at most [`MAX_BATCH`]. On an error no session has changed
     /// length.

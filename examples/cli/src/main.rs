@@ -190,6 +190,10 @@ enum Command {
         /// Compute threads, at most the cores (default 0: the cores idle right now).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Always compute with --threads threads, even when fewer would be
+        /// faster because the machine is busy (see README: thread policy).
+        #[arg(long)]
+        fixed_threads: bool,
         /// KV cache size in tokens (default: prompt + max tokens).
         #[arg(long)]
         ctx: Option<usize>,
@@ -293,6 +297,9 @@ enum Command {
         model: String,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Always compute with --threads threads (see `generate --fixed-threads`).
+        #[arg(long)]
+        fixed_threads: bool,
         #[arg(long, default_value_t = 256)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
@@ -739,6 +746,14 @@ fn private_report_json(
 }
 
 /// Turns on exact accumulation if asked (an error if this CPU cannot run it).
+/// The engine's thread policy counters, for JSON output.
+fn thread_stats_json(engine: &GgmlEngine) -> serde_json::Value {
+    let t = engine.thread_stats();
+    json!({"threads": engine.n_threads(), "adaptive": t.adaptive, "threads_now": t.preferred,
+           "graphs": t.graphs, "graphs_with_fewer_threads": t.reduced, "probes": t.probes,
+           "switches": t.switches})
+}
+
 pub(crate) fn set_exact(engine: &GgmlEngine, exact: bool) -> Result<(), mesh_core::Error> {
     if exact && !engine.set_exact_accumulation(true) {
         return Err(mesh_core::Error::Unsupported(
@@ -765,6 +780,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             repeat_penalty,
             seed,
             threads,
+            fixed_threads,
             ctx,
             ignore_eos,
             json_mode,
@@ -790,7 +806,11 @@ fn run(command: Command) -> Result<(), BoxError> {
                 (None, Some(path)) => read_prompt_file(&path)?,
                 (None, None) => return Err("--prompt or --prompt-file is required".into()),
             };
-            let engine = GgmlEngine::load(model_path_via(&model, &bootstrap)?, threads)?;
+            let engine = std::sync::Arc::new(GgmlEngine::load(
+                model_path_via(&model, &bootstrap)?,
+                threads,
+            )?);
+            engine.set_adaptive_threads(!fixed_threads);
             set_exact(&engine, exact)?;
             let mut adapters = load_adapters(&engine, &lora)?;
             if let Some(path) = &follow_ledger {
@@ -815,7 +835,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             } else {
                 Prompt::Text(prompt)
             };
-            let prompt_ids = generate::tokenize_prompt(&engine, &prompt)?;
+            let prompt_ids = generate::tokenize_prompt(&*engine, &prompt)?;
             // Default: room for the prompt and every token asked for, up to
             // the context the model was trained for.
             let n_ctx = ctx.unwrap_or_else(|| {
@@ -904,7 +924,6 @@ fn run(command: Command) -> Result<(), BoxError> {
                             }
                         })
                     });
-                    let engine = std::sync::Arc::new(engine);
                     let request = mesh_core::node::GenerateRequest {
                         prompt: Prompt::Tokens(prompt_ids.clone()),
                         params: params.clone(),
@@ -930,7 +949,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     out.output
                 }
                 None => generate::generate(
-                    &engine,
+                    &*engine,
                     &mut session,
                     &prompt_ids,
                     &params,
@@ -939,7 +958,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                 )?,
                 Some(n) => {
                     let mut pp = PrivateProjector::with_spares(
-                        &engine,
+                        &*engine,
                         n,
                         spares,
                         ChaCha20Rng::from_entropy(),
@@ -972,7 +991,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                         Ok(logits)
                     };
                     let result = generate::generate_with(
-                        &engine,
+                        &*engine,
                         &mut session,
                         &prompt_ids,
                         &params,
@@ -1013,6 +1032,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "prompt_ms": result.prompt_ms,
                     "generate_ms": result.generate_ms,
                     "stop": format!("{:?}", result.stop),
+                    "thread_policy": thread_stats_json(&engine),
                 });
                 if let Some(report) = &mesh_stats {
                     v["plan"] = mesh_core::node::hops_json(&report.plan);
@@ -1101,6 +1121,7 @@ fn run(command: Command) -> Result<(), BoxError> {
         Command::Bench {
             model,
             threads,
+            fixed_threads,
             prompt_tokens,
             gen_tokens,
             runs,
@@ -1109,6 +1130,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             format,
         } => {
             let engine = load(&model, threads)?;
+            engine.set_adaptive_threads(!fixed_threads);
             set_exact(&engine, exact)?;
             let mut session = engine.new_session(prompt_tokens.max(gen_tokens).max(1))?;
             engine.set_adapters(&mut session, &load_adapters(&engine, &lora)?)?;
@@ -1118,7 +1140,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     "{}",
                     json!({"pp_tps": r.pp_tps, "tg_tps": r.tg_tps, "prompt_tokens": prompt_tokens,
                            "gen_tokens": gen_tokens, "threads": engine.n_threads(), "exact": exact,
-                           "adapters": lora})
+                           "adapters": lora, "thread_policy": thread_stats_json(&engine)})
                 ),
                 Format::Text => println!(
                     "pp{prompt_tokens}: {:.1} t/s   tg{gen_tokens}: {:.1} t/s   ({} threads)",

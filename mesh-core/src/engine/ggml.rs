@@ -164,6 +164,8 @@ pub struct GgmlEngine {
     rope: Box<kernels::RopeParams>,
     /// Decode steps of concurrent sessions, computed together.
     batcher: batch::Batcher,
+    /// How many threads each graph gets (see [`super::threads`]).
+    threads: std::sync::Mutex<super::threads::ThreadPolicy>,
     mmap: Mmap,
 }
 
@@ -366,6 +368,7 @@ impl GgmlEngine {
             exact: AtomicBool::new(false),
             rope,
             batcher: batch::Batcher::default(),
+            threads: std::sync::Mutex::new(super::threads::ThreadPolicy::new(n_threads)),
             mmap,
         })
     }
@@ -393,6 +396,22 @@ impl GgmlEngine {
         let on = on && q4_1::available();
         self.exact.store(on, Ordering::Relaxed);
         on
+    }
+
+    /// Adapt each graph's thread count to the machine's load (on by
+    /// default), or always use the session's count, as the pinned ggml
+    /// would: see [`super::threads`]. Results are the same either way.
+    pub fn set_adaptive_threads(&self, on: bool) {
+        self.thread_policy().set_adaptive(on);
+    }
+
+    /// How the thread counts of graphs were chosen so far.
+    pub fn thread_stats(&self) -> super::ThreadStats {
+        self.thread_policy().stats()
+    }
+
+    fn thread_policy(&self) -> std::sync::MutexGuard<'_, super::threads::ThreadPolicy> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether exact accumulation is on (see [`GgmlEngine::set_exact_accumulation`]).

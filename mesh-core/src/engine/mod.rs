@@ -16,6 +16,7 @@ mod model;
 mod q4_1;
 mod q8_0;
 mod quant;
+pub mod threads;
 
 use std::fmt;
 use std::ops::Range;
@@ -28,6 +29,7 @@ pub use self::ggml::{
 pub use self::lora::{parse_lora_arg, ActiveLora, AdapterError, LoraAdapter, LoraFactors};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};
 pub use self::quant::{dequantize, quantize, QUANT_TYPES};
+pub use self::threads::ThreadStats;
 use crate::chat::ChatTemplate;
 use crate::gguf::GgmlType;
 use crate::tokenizer::Tokenizer;

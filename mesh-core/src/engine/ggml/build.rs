@@ -2,7 +2,27 @@
 //! over the KV cache, the layers, the embedding lookup and the head; and
 //! computing a graph on the session's scratch buffers.
 
+use std::time::{Duration, Instant};
+
 use super::*;
+
+/// CPU time this process has used (all threads), where the platform says.
+fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
 
 impl GgmlEngine {
     /// Build and compute one graph; `build` returns the output tensor.
@@ -43,12 +63,29 @@ impl GgmlEngine {
                     debug_assert_eq!(sys::ggml_nbytes(*t), bytes.len());
                     ptr::copy_nonoverlapping(bytes.as_ptr(), (**t).data.cast::<u8>(), bytes.len());
                 }
-                let mut plan = sys::ggml_graph_plan(gf, s.n_threads as i32);
+                // A graph's shape for the thread policy: its node count and
+                // the size of its first input (tokens or hidden rows).
+                let shape = (
+                    (*gf).n_nodes as usize,
+                    g.inputs.first().map_or(0, |i| i.1.len()),
+                );
+                let threads = self
+                    .thread_policy()
+                    .choose(shape, s.n_threads, Instant::now());
+                let mut plan = sys::ggml_graph_plan(gf, threads as i32);
                 if plan.work_size > s.work.len() {
                     s.work.resize(plan.work_size, 0);
                 }
                 plan.work_data = s.work.as_mut_ptr();
+                let started = Instant::now();
+                let cpu_started = process_cpu_time();
                 let status = sys::ggml_graph_compute(gf, &mut plan);
+                let cpu = process_cpu_time()
+                    .zip(cpu_started)
+                    .map(|(end, start)| end.saturating_sub(start));
+                let now = Instant::now();
+                self.thread_policy()
+                    .record(shape, threads, s.n_threads, now - started, cpu, now);
                 if status != sys::ggml_status_GGML_STATUS_SUCCESS {
                     return Err(Error::Ggml(format!(
                         "graph compute failed with status {status}"

@@ -207,7 +207,9 @@ impl ThreadPolicy {
         let known = |t: usize| self.times.get(&shape).is_some_and(|m| m.contains_key(&t));
         let up = at.checked_sub(1).map(|i| ladder[i]);
         let down = ladder.get(at + 1).copied();
-        if let Some(d) = down.filter(|_| std::mem::take(&mut self.starved)) {
+        // A starved graph's signal is for the next graph only.
+        let starved = std::mem::take(&mut self.starved);
+        if let Some(d) = down.filter(|_| starved) {
             self.probing = Some(d);
             self.stats.probes += 1;
             return d;

@@ -4,14 +4,22 @@ same run, on the same model and thread count, and print a markdown table.
 
     python3 scripts/bench_upstream.py [--model PATH] [--threads 2] [--pp 256] [--tg 128]
 
-llama-cpp-python is installed into ~/.cache/mesh-llm/venv on first use (it compiles
-llama.cpp; a few minutes). Both sides: prompt of P tokens in one batch from an empty
+llama-cpp-python is installed into ~/.cache/mesh-llm/venv ($MESH_UPSTREAM_VENV if set)
+on first use (it compiles llama.cpp; a few minutes; pip passes $CMAKE_ARGS on). The
+AVX2 class on any x86-64 machine: both sides built without AVX-512 (mesh through
+scripts/portable-build.sh, our kernels with MESH_NO_AVX512=1):
+
+    . scripts/portable-build.sh && portable_env && export MESH_NO_AVX512=1 \
+      MESH_UPSTREAM_VENV=~/.cache/mesh-llm/venv-avx2 \
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    python3 scripts/bench_upstream.py --threads 2 Both sides: prompt of P tokens in one batch from an empty
 cache, then G single-token steps from an empty cache; median of 3 runs (like llama-bench).
 """
 import argparse, json, os, statistics, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.join(os.environ.get("MESH_CACHE_DIR", os.path.expanduser("~/.cache/mesh-llm")), "venv")
+VENV = os.environ.get("MESH_UPSTREAM_VENV") or os.path.join(
+    os.environ.get("MESH_CACHE_DIR", os.path.expanduser("~/.cache/mesh-llm")), "venv")
 
 
 def ensure_venv():

@@ -699,13 +699,7 @@ impl GgmlEngine {
         self.compute(scratch, |g| {
             let xt = g.input_f32(x, &ne);
             // SAFETY: `xt` is n_embd x n and `weight` an n_embd vector of the model.
-            unsafe {
-                sys::ggml_mul(
-                    g.ctx,
-                    sys::ggml_rms_norm(g.ctx, xt, self.info.rms_eps),
-                    weight,
-                )
-            }
+            unsafe { self.build_norm(g.ctx, xt, weight) }
         })
     }
 

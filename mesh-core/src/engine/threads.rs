@@ -210,9 +210,7 @@ impl ThreadPolicy {
         // A starved graph's signal is for the next graph only.
         let starved = std::mem::take(&mut self.starved);
         if let Some(d) = down.filter(|_| starved) {
-            self.probing = Some(d);
-            self.stats.probes += 1;
-            return d;
+            return self.probe(d);
         }
         if !known(t) {
             return t;
@@ -220,9 +218,7 @@ impl ThreadPolicy {
         if let Some(d) = down.filter(|&d| !known(d)) {
             // Fewer threads never collapse: try them on the second graph of
             // a shape, so a busy machine is noticed after one slow graph.
-            self.probing = Some(d);
-            self.stats.probes += 1;
-            return d;
+            return self.probe(d);
         }
         if self.next_probe.is_some_and(|p| now >= p) {
             self.probe_up = !self.probe_up;
@@ -232,12 +228,17 @@ impl ThreadPolicy {
                 down.or(up)
             };
             if let Some(p) = probe {
-                self.probing = Some(p);
-                self.stats.probes += 1;
-                return p;
+                return self.probe(p);
             }
         }
         t
+    }
+
+    /// Runs the next graph with `threads` as a probe.
+    fn probe(&mut self, threads: usize) -> usize {
+        self.probing = Some(threads);
+        self.stats.probes += 1;
+        threads
     }
 
     /// Records that a graph of `shape` took `elapsed` with `threads` threads
@@ -262,7 +263,8 @@ impl ThreadPolicy {
         // Spinning workers use their whole core while they run: a graph
         // that got much less CPU than threads x wall time had workers
         // waiting for a core, the start of a collapse.
-        let share = cpu.map(|c| c.as_secs_f64() / (elapsed.as_secs_f64() * threads as f64));
+        let secs = elapsed.as_secs_f64();
+        let share = cpu.map(|c| c.as_secs_f64() / (secs * threads as f64));
         let starved = threads > 1 && share.is_some_and(|s| s < STARVED);
         if starved {
             // Try fewer threads next if they are unknown for this shape, or
@@ -275,7 +277,7 @@ impl ThreadPolicy {
                 .is_some_and(|m| m.contains_key(&fewer));
             self.starved_run += 1;
             self.starved = !known || self.starved_run >= 2;
-            self.starved_secs = self.starved_secs.max(elapsed.as_secs_f64());
+            self.starved_secs = self.starved_secs.max(secs);
         } else if threads > 1 {
             self.starved_run = 0;
         }
@@ -283,7 +285,6 @@ impl ThreadPolicy {
             self.times.clear();
             self.chosen.clear();
         }
-        let secs = elapsed.as_secs_f64();
         let probe = self.probing.take() == Some(threads);
         let times = self.times.entry(shape).or_default();
         let samples = times.entry(threads).or_default();

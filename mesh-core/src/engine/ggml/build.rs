@@ -482,6 +482,16 @@ impl GgmlEngine {
         x
     }
 
+    /// `rms_norm(x) * weight`: the model's RMS norm with its learned scale.
+    ///
+    /// # Safety
+    /// `x` is an `n_embd x n` F32 tensor of `ctx` and `weight` an `n_embd`
+    /// vector of the model.
+    pub(super) unsafe fn build_norm(&self, ctx: *mut sys::ggml_context, x: T, weight: T) -> T {
+        // SAFETY: as this function's contract.
+        unsafe { sys::ggml_mul(ctx, sys::ggml_rms_norm(ctx, x, self.info.rms_eps), weight) }
+    }
+
     /// The attention inputs of layer `il` for `x` (`n` tokens): the norm, then
     /// the Q, K and V projections with their biases.
     ///
@@ -500,11 +510,7 @@ impl GgmlEngine {
         unsafe {
             let ctx = g.ctx;
             let lt = &self.tensors.layers[il];
-            let cur = sys::ggml_mul(
-                ctx,
-                sys::ggml_rms_norm(ctx, x, self.info.rms_eps),
-                lt.attn_norm,
-            );
+            let cur = self.build_norm(ctx, x, lt.attn_norm);
             let with_bias = |t: T, b: Option<T>| match b {
                 Some(b) => sys::ggml_add(ctx, t, b),
                 None => t,
@@ -542,11 +548,7 @@ impl GgmlEngine {
                 self.lora_mat_mul(g, adapters, il, p, w, cur, n)
             };
             let x = sys::ggml_add(ctx, mm(g, Projection::O, lt.wo, attn), x);
-            let cur = sys::ggml_mul(
-                ctx,
-                sys::ggml_rms_norm(ctx, x, self.info.rms_eps),
-                lt.ffn_norm,
-            );
+            let cur = self.build_norm(ctx, x, lt.ffn_norm);
             let gate = mm(g, Projection::Gate, lt.gate, cur);
             let up = mm(g, Projection::Up, lt.up, cur);
             let act = sys::ggml_map_custom2(
@@ -573,11 +575,7 @@ impl GgmlEngine {
         // SAFETY: `x` is an n_embd x n tensor of this graph.
         unsafe {
             let ctx = g.ctx;
-            let mut cur = sys::ggml_mul(
-                ctx,
-                sys::ggml_rms_norm(ctx, x, self.info.rms_eps),
-                self.tensors.output_norm,
-            );
+            let mut cur = self.build_norm(ctx, x, self.tensors.output_norm);
             if which == Logits::Last && n > 1 {
                 let nb1 = (*cur).nb[1];
                 cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));

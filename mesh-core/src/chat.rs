@@ -34,6 +34,22 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 use crate::{Error, Result};
 
+/// Why a chat template could not be used ([`crate::Error::Template`]).
+pub type TemplateError = crate::LayerError<TemplateErrorKind>;
+
+/// The kinds of [`TemplateError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TemplateErrorKind {
+    /// The template does not parse (the message gives the line).
+    Syntax,
+    /// Rendering failed: an undefined function or filter, a `raise_exception`,
+    /// a type error, an exhausted limit.
+    Render,
+    /// The output is longer than the limit or is not valid UTF-8.
+    Output,
+}
+
 /// One turn of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
@@ -168,17 +184,25 @@ impl ChatTemplate {
         };
         let rendered = template.render_captured_to(ctx, &mut out);
         if out.overflowed {
-            return Err(Error::Template(format!(
-                "expected at most {MAX_OUTPUT} bytes of output, the template produced more"
-            )));
+            return Err(Error::template(
+                TemplateErrorKind::Output,
+                format!(
+                    "expected at most {MAX_OUTPUT} bytes of output, the template produced more"
+                ),
+            ));
         }
         rendered.map_err(template_error)?;
-        String::from_utf8(out.buf)
-            .map_err(|err| Error::Template(format!("the output is not valid UTF-8: {err}")))
+        String::from_utf8(out.buf).map_err(|err| {
+            Error::template(
+                TemplateErrorKind::Output,
+                format!("the output is not valid UTF-8: {err}"),
+            )
+        })
     }
 }
 
-/// Convert a minijinja error, with its causes, into [`Error::Template`].
+/// Convert a minijinja error, with its causes, into [`Error::Template`]
+/// (a syntax error, or one while rendering).
 fn template_error(err: minijinja::Error) -> Error {
     let mut msg = err.to_string();
     let mut source = std::error::Error::source(&err);
@@ -187,7 +211,11 @@ fn template_error(err: minijinja::Error) -> Error {
         msg.push_str(&cause.to_string());
         source = cause.source();
     }
-    Error::Template(msg)
+    let kind = match err.kind() {
+        ErrorKind::SyntaxError | ErrorKind::BadEscape => TemplateErrorKind::Syntax,
+        _ => TemplateErrorKind::Render,
+    };
+    Error::template(kind, msg)
 }
 
 /// Collects output and refuses to grow past `limit` bytes.
@@ -594,7 +622,9 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
         let m = msgs(&[("user", "a"), ("user", "b")]);
         match t.render(&m, true) {
             Err(Error::Template(msg)) => assert!(
-                msg.contains("Conversation roles must alternate user/assistant/user/assistant/..."),
+                msg.message().contains(
+                    "Conversation roles must alternate user/assistant/user/assistant/..."
+                ),
                 "{msg}"
             ),
             other => panic!("expected a template error, got {other:?}"),
@@ -606,7 +636,10 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
         let err = ChatTemplate::new("line one\n{% for m in messages %}\n{{ m.content }", "", "")
             .unwrap_err();
         match err {
-            Error::Template(msg) => assert!(msg.contains(":3"), "{msg}"),
+            Error::Template(msg) => {
+                assert_eq!(msg.kind(), TemplateErrorKind::Syntax);
+                assert!(msg.message().contains(":3"), "{msg}");
+            }
             other => panic!("expected a template error, got {other:?}"),
         }
         assert!(matches!(
@@ -670,7 +703,10 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
         )
         .unwrap();
         match t.render(&[], false) {
-            Err(Error::Template(msg)) => assert!(msg.contains("bytes of output"), "{msg}"),
+            Err(Error::Template(msg)) => {
+                assert_eq!(msg.kind(), TemplateErrorKind::Output);
+                assert!(msg.message().contains("bytes of output"), "{msg}");
+            }
             other => panic!("expected a template error, got {other:?}"),
         }
     }

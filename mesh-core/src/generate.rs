@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::chat::ChatMessage;
+use crate::engine::GgmlErrorKind;
 use crate::engine::{Engine, Logits};
 use crate::json_mode::JsonMode;
 use crate::json_schema::{JsonSchema, SchemaMode};
@@ -494,7 +495,7 @@ pub fn bench<E: Engine>(
         for _ in 0..gen_tokens {
             let logits = engine.forward(&[next], Logits::Last, session)?;
             next = crate::sampling::argmax(&logits)
-                .ok_or_else(|| Error::Ggml("logits are all NaN".into()))?;
+                .ok_or_else(|| Error::ggml(GgmlErrorKind::NonFinite, "logits are all NaN"))?;
         }
         tg.push(gen_tokens as f64 / t.elapsed().as_secs_f64());
     }
@@ -506,8 +507,9 @@ pub fn bench<E: Engine>(
 
 fn check_finite(logits: &[f32]) -> Result<()> {
     if logits.is_empty() || logits.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Ggml(
-            "the forward pass produced non-finite logits".into(),
+        return Err(Error::ggml(
+            GgmlErrorKind::NonFinite,
+            "the forward pass produced non-finite logits",
         ));
     }
     Ok(())

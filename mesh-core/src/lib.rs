@@ -13,7 +13,13 @@
 //! * [`fetch::ModelSpec`] / [`fetch::default_model`] find a model (the default
 //!   one is fetched into a cache on first use); [`ModelId`](model_id::ModelId)
 //!   names a model by the BLAKE3 hash of its file.
-//! * [`Error`] and [`Result`]: every fallible call, with typed variants.
+//! * [`Error`] and [`Result`]: every fallible call. Each layer has its own
+//!   typed error inside a root variant: [`LayerError`] with a kind to match on
+//!   for GGUF files, the tokenizer, chat templates, fetching and ggml
+//!   ([`gguf::GgufErrorKind`], ...), and richer types for the network, sealing,
+//!   pipelines, private mode, adapters and the ledger.
+//! * [`engine::EngineOptions`]: how an engine computes (threads, exact
+//!   accumulation), fixed when it is loaded.
 //!
 //! ```no_run
 //! use mesh_core::engine::{Engine, GgmlEngine};
@@ -72,4 +78,4 @@ pub mod pipeline;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use error::{Error, Result};
+pub use error::{Error, LayerError, Result};

@@ -120,7 +120,7 @@ pub enum Mode {
     /// (plus `spares` in reserve), chosen by [`PrivateConfig::selection`];
     /// this node keeps embeddings, norms, attention, the KV cache and
     /// sampling. Helpers compute exact integer products: with
-    /// [`GgmlEngine::set_exact_accumulation`] on, the owner's own products
+    /// [`EngineOptions::exact`](crate::engine::EngineOptions::exact) on, the owner's own products
     /// (attention) are exact too and greedy tokens equal local exact
     /// generation's.
     Private {

@@ -6,7 +6,7 @@ use common::argmax;
 
 use std::sync::OnceLock;
 
-use mesh_core::engine::{Engine, GgmlEngine, Logits, Projection};
+use mesh_core::engine::{Engine, EngineOptions, GgmlEngine, Logits, Projection};
 use mesh_core::gguf::GgmlType;
 use mesh_core::Error;
 
@@ -381,8 +381,10 @@ fn bad_files_are_typed_errors() {
 fn threads_agree() {
     let toks = prompt();
     let run = |threads: usize| {
-        let e = GgmlEngine::load(common::model_path(), threads).unwrap();
-        e.set_adaptive_threads(false);
+        let opts = EngineOptions::new()
+            .threads(threads)
+            .adaptive_threads(false);
+        let e = GgmlEngine::load_with(common::model_path(), &opts).unwrap();
         let mut s = e.new_session(64).unwrap();
         let mut out = e.forward(&toks, Logits::All, &mut s).unwrap();
         for t in [42, 7, 1999] {

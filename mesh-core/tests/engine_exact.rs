@@ -12,7 +12,7 @@
 
 mod common;
 
-use mesh_core::engine::{available_cores, Engine, GgmlEngine, GgmlSession, Logits};
+use mesh_core::engine::{available_cores, Engine, EngineOptions, GgmlEngine, GgmlSession, Logits};
 use mesh_core::sampling::argmax;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -23,12 +23,11 @@ const STEPS: usize = 32;
 const GOLDEN_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/exact_golden.json");
 
 fn engine() -> GgmlEngine {
-    let e = GgmlEngine::load(common::model_path(), common::THREADS).unwrap();
-    assert!(
-        e.set_exact_accumulation(true),
-        "exact accumulation is not available on this CPU"
-    );
-    e
+    GgmlEngine::load_with(
+        common::model_path(),
+        &EngineOptions::new().threads(common::THREADS).exact(true),
+    )
+    .expect("exact accumulation is not available on this CPU")
 }
 
 fn prompts(e: &GgmlEngine) -> Vec<(String, Vec<u32>)> {

@@ -13,7 +13,7 @@ use common::rel_l2;
 use std::path::{Path, PathBuf};
 
 use mesh_core::engine::{dequantize, quantize, Engine, GgmlEngine, Logits};
-use mesh_core::gguf::testing::Writer;
+use mesh_core::gguf::Writer;
 use mesh_core::gguf::{Array, GgmlType, Value};
 
 const N_EMBD: usize = 256;
@@ -327,7 +327,7 @@ fn hostile_sizes_are_errors_not_aborts() {
     let path = tmp("claims-1e8-layers.gguf");
     write_model_claiming(&path, "llama", GgmlType::F32, true, true, 100_000_000);
     match GgmlEngine::load(&path, 1) {
-        Err(Error::Gguf(m)) => assert!(m.contains("block_count"), "{m}"),
+        Err(Error::Gguf(m)) => assert!(m.message().contains("block_count"), "{m}"),
         other => panic!("expected a block_count error, got {other:?}"),
     }
     // Context sizes past the trained context (128 here), up to ones whose KV

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use mesh_core::engine::{
-    cpu_class, lora, ActiveLora, AdapterError, Engine, GgmlEngine, GgmlSession, Logits,
-    LoraAdapter, Projection,
+    cpu_class, lora, ActiveLora, AdapterError, Engine, EngineOptions, GgmlEngine, GgmlSession,
+    Logits, LoraAdapter, Projection,
 };
 use mesh_core::generate::{perplexity_in, DEFAULT_BATCH};
 use mesh_core::sampling::argmax;
@@ -117,6 +117,11 @@ fn adapter_path() -> PathBuf {
 
 fn engine() -> GgmlEngine {
     GgmlEngine::load(common::model_path(), common::THREADS).unwrap()
+}
+
+fn exact_engine() -> GgmlEngine {
+    let opts = EngineOptions::new().threads(common::THREADS).exact(true);
+    GgmlEngine::load_with(common::model_path(), &opts).expect("exact mode needs AVX2")
 }
 
 fn session_with(engine: &GgmlEngine, adapter: &Arc<LoraAdapter>, scale: f32) -> GgmlSession {
@@ -260,8 +265,7 @@ const EXACT_GOLDEN: &str = concat!(
 #[test]
 fn exact_mode_with_an_adapter_is_bit_identical_on_every_cpu_class() {
     const STEPS: usize = 16;
-    let e = engine();
-    assert!(e.set_exact_accumulation(true), "exact mode unavailable");
+    let e = exact_engine();
     let adapter = e.load_adapter(adapter_path()).unwrap();
     let mut runs = Vec::new();
     for p in golden()["scale_1"].as_array().unwrap().iter().take(4) {
@@ -375,8 +379,7 @@ fn projections_computed_elsewhere_get_the_adapter_from_the_owner() {
     // Private mode's shape: the projector computes only `W x` (as helpers do,
     // without the adapter); run_layers_with adds the rank-r path itself. In
     // exact mode that is bit-identical to the local forward pass with the adapter.
-    let e = engine();
-    assert!(e.set_exact_accumulation(true), "exact mode needs AVX2");
+    let e = exact_engine();
     let adapter = e.load_adapter(adapter_path()).unwrap();
     let prompt = e
         .tokenizer()

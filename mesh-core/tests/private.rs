@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use mesh_core::delegate::activations::{q8_1_sums, quantize_like_ggml, ActivationFormat};
 use mesh_core::delegate::private::{Cheat, PrivateProjector};
 use mesh_core::delegate::Matrix;
-use mesh_core::engine::{Engine, GgmlEngine, Logits, Projection};
+use mesh_core::engine::{Engine, EngineOptions, GgmlEngine, Logits, Projection};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -22,18 +22,13 @@ fn engine() -> &'static GgmlEngine {
 }
 
 /// A second instance of the default model with exact accumulation on (see
-/// `GgmlEngine::set_exact_accumulation`), for local runs that compute the same
+/// `EngineOptions::exact`), for local runs that compute the same
 /// exact products as the private path.
 fn exact_engine() -> &'static GgmlEngine {
     static E: OnceLock<GgmlEngine> = OnceLock::new();
     E.get_or_init(|| {
-        let e =
-            GgmlEngine::load(common::model_path(), common::THREADS).expect("load default model");
-        assert!(
-            e.set_exact_accumulation(true),
-            "exact accumulation unavailable"
-        );
-        e
+        let opts = EngineOptions::new().threads(common::THREADS).exact(true);
+        GgmlEngine::load_with(common::model_path(), &opts).expect("exact accumulation")
     })
 }
 
@@ -605,7 +600,7 @@ fn private_generation_matches_local_generation_10x64() {
 }
 
 /// The same 10 x 64 comparison with the local engine in exact-accumulation mode
-/// (`GgmlEngine::set_exact_accumulation`): every local Q4_1 projection is then the
+/// (`EngineOptions::exact`): every local Q4_1 projection is then the
 /// exact product of the same quantized integers rounded once to f32, as the
 /// private path computes it. At most 1 of 10 prompts may diverge, only at a
 /// near-tie.

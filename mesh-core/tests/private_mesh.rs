@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use mesh_core::delegate::helper::{Cheat, HelperConfig};
 use mesh_core::delegate::private::HelperFailureKind;
 use mesh_core::delegate::select::SelectionPolicy;
-use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::engine::{Engine, EngineOptions, GgmlEngine};
 use mesh_core::generate::{GenerateParams, Prompt};
 use mesh_core::network::memory::MemoryNet;
 use mesh_core::network::{Identity, Limits, PeerId};
@@ -31,12 +31,8 @@ const PROMPTS: [&str; 3] = [
 /// (attention) are then exact like the helpers', and private greedy tokens
 /// equal local exact ones.
 fn exact_engine() -> Arc<GgmlEngine> {
-    let e = GgmlEngine::load(common::model_path(), common::THREADS).unwrap();
-    assert!(
-        e.set_exact_accumulation(true),
-        "exact accumulation unavailable"
-    );
-    Arc::new(e)
+    let opts = EngineOptions::new().threads(common::THREADS).exact(true);
+    Arc::new(GgmlEngine::load_with(common::model_path(), &opts).expect("exact accumulation"))
 }
 
 struct Mesh {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::delegate::select::SelectionPolicy;
-use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::engine::{Engine, EngineOptions, GgmlEngine};
 use mesh_core::generate::{GenerateParams, Prompt};
 use mesh_core::network::memory::{LinkConfig, MemoryNet};
 use mesh_core::network::{Identity, Limits};
@@ -24,9 +24,8 @@ fn time_per_token_matches_round_trips_times_rtt_plus_compute() {
         .enable_all()
         .build()
         .unwrap();
-    let engine = GgmlEngine::load(common::model_path(), common::THREADS).unwrap();
-    assert!(engine.set_exact_accumulation(true));
-    let engine = Arc::new(engine);
+    let opts = EngineOptions::new().threads(common::THREADS).exact(true);
+    let engine = Arc::new(GgmlEngine::load_with(common::model_path(), &opts).unwrap());
     let net = MemoryNet::new(13);
     let helpers: Vec<Node> = (0..2)
         .map(|_| {

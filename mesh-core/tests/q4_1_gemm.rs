@@ -3,12 +3,17 @@
 
 mod common;
 
-use mesh_core::engine::{Engine, GgmlEngine, Logits, Projection};
+use mesh_core::engine::{Engine, EngineOptions, GgmlEngine, Logits, Projection};
 use mesh_core::gguf::GgmlType;
 
-fn logits(e: &GgmlEngine, tokens: &[u32], custom: bool) -> (Vec<f32>, Vec<f32>) {
-    let on = e.set_custom_gemm(custom);
-    assert_eq!(on, custom, "the kernel should be available on this CPU");
+fn logits(threads: usize, tokens: &[u32], custom: bool) -> (Vec<f32>, Vec<f32>) {
+    let opts = EngineOptions::new().threads(threads).custom_gemm(custom);
+    let e = GgmlEngine::load_with(common::model_path(), &opts).expect("load default model");
+    assert_eq!(
+        e.options().custom_gemm,
+        custom,
+        "the kernel should be available on this CPU"
+    );
     let mut s = e.new_session(64).unwrap();
     let all = e.forward(tokens, Logits::All, &mut s).unwrap();
     // A second batch at a non-zero position, then a single token (ggml's path).
@@ -33,8 +38,8 @@ fn check(threads: usize) {
         )
         .unwrap();
     let tokens: Vec<u32> = tokens.iter().cycle().take(20).copied().collect();
-    let (ggml_all, ggml_rest) = logits(&e, &tokens, false);
-    let (ours_all, ours_rest) = logits(&e, &tokens, true);
+    let (ggml_all, ggml_rest) = logits(threads, &tokens, false);
+    let (ours_all, ours_rest) = logits(threads, &tokens, true);
     assert_eq!(ggml_all.len(), 20 * e.info().n_vocab);
     let same = |a: &[f32], b: &[f32]| {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
@@ -56,10 +61,10 @@ fn batched_logits_are_bit_identical_with_and_without_the_kernel() {
     check(2);
 }
 
-/// Exact accumulation (`set_exact_accumulation`) computes every Q4_1 output
+/// Exact accumulation (`EngineOptions::exact`) computes every Q4_1 output
 /// independently of batching and threads: last-token logits of a prompt are the
-/// same processed in one batch or token by token, with 1 or 2 threads; with the
-/// mode off again, the default path is unchanged.
+/// same processed in one batch or token by token, with 1 or 2 threads; an
+/// exact engine beside a default one leaves the default path unchanged.
 #[test]
 fn exact_accumulation_ignores_batching_and_threads() {
     let tokens: Vec<u32> = {
@@ -77,15 +82,15 @@ fn exact_accumulation_ignores_batching_and_threads() {
         let e = GgmlEngine::load(common::model_path(), threads).expect("load default model");
         let mut s = e.new_session(64).unwrap();
         let default = e.forward(&tokens, Logits::Last, &mut s).unwrap();
-        assert!(e.set_exact_accumulation(true), "needs AVX2/FMA/F16C");
-        let mut s = e.new_session(64).unwrap();
-        let batched = e.forward(&tokens, Logits::Last, &mut s).unwrap();
-        let mut s = e.new_session(64).unwrap();
+        let opts = EngineOptions::new().threads(threads).exact(true);
+        let x = GgmlEngine::load_with(common::model_path(), &opts).expect("needs AVX2/FMA/F16C");
+        let mut s = x.new_session(64).unwrap();
+        let batched = x.forward(&tokens, Logits::Last, &mut s).unwrap();
+        let mut s = x.new_session(64).unwrap();
         let mut single = Vec::new();
         for t in &tokens {
-            single = e.forward(&[*t], Logits::Last, &mut s).unwrap();
+            single = x.forward(&[*t], Logits::Last, &mut s).unwrap();
         }
-        e.set_exact_accumulation(false);
         let mut s = e.new_session(64).unwrap();
         let again = e.forward(&tokens, Logits::Last, &mut s).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

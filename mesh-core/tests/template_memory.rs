@@ -79,7 +79,7 @@ fn attack(source: &str) -> (Result<String, String>, usize) {
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
     let out = match out {
         Ok(s) => Ok(format!("{} bytes", s.len())),
-        Err(Error::Template(msg)) => Err(msg),
+        Err(Error::Template(e)) => Err(e.message().to_owned()),
         Err(other) => panic!("{source}: expected a template error, got {other:?}"),
     };
     (out, peak)

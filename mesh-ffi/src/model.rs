@@ -3,11 +3,11 @@
 use std::os::raw::c_char;
 use std::sync::Arc;
 
-use mesh_core::engine::{Engine, GgmlEngine};
+use mesh_core::engine::{Engine, EngineOptions, GgmlEngine};
 use mesh_core::fetch::resolve_model;
 
 use crate::ffi::{self, Castable, OwnershipArc, Params, Versioned};
-use crate::status::{boundary, boundary_value, boundary_void, mesh_status, Failure};
+use crate::status::{boundary, boundary_value, boundary_void, mesh_status};
 
 /// A loaded model: its weights (memory-mapped from the GGUF file), tokenizer
 /// and chat template.
@@ -101,13 +101,10 @@ pub unsafe extern "C" fn mesh_model_load(
         // SAFETY: caller's contract.
         let out = unsafe { ffi::out(out, "out") }?;
         let path = resolve_model(spec, &mut |_| {})?;
-        let engine = GgmlEngine::load(path, params.n_threads)?;
-        if params.exact_accumulation && !engine.set_exact_accumulation(true) {
-            return Err(Failure::new(
-                mesh_status::Unsupported,
-                "exact accumulation needs an x86-64 CPU with AVX2, FMA and F16C",
-            ));
-        }
+        let opts = EngineOptions::new()
+            .threads(params.n_threads)
+            .exact(params.exact_accumulation);
+        let engine = GgmlEngine::load_with(path, &opts)?;
         out.write(ffi::arc_handle(Arc::new(engine)));
         Ok(())
     })

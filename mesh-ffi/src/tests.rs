@@ -120,17 +120,32 @@ fn every_core_error_has_its_own_status() {
             path: "x.gguf".into(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
         },
-        E::Gguf("g".into()),
+        E::Gguf(mesh_core::LayerError::new(
+            mesh_core::gguf::GgufErrorKind::Malformed,
+            "g",
+        )),
         E::Unsupported("u".into()),
-        E::Tokenizer("t".into()),
-        E::Template("t".into()),
+        E::Tokenizer(mesh_core::LayerError::new(
+            mesh_core::tokenizer::TokenizerErrorKind::Vocabulary,
+            "t",
+        )),
+        E::Template(mesh_core::LayerError::new(
+            mesh_core::chat::TemplateErrorKind::Render,
+            "t",
+        )),
         E::InvalidArgument("a".into()),
         E::ContextOverflow {
             needed: 10,
             capacity: 5,
         },
-        E::Fetch("f".into()),
-        E::Ggml("g".into()),
+        E::Fetch(mesh_core::LayerError::new(
+            mesh_core::fetch::FetchErrorKind::Download,
+            "f",
+        )),
+        E::Ggml(mesh_core::LayerError::new(
+            mesh_core::engine::GgmlErrorKind::Compute,
+            "g",
+        )),
         E::Cancelled,
     ];
     let mut seen = std::collections::HashSet::new();

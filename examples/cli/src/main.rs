@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mesh_core::chat::ChatMessage;
 use mesh_core::delegate::private::{Cheat, PrivateProjector};
-use mesh_core::engine::{ActiveLora, Engine, GgmlEngine, GgmlSession, Logits, Projection};
+use mesh_core::engine::{
+    ActiveLora, Engine, EngineOptions, GgmlEngine, GgmlSession, Logits, Projection,
+};
 use mesh_core::fetch::{resolve_model, FetchProgress};
 use mesh_core::generate::{self, GenerateParams, Prompt};
 use mesh_core::sampling::SamplerParams;
@@ -745,7 +747,6 @@ fn private_report_json(
     }
 }
 
-/// Turns on exact accumulation if asked (an error if this CPU cannot run it).
 /// The engine's thread policy counters, for JSON output.
 fn thread_stats_json(engine: &GgmlEngine) -> serde_json::Value {
     let t = engine.thread_stats();
@@ -754,13 +755,19 @@ fn thread_stats_json(engine: &GgmlEngine) -> serde_json::Value {
            "switches": t.switches})
 }
 
-pub(crate) fn set_exact(engine: &GgmlEngine, exact: bool) -> Result<(), mesh_core::Error> {
-    if exact && !engine.set_exact_accumulation(true) {
-        return Err(mesh_core::Error::Unsupported(
-            "--exact needs an x86-64 CPU with AVX2, FMA and F16C".into(),
-        ));
-    }
-    Ok(())
+/// Loads the model at `path` as `--threads`, `--exact` and `--fixed-threads` say
+/// (`--exact` is an error where this CPU cannot run it).
+pub(crate) fn load_engine(
+    path: impl AsRef<std::path::Path>,
+    threads: usize,
+    exact: bool,
+    fixed_threads: bool,
+) -> Result<GgmlEngine, mesh_core::Error> {
+    let opts = EngineOptions::new()
+        .threads(threads)
+        .exact(exact)
+        .adaptive_threads(!fixed_threads);
+    GgmlEngine::load_with(path, &opts)
 }
 
 fn run(command: Command) -> Result<(), BoxError> {
@@ -806,12 +813,12 @@ fn run(command: Command) -> Result<(), BoxError> {
                 (None, Some(path)) => read_prompt_file(&path)?,
                 (None, None) => return Err("--prompt or --prompt-file is required".into()),
             };
-            let engine = std::sync::Arc::new(GgmlEngine::load(
+            let engine = std::sync::Arc::new(load_engine(
                 model_path_via(&model, &bootstrap)?,
                 threads,
+                exact,
+                fixed_threads,
             )?);
-            engine.set_adaptive_threads(!fixed_threads);
-            set_exact(&engine, exact)?;
             let mut adapters = load_adapters(&engine, &lora)?;
             if let Some(path) = &follow_ledger {
                 let genesis = ledger::read_genesis(path)?;
@@ -1129,9 +1136,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             lora,
             format,
         } => {
-            let engine = load(&model, threads)?;
-            engine.set_adaptive_threads(!fixed_threads);
-            set_exact(&engine, exact)?;
+            let engine = load_engine(model_path(&model)?, threads, exact, fixed_threads)?;
             let mut session = engine.new_session(prompt_tokens.max(gen_tokens).max(1))?;
             engine.set_adapters(&mut session, &load_adapters(&engine, &lora)?)?;
             let r = generate::bench(&engine, &mut session, prompt_tokens, gen_tokens, runs)?;

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use mesh_core::engine::GgmlEngine;
 pub use mesh_serve::ServeConfig;
 use mesh_serve::{mode_name, run, served_model, shutdown_signal, AppState};
 use serde_json::json;
@@ -24,8 +23,7 @@ pub struct ServeArgs {
 pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
     let path = crate::model_path_via(&args.model, &args.client.bootstrap)?;
     eprintln!("mesh serve: loading {}", path.display());
-    let engine = GgmlEngine::load(&path, args.threads)?;
-    crate::set_exact(&engine, args.exact)?;
+    let engine = crate::load_engine(&path, args.threads, args.exact, false)?;
     let node = crate::net::client_node(args.client)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -37,6 +37,7 @@
 
 use crate::engine::WeightView;
 use crate::gguf::GgmlType;
+use crate::gguf::GgufErrorKind;
 use crate::{Error, Result};
 
 /// Block formats the kernels accept.
@@ -76,9 +77,12 @@ fn fp16_scaled(bits: u16) -> Result<i64> {
     let mag = match exp {
         0 => frac,
         31 => {
-            return Err(Error::Gguf(format!(
-                "fp16 value {bits:#06x} is infinite or NaN: expected a finite weight or scale"
-            )))
+            return Err(Error::gguf(
+                GgufErrorKind::Model,
+                format!(
+                    "fp16 value {bits:#06x} is infinite or NaN: expected a finite weight or scale"
+                ),
+            ))
         }
         _ => (1024 + frac) << (exp - 1),
     };

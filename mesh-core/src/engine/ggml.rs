@@ -17,7 +17,6 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::Path;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ggml_sys_bleedingedge as sys;
@@ -31,6 +30,8 @@ use super::q4_1;
 use super::q8_0;
 use super::{CpuClass, Engine, Hidden, Logits, ModelId, Projection, Projector, WeightView};
 use crate::chat::ChatTemplate;
+use crate::engine::GgmlErrorKind;
+use crate::gguf::GgufErrorKind;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -156,10 +157,9 @@ pub struct GgmlEngine {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     n_threads: usize,
-    /// Batched Q4_1 projections use [`q4_1`]'s tiled kernel (bit-identical to ggml).
-    custom_gemm: AtomicBool,
-    /// Every Q4_1 projection (decode too) uses [`q4_1`]'s exact-accumulation kernel.
-    exact: AtomicBool,
+    /// How this engine computes, fixed at load (the effective values: a
+    /// kernel this CPU cannot run is off).
+    options: EngineOptions,
     /// RoPE parameters for [`kernels::rope_op`] (boxed: graphs hold its address).
     rope: Box<kernels::RopeParams>,
     /// Decode steps of concurrent sessions, computed together.
@@ -306,11 +306,101 @@ fn ggml_type(t: GgmlType) -> sys::ggml_type {
     t as u32 as sys::ggml_type
 }
 
+/// How an engine computes, fixed when it is loaded ([`GgmlEngine::load_with`]):
+/// every session of the engine computes the same way, so results never depend
+/// on which session or thread asked first.
+///
+/// ```no_run
+/// # fn main() -> mesh_core::Result<()> {
+/// use mesh_core::engine::{EngineOptions, GgmlEngine};
+/// let engine = GgmlEngine::load_with("model.gguf", &EngineOptions::new().threads(2).exact(true))?;
+/// assert!(engine.exact_accumulation());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EngineOptions {
+    /// Compute threads (0 = the idle cores, see [`default_threads`]; more
+    /// than the cores is an error). Default 0.
+    pub threads: usize,
+    /// Exact accumulation (default off): every Q4_1 projection, including
+    /// single-token decode, computes the exact `Σ_b d_w·d_x·isum_b +
+    /// m_w·d_x·Σq_b` of the Q8_1-quantized input (with `Σq_b` summed from the
+    /// int8s, not Q8_1's fp16-rounded `s`) and rounds it once to f32, instead
+    /// of ggml's f32 accumulation. The result then matches a computation of
+    /// the exact product elsewhere (private delegation, a pipeline stage on
+    /// another CPU) and does not depend on batching or threads, except where
+    /// an f64 rounding lands on an f32 rounding boundary (probability ~2^-29
+    /// per output). The Q8_0 output head stays on ggml. Needs an x86-64 CPU
+    /// with AVX2, FMA and F16C: loading fails with [`Error::Unsupported`]
+    /// elsewhere.
+    pub exact: bool,
+    /// Batched Q4_1 projections use mesh-llm's tiled kernel instead of ggml's
+    /// `mul_mat` (default on; silently off where the CPU cannot run it). Both
+    /// give bit-identical results: switching it off is a debugging and
+    /// benchmarking aid.
+    pub custom_gemm: bool,
+    /// Adapt each graph's thread count to the machine's load (default on), or
+    /// always use [`threads`](Self::threads), as the pinned ggml would: see
+    /// [`super::threads`]. Results are the same either way.
+    pub adaptive_threads: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            threads: 0,
+            exact: false,
+            custom_gemm: true,
+            adaptive_threads: true,
+        }
+    }
+}
+
+impl EngineOptions {
+    /// The defaults: idle cores, ggml's accumulation, tiled kernel, adaptive threads.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Set [`threads`](Self::threads).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
+    /// Set [`exact`](Self::exact).
+    pub fn exact(mut self, on: bool) -> Self {
+        self.exact = on;
+        self
+    }
+    /// Set [`custom_gemm`](Self::custom_gemm).
+    pub fn custom_gemm(mut self, on: bool) -> Self {
+        self.custom_gemm = on;
+        self
+    }
+    /// Set [`adaptive_threads`](Self::adaptive_threads).
+    pub fn adaptive_threads(mut self, on: bool) -> Self {
+        self.adaptive_threads = on;
+        self
+    }
+}
+
 impl GgmlEngine {
     /// Memory-map and validate a GGUF model, using `n_threads` compute threads
-    /// (0 = the idle cores, see [`default_threads`]; more than the cores is an error).
+    /// (0 = the idle cores, see [`default_threads`]; more than the cores is an
+    /// error) and the other [`EngineOptions`] at their defaults.
     pub fn load(path: impl AsRef<Path>, n_threads: usize) -> Result<GgmlEngine> {
+        Self::load_with(path, &EngineOptions::new().threads(n_threads))
+    }
+
+    /// Memory-map and validate a GGUF model that computes as `options` say.
+    pub fn load_with(path: impl AsRef<Path>, options: &EngineOptions) -> Result<GgmlEngine> {
         let path = path.as_ref();
+        if options.exact && !q4_1::available() {
+            return Err(Error::Unsupported(
+                "exact accumulation needs an x86-64 CPU with AVX2, FMA and F16C".into(),
+            ));
+        }
         // A FIFO or device would block the open or the mapping forever: only
         // regular files (symlinks followed) are models.
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -325,20 +415,23 @@ impl GgmlEngine {
         // SAFETY: the mapping is read-only; if another process truncates the file
         // while it is mapped, reads fault (SIGBUS) — the same contract as llama.cpp.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::from_mmap(mmap, n_threads)
+        Self::from_mmap(mmap, options)
     }
 
-    fn from_mmap(mmap: Mmap, n_threads: usize) -> Result<GgmlEngine> {
+    fn from_mmap(mmap: Mmap, options: &EngineOptions) -> Result<GgmlEngine> {
         let gguf = Gguf::parse(&mmap)?;
         let id = ModelId(*blake3::hash(&mmap).as_bytes());
         let (info, weights) = ModelInfo::from_gguf(&gguf, id, mmap.len() as u64)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         if tokenizer.n_vocab() != info.n_vocab {
-            return Err(Error::Gguf(format!(
-                "vocabulary: expected {} tokens (rows of token_embd.weight), found {}",
-                info.n_vocab,
-                tokenizer.n_vocab()
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::Model,
+                format!(
+                    "vocabulary: expected {} tokens (rows of token_embd.weight), found {}",
+                    info.n_vocab,
+                    tokenizer.n_vocab()
+                ),
+            ));
         }
         let piece = |id: Option<u32>| -> String {
             id.and_then(|id| tokenizer.token_to_piece(id, true).ok())
@@ -350,7 +443,14 @@ impl GgmlEngine {
             None => ChatTemplate::chatml(),
         };
         let tensors = create_weight_tensors(&mmap, &weights)?;
-        let n_threads = resolve_threads(n_threads)?;
+        let n_threads = resolve_threads(options.threads)?;
+        let options = EngineOptions {
+            threads: n_threads,
+            custom_gemm: options.custom_gemm && q4_1::available(),
+            ..*options
+        };
+        let mut policy = super::threads::ThreadPolicy::new(n_threads);
+        policy.set_adaptive(options.adaptive_threads);
         let rope = Box::new(kernels::RopeParams {
             n_dims: info.head_dim,
             neox: info.rope_kind == RopeKind::Neox,
@@ -364,45 +464,12 @@ impl GgmlEngine {
             tokenizer,
             template,
             n_threads,
-            custom_gemm: AtomicBool::new(q4_1::available()),
-            exact: AtomicBool::new(false),
+            options,
             rope,
             batcher: batch::Batcher::default(),
-            threads: std::sync::Mutex::new(super::threads::ThreadPolicy::new(n_threads)),
+            threads: std::sync::Mutex::new(policy),
             mmap,
         })
-    }
-
-    /// Whether batched Q4_1 projections use mesh-llm's tiled kernel instead of
-    /// ggml's `mul_mat` (on by default where the CPU supports it). Both give
-    /// bit-identical results; switching it off is a debugging and benchmarking aid.
-    /// Returns whether the kernel is now in use (false if this CPU cannot run it).
-    pub fn set_custom_gemm(&self, on: bool) -> bool {
-        let on = on && q4_1::available();
-        self.custom_gemm.store(on, Ordering::Relaxed);
-        on
-    }
-
-    /// Exact accumulation (off by default): every Q4_1 projection, including
-    /// single-token decode, computes the exact `Σ_b d_w·d_x·isum_b + m_w·d_x·Σq_b`
-    /// of the Q8_1-quantized input (with `Σq_b` summed from the int8s, not Q8_1's
-    /// fp16-rounded `s`) and rounds it once to f32, instead of ggml's f32
-    /// accumulation. The result then matches a computation of the exact product
-    /// elsewhere (e.g. private delegation) and does not depend on batching or
-    /// threads, except where an f64 rounding lands on an f32 rounding boundary
-    /// (probability ~2^-29 per output). The Q8_0 output head stays on ggml.
-    /// Returns whether the mode is now on (false if this CPU cannot run the kernel).
-    pub fn set_exact_accumulation(&self, on: bool) -> bool {
-        let on = on && q4_1::available();
-        self.exact.store(on, Ordering::Relaxed);
-        on
-    }
-
-    /// Adapt each graph's thread count to the machine's load (on by
-    /// default), or always use the session's count, as the pinned ggml
-    /// would: see [`super::threads`]. Results are the same either way.
-    pub fn set_adaptive_threads(&self, on: bool) {
-        self.thread_policy().set_adaptive(on);
     }
 
     /// How the thread counts of graphs were chosen so far.
@@ -414,9 +481,15 @@ impl GgmlEngine {
         self.threads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether exact accumulation is on (see [`GgmlEngine::set_exact_accumulation`]).
+    /// How this engine computes (the effective options: `threads` resolved,
+    /// `custom_gemm` off where the CPU cannot run it).
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    /// Whether exact accumulation is on (see [`EngineOptions::exact`]).
     pub fn exact_accumulation(&self) -> bool {
-        self.exact.load(Ordering::Relaxed)
+        self.options.exact
     }
 
     /// Bytes the KV cache of a session of `n_ctx` positions over `n_layers`
@@ -480,7 +553,10 @@ impl GgmlEngine {
         };
         // SAFETY: ggml allocates and owns the KV buffer; freed in GgmlSession::drop.
         let kv_ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
-            Error::Ggml(format!("could not allocate a KV cache of {mem_size} bytes"))
+            Error::ggml(
+                GgmlErrorKind::Alloc,
+                format!("could not allocate a KV cache of {mem_size} bytes"),
+            )
         })?;
         let mut k = Vec::with_capacity(info.n_layers);
         let mut v = Vec::with_capacity(info.n_layers);
@@ -527,7 +603,9 @@ impl GgmlEngine {
     fn new_scratch(&self, nodes: usize) -> Result<Scratch> {
         // SAFETY: allocator over ggml's CPU buffer type; freed in Scratch::drop.
         let galloc = NonNull::new(unsafe { ggml_gallocr_new(ggml_backend_cpu_buffer_type()) })
-            .ok_or_else(|| Error::Ggml("could not create the graph allocator".into()))?;
+            .ok_or_else(|| {
+                Error::ggml(GgmlErrorKind::Alloc, "could not create the graph allocator")
+            })?;
         Ok(Scratch {
             n_threads: self.n_threads,
             nodes,
@@ -750,11 +828,14 @@ impl GgmlEngine {
             unsafe { self.add_adapters(g, adapters, layer, projection, yt, xt) }
         })?;
         if sum.len() != y.len() {
-            return Err(Error::Ggml(format!(
-                "layer {layer} {projection:?}: LoRA gave {} values, expected {}",
-                sum.len(),
-                y.len()
-            )));
+            return Err(Error::ggml(
+                GgmlErrorKind::Internal,
+                format!(
+                    "layer {layer} {projection:?}: LoRA gave {} values, expected {}",
+                    sum.len(),
+                    y.len()
+                ),
+            ));
         }
         *y = sum;
         Ok(())
@@ -771,8 +852,12 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
         no_alloc: true,
     };
     // SAFETY: ggml owns the metadata buffer it allocates; freed in WeightTensors::drop.
-    let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
-        .ok_or_else(|| Error::Ggml("ggml_init failed for the weight context".into()))?;
+    let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
+        Error::ggml(
+            GgmlErrorKind::Alloc,
+            "ggml_init failed for the weight context",
+        )
+    })?;
     let mut wt = WeightTensors {
         ctx,
         token_embd: ptr::null_mut(),
@@ -785,10 +870,10 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
     let mut mk = |info: &TensorInfo| -> Result<T> {
         let end = info.offset.checked_add(info.size);
         if end.is_none_or(|e| e > file_len) {
-            return Err(Error::Gguf(format!(
-                "tensor {}: data lies past the end of the file",
-                info.name
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::Truncated,
+                format!("tensor {}: data lies past the end of the file", info.name),
+            ));
         }
         let ne: Vec<i64> = info.dims.iter().map(|&d| d as i64).collect();
         // SAFETY: the tensor's metadata lives in `ctx`; its data pointer is set to
@@ -802,12 +887,15 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
                 ne.as_ptr(),
             );
             if sys::ggml_nbytes(t) as u64 != info.size {
-                return Err(Error::Gguf(format!(
-                    "tensor {}: expected {} bytes, ggml computes {}",
-                    info.name,
-                    info.size,
-                    sys::ggml_nbytes(t)
-                )));
+                return Err(Error::gguf(
+                    GgufErrorKind::BadTensor,
+                    format!(
+                        "tensor {}: expected {} bytes, ggml computes {}",
+                        info.name,
+                        info.size,
+                        sys::ggml_nbytes(t)
+                    ),
+                ));
             }
             (*t).data = base.add(info.offset as usize) as *mut c_void;
             if let Ok(name) = CString::new(info.name.as_str()) {

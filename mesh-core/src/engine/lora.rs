@@ -25,6 +25,8 @@ use std::sync::Arc;
 use ggml_sys_bleedingedge as sys;
 
 use super::{ModelId, ModelInfo, Projection};
+use crate::engine::GgmlErrorKind;
+use crate::gguf::GgufErrorKind;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
 use crate::{Error, Result};
 
@@ -387,9 +389,10 @@ impl LoraAdapter {
         };
         // SAFETY: ggml allocates and owns the buffer; freed in Drop.
         let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
-            Error::Ggml(format!(
-                "could not allocate {mem_size} bytes for an adapter"
-            ))
+            Error::ggml(
+                GgmlErrorKind::Alloc,
+                format!("could not allocate {mem_size} bytes for an adapter"),
+            )
         })?;
         let mut adapter = LoraAdapter {
             id: ModelId(*blake3::hash(bytes).as_bytes()),
@@ -413,11 +416,10 @@ impl LoraAdapter {
                     t.dims[1] as i64,
                 );
                 if tensor.is_null() || sys::ggml_nbytes(tensor) != src.len() {
-                    return Err(Error::Gguf(format!(
-                        "tensor {}: expected {} bytes of data",
-                        t.name,
-                        src.len()
-                    )));
+                    return Err(Error::gguf(
+                        GgufErrorKind::Truncated,
+                        format!("tensor {}: expected {} bytes of data", t.name, src.len()),
+                    ));
                 }
                 ptr::copy_nonoverlapping(src.as_ptr(), (*tensor).data.cast::<u8>(), src.len());
                 Ok(tensor)
@@ -685,12 +687,42 @@ impl LoraAdapter {
     }
 }
 
-/// Adapter checks against a fixed small llama-shaped model, and adapter
-/// GGUF bytes, for tests, fuzz targets and seeds: not a stable API.
-#[doc(hidden)]
+/// GGUF bytes of a LoRA adapter for `arch` with F32 tensors `(name, [ne0, ne1],
+/// values)` in order (data aligned to 32 bytes): llama.cpp's adapter format,
+/// as [`LoraAdapter::from_bytes`] reads it. Model sync writes aggregated
+/// adapters with it.
+pub fn adapter_bytes(arch: &str, alpha: f32, tensors: &[(String, [u64; 2], Vec<f32>)]) -> Vec<u8> {
+    use crate::gguf::{Value, Writer};
+    let metadata = [
+        ("general.architecture", Value::String(arch.into())),
+        ("general.type", Value::String("adapter".into())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(alpha)),
+    ];
+    let mut w = Writer::new();
+    w.header(3, tensors.len() as u64, metadata.len() as u64);
+    for (k, v) in &metadata {
+        w.kv(k, v);
+    }
+    let mut offset = 0u64;
+    for (name, dims, values) in tensors {
+        w.tensor_info(name, dims, GgmlType::F32 as u32, offset);
+        offset = (offset + 4 * values.len() as u64).div_ceil(32) * 32;
+    }
+    w.pad_to(32);
+    for (_, _, values) in tensors {
+        w.pad_to(32);
+        for v in values {
+            w.buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    w.buf
+}
+
+/// Adapter checks against a fixed small llama-shaped model, for tests, fuzz
+/// targets and seeds (feature `testing`): not a stable API.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
-#[doc(hidden)]
-pub use testing::adapter_bytes;
 
 #[cfg(test)]
 mod tests;

@@ -23,13 +23,31 @@ use std::ops::Range;
 
 pub(crate) use self::ggml::available_memory;
 pub use self::ggml::{
-    available_cores, cpu_class, default_threads, resolve_threads, BatchStats, Decoder, GgmlEngine,
-    GgmlSession, LINGER, MAX_BATCH,
+    available_cores, cpu_class, default_threads, resolve_threads, BatchStats, Decoder,
+    EngineOptions, GgmlEngine, GgmlSession, LINGER, MAX_BATCH,
 };
 pub use self::lora::{parse_lora_arg, ActiveLora, AdapterError, LoraAdapter, LoraFactors};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};
 pub use self::quant::{dequantize, quantize, QUANT_TYPES};
 pub use self::threads::ThreadStats;
+
+/// Why ggml failed ([`crate::Error::Ggml`]).
+pub type GgmlError = crate::LayerError<GgmlErrorKind>;
+
+/// The kinds of [`GgmlError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GgmlErrorKind {
+    /// A ggml context, graph, KV cache or buffer could not be allocated.
+    Alloc,
+    /// A graph's computation failed, or a batched step panicked.
+    Compute,
+    /// The forward pass produced NaN or infinite logits.
+    NonFinite,
+    /// A result had another size than the engine expected (a bug, reported
+    /// rather than trusted).
+    Internal,
+}
 use crate::chat::ChatTemplate;
 use crate::gguf::GgmlType;
 use crate::tokenizer::Tokenizer;

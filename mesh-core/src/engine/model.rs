@@ -2,6 +2,7 @@
 //! metadata and validated against the tensor index before any weight is touched.
 
 use super::ModelId;
+use crate::gguf::GgufErrorKind;
 use crate::gguf::{GgmlType, Gguf, TensorInfo};
 use crate::{Error, Result};
 
@@ -98,9 +99,10 @@ use super::quant::QUANT_TYPES as MATRIX_TYPES;
 
 fn usize_of(key: &str, v: u32) -> Result<usize> {
     if v == 0 {
-        return Err(Error::Gguf(format!(
-            "{key}: expected a positive value, found 0"
-        )));
+        return Err(Error::gguf(
+            GgufErrorKind::Model,
+            format!("{key}: expected a positive value, found 0"),
+        ));
     }
     Ok(v as usize)
 }
@@ -151,10 +153,13 @@ impl ModelInfo {
                     .opt_value::<f32>(&key("rope.scaling.factor"))?
                     .unwrap_or(1.0);
                 if !(factor.is_finite() && factor > 0.0) {
-                    return Err(Error::Gguf(format!(
-                        "{}: expected a positive factor, found {factor}",
-                        key("rope.scaling.factor")
-                    )));
+                    return Err(Error::gguf(
+                        GgufErrorKind::Model,
+                        format!(
+                            "{}: expected a positive factor, found {factor}",
+                            key("rope.scaling.factor")
+                        ),
+                    ));
                 }
                 1.0 / factor
             }
@@ -170,15 +175,18 @@ impl ModelInfo {
             && rope_freq_base.is_finite()
             && rope_freq_base > 0.0)
         {
-            return Err(Error::Gguf(format!(
+            return Err(Error::gguf(GgufErrorKind::Model, format!(
                 "rms epsilon {rms_eps} / rope base {rope_freq_base}: expected positive finite values"
             )));
         }
         if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
-            return Err(Error::Gguf(format!(
+            return Err(Error::gguf(
+                GgufErrorKind::Model,
+                format!(
                 "attention shape: expected embedding length {n_embd} divisible by {n_head} heads \
                  and {n_head} heads divisible by {n_head_kv} kv heads"
-            )));
+            ),
+            ));
         }
         let head_dim = n_embd / n_head;
         if let Some(rot) = g.opt_value::<u32>(&key("rope.dimension_count"))? {
@@ -205,12 +213,15 @@ impl ModelInfo {
         // count the tensor index cannot back is an error before any allocation.
         let most_layers = g.tensors.len() / 9;
         if n_layers == 0 || n_layers > most_layers {
-            return Err(Error::Gguf(format!(
-                "{}: expected 1..={most_layers} layers (the file has {} tensors, 9 or more \
+            return Err(Error::gguf(
+                GgufErrorKind::Model,
+                format!(
+                    "{}: expected 1..={most_layers} layers (the file has {} tensors, 9 or more \
                  per layer), found {n_layers}",
-                key("block_count"),
-                g.tensors.len()
-            )));
+                    key("block_count"),
+                    g.tensors.len()
+                ),
+            ));
         }
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
@@ -278,11 +289,14 @@ impl ModelInfo {
 fn expect_matrix(t: &TensorInfo, cols: usize, rows: usize) -> Result<()> {
     let found: Vec<String> = t.dims.iter().map(u64::to_string).collect();
     if t.dims.len() != 2 || t.dims[0] != cols as u64 || t.dims[1] != rows as u64 || rows == 0 {
-        return Err(Error::Gguf(format!(
-            "tensor {}: expected {cols}x{rows}, found {}",
-            t.name,
-            found.join("x")
-        )));
+        return Err(Error::gguf(
+            GgufErrorKind::Model,
+            format!(
+                "tensor {}: expected {cols}x{rows}, found {}",
+                t.name,
+                found.join("x")
+            ),
+        ));
     }
     if !MATRIX_TYPES.contains(&t.ggml_type) {
         return Err(Error::Unsupported(format!(
@@ -298,10 +312,10 @@ fn expect_vector(g: &Gguf, name: &str, len: usize) -> Result<TensorInfo> {
     let t = g.require_tensor(name)?;
     let found: Vec<String> = t.dims.iter().map(u64::to_string).collect();
     if t.dims.len() != 1 || t.dims[0] != len as u64 {
-        return Err(Error::Gguf(format!(
-            "tensor {name}: expected {len}, found {}",
-            found.join("x")
-        )));
+        return Err(Error::gguf(
+            GgufErrorKind::Model,
+            format!("tensor {name}: expected {len}, found {}", found.join("x")),
+        ));
     }
     if t.ggml_type != GgmlType::F32 {
         return Err(Error::Unsupported(format!(

@@ -4,6 +4,7 @@
 
 use ggml_sys_bleedingedge as sys;
 
+use crate::engine::GgmlErrorKind;
 use crate::gguf::GgmlType;
 use crate::{Error, Result};
 
@@ -35,7 +36,7 @@ fn ensure_ggml_tables() -> Result<()> {
     // guarded by its own critical section.
     let ctx = unsafe { sys::ggml_init(params) };
     if ctx.is_null() {
-        return Err(Error::Ggml("ggml_init failed".into()));
+        return Err(Error::ggml(GgmlErrorKind::Alloc, "ggml_init failed"));
     }
     // SAFETY: `ctx` was just created and is not used after this.
     unsafe { sys::ggml_free(ctx) };
@@ -79,10 +80,13 @@ pub fn quantize(ty: GgmlType, values: &[f32], row_len: usize) -> Result<Vec<u8>>
         )
     };
     if written != bytes {
-        return Err(Error::Ggml(format!(
-            "quantizing to {}: expected {bytes} bytes, ggml wrote {written}",
-            ty.name()
-        )));
+        return Err(Error::ggml(
+            GgmlErrorKind::Internal,
+            format!(
+                "quantizing to {}: expected {bytes} bytes, ggml wrote {written}",
+                ty.name()
+            ),
+        ));
     }
     Ok(out)
 }

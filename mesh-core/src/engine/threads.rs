@@ -93,7 +93,7 @@ pub(crate) type Shape = (usize, usize);
 /// `GgmlEngine::thread_stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadStats {
-    /// Whether the count adapts (`GgmlEngine::set_adaptive_threads`).
+    /// Whether the count adapts (`EngineOptions::adaptive_threads`).
     pub adaptive: bool,
     /// The thread count the latest decision favoured (before the caller's
     /// ceiling).

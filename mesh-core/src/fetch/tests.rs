@@ -1,4 +1,5 @@
 use super::*;
+use crate::fetch::FetchErrorKind;
 use zip::write::SimpleFileOptions;
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -320,7 +321,7 @@ fn download_errors_propagate_and_clean_up() {
     let cache = dir.0.join("cache");
     let mut download = |into: &Path| {
         fs::write(into.join("partial"), b"x").unwrap();
-        Err(Error::Fetch("pip failed".into()))
+        Err(Error::fetch(FetchErrorKind::Download, "pip failed"))
     };
     let err = ensure(&cache, &artifact, &mut download, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("pip failed"));

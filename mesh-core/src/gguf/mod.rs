@@ -27,9 +27,11 @@ use std::fmt;
 mod reader;
 mod types;
 mod value;
+mod writer;
 
-/// Builders of GGUF bytes, for tests and fuzz seeds: not a stable API.
-#[doc(hidden)]
+/// Builders of GGUF bytes, for tests and fuzz seeds (feature `testing`):
+/// not a stable API.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
@@ -37,6 +39,36 @@ mod tests;
 use reader::*;
 pub use types::{GgmlType, TensorInfo};
 pub use value::{Array, FromValue, Value, ValueType};
+pub use writer::Writer;
+
+/// Why a GGUF file was refused ([`crate::Error::Gguf`]).
+pub type GgufError = crate::LayerError<GgufErrorKind>;
+
+/// The kinds of [`GgufError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GgufErrorKind {
+    /// The file ends before something it declares (a header, a string, an
+    /// array, tensor data): often an interrupted download.
+    Truncated,
+    /// The file does not start with the GGUF magic: not a GGUF file.
+    NotGguf,
+    /// A value the format constrains is out of bounds (a bool, a UTF-8
+    /// string, a length or nesting limit, an alignment, a duplicate name,
+    /// overlapping tensors, an unknown value type).
+    Malformed,
+    /// A tensor's shape, type or size does not fit ggml or the data.
+    BadTensor,
+    /// A metadata key the model needs is missing.
+    MissingKey,
+    /// A metadata value has another type, or is out of the range its use allows.
+    WrongType,
+    /// A tensor the model needs is missing.
+    MissingTensor,
+    /// A valid GGUF file whose contents do not make a consistent model
+    /// (hyperparameters, tensor shapes, vocabulary size, weights).
+    Model,
+}
 
 /// The four bytes every GGUF file starts with.
 pub const MAGIC: [u8; 4] = *b"GGUF";
@@ -100,12 +132,15 @@ impl Gguf {
             .zip(n_kv.checked_mul(MIN_KV_LEN))
             .and_then(|(a, b)| a.checked_add(b));
         if need.is_none_or(|need| need > r.remaining()) {
-            return Err(Error::Gguf(format!(
-                "header claims {n_tensors} tensors and {n_kv} metadata entries, which need at \
+            return Err(Error::gguf(
+                GgufErrorKind::Truncated,
+                format!(
+                    "header claims {n_tensors} tensors and {n_kv} metadata entries, which need at \
                  least {} bytes, but only {} bytes follow the header",
-                need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
-                r.remaining()
-            )));
+                    need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                    r.remaining()
+                ),
+            ));
         }
 
         let mut metadata = Vec::new();
@@ -124,15 +159,21 @@ impl Gguf {
         let file_len = len_u64(bytes.len());
         let infos_end = len_u64(r.pos);
         let data_offset = align_up(infos_end, alignment).ok_or_else(|| {
-            Error::Gguf(format!(
-                "data section offset: aligning 0x{infos_end:x} to {alignment} overflows u64"
-            ))
+            Error::gguf(
+                GgufErrorKind::Malformed,
+                format!(
+                    "data section offset: aligning 0x{infos_end:x} to {alignment} overflows u64"
+                ),
+            )
         })?;
         if data_offset > file_len {
-            return Err(Error::Gguf(format!(
+            return Err(Error::gguf(
+                GgufErrorKind::Truncated,
+                format!(
                 "data section starts at 0x{data_offset:x} (tensor infos end at 0x{infos_end:x}, \
                  aligned to {alignment}), past the end of the file (size 0x{file_len:x})"
-            )));
+            ),
+            ));
         }
 
         let tensors = raw
@@ -169,9 +210,12 @@ impl Gguf {
     /// # }
     /// ```
     pub fn value<'a, T: FromValue<'a>>(&'a self, key: &str) -> Result<T> {
-        let v = self
-            .get(key)
-            .ok_or_else(|| Error::Gguf(format!("missing required key {key}")))?;
+        let v = self.get(key).ok_or_else(|| {
+            Error::gguf(
+                GgufErrorKind::MissingKey,
+                format!("missing required key {key}"),
+            )
+        })?;
         T::from_value(key, v)
     }
 
@@ -189,8 +233,12 @@ impl Gguf {
 
     /// The tensor named `name`; its absence is an error.
     pub fn require_tensor(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensor(name)
-            .ok_or_else(|| Error::Gguf(format!("missing tensor {name}")))
+        self.tensor(name).ok_or_else(|| {
+            Error::gguf(
+                GgufErrorKind::MissingTensor,
+                format!("missing tensor {name}"),
+            )
+        })
     }
 
     /// The model architecture (`general.architecture`, e.g. "llama").
@@ -213,7 +261,7 @@ fn align_up(n: u64, align: u64) -> Option<u64> {
 /// Prefix the message of a parse error with where it happened.
 fn context(e: Error, at: impl fmt::Display) -> Error {
     match e {
-        Error::Gguf(m) => Error::Gguf(format!("{at}: {m}")),
+        Error::Gguf(e) => Error::Gguf(e.at(at)),
         Error::Unsupported(m) => Error::Unsupported(format!("{at}: {m}")),
         other => other,
     }

@@ -3,22 +3,26 @@
 
 use super::value::wrong_type;
 use super::*;
+use crate::gguf::GgufErrorKind;
 use std::collections::HashMap;
 
 /// Check the magic and version; returns the version.
 pub(super) fn read_header_start(r: &mut Reader<'_>) -> Result<u32> {
     let bytes = r.bytes;
     let Some(magic) = bytes.first_chunk::<4>() else {
-        return Err(Error::Gguf(format!(
-            "file is {} bytes, too short for a GGUF header ({HEADER_LEN} bytes); \
+        return Err(Error::gguf(
+            GgufErrorKind::Truncated,
+            format!(
+                "file is {} bytes, too short for a GGUF header ({HEADER_LEN} bytes); \
              found {}",
-            bytes.len(),
-            if bytes.is_empty() {
-                "nothing".to_string()
-            } else {
-                hex(bytes)
-            }
-        )));
+                bytes.len(),
+                if bytes.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    hex(bytes)
+                }
+            ),
+        ));
     };
     if *magic != MAGIC {
         let mut swapped = MAGIC;
@@ -30,10 +34,13 @@ pub(super) fn read_header_start(r: &mut Reader<'_>) -> Result<u32> {
                     .to_string(),
             ));
         }
-        return Err(Error::Gguf(format!(
-            "bad magic: expected \"GGUF\" (47 47 55 46), found {}",
-            hex(magic)
-        )));
+        return Err(Error::gguf(
+            GgufErrorKind::NotGguf,
+            format!(
+                "bad magic: expected \"GGUF\" (47 47 55 46), found {}",
+                hex(magic)
+            ),
+        ));
     }
     r.pos = 4;
     let version = r.u32("version")?;
@@ -67,12 +74,15 @@ impl<'a> Reader<'a> {
     }
 
     fn truncated(&self, what: &str, need: impl fmt::Display) -> Error {
-        Error::Gguf(format!(
-            "unexpected end of file at offset 0x{:x} reading {what}: need {need} bytes, \
+        Error::gguf(
+            GgufErrorKind::Truncated,
+            format!(
+                "unexpected end of file at offset 0x{:x} reading {what}: need {need} bytes, \
              {} left",
-            self.pos,
-            self.remaining()
-        ))
+                self.pos,
+                self.remaining()
+            ),
+        )
     }
 
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
@@ -117,9 +127,10 @@ impl<'a> Reader<'a> {
         match self.u8(what)? {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(Error::Gguf(format!(
-                "{what} at offset 0x{at:x}: expected bool 0 or 1, found {b}"
-            ))),
+            b => Err(Error::gguf(
+                GgufErrorKind::Malformed,
+                format!("{what} at offset 0x{at:x}: expected bool 0 or 1, found {b}"),
+            )),
         }
     }
 
@@ -128,29 +139,38 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         let len = self.u64(what)?;
         if len > max_len {
-            return Err(Error::Gguf(format!(
-                "{what} at offset 0x{at:x}: length {len} is longer than the limit of {max_len}"
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::Malformed,
+                format!(
+                    "{what} at offset 0x{at:x}: length {len} is longer than the limit of {max_len}"
+                ),
+            ));
         }
         if len > self.remaining() {
-            return Err(Error::Gguf(format!(
-                "{what} at offset 0x{at:x}: length {len} runs past the end of the file \
+            return Err(Error::gguf(
+                GgufErrorKind::Truncated,
+                format!(
+                    "{what} at offset 0x{at:x}: length {len} runs past the end of the file \
                  ({} bytes left)",
-                self.remaining()
-            )));
+                    self.remaining()
+                ),
+            ));
         }
         let start = self.pos;
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|e| {
             let bad = start.saturating_add(e.utf8_error().valid_up_to());
-            Error::Gguf(format!(
-                "{what} at offset 0x{at:x}: expected UTF-8, found invalid byte 0x{:02x} at \
+            Error::gguf(
+                GgufErrorKind::Malformed,
+                format!(
+                    "{what} at offset 0x{at:x}: expected UTF-8, found invalid byte 0x{:02x} at \
                  offset 0x{bad:x}",
-                e.as_bytes()
-                    .get(e.utf8_error().valid_up_to())
-                    .copied()
-                    .unwrap_or(0)
-            ))
+                    e.as_bytes()
+                        .get(e.utf8_error().valid_up_to())
+                        .copied()
+                        .unwrap_or(0)
+                ),
+            )
         })
     }
 
@@ -217,12 +237,15 @@ fn read_array(r: &mut Reader<'_>, depth: usize) -> Result<Array> {
     let count = r.u64("array length")?;
     let need = count.checked_mul(elem.min_size());
     if need.is_none_or(|need| need > r.remaining()) {
-        return Err(Error::Gguf(format!(
-            "array at offset 0x{at:x}: {count} {elem} elements need at least {} bytes, \
+        return Err(Error::gguf(
+            GgufErrorKind::Truncated,
+            format!(
+                "array at offset 0x{at:x}: {count} {elem} elements need at least {} bytes, \
              {} left",
-            need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
-            r.remaining()
-        )));
+                need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                r.remaining()
+            ),
+        ));
     }
     let what = "array elements";
     Ok(match elem {
@@ -245,10 +268,13 @@ fn read_array(r: &mut Reader<'_>, depth: usize) -> Result<Array> {
                     0 => out.push(false),
                     1 => out.push(true),
                     b => {
-                        return Err(Error::Gguf(format!(
+                        return Err(Error::gguf(
+                            GgufErrorKind::Malformed,
+                            format!(
                             "array element {i} at offset 0x{:x}: expected bool 0 or 1, found {b}",
                             start.saturating_add(i)
-                        )))
+                        ),
+                        ))
                     }
                 }
             }
@@ -266,10 +292,13 @@ fn read_array(r: &mut Reader<'_>, depth: usize) -> Result<Array> {
         }
         ValueType::Array => {
             if depth >= MAX_ARRAY_DEPTH {
-                return Err(Error::Gguf(format!(
-                    "array at offset 0x{at:x}: expected arrays nested at most \
+                return Err(Error::gguf(
+                    GgufErrorKind::Malformed,
+                    format!(
+                        "array at offset 0x{at:x}: expected arrays nested at most \
                      {MAX_ARRAY_DEPTH} deep, found deeper nesting"
-                )));
+                    ),
+                ));
             }
             let mut out = Vec::new();
             for i in 0..count {
@@ -299,17 +328,19 @@ pub(super) fn read_tensor_info(r: &mut Reader<'_>, index: u64) -> Result<RawTens
     let rest = (|| {
         let n_dims = r.u32("n_dims")?;
         if !(1..=len_u64(MAX_DIMS)).contains(&u64::from(n_dims)) {
-            return Err(Error::Gguf(format!(
-                "expected 1 to {MAX_DIMS} dimensions, found {n_dims}"
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::BadTensor,
+                format!("expected 1 to {MAX_DIMS} dimensions, found {n_dims}"),
+            ));
         }
         let mut dims = Vec::with_capacity(MAX_DIMS);
         for i in 0..n_dims {
             let d = r.u64("dimension")?;
             if d == 0 {
-                return Err(Error::Gguf(format!(
-                    "dimension {i}: expected at least 1, found 0"
-                )));
+                return Err(Error::gguf(
+                    GgufErrorKind::BadTensor,
+                    format!("dimension {i}: expected at least 1, found 0"),
+                ));
             }
             dims.push(d);
         }
@@ -334,7 +365,8 @@ impl RawTensor {
         alignment: u64,
         file_len: u64,
     ) -> Result<TensorInfo> {
-        let at = |m: String| Error::Gguf(format!("tensor {}: {m}", self.name));
+        let at_kind = |kind, m: String| Error::gguf(kind, format!("tensor {}: {m}", self.name));
+        let at = |m: String| at_kind(GgufErrorKind::BadTensor, m);
         let dims_str = || {
             self.dims
                 .iter()
@@ -384,9 +416,12 @@ impl RawTensor {
             )));
         };
         if end > file_len {
-            return Err(at(format!(
+            return Err(at_kind(
+                GgufErrorKind::Truncated,
+                format!(
                 "data 0x{offset:x}..0x{end:x} is past the end of the file (size 0x{file_len:x})"
-            )));
+            ),
+            ));
         }
         Ok(TensorInfo {
             name: self.name,
@@ -411,9 +446,10 @@ pub(super) fn alignment(metadata: &[(String, Value)]) -> Result<u64> {
         .ok()
         .filter(|a| a.is_power_of_two())
         .ok_or_else(|| {
-            Error::Gguf(format!(
-                "key {KEY}: expected a nonzero power of two, found {n}"
-            ))
+            Error::gguf(
+                GgufErrorKind::Malformed,
+                format!("key {KEY}: expected a nonzero power of two, found {n}"),
+            )
         })
 }
 
@@ -421,9 +457,10 @@ pub(super) fn check_unique<'a>(names: impl Iterator<Item = &'a str>, what: &str)
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, name) in names.enumerate() {
         if let Some(first) = seen.insert(name, i) {
-            return Err(Error::Gguf(format!(
-                "duplicate {what} {name:?}: expected unique, found at #{first} and #{i}"
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::Malformed,
+                format!("duplicate {what} {name:?}: expected unique, found at #{first} and #{i}"),
+            ));
         }
     }
     Ok(())
@@ -436,14 +473,17 @@ pub(super) fn check_no_overlap(tensors: &[TensorInfo]) -> Result<()> {
         let [a, b] = pair else { continue };
         let a_end = a.offset.saturating_add(a.size);
         if a_end > b.offset {
-            return Err(Error::Gguf(format!(
-                "tensors {} (0x{:x}..0x{a_end:x}) and {} (0x{:x}..0x{:x}) overlap",
-                a.name,
-                a.offset,
-                b.name,
-                b.offset,
-                b.offset.saturating_add(b.size)
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::Malformed,
+                format!(
+                    "tensors {} (0x{:x}..0x{a_end:x}) and {} (0x{:x}..0x{:x}) overlap",
+                    a.name,
+                    a.offset,
+                    b.name,
+                    b.offset,
+                    b.offset.saturating_add(b.size)
+                ),
+            ));
         }
     }
     Ok(())

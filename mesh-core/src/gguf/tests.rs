@@ -56,7 +56,7 @@ fn raw_kv(key: &[u8], ty: u32, value: &[u8]) -> Vec<u8> {
 
 fn gguf_err(bytes: &[u8]) -> String {
     match Gguf::parse(bytes) {
-        Err(Error::Gguf(m)) => m,
+        Err(Error::Gguf(m)) => m.message().to_owned(),
         other => panic!("expected Error::Gguf, got {other:?}"),
     }
 }
@@ -72,6 +72,43 @@ fn assert_contains(msg: &str, parts: &[&str]) {
     for p in parts {
         assert!(msg.contains(p), "message {msg:?} lacks {p:?}");
     }
+}
+
+/// Callers match on the kind (a host can tell an interrupted download from a
+/// file that is not a model); the message says the rest.
+#[test]
+fn errors_have_kinds_to_match_on() {
+    let kind = |bytes: &[u8]| match Gguf::parse(bytes) {
+        Err(Error::Gguf(e)) => e.kind(),
+        other => panic!("expected Error::Gguf, got {other:?}"),
+    };
+    let file = sample();
+    assert_eq!(kind(b"GGUF"), GgufErrorKind::Truncated);
+    assert_eq!(kind(&file[..file.len() / 2]), GgufErrorKind::Truncated);
+    let mut not_gguf = file.clone();
+    not_gguf[..4].copy_from_slice(b"GGML");
+    assert_eq!(kind(&not_gguf), GgufErrorKind::NotGguf);
+    assert_eq!(
+        kind(&raw_kv(b"k", ValueType::Bool as u32, &[2])),
+        GgufErrorKind::Malformed
+    );
+    assert_eq!(
+        kind(&raw_file(&[("t", &[0], GgmlType::F32 as u32, 0)], 32)),
+        GgufErrorKind::BadTensor
+    );
+    let g = Gguf::parse(&file).unwrap();
+    let err = |e: Error| match e {
+        Error::Gguf(e) => e.kind(),
+        other => panic!("expected Error::Gguf, got {other:?}"),
+    };
+    assert_eq!(
+        err(g.require_tensor("nope").unwrap_err()),
+        GgufErrorKind::MissingTensor
+    );
+    assert_eq!(
+        err(g.value::<u32>("nope").unwrap_err()),
+        GgufErrorKind::MissingKey
+    );
 }
 
 #[test]
@@ -473,17 +510,23 @@ fn getters_report_expected_and_found() {
         &[],
     );
     let g = Gguf::parse(&bytes).unwrap();
-    let msg = |r: Result<String>| match r {
-        Err(Error::Gguf(m)) => m,
+    let err = |r: Result<String>| match r {
+        Err(Error::Gguf(e)) => e,
         other => panic!("expected Error::Gguf, got {other:?}"),
     };
+    let msg = |r: Result<String>| err(r).message().to_owned();
+    let e = err(g.value::<&str>("nope").map(str::to_string));
     assert_eq!(
-        msg(g.value::<&str>("nope").map(str::to_string)),
-        "missing required key nope"
+        (e.kind(), e.message()),
+        (GgufErrorKind::MissingKey, "missing required key nope")
     );
+    let e = err(g.value::<&str>("u").map(str::to_string));
     assert_eq!(
-        msg(g.value::<&str>("u").map(str::to_string)),
-        "key u: expected string, found u32"
+        (e.kind(), e.message()),
+        (
+            GgufErrorKind::WrongType,
+            "key u: expected string, found u32"
+        )
     );
     assert_contains(
         &msg(g.value::<u32>("neg").map(|v| v.to_string())),

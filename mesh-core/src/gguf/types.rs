@@ -1,6 +1,7 @@
 //! Tensor element types (ggml's numbering, block sizes) and tensor infos.
 
 use super::*;
+use crate::gguf::GgufErrorKind;
 
 /// The element type of a tensor, with ggml's numbering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,16 +165,22 @@ impl GgmlType {
     pub fn row_bytes(self, ne0: u64) -> Result<u64> {
         let bs = self.block_size();
         if !ne0.is_multiple_of(bs) {
-            return Err(Error::Gguf(format!(
-                "row length {ne0} is not a multiple of the {} block size {bs}",
-                self.name()
-            )));
+            return Err(Error::gguf(
+                GgufErrorKind::BadTensor,
+                format!(
+                    "row length {ne0} is not a multiple of the {} block size {bs}",
+                    self.name()
+                ),
+            ));
         }
         (ne0 / bs).checked_mul(self.type_size()).ok_or_else(|| {
-            Error::Gguf(format!(
-                "row of {ne0} {} elements is larger than 2^64 bytes",
-                self.name()
-            ))
+            Error::gguf(
+                GgufErrorKind::BadTensor,
+                format!(
+                    "row of {ne0} {} elements is larger than 2^64 bytes",
+                    self.name()
+                ),
+            )
         })
     }
 }
@@ -227,12 +234,15 @@ impl TensorInfo {
             .zip(usize::try_from(end).ok())
             .and_then(|(start, end)| file.get(start..end))
             .ok_or_else(|| {
-                Error::Gguf(format!(
+                Error::gguf(
+                    GgufErrorKind::Truncated,
+                    format!(
                     "tensor {}: data 0x{:x}..0x{end:x} is past the end of the file (size 0x{:x})",
                     self.name,
                     self.offset,
                     file.len()
-                ))
+                ),
+                )
             })
     }
 }

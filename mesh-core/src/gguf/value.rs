@@ -1,6 +1,7 @@
 //! Metadata values: their type tags, scalars and homogeneous arrays.
 
 use super::*;
+use crate::gguf::GgufErrorKind;
 
 /// The type tag of a metadata value, as stored in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,9 +53,10 @@ impl ValueType {
             11 => Self::I64,
             12 => Self::F64,
             _ => {
-                return Err(Error::Gguf(format!(
-                    "unknown value type {v}: expected 0..=12"
-                )))
+                return Err(Error::gguf(
+                    GgufErrorKind::Malformed,
+                    format!("unknown value type {v}: expected 0..=12"),
+                ))
             }
         })
     }
@@ -358,7 +360,10 @@ pub trait FromValue<'a>: Sized {
 }
 
 pub(super) fn wrong_type(key: &str, expected: &str, found: &str) -> Error {
-    Error::Gguf(format!("key {key}: expected {expected}, found {found}"))
+    Error::gguf(
+        GgufErrorKind::WrongType,
+        format!("key {key}: expected {expected}, found {found}"),
+    )
 }
 
 impl<'a> FromValue<'a> for &'a str {
@@ -376,10 +381,13 @@ impl FromValue<'_> for u32 {
             .as_i128()
             .ok_or_else(|| wrong_type(key, "an integer", v.type_name()))?;
         u32::try_from(n).map_err(|_| {
-            Error::Gguf(format!(
-                "key {key}: expected an integer in 0..=4294967295, found {} {n}",
-                v.type_name()
-            ))
+            Error::gguf(
+                GgufErrorKind::WrongType,
+                format!(
+                    "key {key}: expected an integer in 0..=4294967295, found {} {n}",
+                    v.type_name()
+                ),
+            )
         })
     }
 }
@@ -392,9 +400,10 @@ impl FromValue<'_> for f32 {
                 // Narrowing is the intent; only a finite value turning infinite is an error.
                 let y = x as f32;
                 if x.is_finite() && !y.is_finite() {
-                    return Err(Error::Gguf(format!(
-                        "key {key}: expected a value in f32 range, found f64 {x:?}"
-                    )));
+                    return Err(Error::gguf(
+                        GgufErrorKind::WrongType,
+                        format!("key {key}: expected a value in f32 range, found f64 {x:?}"),
+                    ));
                 }
                 Ok(y)
             }

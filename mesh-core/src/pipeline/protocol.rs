@@ -159,7 +159,7 @@ pub struct OpenMsg {
     /// Positions the session's KV cache must hold.
     #[prost(uint64, tag = "4")]
     pub n_ctx: u64,
-    /// The client expects exact accumulation (see `GgmlEngine::set_exact_accumulation`).
+    /// The client expects exact accumulation (see `EngineOptions::exact`).
     #[prost(bool, tag = "5")]
     pub exact: bool,
     /// LoRA adapters the session applies, in order.

@@ -5,6 +5,7 @@ use std::collections::{BinaryHeap, HashMap};
 
 use super::pretokenize::{self, Split};
 use super::unicode::byte_to_char;
+use crate::tokenizer::TokenizerErrorKind;
 use crate::{Error, Result};
 
 /// One merge rule: the pair's rank, and the token the concatenation is (if any).
@@ -50,18 +51,25 @@ impl Bpe {
             let (left, right) = (&merge[..at + 1], &merge[at + 2..]);
             let id_of = |part: &str| {
                 token_to_id.get(part).copied().ok_or_else(|| {
-                    Error::Tokenizer(format!(
-                        "merge {rank} {merge:?}: expected both halves to be tokens, \
+                    Error::tokenizer(
+                        TokenizerErrorKind::Merges,
+                        format!(
+                            "merge {rank} {merge:?}: expected both halves to be tokens, \
                          {part:?} is not in the vocabulary"
-                    ))
+                        ),
+                    )
                 })
             };
             let (l, r) = (id_of(left)?, id_of(right)?);
             joined.clear();
             joined.push_str(left);
             joined.push_str(right);
-            let rank = u32::try_from(rank)
-                .map_err(|_| Error::Tokenizer(format!("{} merges: too many", merges.len())))?;
+            let rank = u32::try_from(rank).map_err(|_| {
+                Error::tokenizer(
+                    TokenizerErrorKind::Merges,
+                    format!("{} merges: too many", merges.len()),
+                )
+            })?;
             table.entry(pair_key(l, r)).or_insert(Merge {
                 rank,
                 merged: token_to_id.get(joined.as_str()).copied(),

@@ -14,6 +14,23 @@ mod spm;
 mod unicode;
 mod vocab;
 
+/// Why a tokenizer could not be built from a model ([`crate::Error::Tokenizer`]).
+pub type TokenizerError = crate::LayerError<TokenizerErrorKind>;
+
+/// The kinds of [`TokenizerError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenizerErrorKind {
+    /// The token list and its per-token arrays (scores, types) are missing,
+    /// of another type or length, too many, or hold duplicates.
+    Vocabulary,
+    /// A BPE merge names a token the vocabulary lacks, or there are too many.
+    Merges,
+    /// A token the model's settings need is missing or misformed (a byte
+    /// token `<0xXX>`, a BOS/EOS the vocabulary asks to add).
+    MissingToken,
+}
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::ops::Range;
@@ -233,9 +250,10 @@ impl Tokenizer {
 
     fn required(&self, role: Role, what: &str) -> Result<u32> {
         self.special[role as usize].ok_or_else(|| {
-            Error::Tokenizer(format!(
-                "the vocabulary asks for a {what} token to be added but has none"
-            ))
+            Error::tokenizer(
+                TokenizerErrorKind::MissingToken,
+                format!("the vocabulary asks for a {what} token to be added but has none"),
+            )
         })
     }
 
@@ -321,9 +339,10 @@ impl Tokenizer {
         }
         if attr & ATTR_BYTE != 0 {
             return byte_token_value(text).map(|b| vec![b]).ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "token {id} {text:?} is a byte token; expected the form <0xXX>"
-                ))
+                Error::tokenizer(
+                    TokenizerErrorKind::MissingToken,
+                    format!("token {id} {text:?} is a byte token; expected the form <0xXX>"),
+                )
             });
         }
         Ok(Vec::new())

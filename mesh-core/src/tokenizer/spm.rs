@@ -5,6 +5,7 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
+use crate::tokenizer::TokenizerErrorKind;
 use crate::{Error, Result};
 
 /// Scores and byte-fallback tokens of an SPM vocabulary.
@@ -141,7 +142,7 @@ impl Spm {
                 None => {
                     for &b in piece.as_bytes() {
                         let id = self.byte_ids[usize::from(b)].ok_or_else(|| {
-                            Error::Tokenizer(format!(
+                            Error::tokenizer(TokenizerErrorKind::MissingToken, format!(
                                 "no token for byte 0x{b:02X}: expected <0x{b:02X}> in the vocabulary"
                             ))
                         })?;

@@ -3,6 +3,7 @@
 //! all of it.
 
 use super::*;
+use crate::tokenizer::TokenizerErrorKind;
 
 /// How llama.cpp configures a byte-level BPE vocabulary for one pre-tokenizer name.
 pub(super) struct PreConfig {
@@ -245,10 +246,13 @@ impl<'a> VocabSpec<'a> {
             None => None,
             Some(Value::Array(Array::I32(v))) => Some(v.as_slice()),
             Some(other) => {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.ggml.token_type: expected array of i32, found {}",
-                    other.type_name()
-                )))
+                return Err(Error::tokenizer(
+                    TokenizerErrorKind::Vocabulary,
+                    format!(
+                        "tokenizer.ggml.token_type: expected array of i32, found {}",
+                        other.type_name()
+                    ),
+                ))
             }
         };
         let scores = match g.get("tokenizer.ggml.scores") {
@@ -256,20 +260,26 @@ impl<'a> VocabSpec<'a> {
             Some(Value::Array(Array::F32(v))) => Some(v.clone()),
             Some(Value::Array(Array::I32(v))) => Some(v.iter().map(|&s| s as f32).collect()),
             Some(other) => {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.ggml.scores: expected array of f32 or array of i32, found {}",
-                    other.type_name()
-                )))
+                return Err(Error::tokenizer(
+                    TokenizerErrorKind::Vocabulary,
+                    format!(
+                        "tokenizer.ggml.scores: expected array of f32 or array of i32, found {}",
+                        other.type_name()
+                    ),
+                ))
             }
         };
         let merges = match g.get("tokenizer.ggml.merges") {
             None => None,
             Some(Value::Array(Array::String(v))) => Some(v.as_slice()),
             Some(other) => {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.ggml.merges: expected array of string, found {}",
-                    other.type_name()
-                )))
+                return Err(Error::tokenizer(
+                    TokenizerErrorKind::Merges,
+                    format!(
+                        "tokenizer.ggml.merges: expected array of string, found {}",
+                        other.type_name()
+                    ),
+                ))
             }
         };
         let mut ids = Vec::new();
@@ -310,23 +320,28 @@ impl Tokenizer {
     pub(crate) fn from_spec(spec: VocabSpec<'_>) -> Result<Tokenizer> {
         let n = spec.tokens.len();
         if n == 0 {
-            return Err(Error::Tokenizer(
-                "tokenizer.ggml.tokens: expected at least one token, found an empty array".into(),
+            return Err(Error::tokenizer(
+                TokenizerErrorKind::Vocabulary,
+                "tokenizer.ggml.tokens: expected at least one token, found an empty array",
             ));
         }
         if u32::try_from(n).map_or(true, |n| n > i32::MAX as u32) {
-            return Err(Error::Tokenizer(format!(
-                "tokenizer.ggml.tokens: {n} tokens, more than ids can address"
-            )));
+            return Err(Error::tokenizer(
+                TokenizerErrorKind::Vocabulary,
+                format!("tokenizer.ggml.tokens: {n} tokens, more than ids can address"),
+            ));
         }
         for (what, len) in [
             ("token_type", spec.token_types.map(<[i32]>::len)),
             ("scores", spec.scores.as_ref().map(Vec::len)),
         ] {
             if let Some(len) = len.filter(|&len| len < n) {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.ggml.{what}: expected {n} entries (one per token), found {len}"
-                )));
+                return Err(Error::tokenizer(
+                    TokenizerErrorKind::Vocabulary,
+                    format!(
+                        "tokenizer.ggml.{what}: expected {n} entries (one per token), found {len}"
+                    ),
+                ));
             }
         }
 
@@ -365,9 +380,10 @@ impl Tokenizer {
             };
             let id = i as u32;
             if let Some(prev) = token_to_id.insert(text.clone(), id) {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.ggml.tokens: token {i} {text:?} duplicates token {prev}"
-                )));
+                return Err(Error::tokenizer(
+                    TokenizerErrorKind::Vocabulary,
+                    format!("tokenizer.ggml.tokens: token {i} {text:?} duplicates token {prev}"),
+                ));
             }
             tokens.push(text);
         }
@@ -530,10 +546,10 @@ impl Tokenizer {
             )),
             Some(pre) => {
                 let merges = spec.merges.ok_or_else(|| {
-                    Error::Tokenizer(
+                    Error::tokenizer(
+                        TokenizerErrorKind::Merges,
                         "tokenizer.ggml.merges: expected merges for a gpt2 (BPE) vocabulary, \
-                         found none"
-                            .into(),
+                         found none",
                     )
                 })?;
                 Kind::Bpe(Bpe::new(

@@ -28,6 +28,7 @@ use std::sync::{Condvar, Mutex};
 
 use super::*;
 use crate::compute::ComputePool;
+use crate::engine::GgmlErrorKind;
 
 /// Most decode steps in one batch.
 pub const MAX_BATCH: usize = 8;
@@ -257,12 +258,24 @@ impl GgmlEngine {
                 let mut first = Some(e);
                 batch
                     .iter()
-                    .map(|_| Err(first.take().unwrap_or_else(|| Error::Ggml(message.clone()))))
+                    .map(|_| {
+                        Err(first.take().unwrap_or_else(|| {
+                            Error::ggml(
+                                GgmlErrorKind::Compute,
+                                format!("the batched step this one was in failed: {message}"),
+                            )
+                        }))
+                    })
                     .collect()
             }
             Err(_) => batch
                 .iter()
-                .map(|_| Err(Error::Ggml("a batched decode step panicked".into())))
+                .map(|_| {
+                    Err(Error::ggml(
+                        GgmlErrorKind::Compute,
+                        "a batched decode step panicked",
+                    ))
+                })
                 .collect(),
         };
         for (step, r) in batch.iter().zip(results) {

@@ -2,6 +2,7 @@
 //! over the KV cache, the layers, the embedding lookup and the head; and
 //! computing a graph on the session's scratch buffers.
 
+use crate::engine::GgmlErrorKind;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -37,8 +38,12 @@ impl GgmlEngine {
             no_alloc: true,
         };
         // SAFETY: `meta` outlives the context, which is freed before returning.
-        let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
-            .ok_or_else(|| Error::Ggml("ggml_init failed for the compute context".into()))?;
+        let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).ok_or_else(|| {
+            Error::ggml(
+                GgmlErrorKind::Alloc,
+                "ggml_init failed for the compute context",
+            )
+        })?;
         let result = (|| {
             // SAFETY: the graph lives in `ctx`'s metadata buffer, sized for MAX_NODES.
             let gf = unsafe { sys::ggml_new_graph_custom(ctx.as_ptr(), s.nodes, false) };
@@ -57,7 +62,10 @@ impl GgmlEngine {
                 sys::ggml_set_output(out);
                 sys::ggml_build_forward_expand(gf, out);
                 if !ggml_gallocr_alloc_graph(s.galloc.as_ptr(), gf) {
-                    return Err(Error::Ggml("could not allocate the compute graph".into()));
+                    return Err(Error::ggml(
+                        GgmlErrorKind::Alloc,
+                        "could not allocate the compute graph",
+                    ));
                 }
                 for (t, bytes) in &g.inputs {
                     debug_assert_eq!(sys::ggml_nbytes(*t), bytes.len());
@@ -87,9 +95,10 @@ impl GgmlEngine {
                 self.thread_policy()
                     .record(shape, threads, s.n_threads, now - started, cpu, now);
                 if status != sys::ggml_status_GGML_STATUS_SUCCESS {
-                    return Err(Error::Ggml(format!(
-                        "graph compute failed with status {status}"
-                    )));
+                    return Err(Error::ggml(
+                        GgmlErrorKind::Compute,
+                        format!("graph compute failed with status {status}"),
+                    ));
                 }
                 let n = sys::ggml_nelements(out) as usize;
                 let mut v = vec![0f32; n];
@@ -113,8 +122,8 @@ impl GgmlEngine {
         unsafe {
             let ctx = g.ctx;
             let (cols, rows) = ((*w).ne[0] as usize, (*w).ne[1] as usize);
-            let exact = self.exact.load(Ordering::Relaxed);
-            let use_kernel = (exact || (self.custom_gemm.load(Ordering::Relaxed) && n >= 2))
+            let exact = self.options.exact;
+            let use_kernel = (exact || (self.options.custom_gemm && n >= 2))
                 && (*w).type_ == sys::ggml_type_GGML_TYPE_Q4_1
                 && (*w).ne[2] == 1
                 && (*w).ne[3] == 1
@@ -278,7 +287,7 @@ impl GgmlEngine {
                 let ab = sys::ggml_mul_mat(ctx, pair.b, sys::ggml_mul_mat(ctx, pair.a, cur));
                 return sys::ggml_add(ctx, res, sys::ggml_scale(ctx, ab, scale));
             }
-            let order = if !self.exact.load(Ordering::Relaxed) && cpu_class() == CpuClass::Avx512 {
+            let order = if !self.options.exact && cpu_class() == CpuClass::Avx512 {
                 DotOrder::Wide16
             } else {
                 DotOrder::Wide8
@@ -385,7 +394,7 @@ impl GgmlEngine {
                     sys::ggml_new_tensor_3d(ctx, sys::ggml_type_GGML_TYPE_F16, ne[0], ne[1], ne[2]);
                 sys::ggml_cpy(ctx, t, h)
             };
-            let exact = self.exact.load(Ordering::Relaxed);
+            let exact = self.options.exact;
             let qp = sys::ggml_cont(ctx, sys::ggml_permute(ctx, q, 0, 2, 1, 3));
             let qp = if exact {
                 qp
@@ -581,7 +590,7 @@ impl GgmlEngine {
                 cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));
             }
             let n_out = (*cur).ne[1] as usize;
-            let res = if self.exact.load(Ordering::Relaxed) {
+            let res = if self.options.exact {
                 // Exact accumulation covers the output head too (Q8_0 here).
                 self.mat_mul(g, self.tensors.output, cur, n_out)
             } else {

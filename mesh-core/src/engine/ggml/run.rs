@@ -3,6 +3,7 @@
 //! session bookkeeping.
 
 use super::*;
+use crate::gguf::GgufErrorKind;
 
 impl Engine for GgmlEngine {
     type Session = GgmlSession;
@@ -34,7 +35,10 @@ impl Engine for GgmlEngine {
         for (i, &tok) in tokens.iter().enumerate() {
             let start = t.offset as usize + tok as usize * row_bytes;
             let row = self.mmap.get(start..start + row_bytes).ok_or_else(|| {
-                Error::Gguf(format!("token_embd.weight row {tok} is out of bounds"))
+                Error::gguf(
+                    GgufErrorKind::Truncated,
+                    format!("token_embd.weight row {tok} is out of bounds"),
+                )
             })?;
             let out = &mut data[i * n_embd..(i + 1) * n_embd];
             match (t.ggml_type, traits.to_float) {
@@ -263,7 +267,12 @@ impl Engine for GgmlEngine {
         let bytes = self
             .mmap
             .get(info.offset as usize..(info.offset + info.size) as usize)
-            .ok_or_else(|| Error::Gguf(format!("tensor {}: data out of bounds", info.name)))?;
+            .ok_or_else(|| {
+                Error::gguf(
+                    GgufErrorKind::Truncated,
+                    format!("tensor {}: data out of bounds", info.name),
+                )
+            })?;
         Ok(WeightView {
             ggml_type: info.ggml_type,
             rows: info.rows() as usize,
@@ -293,7 +302,7 @@ impl Engine for GgmlEngine {
             let xt = g.input_f32(x, &ne);
             // SAFETY: `w` is cols x rows and `xt` cols x n.
             unsafe {
-                if self.exact.load(Ordering::Relaxed) {
+                if self.options.exact {
                     self.mat_mul(g, w, xt, ne[1] as usize)
                 } else {
                     sys::ggml_mul_mat(g.ctx, w, xt)

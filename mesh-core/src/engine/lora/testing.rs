@@ -79,35 +79,3 @@ pub fn check(bytes: &[u8]) -> Result<LoraAdapter> {
     }
     Ok(adapter)
 }
-
-/// GGUF bytes of a LoRA adapter for `arch` with F32 tensors `(name, [ne0, ne1],
-/// values)` in order (data aligned to 32 bytes), for tests and fuzz seeds.
-#[doc(hidden)]
-pub fn adapter_bytes(arch: &str, alpha: f32, tensors: &[(String, [u64; 2], Vec<f32>)]) -> Vec<u8> {
-    use crate::gguf::testing::Writer;
-    use crate::gguf::Value;
-    let metadata = [
-        ("general.architecture", Value::String(arch.into())),
-        ("general.type", Value::String("adapter".into())),
-        ("adapter.type", Value::String("lora".into())),
-        ("adapter.lora.alpha", Value::F32(alpha)),
-    ];
-    let mut w = Writer::new();
-    w.header(3, tensors.len() as u64, metadata.len() as u64);
-    for (k, v) in &metadata {
-        w.kv(k, v);
-    }
-    let mut offset = 0u64;
-    for (name, dims, values) in tensors {
-        w.tensor_info(name, dims, GgmlType::F32 as u32, offset);
-        offset = (offset + 4 * values.len() as u64).div_ceil(32) * 32;
-    }
-    w.pad_to(32);
-    for (_, _, values) in tensors {
-        w.pad_to(32);
-        for v in values {
-            w.buf.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    w.buf
-}

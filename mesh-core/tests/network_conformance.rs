@@ -32,24 +32,60 @@ enum Kind {
 
 const KINDS: [Kind; 2] = [Kind::P2p, Kind::Memory];
 
-/// Two nodes of `kind`, `a` dialled to `b` (the in-memory world is kept
-/// alive by its nodes).
-async fn pair(kind: Kind, seed: u8) -> (Arc<dyn Network>, Arc<dyn Network>) {
-    let (a, b): (Arc<dyn Network>, Arc<dyn Network>) = match kind {
-        Kind::P2p => {
-            let start = |s: u8| async move {
-                let mut config = P2pConfig::loopback(Identity::from_seed([s; 32]));
+/// Where a test's nodes live: loopback sockets, or one in-memory world.
+enum World {
+    P2p,
+    Memory(MemoryNet),
+}
+
+impl World {
+    fn new(kind: Kind, seed: u8) -> World {
+        match kind {
+            Kind::P2p => World::P2p,
+            Kind::Memory => World::Memory(MemoryNet::new(u64::from(seed))),
+        }
+    }
+
+    /// A node with identity `seed` and `limits`.
+    async fn node(&self, seed: u8, limits: Limits) -> Arc<dyn Network> {
+        match self {
+            World::P2p => {
+                let mut config = P2pConfig::loopback(Identity::from_seed([seed; 32]));
+                config.limits = limits;
                 config.gossip_heartbeat = Duration::from_millis(200);
-                P2pNetwork::start(config).await.expect("node starts")
-            };
-            (Arc::new(start(seed).await), Arc::new(start(seed + 1).await))
+                Arc::new(P2pNetwork::start(config).await.expect("node starts"))
+            }
+            World::Memory(net) => Arc::new(net.add_node(Identity::from_seed([seed; 32]), limits)),
         }
-        Kind::Memory => {
-            let net = MemoryNet::new(u64::from(seed));
-            let add = |s: u8| net.add_node(Identity::from_seed([s; 32]), Limits::default());
-            (Arc::new(add(seed)), Arc::new(add(seed + 1)))
+    }
+
+    /// Messages the world has carried, where it counts them.
+    fn messages_sent(&self) -> Option<u64> {
+        match self {
+            World::P2p => None,
+            World::Memory(net) => Some(net.stats().messages_sent),
         }
-    };
+    }
+
+    /// Kill `node` without a goodbye: its tasks stop and its connections
+    /// close (the libp2p swarm task is aborted when its last handle drops).
+    fn kill(&self, node: Arc<dyn Network>) {
+        match self {
+            World::P2p => {
+                assert_eq!(
+                    Arc::strong_count(&node),
+                    1,
+                    "the test holds the last handle"
+                );
+                drop(node);
+            }
+            World::Memory(net) => assert!(net.kill(node.local_peer_id())),
+        }
+    }
+}
+
+/// Dial `b` from `a` on one of `b`'s stream addresses.
+async fn connect(a: &Arc<dyn Network>, b: &Arc<dyn Network>) {
     let addrs = b.listen_addrs().await.unwrap();
     let addr = addrs
         .iter()
@@ -57,7 +93,32 @@ async fn pair(kind: Kind, seed: u8) -> (Arc<dyn Network>, Arc<dyn Network>) {
         .expect("a stream address")
         .clone();
     a.dial(addr).await.unwrap();
+}
+
+/// Two nodes of `kind` with default limits, `a` dialled to `b` (the
+/// in-memory world is kept alive by its nodes).
+async fn pair(kind: Kind, seed: u8) -> (Arc<dyn Network>, Arc<dyn Network>) {
+    let world = World::new(kind, seed);
+    let a = world.node(seed, Limits::default()).await;
+    let b = world.node(seed + 1, Limits::default()).await;
+    connect(&a, &b).await;
     (a, b)
+}
+
+/// A handler for `method` that answers with the tensor reversed.
+async fn echo(node: &Arc<dyn Network>, method: &str) {
+    let mut rx = node.handle(method).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(req) = rx.recv().await {
+            let mut t = req.request.tensor.to_vec();
+            t.reverse();
+            let meta = req.request.meta.clone();
+            req.respond(Response {
+                meta,
+                tensor: Bytes::from(t),
+            });
+        }
+    });
 }
 
 async fn close(nodes: &[&Arc<dyn Network>]) {
@@ -270,5 +331,154 @@ async fn announced_layers_are_found_and_withdrawn_alike() {
         )
         .await;
         close(&[&a, &b]).await;
+    }
+}
+
+fn request(method: &str, bytes: usize) -> Request {
+    Request {
+        method: method.into(),
+        meta: Bytes::new(),
+        tensor: Bytes::from(vec![1u8; bytes]),
+    }
+}
+
+/// A request over the receiver's limit is refused by the receiver, after it
+/// reads only the length, with a TooLarge status; one over the sender's own
+/// limit is refused before anything is sent; the connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_requests_are_typed_errors_on_both_sides_alike() {
+    for kind in KINDS {
+        let world = World::new(kind, 50);
+        let small = Limits {
+            max_request_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let big = 128 << 10;
+        let a = world.node(50, Limits::default()).await;
+        let b = world.node(51, small.clone()).await;
+        let c = world.node(52, small).await;
+        echo(&a, "test/echo").await;
+        echo(&b, "test/echo").await;
+        connect(&a, &b).await;
+        connect(&c, &a).await;
+        let t = Duration::from_secs(20);
+
+        let err = a
+            .request(b.local_peer_id(), request("test/echo", big), t)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Network(NetworkError::Remote {
+                    status: RemoteStatus::TooLarge,
+                    ..
+                })
+            ),
+            "{kind:?}: {err}"
+        );
+
+        let before = world.messages_sent();
+        let err = c
+            .request(a.local_peer_id(), request("test/echo", big), t)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Network(NetworkError::TooLarge {
+                    what: "request",
+                    limit: 65536,
+                    ..
+                })
+            ),
+            "{kind:?}: {err}"
+        );
+        assert_eq!(world.messages_sent(), before, "{kind:?}: nothing sent");
+
+        let ok = a
+            .request(b.local_peer_id(), request("test/echo", 100), t)
+            .await
+            .unwrap();
+        assert_eq!(ok.tensor.len(), 100, "{kind:?}");
+        close(&[&a, &b, &c]).await;
+    }
+}
+
+/// A peer that stalls costs the caller its deadline (a Timeout); a peer
+/// killed mid-request fails the request at once with a connection error,
+/// never a hang or a Timeout, and later requests to it fail to dial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_request_gives_an_error_not_a_hang_alike() {
+    for kind in KINDS {
+        let world = World::new(kind, 60);
+        let client = world.node(60, Limits::default()).await;
+        let server = world.node(61, Limits::default()).await;
+        connect(&client, &server).await;
+        let server_id = server.local_peer_id();
+        // A handler that takes requests and never answers.
+        let mut rx = server.handle("test/stall").await.unwrap();
+        let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+        let held = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let _ = got_tx.send(());
+            let mut rest = Vec::new();
+            while let Some(r) = rx.recv().await {
+                rest.push(r);
+            }
+            drop((first, rest));
+        });
+        let c = client.clone();
+        let pending = tokio::spawn(async move {
+            c.request(
+                server_id,
+                request("test/stall", 10),
+                Duration::from_secs(60),
+            )
+            .await
+        });
+        got_rx.await.unwrap();
+
+        let err = client
+            .request(
+                server_id,
+                request("test/stall", 10),
+                Duration::from_millis(500),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Network(NetworkError::Timeout { .. })),
+            "{kind:?}: {err}"
+        );
+
+        // The handler task outlives the node here (a real kill takes it
+        // too); libp2p's side of it still fails the request within seconds.
+        let killed = Instant::now();
+        world.kill(server);
+        let err = tokio::time::timeout(Duration::from_secs(30), pending)
+            .await
+            .expect("no hang")
+            .unwrap()
+            .unwrap_err();
+        assert!(killed.elapsed() < Duration::from_secs(30), "{kind:?}");
+        let closed = |e: &Error| {
+            matches!(
+                e,
+                Error::Network(NetworkError::ConnectionClosed { .. } | NetworkError::Dial { .. })
+            )
+        };
+        assert!(closed(&err), "{kind:?}: {err}");
+        let err = client
+            .request(
+                server_id,
+                request("test/stall", 10),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap_err();
+        assert!(closed(&err), "{kind:?}: after the kill: {err}");
+        held.abort();
+        close(&[&client]).await;
     }
 }

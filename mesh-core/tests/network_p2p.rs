@@ -219,74 +219,15 @@ async fn five_nodes_discover_gossip_and_exchange_tensors() {
     );
 }
 
+/// Socket-specific: a response over the responder's limit (64 MiB of real
+/// bytes) becomes a TooLarge error frame, not a cut connection. The request
+/// limits on both sides are in `network_conformance.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_limit_messages_are_typed_errors_on_both_sides() {
-    let small = Limits {
-        max_request_bytes: 64 << 10,
-        ..Limits::default()
-    };
-    let server = node_with(11, None, small.clone()).await;
-    echo_server(&server, "test/echo").await;
+async fn a_response_over_the_responders_limit_is_a_typed_error() {
+    let server = node(11, None).await;
     let addr = tcp_addr(&server.listen_addrs().await.unwrap());
     let client = node(12, Some(&addr)).await;
     client.dial(addr).await.unwrap();
-    let big = Request {
-        method: "test/echo".into(),
-        meta: Bytes::new(),
-        tensor: Bytes::from(vec![1u8; 128 << 10]),
-    };
-    // The server's limit is smaller than the client's: the server refuses it
-    // after reading only the length, and says why.
-    let err = client
-        .request(server.local_peer_id(), big.clone(), Duration::from_secs(20))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Network(NetworkError::Remote {
-                status: RemoteStatus::TooLarge,
-                ..
-            })
-        ),
-        "{err}"
-    );
-    // The connection still works afterwards.
-    let ok = client
-        .request(
-            server.local_peer_id(),
-            Request {
-                method: "test/echo".into(),
-                meta: Bytes::new(),
-                tensor: Bytes::from_static(b"abc"),
-            },
-            Duration::from_secs(20),
-        )
-        .await
-        .unwrap();
-    assert_eq!(&ok.tensor[..], b"cba");
-    // Over the sender's own limit: refused before anything is sent.
-    let tiny = node_with(
-        13,
-        Some(&tcp_addr(&server.listen_addrs().await.unwrap())),
-        small,
-    )
-    .await;
-    let err = tiny
-        .request(server.local_peer_id(), big, Duration::from_secs(20))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Network(NetworkError::TooLarge {
-                what: "request",
-                ..
-            })
-        ),
-        "{err}"
-    );
-    // A response over the responder's limit becomes a TooLarge error frame.
     let mut rx = server.handle("test/huge").await.unwrap();
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {
@@ -317,76 +258,9 @@ async fn over_limit_messages_are_typed_errors_on_both_sides() {
         ),
         "{err}"
     );
-    for n in [&server, &client, &tiny] {
+    for n in [&server, &client] {
         n.shutdown().await.unwrap();
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_mid_request_gives_an_error_not_a_hang() {
-    let server = node(21, None).await;
-    let addr = tcp_addr(&server.listen_addrs().await.unwrap());
-    // A handler that never answers.
-    let mut rx = server.handle("test/stall").await.unwrap();
-    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let held = rx.recv().await;
-        let _ = got_tx.send(());
-        sleep(Duration::from_secs(3600)).await;
-        drop(held);
-    });
-    let client = Arc::new(node(22, Some(&addr)).await);
-    client.dial(addr).await.unwrap();
-    let c = client.clone();
-    let server_id = server.local_peer_id();
-    let started = Instant::now();
-    let pending = tokio::spawn(async move {
-        c.request(
-            server_id,
-            Request {
-                method: "test/stall".into(),
-                ..Default::default()
-            },
-            Duration::from_secs(60),
-        )
-        .await
-    });
-    got_rx.await.unwrap();
-    // A peer that stalls: the caller's deadline turns it into a Timeout.
-    let err = client
-        .request(
-            server.local_peer_id(),
-            Request {
-                method: "test/stall".into(),
-                ..Default::default()
-            },
-            Duration::from_millis(500),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Network(NetworkError::Timeout { .. })),
-        "{err}"
-    );
-    drop(server); // kill: the swarm task is aborted, its sockets close
-    let err = timeout(Duration::from_secs(30), pending)
-        .await
-        .expect("no hang")
-        .unwrap()
-        .unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(30));
-    assert!(
-        !matches!(err, Error::Network(NetworkError::Timeout { .. })),
-        "{err}"
-    );
-    assert!(
-        matches!(
-            err,
-            Error::Network(NetworkError::ConnectionClosed { .. } | NetworkError::Dial { .. })
-        ),
-        "{err}"
-    );
-    client.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

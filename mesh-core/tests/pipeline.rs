@@ -60,12 +60,23 @@ struct Mesh {
 }
 
 fn mesh(rt: &tokio::runtime::Runtime, engine: &Arc<GgmlEngine>, ranges: &[(u32, u32)]) -> Mesh {
+    mesh_with(rt, engine, ranges, options())
+}
+
+/// [`mesh`] with the client node's options.
+fn mesh_with(
+    rt: &tokio::runtime::Runtime,
+    engine: &Arc<GgmlEngine>,
+    ranges: &[(u32, u32)],
+    client_options: NodeOptions,
+) -> Mesh {
     let net = MemoryNet::new(7);
-    let node = || {
+    let add = |options: NodeOptions| {
         let n = net.add_node(Identity::ephemeral(), Limits::default());
-        Node::with_network(Arc::new(n), rt.handle().clone(), options())
+        Node::with_network(Arc::new(n), rt.handle().clone(), options)
     };
-    let client = node();
+    let node = || add(options());
+    let client = add(client_options);
     let stages: Vec<Node> = ranges.iter().map(|_| node()).collect();
     let hub = client.listen_addrs().unwrap()[0].clone();
     for s in &stages {
@@ -141,6 +152,78 @@ fn three_stages_give_the_tokens_of_local_generation() {
     for s in &m.stages {
         assert_eq!(s.stages().session_count(), 0);
     }
+}
+
+/// f16 rows between stages (`PipelineConfig::dtype`, off by default) halve
+/// the bytes but round every hidden value (relative error <= 2^-11) at each
+/// of the two hand-offs. This measures where that changes greedy tokens, on
+/// the 15 golden prompts x 32 tokens, and holds it to what rounding can do:
+/// a prompt may only diverge from local generation where local generation
+/// itself was close (top-2 logit gap < 1.0 at the first differing step; the
+/// default model measured 0.000..0.42). A conversion bug (a wrong byte order,
+/// a truncation instead of rounding) would diverge at once and far from any
+/// tie. The counts printed here are in the README.
+#[test]
+fn f16_rows_halve_the_bytes_and_change_tokens_only_at_near_ties() {
+    const STEPS: usize = 32;
+    const NEAR_TIE: f32 = 1.0;
+    let rt = common::runtime();
+    let engine = engine();
+    let mut f16 = options();
+    f16.pipeline.dtype = DType::F16;
+    let m = mesh_with(&rt, &engine, &[(0, 10), (10, 20), (20, 30)], f16);
+    let golden: serde_json::Value = serde_json::from_str(include_str!("data/golden.json")).unwrap();
+    let prompts = golden["generate"]["prompts"].as_array().unwrap();
+    let (mut same, mut tokens_same, mut gaps) = (0, 0, Vec::new());
+    for p in prompts {
+        let ids = common::ids(&p["prompt_ids"]);
+        let req = GenerateRequest::new(Prompt::Tokens(ids.clone()), greedy(STEPS));
+        let local = m
+            .client
+            .generate(&engine, &req, Mode::Local, None, &mut |_| true)
+            .unwrap();
+        let piped = m
+            .client
+            .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
+            .unwrap();
+        let report = piped.pipeline.unwrap();
+        // 576 f16 values out and back per hop per token: half of f32's.
+        assert_eq!(report.stats.bytes_per_token(), 3.0 * 2.0 * 576.0 * 2.0);
+        let (want, got) = (&local.output.token_ids, &piped.output.token_ids);
+        assert_eq!(got.len(), STEPS);
+        let Some(step) = want.iter().zip(got).position(|(a, b)| a != b) else {
+            same += 1;
+            tokens_same += STEPS;
+            continue;
+        };
+        tokens_same += step;
+        // Local generation's logits at the first differing step.
+        let mut s = engine.new_session(ids.len() + STEPS).unwrap();
+        let context = [ids.as_slice(), &want[..step]].concat();
+        let logits = engine
+            .forward(&context, mesh_core::engine::Logits::Last, &mut s)
+            .unwrap();
+        let mut sorted = logits.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let gap = sorted[0] - sorted[1];
+        eprintln!(
+            "{}: f16 diverges at step {step} (local top-2 gap {gap:.3})",
+            p["name"].as_str().unwrap()
+        );
+        assert!(
+            gap < NEAR_TIE,
+            "{}: f16 changed a token at step {step}, where local generation's top-2 gap \
+             was {gap} (not a near-tie)",
+            p["name"]
+        );
+        gaps.push(gap);
+    }
+    eprintln!(
+        "f16 rows: {same} of {} prompts identical, {tokens_same} of {} tokens before the first \
+         difference; divergences at top-2 gaps {gaps:.3?}",
+        prompts.len(),
+        prompts.len() * STEPS
+    );
 }
 
 #[test]

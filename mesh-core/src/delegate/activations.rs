@@ -389,26 +389,33 @@ mod tests {
         let mut buf = vec![0u8; x.len() / bs * ts];
         // SAFETY: `x` is a whole number of blocks and `buf` holds them all.
         unsafe { from_float(x.as_ptr(), buf.as_mut_ptr().cast(), x.len() as i64) };
-        let h = |b: &[u8], at: usize| f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
+        use crate::engine::blocks::{blocks, half, BlockQ8K, BlockQ8_0, BlockQ8_1};
+        let h = |b: [u8; 2]| f16_to_f32(half(b));
+        fn quants(d: f64, qs: &[i8]) -> impl Iterator<Item = f64> + '_ {
+            qs.iter().map(move |q| d * f64::from(*q))
+        }
         let (mut vals, mut sums) = (Vec::new(), Vec::new());
-        for b in buf.chunks_exact(ts) {
-            match ty {
-                sys::ggml_type_GGML_TYPE_F16 => vals.push(f64::from(h(b, 0))),
-                sys::ggml_type_GGML_TYPE_Q8_0 => {
-                    let d = f64::from(h(b, 0));
-                    vals.extend(b[2..34].iter().map(|q| d * f64::from(*q as i8)));
-                }
-                sys::ggml_type_GGML_TYPE_Q8_1 => {
-                    let d = f64::from(h(b, 0));
-                    sums.push(h(b, 2));
-                    vals.extend(b[4..36].iter().map(|q| d * f64::from(*q as i8)));
-                }
-                sys::ggml_type_GGML_TYPE_Q8_K => {
-                    let d = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    vals.extend(b[4..260].iter().map(|q| d * f64::from(*q as i8)));
-                }
-                _ => unreachable!(),
+        match ty {
+            sys::ggml_type_GGML_TYPE_F16 => {
+                vals.extend(buf.chunks_exact(ts).map(|b| f64::from(h([b[0], b[1]]))));
             }
+            sys::ggml_type_GGML_TYPE_Q8_0 => {
+                for b in blocks::<BlockQ8_0>(&buf).unwrap() {
+                    vals.extend(quants(f64::from(h(b.d)), &b.qs));
+                }
+            }
+            sys::ggml_type_GGML_TYPE_Q8_1 => {
+                for b in blocks::<BlockQ8_1>(&buf).unwrap() {
+                    sums.push(h(b.s));
+                    vals.extend(quants(f64::from(h(b.d)), &b.qs));
+                }
+            }
+            sys::ggml_type_GGML_TYPE_Q8_K => {
+                for b in blocks::<BlockQ8K>(&buf).unwrap() {
+                    vals.extend(quants(f64::from(f32::from_le_bytes(b.d)), &b.qs));
+                }
+            }
+            _ => unreachable!(),
         }
         (vals, sums)
     }

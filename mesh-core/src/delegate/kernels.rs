@@ -35,6 +35,9 @@
 //! Q4_K (the `- m` step) and Q6_K (`d·sc·q` can need 25 bits); the integers
 //! here are the format's exact values.
 
+use crate::engine::blocks::{
+    block, half, Block, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0,
+};
 use crate::engine::WeightView;
 use crate::gguf::GgmlType;
 use crate::gguf::GgufErrorKind;
@@ -89,8 +92,21 @@ fn fp16_scaled(bits: u16) -> Result<i64> {
     Ok(if bits >> 15 == 1 { -mag } else { mag })
 }
 
-fn half_at(b: &[u8], at: usize) -> Result<i64> {
-    fp16_scaled(u16::from_le_bytes([b[at], b[at + 1]]))
+/// `2^24·h` for the fp16 scale `h` of a block.
+fn scale(h: [u8; 2]) -> Result<i64> {
+    fp16_scaled(half(h))
+}
+
+/// `bytes` as one block of `B` (the callers cut exactly one block).
+fn one<B: Block>(bytes: &[u8]) -> Result<&B> {
+    block::<B>(bytes).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{} block: expected {} bytes, found {}",
+            B::TYPE,
+            B::TYPE.type_size(),
+            bytes.len()
+        ))
+    })
 }
 
 /// Q4_K's packed 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
@@ -108,34 +124,37 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (i64, i64) {
 /// Writes the exact integer weights `2^24·w` of one block to `out`.
 fn block_weights(ty: GgmlType, b: &[u8], out: &mut [i64]) -> Result<()> {
     match ty {
-        GgmlType::F16 => out[0] = half_at(b, 0)?,
+        GgmlType::F16 => out[0] = fp16_scaled(u16::from_le_bytes([b[0], b[1]]))?,
         GgmlType::Q8_0 => {
-            let d = half_at(b, 0)?;
-            for (o, q) in out.iter_mut().zip(&b[2..34]) {
-                *o = d * i64::from(*q as i8);
+            let blk = one::<BlockQ8_0>(b)?;
+            let d = scale(blk.d)?;
+            for (o, q) in out.iter_mut().zip(&blk.qs) {
+                *o = d * i64::from(*q);
             }
         }
         GgmlType::Q4_0 => {
-            let d = half_at(b, 0)?;
-            for (i, q) in b[2..18].iter().enumerate() {
+            let blk = one::<BlockQ4_0>(b)?;
+            let d = scale(blk.d)?;
+            for (i, q) in blk.qs.iter().enumerate() {
                 out[i] = d * (i64::from(q & 0xf) - 8);
                 out[i + 16] = d * (i64::from(q >> 4) - 8);
             }
         }
         GgmlType::Q4_1 => {
-            let (d, m) = (half_at(b, 0)?, half_at(b, 2)?);
-            for (i, q) in b[4..20].iter().enumerate() {
+            let blk = one::<BlockQ4_1>(b)?;
+            let (d, m) = (scale(blk.d)?, scale(blk.m)?);
+            for (i, q) in blk.qs.iter().enumerate() {
                 out[i] = d * i64::from(q & 0xf) + m;
                 out[i + 16] = d * i64::from(q >> 4) + m;
             }
         }
         GgmlType::Q4_K => {
-            let (d, dmin) = (half_at(b, 0)?, half_at(b, 2)?);
-            let scales = &b[4..16];
+            let blk = one::<BlockQ4K>(b)?;
+            let (d, dmin) = (scale(blk.d)?, scale(blk.dmin)?);
             // 4 chunks of 32 quant bytes; low nibbles are sub-block 2c, high 2c+1.
-            for (c, qs) in b[16..144].chunks_exact(32).enumerate() {
-                let (sc_lo, mn_lo) = q4k_scale_min(2 * c, scales);
-                let (sc_hi, mn_hi) = q4k_scale_min(2 * c + 1, scales);
+            for (c, qs) in blk.qs.chunks_exact(32).enumerate() {
+                let (sc_lo, mn_lo) = q4k_scale_min(2 * c, &blk.scales);
+                let (sc_hi, mn_hi) = q4k_scale_min(2 * c + 1, &blk.scales);
                 let (a_lo, b_lo) = (d * sc_lo, dmin * mn_lo);
                 let (a_hi, b_hi) = (d * sc_hi, dmin * mn_hi);
                 for (l, q) in qs.iter().enumerate() {
@@ -145,11 +164,11 @@ fn block_weights(ty: GgmlType, b: &[u8], out: &mut [i64]) -> Result<()> {
             }
         }
         GgmlType::Q6_K => {
-            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-            let d = half_at(b, 208)?;
+            let blk = one::<BlockQ6K>(b)?;
+            let d = scale(blk.d)?;
             // Two halves of 128 weights; each uses 64 ql bytes, 32 qh bytes, 8 scales.
             for h in 0..2 {
-                let (ql, qh, sc) = (&ql[64 * h..], &qh[32 * h..], &sc[8 * h..]);
+                let (ql, qh, sc) = (&blk.ql[64 * h..], &blk.qh[32 * h..], &blk.scales[8 * h..]);
                 for l in 0..32 {
                     let hi = qh[l];
                     let q = [
@@ -159,7 +178,7 @@ fn block_weights(ty: GgmlType, b: &[u8], out: &mut [i64]) -> Result<()> {
                         (ql[l + 32] >> 4) | (((hi >> 6) & 3) << 4),
                     ];
                     for (k, qk) in q.iter().enumerate() {
-                        let s = i64::from(sc[l / 16 + 2 * k] as i8);
+                        let s = i64::from(sc[l / 16 + 2 * k]);
                         out[128 * h + 32 * k + l] = d * s * (i64::from(*qk) - 32);
                     }
                 }
@@ -174,6 +193,20 @@ fn block_weights(ty: GgmlType, b: &[u8], out: &mut [i64]) -> Result<()> {
     Ok(())
 }
 
+/// `Σ_j 2^24·q_j·X_j` and `Σ_j X_j` over the 32 nibbles of a Q4_0/Q4_1
+/// block against its 32 inputs.
+fn nibble_dot(qs: &[u8; 16], xs: &[u64]) -> (u64, u64) {
+    let (lo, hi) = xs.split_at(16);
+    let (mut sq, mut sx) = (0u64, 0u64);
+    for ((q, a), c) in qs.iter().zip(lo).zip(hi) {
+        sq = sq
+            .wrapping_add(u64::from(q & 0xf).wrapping_mul(*a))
+            .wrapping_add(u64::from(q >> 4).wrapping_mul(*c));
+        sx = sx.wrapping_add(*a).wrapping_add(*c);
+    }
+    (sq, sx)
+}
+
 /// `Σ_j 2^24·w_j·X_j` over one row of 32-weight blocks, block by block on
 /// the GGUF bytes: `D·Σ q_j·X_j` (Q8_0), `D·(Σ q_j·X_j - 8·Σ X_j)` (Q4_0),
 /// `D·Σ q_j·X_j + M·Σ X_j` (Q4_1). Only for those three types.
@@ -181,45 +214,36 @@ fn block_dot(ty: GgmlType, row: &[u8], x: &[u64]) -> Result<u64> {
     let ts = ty.type_size() as usize;
     let mut acc = 0u64;
     for (b, xs) in row.chunks_exact(ts).zip(x.chunks_exact(32)) {
-        let d = half_at(b, 0)? as u64;
-        match ty {
+        let (d, sq, offset, sx) = match ty {
             GgmlType::Q8_0 => {
+                let blk = one::<BlockQ8_0>(b)?;
                 let mut sq = 0u64;
-                for (q, v) in b[2..34].iter().zip(xs) {
-                    sq = sq.wrapping_add((i64::from(*q as i8) as u64).wrapping_mul(*v));
+                for (q, v) in blk.qs.iter().zip(xs) {
+                    sq = sq.wrapping_add((i64::from(*q) as u64).wrapping_mul(*v));
                 }
-                acc = acc.wrapping_add(d.wrapping_mul(sq));
+                (scale(blk.d)? as u64, sq, 0, 0)
             }
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let qs = if ty == GgmlType::Q4_0 {
-                    &b[2..18]
-                } else {
-                    &b[4..20]
-                };
-                let (lo, hi) = xs.split_at(16);
-                let (mut sq, mut sx) = (0u64, 0u64);
-                for ((q, a), c) in qs.iter().zip(lo).zip(hi) {
-                    sq = sq
-                        .wrapping_add(u64::from(q & 0xf).wrapping_mul(*a))
-                        .wrapping_add(u64::from(q >> 4).wrapping_mul(*c));
-                    sx = sx.wrapping_add(*a).wrapping_add(*c);
-                }
-                let offset = if ty == GgmlType::Q4_0 {
-                    // D·(q - 8) summed: the -8·D·ΣX term.
-                    d.wrapping_mul(8).wrapping_neg()
-                } else {
-                    half_at(b, 2)? as u64
-                };
-                acc = acc
-                    .wrapping_add(d.wrapping_mul(sq))
-                    .wrapping_add(offset.wrapping_mul(sx));
+            GgmlType::Q4_0 => {
+                let blk = one::<BlockQ4_0>(b)?;
+                let d = scale(blk.d)? as u64;
+                let (sq, sx) = nibble_dot(&blk.qs, xs);
+                // D·(q - 8) summed: the -8·D·ΣX term.
+                (d, sq, d.wrapping_mul(8).wrapping_neg(), sx)
+            }
+            GgmlType::Q4_1 => {
+                let blk = one::<BlockQ4_1>(b)?;
+                let (sq, sx) = nibble_dot(&blk.qs, xs);
+                (scale(blk.d)? as u64, sq, scale(blk.m)? as u64, sx)
             }
             other => {
                 return Err(Error::Unsupported(format!(
                     "block dot product on {other}: expected Q8_0, Q4_0 or Q4_1"
                 )))
             }
-        }
+        };
+        acc = acc
+            .wrapping_add(d.wrapping_mul(sq))
+            .wrapping_add(offset.wrapping_mul(sx));
     }
     Ok(acc)
 }
@@ -467,7 +491,9 @@ pub fn simd_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+    use std::mem::size_of;
 
+    use crate::engine::blocks::{half, BlockQ4_0, BlockQ4_1, BlockQ8_0, Q4_0_QS, Q4_1_QS, Q8_0_QS};
     use crate::gguf::GgmlType;
 
     /// One token's input in the kernel's layout. Per block of 32 the weights
@@ -567,12 +593,12 @@ mod avx2 {
             // The block's 32 quants as two vectors of 16 i16 (weights 0..16, 16..32).
             let (q0, q1) = if K == 0 {
                 (
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2).cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(Q8_0_QS).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(Q8_0_QS + 16).cast())),
                 )
             } else {
                 let nibbles = _mm_set1_epi8(0x0f);
-                let v = _mm_loadu_si128(blk.add(if K == 1 { 2 } else { 4 }).cast());
+                let v = _mm_loadu_si128(blk.add(if K == 1 { Q4_0_QS } else { Q4_1_QS }).cast());
                 (
                     _mm256_cvtepu8_epi16(_mm_and_si128(v, nibbles)),
                     _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), nibbles)),
@@ -585,7 +611,8 @@ mod avx2 {
                 // Σ D·(q - 8): the -8·D·ΣX term.
                 1 => (-8 * (i64::from(mant) << sh)) as u64,
                 2 => {
-                    let (m, msh) = half_parts(u16::from_le_bytes([*blk.add(2), *blk.add(3)]))?;
+                    let m = (*blk.cast::<BlockQ4_1>()).m;
+                    let (m, msh) = half_parts(half(m))?;
                     (i64::from(m) << msh) as u64
                 }
                 _ => 0,
@@ -611,7 +638,11 @@ mod avx2 {
         // SAFETY: the caller upholds this function's safety contract (its
         // `# Safety` section or the documented invariants it is called under).
         unsafe {
-            let ts = [34, 18, 20][K as usize];
+            let ts = [
+                size_of::<BlockQ8_0>(),
+                size_of::<BlockQ4_0>(),
+                size_of::<BlockQ4_1>(),
+            ][K as usize];
             let nb = p.sums.len();
             assert!(p.lo.len() == 32 * nb && p.hi.len() == 32 * nb);
             assert!(rows.iter().all(|r| r.len() == nb * ts));

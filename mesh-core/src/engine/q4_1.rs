@@ -36,12 +36,12 @@ use ggml_sys_bleedingedge as sys;
 
 use super::kernels::share;
 
-/// Values per block (Q4_1 and Q8_1).
-const QK: usize = 32;
-/// `block_q4_1`: f16 d, f16 m, 16 bytes of nibbles.
-const W_BLOCK: usize = 20;
-/// `block_q8_1` in this ggml: f16 d, f16 s (= d * sum(qs)), 32 int8.
-const Y_BLOCK: usize = 36;
+use super::blocks::{half, BlockQ4_1, BlockQ8_1, Q4_1_QS, Q8_1_QS, QK};
+
+/// Bytes of a weight block ([`BlockQ4_1`]).
+const W_BLOCK: usize = std::mem::size_of::<BlockQ4_1>();
+/// Bytes of an activation block ([`BlockQ8_1`]).
+const Y_BLOCK: usize = std::mem::size_of::<BlockQ8_1>();
 /// Tokens per column block (keeps the activations a tile row reads in L2).
 const COL_BLOCK: usize = 64;
 /// Copies of each activation block's `d` in the quantized buffer.
@@ -112,14 +112,14 @@ fn self_test() -> bool {
         seed
     };
     let mut w = vec![0u8; rows * cols / QK * W_BLOCK];
-    for blk in w.chunks_exact_mut(W_BLOCK) {
+    for blk in super::blocks::blocks_mut::<BlockQ4_1>(&mut w).expect("whole blocks") {
         let d = (next() % 1000) as f32 * 1e-5 + 1e-4;
         let m = -((next() % 1000) as f32) * 1e-4;
         // SAFETY: pure conversions.
         let (d, m) = unsafe { (sys::ggml_fp32_to_fp16(d), sys::ggml_fp32_to_fp16(m)) };
-        blk[..2].copy_from_slice(&d.to_le_bytes());
-        blk[2..4].copy_from_slice(&m.to_le_bytes());
-        for q in &mut blk[4..] {
+        blk.d = d.to_le_bytes();
+        blk.m = m.to_le_bytes();
+        for q in &mut blk.qs {
             *q = next() as u8;
         }
     }
@@ -192,20 +192,17 @@ unsafe fn quantize_rows(
             let row = buf.add(c * l.nb * Y_BLOCK);
             from_float(x.add(c * cols), row.cast(), cols as i64);
             for b in 0..l.nb {
-                let blk = row.add(b * Y_BLOCK);
-                let d = u16::from_le_bytes([*blk, *blk.add(1)]);
-                let s = u16::from_le_bytes([*blk.add(2), *blk.add(3)]);
-                let d = sys::ggml_fp16_to_fp32(d);
+                // Alignment 1: any byte address holds a block.
+                let blk = &*row.add(b * Y_BLOCK).cast::<BlockQ8_1>();
+                let d = sys::ggml_fp16_to_fp32(half(blk.d));
                 for k in 0..D_REPEAT {
                     *d_tab.add((b * n + c) * D_REPEAT + k) = d;
                 }
                 *s_tab.add(b * n + c) = if exact {
-                    let sumq: i32 = (0..QK)
-                        .map(|k| i32::from(*blk.add(4 + k).cast::<i8>()))
-                        .sum();
+                    let sumq: i32 = blk.qs.iter().map(|&q| i32::from(q)).sum();
                     d * sumq as f32
                 } else {
-                    sys::ggml_fp16_to_fp32(s)
+                    sys::ggml_fp16_to_fp32(half(blk.s))
                 };
             }
         }
@@ -318,7 +315,7 @@ macro_rules! tiled_kernel {
         mod $m {
             use std::arch::x86_64::*;
 
-            use super::{Act, COL_BLOCK, D_REPEAT, W_BLOCK, Y_BLOCK};
+            use super::{Act, COL_BLOCK, D_REPEAT, Q4_1_QS, Q8_1_QS, W_BLOCK, Y_BLOCK};
 
             /// ggml's `hsum_float_8`, same operation order.
             #[inline]
@@ -386,7 +383,7 @@ macro_rules! tiled_kernel {
                         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(blk.cast::<i32>().read_unaligned()));
                         dw[r] = _mm_broadcastss_ps(dm);
                         mw[r] = _mm256_cvtps_pd(_mm_permute_ps(dm, 0x55));
-                        let tmp = _mm_loadu_si128(blk.add(4).cast());
+                        let tmp = _mm_loadu_si128(blk.add(Q4_1_QS).cast());
                         qx[r] = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
                     }
                     let d_row = a.d.add((b * a.n + c0) * D_REPEAT);
@@ -406,7 +403,7 @@ macro_rules! tiled_kernel {
                     }
                     for c in 0..C {
                         let y = a.q.add((c0 + c) * y_stride + b * Y_BLOCK);
-                        let qy = _mm256_loadu_si256(y.add(4).cast());
+                        let qy = _mm256_loadu_si256(y.add(Q8_1_QS).cast());
                         let dx = _mm_loadu_ps(d_row.add(c * D_REPEAT));
                         for r in 0..R {
                             let i8l = idot(qx[r], qy);
@@ -513,7 +510,7 @@ macro_rules! tiled_kernel {
                         dw[r] = _mm256_broadcastss_ps(dm);
                         mw[r] = _mm_permute_ps(dm, 0x55);
                         // ggml's bytes_from_nibbles_32.
-                        let tmp = _mm_loadu_si128(blk.add(4).cast());
+                        let tmp = _mm_loadu_si128(blk.add(Q4_1_QS).cast());
                         qx[r] = _mm256_and_si256(low, _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp));
                     }
                     let d_row = a.d.add((b * a.n + c0) * D_REPEAT);
@@ -533,7 +530,7 @@ macro_rules! tiled_kernel {
                     }
                     for c in 0..C {
                         let y = a.q.add((c0 + c) * y_stride + b * Y_BLOCK);
-                        let qy = _mm256_loadu_si256(y.add(4).cast());
+                        let qy = _mm256_loadu_si256(y.add(Q8_1_QS).cast());
                         let dy = _mm256_loadu_ps(d_row.add(c * D_REPEAT));
                         for r in 0..R {
                             let xy = dot(qx[r], qy);

@@ -14,8 +14,16 @@ use ggml_sys_bleedingedge as sys;
 use super::kernels::share;
 use crate::delegate::activations::{f16_to_f32, q8_0_quants};
 
-/// Bytes per Q8_0 block: fp16 scale, 32 quants.
-const BLOCK: usize = 34;
+use super::blocks::{half, BlockQ8_0};
+
+/// Bytes per Q8_0 block ([`BlockQ8_0`]).
+const BLOCK: usize = std::mem::size_of::<BlockQ8_0>();
+
+/// The whole blocks of `row` (a partial block at the end is ignored).
+fn whole_blocks(row: &[u8]) -> &[BlockQ8_0] {
+    // Never panics: a multiple of the block size, and blocks have alignment 1.
+    bytemuck::cast_slice(&row[..row.len() / BLOCK * BLOCK])
+}
 
 /// Every fp16 value as f32 (the weights' block scales; a table is several
 /// times faster than converting in software per block).
@@ -28,16 +36,17 @@ fn f16_table() -> &'static [f32] {
 #[inline(always)]
 fn row_dot_generic(row: &[u8], scales: &[f64], quants: &[i8], f16: &[f32]) -> f64 {
     let mut acc = 0f64;
-    for ((blk, dx), qx) in row
-        .chunks_exact(BLOCK)
+    for ((blk, dx), qx) in whole_blocks(row)
+        .iter()
         .zip(scales)
         .zip(quants.chunks_exact(32))
     {
-        let dw = f64::from(f16[usize::from(u16::from_le_bytes([blk[0], blk[1]]))]);
-        let isum: i32 = blk[2..]
+        let dw = f64::from(f16[usize::from(half(blk.d))]);
+        let isum: i32 = blk
+            .qs
             .iter()
             .zip(qx)
-            .map(|(w, x)| i32::from(*w as i8) * i32::from(*x))
+            .map(|(w, x)| i32::from(*w) * i32::from(*x))
             .sum();
         acc += dw * dx * f64::from(isum);
     }
@@ -197,10 +206,10 @@ mod tests {
                 for r in 0..rows {
                     let row = &w[r * cols / 32 * BLOCK..(r + 1) * cols / 32 * BLOCK];
                     let mut exact = 0f64;
-                    for (bi, blk) in row.chunks_exact(BLOCK).enumerate() {
-                        let dw = f64::from(f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
-                        let s: f64 = blk[2..].iter().enumerate()
-                            .map(|(j, q)| f64::from(*q as i8) * xv[t * cols + bi * 32 + j])
+                    for (bi, blk) in whole_blocks(row).iter().enumerate() {
+                        let dw = f64::from(f16_to_f32(half(blk.d)));
+                        let s: f64 = blk.qs.iter().enumerate()
+                            .map(|(j, q)| f64::from(*q) * xv[t * cols + bi * 32 + j])
                             .sum();
                         exact += dw * s;
                     }

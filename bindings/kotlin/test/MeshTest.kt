@@ -267,8 +267,114 @@ fun main() {
                 }
             }
         }
+
+        nodeTests(model, modelPath)
     }
 
     println("$passed passed, $failed failed")
     exitProcess(if (failed == 0) 0 else 1)
+}
+
+private fun expectStatus(status: Int, body: () -> Unit) {
+    try {
+        body()
+        throw AssertionError("no exception")
+    } catch (e: MeshException) {
+        expect(e.status == status) { "expected status $status, got ${e.statusName}: ${e.message}" }
+    }
+}
+
+/** Nodes on loopback: the mesh through the bindings, as the Python node tests. */
+private fun nodeTests(model: Model, modelPath: String) {
+    val prompt = "The capital of France is"
+
+    test("two nodes: pipeline generation equals local, the plan arrives as an event") {
+        val events = java.util.Collections.synchronizedList(ArrayList<String>())
+        val split = (model.nLayers / 2).toInt()
+        Node(listen = listOf("/ip4/127.0.0.1/tcp/0")).use { a ->
+            val aId = a.peerId
+            expect(aId.startsWith("12D3KooW")) { aId }
+            val addrs = a.listenAddrs
+            expect(addrs.isNotEmpty() && addrs.all { it.endsWith("/p2p/$aId") }) { "$addrs" }
+            a.serve(model, 0, split)
+            Node(bootstrap = listOf(addrs[0]), onEvent = { events.add(it) }).use { b ->
+                b.serve(model, split, model.nLayers.toInt())
+                val piped = b.generate(model, prompt, Mode.PIPELINE, maxTokens = 16, temperature = 0f, ignoreEos = true)
+                val local = b.generate(model, prompt, Mode.LOCAL, maxTokens = 16, temperature = 0f, ignoreEos = true)
+                expect(piped.text == local.text && piped.text.isNotEmpty()) { "pipeline '${piped.text}' vs local '${local.text}'" }
+                expect(piped.nHops == 2L && piped.failovers == 0L && piped.hopMs > 0) { "$piped" }
+                expect(piped.bytesPerToken > 0 && local.nHops == 0L) { "$piped / $local" }
+            }
+        }
+        val plan = synchronized(events) { events.lastOrNull { "\"plan\"" in it } }
+        expect(plan != null && "\"layers\":[0,$split]" in plan.replace(" ", "")) { "events: $events" }
+    }
+
+    test("private mode across three nodes equals local exact generation") {
+        val exact = try {
+            Model.load(modelPath, nThreads = 1, exact = true)
+        } catch (e: MeshException) {
+            expect(e.status == MeshStatus.UNSUPPORTED) { "${e.message}" }
+            println("skip private mode: ${e.message}")
+            return@test
+        }
+        exact.use {
+            Node(listen = listOf("/ip4/127.0.0.1/tcp/0")).use { a ->
+                a.serveHelper(model)
+                val boot = a.listenAddrs[0]
+                Node(listen = listOf("/ip4/127.0.0.1/tcp/0"), bootstrap = listOf(boot)).use { b ->
+                    b.serveHelper(model)
+                    Node(bootstrap = listOf(boot), trusted = listOf(a.peerId, b.peerId), privateHelpers = 2).use { c ->
+                        val priv = c.generate(exact, prompt, Mode.PRIVATE, maxTokens = 12, temperature = 0f, ignoreEos = true)
+                        val local = c.generate(exact, prompt, Mode.LOCAL, maxTokens = 12, temperature = 0f, ignoreEos = true)
+                        expect(priv.text == local.text && priv.text.isNotEmpty()) { "private '${priv.text}' vs local '${local.text}'" }
+                        expect(priv.nHelpers == 2L && priv.helpersDropped == 0L && priv.bytesPerToken > 1e6) { "$priv" }
+                    }
+                }
+            }
+        }
+    }
+
+    test("bad addresses, peer ids and a mesh without helpers are typed errors") {
+        expectStatus(MeshStatus.INVALID_ARG) { Node(listen = listOf("not a multiaddr")).close() }
+        expectStatus(MeshStatus.INVALID_ARG) { Node(trusted = listOf("not a peer id")).close() }
+        Node(findTimeoutMs = 300).use { n ->
+            expectStatus(MeshStatus.INVALID_ARG) { n.dial("nonsense") }
+            expectStatus(MeshStatus.NETWORK) { n.generate(model, "Hi", Mode.PRIVATE, maxTokens = 2) }
+            expectStatus(MeshStatus.INVALID_ARG) { n.ledgerStatus() }
+        }
+        val closed = Node()
+        closed.close()
+        closed.close()
+        try {
+            closed.peerId
+            throw AssertionError("no exception")
+        } catch (e: IllegalStateException) {
+        }
+    }
+
+    test("a lone validator runs the ledger; bad stake transfers are refused") {
+        val dir = createTempDir("mesh-kotlin-ledger")
+        try {
+            Node(listen = listOf("/ip4/127.0.0.1/tcp/0"), identityPath = java.io.File(dir, "id.key").path).use { n ->
+                val genesis = java.io.File(dir, "genesis.json")
+                genesis.writeText("{\"chain_id\": \"kt\", \"validators\": [{\"peer_id\": \"${n.peerId}\", \"power\": 2}]}")
+                n.ledgerStart(genesis.path, java.io.File(dir, "l.redb").path, java.io.File(dir, "u").path)
+                val height = Regex("\"height\":\\s*(\\d+)")
+                val deadline = System.currentTimeMillis() + 60_000
+                while ((height.find(n.ledgerStatus())?.groupValues?.get(1)?.toLong() ?: 0L) < 2) {
+                    expect(System.currentTimeMillis() < deadline) { n.ledgerStatus() }
+                    Thread.sleep(100)
+                }
+                val status = n.ledgerStatus().replace(" ", "")
+                expect("\"validator\":true" in status && "\"${n.peerId}\":2" in status) { status }
+                expect(n.ledgerAdapter(model) == null) { "an adapter without any update" }
+                expectStatus(MeshStatus.INVALID_ARG) { n.ledgerTransfer("not-a-peer", 1) }
+                expectStatus(MeshStatus.INVALID_ARG) { n.ledgerTransfer(n.peerId, 1) }
+                expectStatus(MeshStatus.INVALID_ARG) { n.ledgerTransfer("12D3KooWHQybjJddHJE61nFuqKGVPSasS2zDmrBAUiCwpXkYFE4m", 3) }
+            }
+        } finally {
+            dir.deleteRecursively()
+        }
+    }
 }

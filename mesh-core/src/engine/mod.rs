@@ -14,6 +14,7 @@ mod ggml;
 mod kernels;
 pub mod lora;
 mod model;
+mod options;
 mod q4_1;
 mod q8_0;
 mod quant;
@@ -24,11 +25,12 @@ use std::ops::Range;
 
 pub(crate) use self::ggml::available_memory;
 pub use self::ggml::{
-    available_cores, cpu_class, default_threads, resolve_threads, BatchStats, Decoder,
-    EngineOptions, GgmlEngine, GgmlSession, LINGER, MAX_BATCH,
+    available_cores, cpu_class, default_threads, resolve_threads, BatchStats, Decoder, GgmlEngine,
+    GgmlSession, LINGER, MAX_BATCH,
 };
 pub use self::lora::{parse_lora_arg, ActiveLora, AdapterError, LoraAdapter, LoraFactors};
 pub use self::model::{LayerWeights, ModelInfo, RopeKind};
+pub use self::options::EngineOptions;
 pub use self::quant::{dequantize, quantize, QUANT_TYPES};
 pub use self::threads::ThreadStats;
 

@@ -3,6 +3,17 @@
 throughput with concurrent clients.
 
     python3 scripts/bench_serve.py [--threads 2] [--tg 64] [--runs 10] [--clients 1,4,8]
+                                   [--fixed-threads]
+
+(--fixed-threads: both the CLI and the servers compute every graph with
+--threads threads instead of the adaptive thread policy, for A/B runs.)
+
+    python3 scripts/bench_serve.py --idle-profile [--threads 2]
+
+instead measures what an idle gap before a request costs: streams of TG
+tokens to one server back to back, and each after a 0.7 s pause, alternated
+6 times each, and prints the mean gap between tokens 1-8, 8-16, 16-32 and
+32-TG of each kind.
 
 Builds the release `mesh`, then
 1. runs `mesh generate` (greedy, --ignore-eos, TG tokens) and the same prompt
@@ -48,13 +59,32 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+def idle_profile(host, port, prompt, tg):
+    """Per-token gaps of streams sent back to back vs after a 0.7 s pause."""
+    gaps = {0.0: [], 0.7: []}
+    for _ in range(6):
+        for pause in gaps:
+            time.sleep(pause)
+            _, _, times = stream_completion(host, port, prompt, tg)
+            gaps[pause].append([(b - a) * 1e3 for a, b in zip(times, times[1:])])
+    print(f"| pause before the request | gap ms, tokens 1-8 | 8-16 | 16-32 | 32-{tg} |")
+    print("|---|---|---|---|---|")
+    for pause, rows in gaps.items():
+        mean = lambda i, j: statistics.mean(x for r in rows for x in r[i:j])
+        print(f"| {pause} s | {mean(0, 8):.2f} | {mean(8, 16):.2f} | {mean(16, 32):.2f} | "
+              f"{mean(32, tg):.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--fixed-threads", action="store_true")
+    ap.add_argument("--idle-profile", action="store_true")
     args = ap.parse_args()
+    fixed = ["--fixed-threads"] if args.fixed_threads else []
     mesh = mesh_binary()
     model = subprocess.check_output([mesh, "fetch"], text=True).strip()
     short, _ = prompt_files("serve", 16)
@@ -63,19 +93,27 @@ def main():
     def start(*extra):
         p = subprocess.Popen([mesh, "serve", "--model", model, "--name", "default", "--listen",
                               "127.0.0.1:0", "--threads", str(args.threads), "--parallel",
-                              str(max(clients)), "--queue", str(2 * max(clients)), *extra],
+                              str(max(clients)), "--queue", str(2 * max(clients)), *fixed, *extra],
                              stdout=subprocess.PIPE, text=True)
         url = json.loads(p.stdout.readline())["listening"]
         host, port = url[len("http://"):].split(":")
         stream_completion(host, int(port), prompt, 4)  # warm up
         return p, host, int(port)
 
+    if args.idle_profile:
+        srv, host, port = start()
+        try:
+            idle_profile(host, port, prompt, args.tg)
+        finally:
+            srv.terminate()
+            srv.wait(timeout=60)
+        return
     srv, host, port = start()
     unbatched, _, port_unbatched = start("--no-batch")
     try:
         cli_tps, cli_ttft, srv_tps, srv_ttft = [], [], [], []
         for _ in range(args.runs):
-            g = generate(mesh, model, short, args.tg, args.threads)
+            g = generate(mesh, model, short, args.tg, args.threads, fixed)
             step = g["generate_ms"] / max(1, len(g["token_ids"]) - 1)
             cli_tps.append(1e3 / step)
             cli_ttft.append(g["prompt_ms"] + step)

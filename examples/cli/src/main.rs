@@ -489,6 +489,9 @@ enum Command {
         /// Compute threads, at most the cores (default 0: the cores idle right now).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Always compute with --threads threads (see `generate --fixed-threads`).
+        #[arg(long)]
+        fixed_threads: bool,
         /// Exact accumulation (see `mesh generate --exact`).
         #[arg(long)]
         exact: bool,
@@ -1306,6 +1309,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             grace,
             header_timeout,
             threads,
+            fixed_threads,
             exact,
             stage_timeout,
             helper_timeout,
@@ -1327,6 +1331,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                 model,
                 name,
                 threads,
+                fixed_threads,
                 exact,
                 client: net::ClientArgs {
                     bootstrap,

@@ -13,6 +13,7 @@ pub struct ServeArgs {
     pub model: String,
     pub name: Option<String>,
     pub threads: usize,
+    pub fixed_threads: bool,
     pub exact: bool,
     pub client: crate::net::ClientArgs,
     pub config: ServeConfig,
@@ -23,7 +24,7 @@ pub struct ServeArgs {
 pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
     let path = crate::model_path_via(&args.model, &args.client.bootstrap)?;
     eprintln!("mesh serve: loading {}", path.display());
-    let engine = crate::load_engine(&path, args.threads, args.exact, false)?;
+    let engine = crate::load_engine(&path, args.threads, args.exact, args.fixed_threads)?;
     let node = crate::net::client_node(args.client)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

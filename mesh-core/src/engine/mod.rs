@@ -15,6 +15,7 @@ mod kernels;
 pub mod lora;
 mod model;
 mod options;
+mod placement;
 mod q4_1;
 mod q8_0;
 mod quant;

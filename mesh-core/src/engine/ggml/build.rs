@@ -2,6 +2,7 @@
 //! over the KV cache, the layers, the embedding lookup and the head; and
 //! computing a graph on the session's scratch buffers.
 
+use crate::engine::placement::{placement_callback, Placement};
 use crate::engine::GgmlErrorKind;
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,13 @@ impl GgmlEngine {
                     s.work.resize(plan.work_size, 0);
                 }
                 plan.work_data = s.work.as_mut_ptr();
+                // Every thread calls this first (see `placement`); it lives
+                // until the compute returns.
+                let placement = Placement::new(threads);
+                if threads > 1 {
+                    plan.abort_callback = Some(placement_callback);
+                    plan.abort_callback_data = &placement as *const Placement as *mut c_void;
+                }
                 let started = Instant::now();
                 let cpu_started = process_cpu_time();
                 let status = sys::ggml_graph_compute(gf, &mut plan);

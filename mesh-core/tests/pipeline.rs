@@ -13,7 +13,7 @@ use bytes::Bytes;
 use mesh_core::engine::lora::{self, ActiveLora, LoraAdapter};
 use mesh_core::engine::{Engine, GgmlEngine, Projection};
 use mesh_core::generate::{GenerateParams, Prompt};
-use mesh_core::network::memory::MemoryNet;
+use mesh_core::network::memory::{LinkConfig, MemoryNet};
 use mesh_core::network::{Identity, Limits, PeerId};
 use mesh_core::node::{
     GenerateRequest, Mode, Node, NodeEvent, NodeOptions, NodeOutput, PipelineReport,
@@ -226,12 +226,22 @@ fn f16_rows_halve_the_bytes_and_change_tokens_only_at_near_ties() {
     );
 }
 
-#[test]
-fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
+/// Generates through a mesh where two nodes serve 10..20 and whichever the
+/// plan picks is failed by `fail` after the 10th token; the tokens must equal
+/// local generation's and the failover must replace exactly that peer.
+/// Returns the failed peer and the failover events' errors.
+fn fail_the_middle_stage(
+    client_options: NodeOptions,
+    fail: impl Fn(&Mesh, PeerId),
+) -> (PeerId, Vec<String>) {
     let rt = common::runtime();
     let engine = engine();
-    // Two nodes serve 10..20: whichever the plan picks dies at token 10.
-    let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (10, 20), (20, 30)]);
+    let m = mesh_with(
+        &rt,
+        &engine,
+        &[(0, 10), (10, 20), (10, 20), (20, 30)],
+        client_options,
+    );
     let req = request(PROMPTS[1], 32);
     let local = m
         .client
@@ -239,7 +249,7 @@ fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
         .unwrap();
     let mut events = m.client.events();
     let mut pieces = 0;
-    let mut killed = None;
+    let mut failed = None;
     let out = m
         .client
         .generate(&engine, &req, Mode::Pipeline, None, &mut |_| {
@@ -250,22 +260,60 @@ fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
                         let Target::Peer(p) = hops[1].target else {
                             panic!("middle hop is local")
                         };
-                        killed = Some(p);
+                        failed = Some(p);
                     }
                 }
-                assert!(m.net.kill(killed.expect("a plan event")));
+                fail(&m, failed.expect("a plan event"));
             }
             true
         })
         .unwrap();
-    let killed = killed.unwrap();
+    let failed = failed.unwrap();
     assert_eq!(out.output.token_ids, local.output.token_ids);
     let report = out.pipeline.unwrap();
     assert_eq!(report.stats.failovers, 1);
-    assert_eq!(report.stats.failed, vec![killed]);
+    assert_eq!(report.stats.failed, vec![failed]);
     assert_eq!(report.plan.len(), 3);
     assert_eq!(report.plan[1].layers, 10..20);
-    assert_ne!(report.plan[1].target, Target::Peer(killed));
+    assert_ne!(report.plan[1].target, Target::Peer(failed));
+    let mut errors = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let NodeEvent::Pipeline(PipelineEvent::Failover { peer, error, .. }) = e {
+            assert_eq!(peer, failed);
+            errors.push(error);
+        }
+    }
+    (failed, errors)
+}
+
+/// A stage that dies between tokens is seen leaving (its connection
+/// closes), and its layers are planned again before any request to it.
+#[test]
+fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
+    let (_, errors) = fail_the_middle_stage(options(), |m, peer| assert!(m.net.kill(peer)));
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("left the mesh"), "{errors:?}");
+}
+
+/// A stage that dies while a request is in flight to it (its link made
+/// slow, then the node killed halfway): the request fails, and the same
+/// failover follows from the failure.
+#[test]
+fn a_stage_killed_during_a_request_fails_over_with_identical_tokens() {
+    let (_, errors) = fail_the_middle_stage(options(), |m, peer| {
+        let slow = LinkConfig {
+            latency: Duration::from_millis(300),
+            ..LinkConfig::default()
+        };
+        m.net.set_link(m.client.peer_id(), peer, slow);
+        let net = m.net.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            assert!(net.kill(peer));
+        });
+    });
+    assert_eq!(errors.len(), 1);
+    assert!(!errors[0].contains("left the mesh"), "{errors:?}");
 }
 
 #[test]

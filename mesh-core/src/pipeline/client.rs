@@ -14,6 +14,14 @@
 //! are bit-identical to an uninterrupted run whenever the replacement
 //! computes with the same kernels (same CPU class, or exact accumulation on
 //! every node).
+//!
+//! A hop whose peer disconnects during the session (the network's
+//! [`Event::PeerDisconnected`]) is planned again the same way before the
+//! next request to it, when the providers found then cover its layers
+//! without it: a request to a peer whose connection closed would first
+//! redial it, which takes seconds when it is gone (QUIC waits for its
+//! handshake timeout). When nobody else covers those layers, the request
+//! goes to the peer anyway (it may be back).
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -23,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message;
 use tokio::runtime::Handle;
+use tokio::sync::broadcast;
 
 use super::planner::{self, Candidate, CostModel, Hop, Plan, Target};
 use super::protocol::{
@@ -32,7 +41,7 @@ use super::protocol::{
 use super::PipelineError;
 use crate::compute;
 use crate::engine::{Engine, GgmlEngine, GgmlSession, Hidden, ModelId};
-use crate::network::{Network, PeerId, Request};
+use crate::network::{Event, Network, PeerId, Request};
 use crate::{Error, Result};
 
 /// Settings of a pipeline session.
@@ -164,6 +173,11 @@ pub struct PipelineSession {
     local: Option<(Range<u32>, f32)>,
     hops: Vec<ActiveHop>,
     avoid: HashSet<PeerId>,
+    /// The network's events since the session opened.
+    events: broadcast::Receiver<Event>,
+    /// Peers whose last connection closed since then (and that have not
+    /// connected again).
+    departed: HashSet<PeerId>,
     stats: PipelineStats,
     sink: Option<EventSink>,
 }
@@ -195,6 +209,7 @@ impl PipelineSession {
         sink: Option<EventSink>,
     ) -> Result<PipelineSession> {
         let info = engine.info();
+        let events = net.events();
         let mut s = PipelineSession {
             net,
             rt,
@@ -214,6 +229,8 @@ impl PipelineSession {
             local,
             hops: Vec::new(),
             avoid: HashSet::new(),
+            events,
+            departed: HashSet::new(),
             stats: PipelineStats::default(),
             sink,
         };
@@ -329,6 +346,36 @@ impl PipelineSession {
             }
             std::thread::sleep(Duration::from_millis(100).min(left));
         }
+    }
+
+    /// Whether hop `i`'s `peer` left during the session and the providers
+    /// found now cover the hop's layers without it (then the hop fails over
+    /// before any request to the peer; see the module docs).
+    fn left_and_replaceable(&mut self, i: usize, peer: PeerId) -> bool {
+        loop {
+            match self.events.try_recv() {
+                Ok(Event::PeerDisconnected { peer }) => {
+                    self.departed.insert(peer);
+                }
+                Ok(Event::PeerConnected { peer }) => {
+                    self.departed.remove(&peer);
+                }
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        if !self.departed.contains(&peer) {
+            return false;
+        }
+        let layers = self.hops[i].hop.layers.clone();
+        let fresh = self.avoid.insert(peer);
+        let covered = self
+            .candidates(&layers)
+            .is_ok_and(|all| planner::uncovered(&layers, &all, &self.avoid).is_empty());
+        if fresh {
+            self.avoid.remove(&peer);
+        }
+        covered
     }
 
     /// Counts a failover away from `peer` (avoided from now on); past
@@ -538,10 +585,14 @@ impl PipelineSession {
             }
         };
         self.hops[i].inputs.push(input);
-        let err = match self.catch_up(i, peer) {
-            Ok(out) => return Ok((out, i + 1)),
-            Err(Error::Cancelled) => return Err(Error::Cancelled),
-            Err(e) => e,
+        let err = if self.left_and_replaceable(i, peer) {
+            PipelineError::Left { peer }.into()
+        } else {
+            match self.catch_up(i, peer) {
+                Ok(out) => return Ok((out, i + 1)),
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(e) => e,
+            }
         };
         self.count_failure(peer, &err)?;
         let failed = self.hops.remove(i);

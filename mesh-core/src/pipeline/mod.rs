@@ -51,6 +51,14 @@ pub enum PipelineError {
         /// What is wrong with it.
         message: String,
     },
+    /// A stage's peer disconnected during the session (its last connection
+    /// closed), so its layers were planned again before the next request
+    /// (the failover's reason; never returned by itself).
+    #[error("stage {peer} left the mesh (its last connection closed)")]
+    Left {
+        /// The stage.
+        peer: PeerId,
+    },
     /// A stage failed and no other peer can take its layers.
     #[error("stage {peer} failed ({error}) and no other peer serves layers {}", ranges(.missing))]
     FailoverImpossible {

@@ -316,6 +316,18 @@ fn a_stage_killed_during_a_request_fails_over_with_identical_tokens() {
     assert!(!errors[0].contains("left the mesh"), "{errors:?}");
 }
 
+/// A stage that stops answering without disconnecting (a partition drops
+/// its messages) fails its request at the stage timeout; the providers are
+/// found again without it, and the same failover follows.
+#[test]
+fn a_stage_that_stops_answering_fails_over_at_the_stage_timeout() {
+    let mut client = options();
+    client.pipeline.stage_timeout = Duration::from_secs(2);
+    let (_, errors) = fail_the_middle_stage(client, |m, peer| m.net.partition(&[vec![peer]]));
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("timed out"), "{errors:?}");
+}
+
 #[test]
 fn all_stages_gone_is_a_typed_error_within_the_deadline() {
     let rt = common::runtime();

@@ -168,6 +168,11 @@ impl Network for MemoryNetwork {
     /// then a [`DESCRIBE_METHOD`] request to each provider found (each
     /// within [`MemoryConfig::rpc_timeout`]); providers that do not answer in
     /// time, or no longer serve what was asked, are dropped. Sorted by peer id.
+    ///
+    /// The lookup gets three quarters of `timeout` and stops there with the
+    /// providers it has: a peer that never answers its query (a partition)
+    /// must not use up the time the describes of the others need. (The
+    /// libp2p implementation describes each provider as it is found.)
     async fn find_providers(
         &self,
         model: ModelId,
@@ -175,11 +180,13 @@ impl Network for MemoryNetwork {
         timeout: Duration,
     ) -> Result<Vec<Provider>> {
         self.alive()?;
-        let deadline = later(Instant::now(), timeout);
+        let now = Instant::now();
+        let deadline = later(now, timeout);
+        let lookup_deadline = later(now, timeout.saturating_mul(3) / 4);
         let key = layer.map_or_else(|| model_key(&model), |l| layer_key(&model, l));
         let found = self
             .net
-            .lookup(self.index, key, KadOp::GetProviders, Some(deadline))
+            .lookup(self.index, key, KadOp::GetProviders, Some(lookup_deadline))
             .await;
         let mut out = Vec::new();
         if found.providers.contains(&self.peer) {

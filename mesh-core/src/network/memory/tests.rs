@@ -318,3 +318,36 @@ async fn provider_records_expire_unless_republished() {
         1
     );
 }
+
+/// A provider cut off by a partition never answers the lookup's query nor
+/// its describe; the others are still found within the timeout.
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_provider_does_not_hide_the_others() {
+    let net = MemoryNet::new(5);
+    let nodes: Vec<MemoryNetwork> = (1..=4).map(|i| node(&net, i)).collect();
+    for n in &nodes[1..] {
+        n.dial(nodes[0].addr()).await.unwrap();
+    }
+    let model = ModelId([7; 32]);
+    for n in &nodes[2..] {
+        n.announce(Announcement {
+            model,
+            layers: 0..1,
+            free_memory: 0,
+            tokens_per_sec: 0.0,
+        })
+        .await
+        .unwrap();
+    }
+    let t = Duration::from_secs(4);
+    assert_eq!(
+        nodes[0].find_providers(model, None, t).await.unwrap().len(),
+        2
+    );
+    net.partition(&[vec![nodes[2].local_peer_id()]]);
+    let started = Instant::now();
+    let found = nodes[0].find_providers(model, None, t).await.unwrap();
+    let peers: Vec<PeerId> = found.iter().map(|p| p.peer_id).collect();
+    assert_eq!(peers, vec![nodes[3].local_peer_id()]);
+    assert!(started.elapsed() <= t, "{:?}", started.elapsed());
+}

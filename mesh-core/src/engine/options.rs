@@ -33,10 +33,11 @@ pub struct EngineOptions {
     /// with AVX2, FMA and F16C: loading fails with [`Error::Unsupported`](crate::Error::Unsupported)
     /// elsewhere.
     pub exact: bool,
-    /// Batched Q4_1 projections use mesh-llm's tiled kernel instead of ggml's
-    /// `mul_mat` (default on; silently off where the CPU cannot run it). Both
-    /// give bit-identical results: switching it off is a debugging and
-    /// benchmarking aid.
+    /// Batched Q4_1 projections use mesh-llm's tiled kernel, and single-token
+    /// products with Q8_0 weights (the default model's output head) its
+    /// row-by-row kernel, instead of ggml's `mul_mat` (default on; each
+    /// silently off where the CPU cannot run it). Both give bit-identical
+    /// results: switching it off is a debugging and benchmarking aid.
     pub custom_gemm: bool,
     /// Adapt each graph's thread count to the machine's load (default on), or
     /// always use [`threads`](Self::threads), as the pinned ggml would: see

@@ -154,6 +154,36 @@ impl GgmlEngine {
                     && (*x).ne[3] == 1
                     && (*x).nb[0] == 4
                     && q8_0::fits(cols);
+                // One token through Q8_0 weights (the tied output head):
+                // ggml's result from a faster kernel (see `q8_0::gemv_op`).
+                let gemv_q8_0 = !exact
+                    && self.options.custom_gemm
+                    && n == 1
+                    && (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
+                    && (*w).ne[2] == 1
+                    && (*w).ne[3] == 1
+                    && sys::ggml_is_contiguous(w)
+                    && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
+                    && sys::ggml_is_contiguous(x)
+                    && (*x).ne[0] as usize == cols
+                    && (*x).ne[1] == 1
+                    && (*x).ne[2] == 1
+                    && (*x).ne[3] == 1
+                    && q8_0::fits(cols)
+                    && q8_0::gemv_available();
+                if gemv_q8_0 {
+                    // The custom op's result takes the shape of its first argument.
+                    let shape = g.shape_3d(rows as i64, 1, 1);
+                    return sys::ggml_map_custom3(
+                        ctx,
+                        shape,
+                        w,
+                        x,
+                        Some(q8_0::gemv_op),
+                        N_TASKS_MAX,
+                        ptr::null_mut(),
+                    );
+                }
                 if exact_q8_0 {
                     // The custom op's result takes the shape of its first argument.
                     let shape = g.shape_3d(rows as i64, (*x).ne[1], 1);
@@ -598,12 +628,9 @@ impl GgmlEngine {
                 cur = sys::ggml_view_2d(ctx, cur, self.info.n_embd as i64, 1, nb1, nb1 * (n - 1));
             }
             let n_out = (*cur).ne[1] as usize;
-            let res = if self.options.exact {
-                // Exact accumulation covers the output head too (Q8_0 here).
-                self.mat_mul(g, self.tensors.output, cur, n_out)
-            } else {
-                sys::ggml_mul_mat(ctx, self.tensors.output, cur)
-            };
+            // Exact accumulation covers the output head too (Q8_0 here); in the
+            // default mode a single token's head runs `q8_0::gemv_op`.
+            let res = self.mat_mul(g, self.tensors.output, cur, n_out);
             self.add_adapters(g, adapters, 0, Projection::Output, res, cur)
         }
     }

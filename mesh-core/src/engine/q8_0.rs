@@ -373,7 +373,7 @@ mod tests {
             let d = f16_to_f32(half(blk.d)) * d;
             for (i, a) in acc.iter_mut().enumerate() {
                 let dot: i32 = (4 * i..4 * i + 4)
-                    .map(|j| i32::from(blk.qs[j] as i8) * i32::from(x[j]))
+                    .map(|j| i32::from(blk.qs[j]) * i32::from(x[j]))
                     .sum();
                 *a = d.mul_add(dot as f32, *a);
             }

@@ -3,6 +3,17 @@
 //! computing a graph on the session's scratch buffers.
 
 use crate::engine::placement::{placement_callback, Placement};
+
+/// A `ggml_map_custom3` function.
+type CustomOp3 = unsafe extern "C" fn(
+    *mut sys::ggml_tensor,
+    *const sys::ggml_tensor,
+    *const sys::ggml_tensor,
+    *const sys::ggml_tensor,
+    i32,
+    i32,
+    *mut c_void,
+);
 use crate::engine::GgmlErrorKind;
 use std::time::{Duration, Instant};
 
@@ -143,8 +154,7 @@ impl GgmlEngine {
                 && (*x).ne[3] == 1
                 && q4_1::fits(cols, n);
             if !use_kernel {
-                let exact_q8_0 = exact
-                    && (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
+                let q8_0_shapes = (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
                     && (*w).ne[2] == 1
                     && (*w).ne[3] == 1
                     && sys::ggml_is_contiguous(w)
@@ -154,37 +164,23 @@ impl GgmlEngine {
                     && (*x).ne[3] == 1
                     && (*x).nb[0] == 4
                     && q8_0::fits(cols);
-                // One token through Q8_0 weights (the tied output head):
-                // ggml's result from a faster kernel (see `q8_0::gemv_op`).
-                let gemv_q8_0 = !exact
-                    && self.options.custom_gemm
+                // Exact mode: the exactly rounded product. Otherwise one token
+                // through Q8_0 weights (the tied output head) gets ggml's
+                // result from a faster kernel (see `q8_0::gemv_op`).
+                let q8_0_op = if !q8_0_shapes {
+                    None
+                } else if exact {
+                    Some(q8_0::exact_gemm_op as CustomOp3)
+                } else if self.options.custom_gemm
                     && n == 1
-                    && (*w).type_ == sys::ggml_type_GGML_TYPE_Q8_0
-                    && (*w).ne[2] == 1
-                    && (*w).ne[3] == 1
-                    && sys::ggml_is_contiguous(w)
-                    && (*x).type_ == sys::ggml_type_GGML_TYPE_F32
-                    && sys::ggml_is_contiguous(x)
-                    && (*x).ne[0] as usize == cols
                     && (*x).ne[1] == 1
-                    && (*x).ne[2] == 1
-                    && (*x).ne[3] == 1
-                    && q8_0::fits(cols)
-                    && q8_0::gemv_available();
-                if gemv_q8_0 {
-                    // The custom op's result takes the shape of its first argument.
-                    let shape = g.shape_3d(rows as i64, 1, 1);
-                    return sys::ggml_map_custom3(
-                        ctx,
-                        shape,
-                        w,
-                        x,
-                        Some(q8_0::gemv_op),
-                        N_TASKS_MAX,
-                        ptr::null_mut(),
-                    );
-                }
-                if exact_q8_0 {
+                    && q8_0::gemv_available()
+                {
+                    Some(q8_0::gemv_op as CustomOp3)
+                } else {
+                    None
+                };
+                if let Some(op) = q8_0_op {
                     // The custom op's result takes the shape of its first argument.
                     let shape = g.shape_3d(rows as i64, (*x).ne[1], 1);
                     return sys::ggml_map_custom3(
@@ -192,7 +188,7 @@ impl GgmlEngine {
                         shape,
                         w,
                         x,
-                        Some(q8_0::exact_gemm_op),
+                        Some(op),
                         N_TASKS_MAX,
                         ptr::null_mut(),
                     );

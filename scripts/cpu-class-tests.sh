@@ -21,11 +21,12 @@ fi
 export MESH_MODEL MESH_NO_AVX512=1
 portable_env
 echo "cpu-class-tests: ggml without -march=native in $CARGO_TARGET_DIR, MESH_NO_AVX512=1" >&2
-# The unit tests (kernel variants), and the tests whose expectations name a
-# CPU class. Private mode runs on exact mode, which engine_exact and lora
-# prove class-independent; the whole mesh-core suite also passes here
-# (MESH_CPU_CLASS_ALL=1 runs it, ~45 min on 2 cores).
-tests=(engine_exact engine_golden perplexity lora)
+# The unit tests (kernel variants), the tests whose expectations name a
+# CPU class, and q4_1_gemm (our Q4_1 and single-token Q8_0 kernels against
+# this class's ggml, bit for bit). Private mode runs on exact mode, which
+# engine_exact and lora prove class-independent; the whole mesh-core suite
+# also passes here (MESH_CPU_CLASS_ALL=1 runs it, ~45 min on 2 cores).
+tests=(engine_exact engine_golden perplexity lora q4_1_gemm)
 args=(--lib)
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 [ "${MESH_CPU_CLASS_ALL:-0}" = 1 ] && args=()

@@ -3,17 +3,6 @@
 //! computing a graph on the session's scratch buffers.
 
 use crate::engine::placement::{placement_callback, Placement};
-
-/// A `ggml_map_custom3` function.
-type CustomOp3 = unsafe extern "C" fn(
-    *mut sys::ggml_tensor,
-    *const sys::ggml_tensor,
-    *const sys::ggml_tensor,
-    *const sys::ggml_tensor,
-    i32,
-    i32,
-    *mut c_void,
-);
 use crate::engine::GgmlErrorKind;
 use std::time::{Duration, Instant};
 
@@ -99,10 +88,10 @@ impl GgmlEngine {
                 plan.work_data = s.work.as_mut_ptr();
                 // Every thread calls this first (see `placement`); it lives
                 // until the compute returns.
-                let placement = Placement::new(threads);
-                if threads > 1 {
+                let placement = (threads > 1).then(|| Placement::new(threads));
+                if let Some(p) = &placement {
                     plan.abort_callback = Some(placement_callback);
-                    plan.abort_callback_data = &placement as *const Placement as *mut c_void;
+                    plan.abort_callback_data = p as *const Placement as *mut c_void;
                 }
                 let started = Instant::now();
                 let cpu_started = process_cpu_time();
@@ -167,20 +156,20 @@ impl GgmlEngine {
                 // Exact mode: the exactly rounded product. Otherwise one token
                 // through Q8_0 weights (the tied output head) gets ggml's
                 // result from a faster kernel (see `q8_0::gemv_op`).
-                let q8_0_op = if !q8_0_shapes {
+                let q8_0_op: sys::ggml_custom3_op_t = if !q8_0_shapes {
                     None
                 } else if exact {
-                    Some(q8_0::exact_gemm_op as CustomOp3)
+                    Some(q8_0::exact_gemm_op)
                 } else if self.options.custom_gemm
                     && n == 1
                     && (*x).ne[1] == 1
                     && q8_0::gemv_available()
                 {
-                    Some(q8_0::gemv_op as CustomOp3)
+                    Some(q8_0::gemv_op)
                 } else {
                     None
                 };
-                if let Some(op) = q8_0_op {
+                if q8_0_op.is_some() {
                     // The custom op's result takes the shape of its first argument.
                     let shape = g.shape_3d(rows as i64, (*x).ne[1], 1);
                     return sys::ggml_map_custom3(
@@ -188,7 +177,7 @@ impl GgmlEngine {
                         shape,
                         w,
                         x,
-                        Some(op),
+                        q8_0_op,
                         N_TASKS_MAX,
                         ptr::null_mut(),
                     );

@@ -40,6 +40,8 @@ fi
 [ -f corpus/delegate_payloads/seed ] || printf '\002\002\000\001\000\000\000abcdefgh12345678' > corpus/delegate_payloads/seed
 # meta of 10 bytes (version 1, forward: session 7, pos 0, 1 row, f32), then 8 tensor bytes.
 [ -f corpus/stage_decode/seed ] || printf '\012\000\010\001\032\006\010\007\020\000\030\001abcdefgh' > corpus/stage_decode/seed
+# A forward pushed on by a stage: route, origin, one carried chunk, compute times.
+[ -f corpus/stage_decode/pushed ] || printf '\147\000\010\001\032\143\010\007\030\001\052\052\012\046\000\044\010\001\022\040\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017\020\021\022\023\024\025\026\027\030\031\032\033\034\035\036\037\040\020\013\060\011\072\046\000\044\010\001\022\040\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017\020\021\022\023\024\025\026\027\030\031\032\033\034\035\036\037\040\100\001\112\002\004\005\120\334\013abcdefgh' > corpus/stage_decode/pushed
 # A helper request: version 1, close of session 0x00..0f.
 [ -f corpus/helper_decode/seed ] || printf '\010\001\052\022\012\020\000\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017' > corpus/helper_decode/seed
 # Bodies of each HTTP API (OpenAI chat and completions, Ollama generate).

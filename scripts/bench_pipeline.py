@@ -5,11 +5,13 @@
 
 Starts three `mesh node` processes on 127.0.0.1 serving layers 0-10, 10-20 and
 20-30 of the default model (each with --threads T; one generation computes on
-one stage at a time), then alternates `mesh generate` (local, --threads T) and
-`mesh generate --mesh` on the same greedy prompt. Checks both give the same
-tokens, and prints a markdown table: decode and prompt-processing tokens/s
-(best of the runs), their ratio, the mean round trip of a forward to one hop,
-and the per-hop overhead (round trip minus the stage's own compute).
+one stage at a time), then alternates `mesh generate` (local, --threads T),
+`mesh generate --mesh` (decode steps pushed from stage to stage) and
+`mesh generate --mesh --hop-by-hop` on the same greedy prompt. Checks all give
+the same tokens, and prints a markdown table: decode and prompt-processing
+tokens/s (best of the runs), the ratios to local, the mean round trip of a
+forward to one hop, and the per-hop overhead (round trip minus the stage's
+own compute; pushed, a step's time over its hops).
 """
 import argparse, os, subprocess, sys, time
 
@@ -40,25 +42,29 @@ def main():
         for layers in ("10-20", "20-30"):
             stages.append(start_stage(mesh, model, layers, args.threads, a)[0])
         time.sleep(1)
-        tg = {"local": [], "mesh": []}
-        pp = {"local": [], "mesh": []}
-        hop_ms, overhead = [], []
+        kinds = {"local": [], "pushed": ["--mesh", "--bootstrap", a],
+                 "hop by hop": ["--mesh", "--hop-by-hop", "--bootstrap", a]}
+        tg = {k: [] for k in kinds}
+        pp = {k: [] for k in kinds}
+        overhead = {k: [] for k in kinds}
+        hop_ms = []
         for _ in range(args.runs):
-            for kind, boot in (("local", None), ("mesh", a)):
-                extra = ["--mesh", "--bootstrap", boot] if boot else []
+            tokens = {}
+            for kind, extra in kinds.items():
                 d = generate(mesh, model, short, args.tg, args.threads, extra)
                 steps = len(d["token_ids"]) - 1
                 tg[kind].append(steps / (d["generate_ms"] / 1e3))
-                if kind == "mesh":
-                    hop_ms.append(d["hop_ms"])
-                    overhead.append(d["hop_overhead_us"])
-                    tokens_mesh = d["token_ids"]
-                else:
-                    tokens_local = d["token_ids"]
+                tokens[kind] = d["token_ids"]
+                if kind != "local":
+                    overhead[kind].append(d["hop_overhead_us"])
+                    if kind == "pushed" and d["pushed_steps"] != steps:
+                        sys.exit(f"bench_pipeline: {d['pushed_steps']} of {steps} steps pushed")
+                    if kind == "hop by hop":
+                        hop_ms.append(d["hop_ms"])
                 d = generate(mesh, model, long_, 1, args.threads, extra)
                 pp[kind].append(len(d["prompt_ids"]) / (d["prompt_ms"] / 1e3))
                 n_prompt = len(d["prompt_ids"])
-            if tokens_mesh != tokens_local:
+            if any(t != tokens["local"] for t in tokens.values()):
                 sys.exit("bench_pipeline: the pipeline's tokens differ from local generation")
     finally:
         for p in stages:
@@ -66,15 +72,20 @@ def main():
         for p in stages:
             p.wait()
     best = lambda v: max(v)
-    print(f"| {args.threads} threads, 3 stages on loopback | local | pipeline | ratio |")
-    print("|---|---|---|---|")
-    print(f"| decode (tg{args.tg}), tokens/s | {best(tg['local']):.1f} | {best(tg['mesh']):.1f} | "
-          f"{best(tg['mesh']) / best(tg['local']):.2f} |")
-    print(f"| prompt processing (pp{n_prompt}), tokens/s | {best(pp['local']):.1f} | "
-          f"{best(pp['mesh']):.1f} | {best(pp['mesh']) / best(pp['local']):.2f} |")
-    print(f"\nround trip of a forward to one hop: {min(hop_ms):.2f} ms (best run); "
-          f"per-hop overhead outside the stage's compute: {min(overhead):.0f} us; "
-          f"tokens identical to local: yes")
+    local = best(tg["local"])
+    print(f"| {args.threads} threads, 3 stages on loopback | local | pipeline, pushed | ratio | "
+          f"pipeline, hop by hop | ratio |")
+    print("|---|---|---|---|---|---|")
+    print(f"| decode (tg{args.tg}), tokens/s | {local:.1f} | {best(tg['pushed']):.1f} | "
+          f"{best(tg['pushed']) / local:.2f} | {best(tg['hop by hop']):.1f} | "
+          f"{best(tg['hop by hop']) / local:.2f} |")
+    lpp = best(pp["local"])
+    print(f"| prompt processing (pp{n_prompt}), tokens/s | {lpp:.1f} | {best(pp['pushed']):.1f} | "
+          f"{best(pp['pushed']) / lpp:.2f} | {best(pp['hop by hop']):.1f} | "
+          f"{best(pp['hop by hop']) / lpp:.2f} |")
+    print(f"\nround trip of a forward to one hop (hop by hop): {min(hop_ms):.2f} ms (best run); "
+          f"per-hop overhead outside the stages' compute: pushed {min(overhead['pushed']):.0f} us, "
+          f"hop by hop {min(overhead['hop by hop']):.0f} us; tokens identical to local: yes")
 
 
 if __name__ == "__main__":

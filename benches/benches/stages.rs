@@ -92,6 +92,7 @@ fn session(
             pos: pos as u64,
             n_tokens: toks.len() as u32,
             dtype: DType::F32 as i32,
+            ..ForwardMsg::default()
         });
         let (_, out) = call(rt, &net, stage.0, op, encode_rows(&h.data, DType::F32));
         decode_rows(&out, DType::F32)

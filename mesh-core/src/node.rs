@@ -54,7 +54,9 @@ use crate::ledger::transfer::{Offered, ADAPTER_METHOD};
 use crate::ledger::{AdapterStore, FetchConfig, Fetched, UpdateDraft, UpdateId, UpdateRecord};
 use crate::network::p2p::{P2pConfig, P2pNetwork};
 use crate::network::{self, Announcement, Identity, Multiaddr, Network, PeerId};
-use crate::pipeline::client::{PipelineConfig, PipelineEvent, PipelineSession, PipelineStats};
+use crate::pipeline::client::{
+    Deliveries, PipelineConfig, PipelineEvent, PipelineSession, PipelineStats,
+};
 use crate::pipeline::planner::Hop;
 use crate::pipeline::server::{StageConfig, StageEvent, StageServer};
 use crate::{Error, Result};
@@ -322,6 +324,8 @@ pub struct Node {
     /// handler runs.
     offered: Offered,
     offering: Mutex<bool>,
+    /// Where pushed pipeline steps deliver, once its handler runs.
+    deliveries: Mutex<Option<Arc<Deliveries>>>,
 }
 
 /// Model sync state of a node ([`Node::enable_updates`]).
@@ -411,7 +415,28 @@ impl Node {
             updates: Arc::new(Mutex::new(None)),
             offered: Offered::default(),
             offering: Mutex::new(false),
+            deliveries: Mutex::new(None),
         }
+    }
+
+    /// The node's [`Deliveries`], its [`crate::pipeline::DELIVER_METHOD`]
+    /// handler started on first use (`None` if that failed: pipeline steps
+    /// then run hop by hop).
+    fn deliveries(&self) -> Option<Arc<Deliveries>> {
+        let mut slot = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let deliveries = Arc::new(Deliveries::default());
+            let d = deliveries.clone();
+            let started = self
+                .start_handler(crate::pipeline::DELIVER_METHOD, |mut requests| async move {
+                    d.serve(&mut requests).await
+                });
+            match started {
+                Ok(()) => *slot = Some(deliveries),
+                Err(e) => tracing::warn!("pipeline deliveries: {e}; steps go hop by hop"),
+            }
+        }
+        slot.clone()
     }
 
     /// Gives a node made with [`Node::with_network`] its identity (the key
@@ -486,8 +511,9 @@ impl Node {
         self.stages.add_model(engine.clone(), layers.clone());
         if first {
             let stages = self.stages.clone();
+            let net = self.net.clone();
             self.start_handler(crate::pipeline::STAGE_METHOD, |mut requests| async move {
-                if let Err(e) = stages.serve_queue(&mut requests).await {
+                if let Err(e) = stages.serve_queue(net, &mut requests).await {
                     tracing::warn!("stage server stopped: {e}");
                 }
             })?;
@@ -610,6 +636,11 @@ impl Node {
                     self.local_layers(engine),
                     self.options.pipeline.clone(),
                     Some(sink),
+                    self.options
+                        .pipeline
+                        .push
+                        .then(|| self.deliveries())
+                        .flatten(),
                 )?)
             }
             Mode::Local | Mode::Private { .. } => None,

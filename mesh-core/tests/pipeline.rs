@@ -18,7 +18,7 @@ use mesh_core::network::{Identity, Limits, PeerId};
 use mesh_core::node::{
     GenerateRequest, Mode, Node, NodeEvent, NodeOptions, NodeOutput, PipelineReport,
 };
-use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent};
+use mesh_core::pipeline::client::{PipelineConfig, PipelineEvent, PipelineStats};
 use mesh_core::pipeline::planner::Target;
 use mesh_core::pipeline::protocol::{
     encode_request, encode_rows, AdapterRef, CloseMsg, DType, ErrorCode, ForwardMsg, OpenMsg,
@@ -132,25 +132,41 @@ fn same_tokens_through_three_hops(
     (local, report)
 }
 
+/// Decode steps pushed from stage to stage (the default) and hop by hop
+/// (`PipelineConfig::push` off) both give local generation's tokens.
 #[test]
 fn three_stages_give_the_tokens_of_local_generation() {
     let rt = common::runtime();
     let engine = engine();
-    let m = mesh(&rt, &engine, &[(0, 10), (10, 20), (20, 30)]);
-    for prompt in PROMPTS {
-        let (_, report) = same_tokens_through_three_hops(&m, &engine, &request(prompt, 32));
-        let stage_ids: Vec<PeerId> = m.stages.iter().map(|s| s.peer_id()).collect();
-        for (hop, id) in report.plan.iter().zip(&stage_ids) {
-            assert_eq!(hop.target, Target::Peer(*id));
+    for push in [true, false] {
+        let mut client = options();
+        client.pipeline.push = push;
+        let m = mesh_with(&rt, &engine, &[(0, 10), (10, 20), (20, 30)], client);
+        for prompt in PROMPTS {
+            let (_, report) = same_tokens_through_three_hops(&m, &engine, &request(prompt, 32));
+            let stage_ids: Vec<PeerId> = m.stages.iter().map(|s| s.peer_id()).collect();
+            for (hop, id) in report.plan.iter().zip(&stage_ids) {
+                assert_eq!(hop.target, Target::Peer(*id));
+            }
+            let stats = &report.stats;
+            assert_eq!(stats.failovers, 0);
+            assert_eq!(stats.push_fallbacks, 0);
+            if push {
+                // Every decode step went out once and came back from the
+                // last stage with every hop's 576 f32 values.
+                assert_eq!(stats.pushed_steps, stats.decode_steps);
+                assert_eq!(stats.bytes_per_token(), 4.0 * 576.0 * 4.0);
+            } else {
+                // 576 f32 values out and back per hop per token.
+                assert_eq!(stats.pushed_steps, 0);
+                assert_eq!(stats.bytes_per_token(), 3.0 * 2.0 * 576.0 * 4.0);
+            }
         }
-        assert_eq!(report.stats.failovers, 0);
-        // 576 f32 values out and back per hop per token.
-        assert_eq!(report.stats.bytes_per_token(), 3.0 * 2.0 * 576.0 * 4.0);
-    }
-    // Sessions close when a generation ends.
-    std::thread::sleep(Duration::from_millis(300));
-    for s in &m.stages {
-        assert_eq!(s.stages().session_count(), 0);
+        // Sessions close when a generation ends.
+        std::thread::sleep(Duration::from_millis(300));
+        for s in &m.stages {
+            assert_eq!(s.stages().session_count(), 0);
+        }
     }
 }
 
@@ -187,8 +203,9 @@ fn f16_rows_halve_the_bytes_and_change_tokens_only_at_near_ties() {
             .generate(&engine, &req, Mode::Pipeline, None, &mut |_| true)
             .unwrap();
         let report = piped.pipeline.unwrap();
-        // 576 f16 values out and back per hop per token: half of f32's.
-        assert_eq!(report.stats.bytes_per_token(), 3.0 * 2.0 * 576.0 * 2.0);
+        // 576 f16 values out, and every hop's back, per token (pushed):
+        // half of f32's.
+        assert_eq!(report.stats.bytes_per_token(), 4.0 * 576.0 * 2.0);
         let (want, got) = (&local.output.token_ids, &piped.output.token_ids);
         assert_eq!(got.len(), STEPS);
         let Some(step) = want.iter().zip(got).position(|(a, b)| a != b) else {
@@ -229,11 +246,11 @@ fn f16_rows_halve_the_bytes_and_change_tokens_only_at_near_ties() {
 /// Generates through a mesh where two nodes serve 10..20 and whichever the
 /// plan picks is failed by `fail` after the 10th token; the tokens must equal
 /// local generation's and the failover must replace exactly that peer.
-/// Returns the failed peer and the failover events' errors.
+/// Returns the failed peer, the failover events' errors and the stats.
 fn fail_the_middle_stage(
     client_options: NodeOptions,
     fail: impl Fn(&Mesh, PeerId),
-) -> (PeerId, Vec<String>) {
+) -> (PeerId, Vec<String>, PipelineStats) {
     let rt = common::runtime();
     let engine = engine();
     let m = mesh_with(
@@ -283,37 +300,48 @@ fn fail_the_middle_stage(
             errors.push(error);
         }
     }
-    (failed, errors)
+    (failed, errors, report.stats)
 }
 
 /// A stage that dies between tokens is seen leaving (its connection
 /// closes), and its layers are planned again before any request to it.
 #[test]
 fn a_stage_killed_mid_generation_fails_over_with_identical_tokens() {
-    let (_, errors) = fail_the_middle_stage(options(), |m, peer| assert!(m.net.kill(peer)));
+    let (_, errors, stats) = fail_the_middle_stage(options(), |m, peer| assert!(m.net.kill(peer)));
     assert_eq!(errors.len(), 1);
     assert!(errors[0].contains("left the mesh"), "{errors:?}");
+    // Seen leaving before the step: it went hop by hop, nothing failed.
+    assert_eq!(stats.push_fallbacks, 0);
 }
 
-/// A stage that dies while a request is in flight to it (its link made
+/// A stage that dies while a request is in flight to it (its links made
 /// slow, then the node killed halfway): the request fails, and the same
-/// failover follows from the failure.
+/// failover follows from the failure. Pushed (the default), the step that
+/// fails is a pushed one: it is truncated away and run hop by hop.
 #[test]
 fn a_stage_killed_during_a_request_fails_over_with_identical_tokens() {
-    let (_, errors) = fail_the_middle_stage(options(), |m, peer| {
-        let slow = LinkConfig {
-            latency: Duration::from_millis(300),
-            ..LinkConfig::default()
-        };
-        m.net.set_link(m.client.peer_id(), peer, slow);
-        let net = m.net.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(150));
-            assert!(net.kill(peer));
+    for push in [true, false] {
+        let mut client = options();
+        client.pipeline.push = push;
+        let (_, errors, stats) = fail_the_middle_stage(client, |m, peer| {
+            let slow = LinkConfig {
+                latency: Duration::from_millis(300),
+                ..LinkConfig::default()
+            };
+            m.net.set_link(m.client.peer_id(), peer, slow.clone());
+            for s in m.stages.iter().filter(|s| s.peer_id() != peer) {
+                m.net.set_link(s.peer_id(), peer, slow.clone());
+            }
+            let net = m.net.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(150));
+                assert!(net.kill(peer));
+            });
         });
-    });
-    assert_eq!(errors.len(), 1);
-    assert!(!errors[0].contains("left the mesh"), "{errors:?}");
+        assert_eq!(errors.len(), 1);
+        assert!(!errors[0].contains("left the mesh"), "{errors:?}");
+        assert_eq!(stats.push_fallbacks, u64::from(push), "push {push}");
+    }
 }
 
 /// A stage that stops answering without disconnecting (a partition drops
@@ -323,9 +351,11 @@ fn a_stage_killed_during_a_request_fails_over_with_identical_tokens() {
 fn a_stage_that_stops_answering_fails_over_at_the_stage_timeout() {
     let mut client = options();
     client.pipeline.stage_timeout = Duration::from_secs(2);
-    let (_, errors) = fail_the_middle_stage(client, |m, peer| m.net.partition(&[vec![peer]]));
+    let (_, errors, stats) =
+        fail_the_middle_stage(client, |m, peer| m.net.partition(&[vec![peer]]));
     assert_eq!(errors.len(), 1);
     assert!(errors[0].contains("timed out"), "{errors:?}");
+    assert_eq!(stats.push_fallbacks, 1);
 }
 
 #[test]
@@ -523,6 +553,7 @@ fn fwd(session: u64, pos: u64, n_tokens: u32) -> StageOp {
         pos,
         n_tokens,
         dtype: DType::F32 as i32,
+        ..ForwardMsg::default()
     })
 }
 
@@ -673,6 +704,158 @@ fn hostile_stage_requests_get_typed_errors_and_corrupt_nothing() {
     // Garbage meta is malformed, never a panic.
     let (garbage, _) = server.handle(me, b"\x0a\xff\xff\xff", b"");
     assert_eq!(garbage.code(), ErrorCode::Malformed);
+}
+
+/// A pushed forward computes like an ordinary one and hands its output on:
+/// to the next hop with the route's rest and everything carried so far, or
+/// to the session's owner at the route's end; relayed by another stage, it
+/// must name the owner. Bad pushes get typed refusals and change nothing.
+#[test]
+fn pushed_forwards_hand_their_output_on_and_bad_ones_are_refused() {
+    use mesh_core::pipeline::protocol::{decode_rows, DeliverMsg, RouteHop, StageRequest};
+    use mesh_core::pipeline::server::Answer;
+    use mesh_core::pipeline::{DELIVER_METHOD, STAGE_METHOD};
+    use prost::Message;
+
+    let engine = engine();
+    let n_embd = engine.info().n_embd;
+    let server = StageServer::new(StageConfig::default());
+    server.add_model(engine.clone(), 10..20);
+    let client = Identity::from_seed([1; 32]).peer_id();
+    let relay = Identity::from_seed([2; 32]).peer_id();
+    let next = Identity::from_seed([3; 32]).peer_id();
+    let (reply, _) = call(
+        &server,
+        client,
+        open(engine.info().id.0, 10, 20, 64),
+        Bytes::new(),
+    );
+    let s = reply.session;
+    let input: Vec<f32> = (0..n_embd)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+        .collect();
+    let earlier: Vec<f32> = (0..n_embd).map(|i| (i % 5) as f32 * 0.02).collect();
+    let pushed = |pos: u64, route: &[PeerId], origin: Option<PeerId>, compute: Vec<u64>| {
+        StageOp::Forward(ForwardMsg {
+            session: s,
+            pos,
+            n_tokens: 1,
+            dtype: DType::F32 as i32,
+            route: route
+                .iter()
+                .map(|p| RouteHop {
+                    peer: p.to_bytes(),
+                    session: 77,
+                })
+                .collect(),
+            deliver: 0xfeed,
+            origin: origin.map(|o| o.to_bytes()).unwrap_or_default(),
+            carried: compute.len().saturating_sub(1) as u32,
+            compute_us: compute,
+            timeout_ms: 5000,
+        })
+    };
+    let answer = |peer: PeerId, op: StageOp, rows: Bytes| {
+        let (meta, tensor) = encode_request(op, rows);
+        server.answer(peer, &meta, &tensor)
+    };
+    let refused = |a: Answer| match a {
+        Answer::Reply(r, _) => r.code(),
+        Answer::Onward(o) => panic!("expected a refusal, got {o:?}"),
+    };
+    let one = encode_rows(&input, DType::F32);
+    // Relayed without naming the owner: the relay owns no such session.
+    assert_eq!(
+        refused(answer(relay, pushed(0, &[next], None, vec![]), one.clone())),
+        ErrorCode::UnknownSession
+    );
+    // Naming the owner, but with compute times that do not match the rows.
+    assert_eq!(
+        refused(answer(
+            relay,
+            pushed(0, &[next], Some(client), vec![]),
+            one.clone()
+        )),
+        ErrorCode::Malformed
+    );
+    // Too many rows or hops for a push.
+    let mut big = pushed(0, &[next], None, vec![]);
+    if let StageOp::Forward(f) = &mut big {
+        f.n_tokens = 17;
+    }
+    let rows17 = encode_rows(&vec![0.0; 17 * n_embd], DType::F32);
+    assert_eq!(refused(answer(client, big, rows17)), ErrorCode::TooLarge);
+    assert_eq!(
+        refused(answer(
+            client,
+            pushed(0, &[next; 33], None, vec![]),
+            one.clone()
+        )),
+        ErrorCode::TooLarge
+    );
+    let mut bad_peer = pushed(0, &[next], None, vec![]);
+    if let StageOp::Forward(f) = &mut bad_peer {
+        f.route[0].peer = vec![1, 2, 3];
+    }
+    assert_eq!(
+        refused(answer(client, bad_peer, one.clone())),
+        ErrorCode::Malformed
+    );
+    // Nothing was computed by any of that.
+    let mut want = mesh_core::engine::Hidden {
+        n_embd,
+        pos: 0,
+        data: input.clone(),
+    };
+    let mut session = engine.new_session(64).unwrap();
+    engine.run_layers(10..20, &mut want, &mut session).unwrap();
+
+    // From the client, with one hop after: a forward to it carrying this
+    // stage's output, in the client's name.
+    let Answer::Onward(o) = answer(client, pushed(0, &[next], None, vec![]), one) else {
+        panic!("a push hands its output on")
+    };
+    assert_eq!(
+        (o.to, o.reply.code(), o.reply.len),
+        (next, ErrorCode::None, 1)
+    );
+    assert_eq!(o.request.method, STAGE_METHOD);
+    let Some(StageOp::Forward(f)) = StageRequest::decode(o.request.meta.as_ref()).unwrap().op
+    else {
+        panic!("not a forward")
+    };
+    assert_eq!((f.session, f.pos, f.deliver, f.carried), (77, 0, 0xfeed, 0));
+    assert!(f.route.is_empty());
+    assert_eq!(f.origin, client.to_bytes());
+    assert_eq!(f.compute_us, vec![o.reply.compute_us]);
+    assert_eq!(decode_rows(&o.request.tensor, DType::F32), want.data);
+
+    // Relayed, at the end of the route: delivered to the owner with what
+    // came before and this stage's output.
+    let mut want2 = mesh_core::engine::Hidden {
+        n_embd,
+        pos: 1,
+        data: input.clone(),
+    };
+    engine.run_layers(10..20, &mut want2, &mut session).unwrap();
+    let carried = [
+        encode_rows(&earlier, DType::F32),
+        encode_rows(&input, DType::F32),
+    ]
+    .concat();
+    let op = pushed(1, &[], Some(client), vec![5, 6]);
+    let Answer::Onward(o) = answer(relay, op, Bytes::from(carried)) else {
+        panic!("a push hands its output on")
+    };
+    assert_eq!((o.to, o.request.method.as_str()), (client, DELIVER_METHOD));
+    let d = DeliverMsg::decode(o.request.meta.as_ref()).unwrap();
+    assert_eq!((d.deliver, d.pos, d.n_tokens), (0xfeed, 1, 1));
+    assert_eq!(d.compute_us, vec![5, 6, o.reply.compute_us]);
+    let rows = decode_rows(&o.request.tensor, DType::F32);
+    assert_eq!(rows.len(), 3 * n_embd);
+    assert_eq!(&rows[..n_embd], &earlier[..]);
+    assert_eq!(&rows[n_embd..2 * n_embd], &input[..]);
+    assert_eq!(&rows[2 * n_embd..], &want2.data[..]);
 }
 
 #[test]

@@ -144,6 +144,7 @@ pub fn demo(args: DemoArgs) -> Result<(), BoxError> {
         // All three run on this machine: the demo vouches for them.
         trust: peers.iter().map(|p| p.peer_id).collect(),
         unbatched_decode: false,
+        hop_by_hop: false,
     })?;
     let request = GenerateRequest::new(
         Prompt::Chat(vec![ChatMessage::new("user", &args.prompt)]),

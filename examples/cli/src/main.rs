@@ -267,6 +267,10 @@ enum Command {
         /// With --mesh: seconds to look for providers of every layer.
         #[arg(long, default_value_t = 10.0)]
         find_timeout: f64,
+        /// With --mesh: send every decode step hop by hop (each stage's
+        /// output back to this node) instead of pushing it from stage to stage.
+        #[arg(long, requires = "mesh")]
+        hop_by_hop: bool,
         /// With --mesh (or --private and --bootstrap): print the plan,
         /// failovers and each text piece as JSON lines on standard error while
         /// generating.
@@ -808,6 +812,7 @@ fn run(command: Command) -> Result<(), BoxError> {
             helper_timeout,
             stage_timeout,
             find_timeout,
+            hop_by_hop,
             events,
             format,
         } => {
@@ -920,6 +925,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                         helper_timeout,
                         trust,
                         unbatched_decode: false,
+                        hop_by_hop,
                     })?;
                     let printer = events.then(|| {
                         let mut rx = node.events();
@@ -1058,6 +1064,8 @@ fn run(command: Command) -> Result<(), BoxError> {
                     v["stage_compute_ms"] = json!(report.stats.stage_compute_us as f64 / 1e3);
                     v["forwards"] = json!(report.stats.forwards);
                     v["hop_overhead_us"] = json!(report.stats.hop_overhead_us());
+                    v["pushed_steps"] = json!(report.stats.pushed_steps);
+                    v["push_fallbacks"] = json!(report.stats.push_fallbacks);
                 }
                 if let Some((n, bytes_per_token, owner_ms, stats, dropped, active)) = &private_stats
                 {
@@ -1340,6 +1348,7 @@ fn run(command: Command) -> Result<(), BoxError> {
                     helper_timeout,
                     trust,
                     unbatched_decode: no_batch,
+                    hop_by_hop: false,
                 },
                 config: serve::ServeConfig {
                     listen,

@@ -398,6 +398,8 @@ pub struct ClientArgs {
     pub trust: Vec<mesh_core::network::PeerId>,
     /// Decode steps of concurrent generations one by one (`mesh serve --no-batch`).
     pub unbatched_decode: bool,
+    /// Pipeline decode steps hop by hop, not pushed (`mesh generate --hop-by-hop`).
+    pub hop_by_hop: bool,
 }
 
 impl Default for ClientArgs {
@@ -411,6 +413,7 @@ impl Default for ClientArgs {
             helper_timeout: 30.0,
             trust: Vec::new(),
             unbatched_decode: false,
+            hop_by_hop: false,
         }
     }
 }
@@ -426,6 +429,7 @@ pub fn client_node(args: ClientArgs) -> Result<Node, BoxError> {
         pipeline: PipelineConfig {
             stage_timeout: seconds("--stage-timeout", args.stage_timeout)?,
             find_timeout,
+            push: !args.hop_by_hop,
             ..PipelineConfig::default()
         },
         private: mesh_core::node::PrivateConfig {

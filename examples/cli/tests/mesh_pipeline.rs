@@ -22,11 +22,20 @@ fn three_stage_processes_give_the_tokens_of_local_generation() {
     let a = stage("0-10", None);
     let b = stage("10-20", Some(&a.addr));
     let c = stage("20-30", Some(&a.addr));
-    for prompt in PROMPTS {
+    // Decode steps pushed from stage to stage (the default), and for one
+    // prompt hop by hop.
+    let runs = PROMPTS
+        .iter()
+        .map(|p| (p, false))
+        .chain([(&PROMPTS[0], true)]);
+    for (prompt, hop_by_hop) in runs {
         let args = generate_args(prompt, "32");
         let local = run_json(&args, &m);
         let mut mesh_args = args.clone();
         mesh_args.extend(["--mesh", "--bootstrap", &a.addr]);
+        if hop_by_hop {
+            mesh_args.push("--hop-by-hop");
+        }
         let piped = run_json(&mesh_args, &m);
         assert_eq!(piped["token_ids"], local["token_ids"], "{prompt}");
         assert_eq!(piped["failovers"], 0);
@@ -50,7 +59,16 @@ fn three_stage_processes_give_the_tokens_of_local_generation() {
             ]
         );
         assert!(piped["hop_ms"].as_f64().unwrap() > 0.0);
-        assert_eq!(piped["bytes_per_token"], 3.0 * 2.0 * 576.0 * 4.0);
+        assert_eq!(piped["push_fallbacks"], 0);
+        if hop_by_hop {
+            // 576 f32 values out and back per hop per token.
+            assert_eq!(piped["pushed_steps"], 0);
+            assert_eq!(piped["bytes_per_token"], 3.0 * 2.0 * 576.0 * 4.0);
+        } else {
+            // Out once, and every hop's output back from the last stage.
+            assert_eq!(piped["pushed_steps"], 31);
+            assert_eq!(piped["bytes_per_token"], 4.0 * 576.0 * 4.0);
+        }
     }
 }
 

@@ -15,6 +15,20 @@
 //! computes with the same kernels (same CPU class, or exact accumulation on
 //! every node).
 //!
+//! **Pushed decode steps.** A single-token step through two or more remote
+//! hops in a row goes out as one pushed forward (see the protocol docs):
+//! each stage sends its output straight to the next, and the last delivers
+//! every hop's output to this node on [`DELIVER_METHOD`](super::DELIVER_METHOD) (served by
+//! [`Deliveries`]). The token crosses hops + 1 links instead of 2 x hops,
+//! and the client still records every hop's input, as in a star. When the
+//! push fails in any way (a stage refuses, dies or stalls, the delivery is
+//! late or malformed, or the first stage does not push at all), the client
+//! truncates each of those hops back to the step's position and runs the
+//! step hop by hop, where the failover above takes over; a hop that could
+//! not even be truncated is failed over at once. A hop that takes part in a
+//! failed push may so be failed over even when another hop was at fault
+//! (when a stalled stage wakes up after the truncation and pushes late).
+//!
 //! A hop whose peer disconnects during the session (the network's
 //! [`Event::PeerDisconnected`]) is planned again the same way before the
 //! next request to it, when the providers found then cover its layers
@@ -44,6 +58,11 @@ use crate::engine::{Engine, GgmlEngine, GgmlSession, Hidden, ModelId};
 use crate::network::{Event, Network, PeerId, Request};
 use crate::{Error, Result};
 
+mod push;
+
+pub use push::Deliveries;
+use push::PushFailure;
+
 /// Settings of a pipeline session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PipelineConfig {
@@ -57,10 +76,14 @@ pub struct PipelineConfig {
     pub max_failovers: usize,
     /// Planner cost model.
     pub cost: CostModel,
+    /// Push decode steps from stage to stage (see the module docs) when the
+    /// session has [`Deliveries`]; `false` runs every step hop by hop.
+    pub push: bool,
 }
 
 impl Default for PipelineConfig {
-    /// 30 s per stage request, 10 s to find providers, f32 rows, 8 failovers.
+    /// 30 s per stage request, 10 s to find providers, f32 rows, 8 failovers,
+    /// pushed decode steps.
     fn default() -> Self {
         PipelineConfig {
             stage_timeout: Duration::from_secs(30),
@@ -68,6 +91,7 @@ impl Default for PipelineConfig {
             dtype: DType::F32,
             max_failovers: 8,
             cost: CostModel::default(),
+            push: true,
         }
     }
 }
@@ -116,6 +140,10 @@ pub struct PipelineStats {
     pub decode_forward_nanos: u64,
     /// Microseconds the stages reported computing single-token forwards.
     pub decode_compute_us: u64,
+    /// Steps that went out as one pushed forward and were delivered.
+    pub pushed_steps: u64,
+    /// Pushed forwards that failed and were run hop by hop instead.
+    pub push_fallbacks: u64,
     /// Failovers so far.
     pub failovers: usize,
     /// Peers that failed.
@@ -150,6 +178,9 @@ struct ActiveHop {
     inputs: Vec<Hidden>,
     /// How many of `inputs` the current session has processed.
     done: usize,
+    /// Why the hop is known to be unusable (it could not be truncated after
+    /// a failed push): failed over before any other request.
+    broken: Option<Error>,
 }
 
 /// Callback for [`PipelineEvent`]s.
@@ -180,6 +211,8 @@ pub struct PipelineSession {
     departed: HashSet<PeerId>,
     stats: PipelineStats,
     sink: Option<EventSink>,
+    /// Where deliveries of pushed forwards arrive (`None`: no pushes).
+    deliveries: Option<Arc<Deliveries>>,
 }
 
 impl std::fmt::Debug for PipelineSession {
@@ -199,6 +232,9 @@ impl PipelineSession {
     /// its context size and LoRA adapters, which every stage must hold). A
     /// stage that refuses the open (say, it lacks an adapter) is avoided and
     /// the layers planned again, within [`PipelineConfig::max_failovers`].
+    /// With `deliveries` (served on `net` for [`DELIVER_METHOD`](super::DELIVER_METHOD)) and
+    /// [`PipelineConfig::push`], decode steps are pushed from stage to stage.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         net: Arc<dyn Network>,
         rt: Handle,
@@ -207,9 +243,11 @@ impl PipelineSession {
         local: Option<(Range<u32>, f32)>,
         config: PipelineConfig,
         sink: Option<EventSink>,
+        deliveries: Option<Arc<Deliveries>>,
     ) -> Result<PipelineSession> {
         let info = engine.info();
         let events = net.events();
+        let deliveries = deliveries.filter(|_| config.push);
         let mut s = PipelineSession {
             net,
             rt,
@@ -233,6 +271,7 @@ impl PipelineSession {
             departed: HashSet::new(),
             stats: PipelineStats::default(),
             sink,
+            deliveries,
         };
         let n_layers = s.engine.info().n_layers as u32;
         let (plan, hops) = s.open_chain(0..n_layers)?;
@@ -352,18 +391,7 @@ impl PipelineSession {
     /// found now cover the hop's layers without it (then the hop fails over
     /// before any request to the peer; see the module docs).
     fn left_and_replaceable(&mut self, i: usize, peer: PeerId) -> bool {
-        loop {
-            match self.events.try_recv() {
-                Ok(Event::PeerDisconnected { peer }) => {
-                    self.departed.insert(peer);
-                }
-                Ok(Event::PeerConnected { peer }) => {
-                    self.departed.remove(&peer);
-                }
-                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
-        }
+        self.drain_events();
         if !self.departed.contains(&peer) {
             return false;
         }
@@ -376,6 +404,22 @@ impl PipelineSession {
             self.avoid.remove(&peer);
         }
         covered
+    }
+
+    /// Takes in the network's connection events since the last call.
+    fn drain_events(&mut self) {
+        loop {
+            match self.events.try_recv() {
+                Ok(Event::PeerDisconnected { peer }) => {
+                    self.departed.insert(peer);
+                }
+                Ok(Event::PeerConnected { peer }) => {
+                    self.departed.remove(&peer);
+                }
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
     }
 
     /// Counts a failover away from `peer` (avoided from now on); past
@@ -419,6 +463,7 @@ impl PipelineSession {
                 session,
                 inputs: Vec::new(),
                 done: 0,
+                broken: None,
             });
         }
         Ok(out)
@@ -509,6 +554,7 @@ impl PipelineSession {
             pos: input.pos as u64,
             n_tokens: n_tokens as u32,
             dtype: self.config.dtype as i32,
+            ..ForwardMsg::default()
         });
         let rows = encode_rows(&input.data, self.config.dtype);
         let sent = rows.len() as u64;
@@ -585,7 +631,9 @@ impl PipelineSession {
             }
         };
         self.hops[i].inputs.push(input);
-        let err = if self.left_and_replaceable(i, peer) {
+        let err = if let Some(e) = self.hops[i].broken.take() {
+            e
+        } else if self.left_and_replaceable(i, peer) {
             PipelineError::Left { peer }.into()
         } else {
             match self.catch_up(i, peer) {
@@ -650,9 +698,34 @@ impl PipelineSession {
     /// every hop; `local` is this node's session for its own hops.
     pub fn forward(&mut self, hidden: Hidden, local: &mut GgmlSession) -> Result<Hidden> {
         let single = hidden.n_tokens() == 1;
+        // One attempt per step: after a failed push the step goes hop by hop.
+        let mut push = single && self.deliveries.is_some();
         let mut h = hidden;
         let mut i = 0;
         while i < self.hops.len() {
+            let end = if push { self.push_run(i) } else { i };
+            if end >= i + 2 {
+                match self.push(i, end, &h) {
+                    Ok(out) => {
+                        h = out;
+                        i = end;
+                        continue;
+                    }
+                    Err(failure) => {
+                        push = false;
+                        self.stats.push_fallbacks += 1;
+                        let reason = match failure {
+                            PushFailure::Unsupported => {
+                                self.deliveries = None;
+                                "the first stage does not push".to_string()
+                            }
+                            PushFailure::Failed(reason) => reason,
+                        };
+                        tracing::debug!("pushed forward failed ({reason}); hop by hop instead");
+                        self.reset_hops(i, end, h.pos);
+                    }
+                }
+            }
             let (out, next) = self.run_hop(i, h, local)?;
             h = out;
             i = next;

@@ -21,7 +21,7 @@ pub mod planner;
 pub mod protocol;
 pub mod server;
 
-pub use protocol::{DType, ErrorCode, STAGE_METHOD};
+pub use protocol::{DType, ErrorCode, DELIVER_METHOD, STAGE_METHOD};
 
 /// Errors of pipeline inference.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]

@@ -13,7 +13,10 @@
 //! message AdapterRef { bytes id = 1; float scale = 2; }
 //! message Open     { bytes model = 1; uint32 layer_start = 2; uint32 layer_end = 3;
 //!                    uint64 n_ctx = 4; bool exact = 5; repeated AdapterRef adapters = 6; }
-//! message Forward  { uint64 session = 1; uint64 pos = 2; uint32 n_tokens = 3; DType dtype = 4; }
+//! message RouteHop { bytes peer = 1; uint64 session = 2; }
+//! message Forward  { uint64 session = 1; uint64 pos = 2; uint32 n_tokens = 3; DType dtype = 4;
+//!                    repeated RouteHop route = 5; uint64 deliver = 6; bytes origin = 7;
+//!                    uint32 carried = 8; repeated uint64 compute_us = 9; uint32 timeout_ms = 10; }
 //! message Truncate { uint64 session = 1; uint64 len = 2; }
 //! message Close    { uint64 session = 1; }
 //! message StageRequest { uint32 version = 1;
@@ -21,9 +24,11 @@
 //! enum ErrorCode { NONE = 0; UNKNOWN_SESSION = 1; WRONG_MODEL = 2; LAYERS_NOT_SERVED = 3;
 //!                  BAD_SHAPE = 4; POSITION_MISMATCH = 5; CONTEXT_FULL = 6; BUSY = 7;
 //!                  MODE_MISMATCH = 8; TOO_LARGE = 9; MALFORMED = 10; INTERNAL = 11;
-//!                  UNSUPPORTED_VERSION = 12; ADAPTER_MISSING = 13; }
+//!                  UNSUPPORTED_VERSION = 12; ADAPTER_MISSING = 13; NEXT_HOP = 14; }
 //! message StageReply { uint32 version = 1; uint64 session = 2; uint64 len = 3; ErrorCode error = 4;
 //!                      string message = 5; uint64 compute_us = 6; uint32 n_tokens = 7; DType dtype = 8; }
+//! message Deliver  { uint32 version = 1; uint64 deliver = 2; uint64 pos = 3; uint32 n_tokens = 4;
+//!                    DType dtype = 5; repeated uint64 compute_us = 6; }
 //! ```
 //!
 //! A `Forward` carries `n_tokens` rows of the model's embedding width, in
@@ -32,6 +37,28 @@
 //! reply carries the rows after the session's layers, in the same dtype.
 //! Every size is checked before anything is allocated.
 //!
+//! **Pushed forwards** (decode steps, at most [`MAX_PUSH_TOKENS`] rows): a
+//! `Forward` with a non-zero `deliver` and a `route` (the later hops' peers
+//! and sessions, at most [`MAX_ROUTE`]) asks the stage to send its output on
+//! itself instead of answering with it: as a `Forward` to `route[0]` (with
+//! the rest of the route, `origin` set to the client, and its own output
+//! appended to the tensor), or, at the end of the route, as a `Deliver` to
+//! the origin on [`DELIVER_METHOD`] (meta: `Deliver`; tensor: every hop's
+//! output in route order). The client's pushed forward carries its rows
+//! only (`carried` 0, no `compute_us`, no `origin`); a stage's carries the
+//! outputs of every hop before it on the route, its own input last, each of
+//! `n_tokens` rows: `carried` counts those before its input, `compute_us`
+//! holds all of their compute times (`carried` + 1). One token
+//! then crosses hops + 1 links instead of 2 x hops, and the client still
+//! learns every hop's input (to replay into a replacement). The reply to a
+//! pushed forward carries no rows: it comes once the next hop (or the
+//! origin) answered, with `NEXT_HOP` and the next hop's error when that
+//! failed. A pushed forward from another stage names the session's owner in
+//! `origin`: the session id (random, 64 bits, known only to the client and
+//! the hops it sends it to) is the capability, so a stage on the route can
+//! write into a later hop's session, which it could already corrupt by
+//! answering wrong rows.
+//!
 //! An `Open` may name LoRA adapters (BLAKE3 of the adapter file, and a scale;
 //! at most [`MAX_SESSION_ADAPTERS`]): the stage applies their tensors for its
 //! layers, in the order given, and refuses with `ADAPTER_MISSING` when it
@@ -39,12 +66,14 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
 
 use crate::engine::ModelId;
 use crate::network::wire::MAX_LAYERS;
+use crate::network::PeerId;
 
 /// Method name of the stage protocol (version in the name and in every message).
 pub const STAGE_METHOD: &str = "mesh/stage/1";
@@ -57,6 +86,16 @@ pub const MAX_BATCH_TOKENS: u32 = 4096;
 
 /// Largest context a session may ask for.
 pub const MAX_SESSION_CTX: u64 = 1 << 20;
+
+/// Method on which the last stage of a pushed forward delivers every hop's
+/// output to the client that started it.
+pub const DELIVER_METHOD: &str = "mesh/stage-deliver/1";
+
+/// Most rows in a pushed forward (see the module docs).
+pub const MAX_PUSH_TOKENS: u32 = 16;
+
+/// Most later hops one pushed forward may name.
+pub const MAX_ROUTE: usize = 32;
 
 /// Most LoRA adapters one session may name.
 pub const MAX_SESSION_ADAPTERS: usize = 16;
@@ -114,6 +153,8 @@ pub enum ErrorCode {
     UnsupportedVersion = 12,
     /// The session names a LoRA adapter this node does not hold.
     AdapterMissing = 13,
+    /// A pushed forward's next hop (or its origin) failed or refused.
+    NextHop = 14,
 }
 
 impl ErrorCode {
@@ -134,6 +175,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::UnsupportedVersion => "unsupported version",
             ErrorCode::AdapterMissing => "adapter missing",
+            ErrorCode::NextHop => "next hop failed",
         }
     }
 }
@@ -193,6 +235,59 @@ pub struct ForwardMsg {
     /// Element type of the rows (the reply uses the same).
     #[prost(enumeration = "DType", tag = "4")]
     pub dtype: i32,
+    /// Pushed forwards: the later hops, in order.
+    #[prost(message, repeated, tag = "5")]
+    pub route: Vec<RouteHop>,
+    /// Pushed forwards: the client's delivery id (0: an ordinary forward).
+    #[prost(uint64, tag = "6")]
+    pub deliver: u64,
+    /// Pushed forwards from a stage: the client's peer id (empty: the requester).
+    #[prost(bytes = "vec", tag = "7")]
+    pub origin: Vec<u8>,
+    /// Pushed forwards: earlier hops' outputs before the input rows.
+    #[prost(uint32, tag = "8")]
+    pub carried: u32,
+    /// Pushed forwards: the earlier hops' compute times, microseconds.
+    #[prost(uint64, repeated, tag = "9")]
+    pub compute_us: Vec<u64>,
+    /// Pushed forwards: how long to wait for the next hop's answer.
+    #[prost(uint32, tag = "10")]
+    pub timeout_ms: u32,
+}
+
+/// A later hop of a pushed forward.
+#[derive(Clone, PartialEq, Message)]
+pub struct RouteHop {
+    /// Its peer id (libp2p bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub peer: Vec<u8>,
+    /// Its session there.
+    #[prost(uint64, tag = "2")]
+    pub session: u64,
+}
+
+/// Every hop's output of a pushed forward, sent to its origin on
+/// [`DELIVER_METHOD`] (rows in the request's tensor, hop after hop).
+#[derive(Clone, PartialEq, Message)]
+pub struct DeliverMsg {
+    /// [`STAGE_VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The delivery id the client chose.
+    #[prost(uint64, tag = "2")]
+    pub deliver: u64,
+    /// Position of the first row.
+    #[prost(uint64, tag = "3")]
+    pub pos: u64,
+    /// Rows per hop.
+    #[prost(uint32, tag = "4")]
+    pub n_tokens: u32,
+    /// Element type of the rows.
+    #[prost(enumeration = "DType", tag = "5")]
+    pub dtype: i32,
+    /// Every hop's compute time, microseconds, in route order.
+    #[prost(uint64, repeated, tag = "6")]
+    pub compute_us: Vec<u64>,
 }
 
 /// Forget every position from `len` on.
@@ -333,8 +428,10 @@ pub enum StageCall {
         n_tokens: usize,
         /// Element type of the rows on the wire.
         dtype: DType,
-        /// The rows as f32 (widened from f16 if that was the wire type).
+        /// The input rows as f32 (widened from f16 if that was the wire type).
         rows: Vec<f32>,
+        /// Where to send the output instead of answering with it.
+        push: Option<Push>,
     },
     /// Truncate to `len` positions.
     Truncate {
@@ -348,6 +445,23 @@ pub enum StageCall {
         /// Session id.
         session: u64,
     },
+}
+
+/// What a pushed forward asks of the stage (see the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Push {
+    /// The later hops: peer and session.
+    pub route: Vec<(PeerId, u64)>,
+    /// The client's delivery id.
+    pub deliver: u64,
+    /// The session's owner, when a stage sent the request (`None`: the requester).
+    pub origin: Option<PeerId>,
+    /// Earlier hops' outputs, as they came (wire bytes).
+    pub carried: Bytes,
+    /// Their compute times.
+    pub compute_us: Vec<u64>,
+    /// How long to wait for the next hop's answer.
+    pub timeout: Duration,
 }
 
 /// Decodes the `meta` and `tensor` of a stage request. Checks the version,
@@ -463,24 +577,37 @@ pub fn decode_request(meta: &[u8], tensor: &[u8]) -> Result<StageCall, Refusal> 
                     format!("position {} is past any session's context", f.pos),
                 ));
             }
-            let row_bytes = f.n_tokens as usize * dtype.size();
+            let push = decode_push(&f)?;
+            let chunks = push.as_ref().map_or(1, |_| f.carried as usize + 1);
+            let row_bytes = f.n_tokens as usize * dtype.size() * chunks;
             if tensor.is_empty() || !tensor.len().is_multiple_of(row_bytes) {
                 return Err(Refusal::new(
                     ErrorCode::BadShape,
                     format!(
-                        "{} tensor bytes are not {} rows of {} values",
+                        "{} tensor bytes are not {chunks} x {} rows of {} values",
                         tensor.len(),
                         f.n_tokens,
                         dtype.size()
                     ),
                 ));
             }
+            let input_at = tensor.len() / chunks * (chunks - 1);
             Ok(StageCall::Forward {
                 session: f.session,
                 pos: f.pos as usize,
                 n_tokens: f.n_tokens as usize,
                 dtype,
-                rows: decode_rows(tensor, dtype),
+                rows: decode_rows(&tensor[input_at..], dtype),
+                // A stage's push keeps what it received (the earlier hops'
+                // outputs, its input last); the client's first forward
+                // carries only the client's own rows.
+                push: push.map(|p| Push {
+                    carried: match p.origin {
+                        Some(_) => Bytes::copy_from_slice(tensor),
+                        None => Bytes::new(),
+                    },
+                    ..p
+                }),
             })
         }
         StageOp::Truncate(t) => {
@@ -496,6 +623,85 @@ pub fn decode_request(meta: &[u8], tensor: &[u8]) -> Result<StageCall, Refusal> 
         }
     }
 }
+
+/// The push part of a forward, checked (`carried` left empty), or `None`
+/// for an ordinary forward.
+fn decode_push(f: &ForwardMsg) -> Result<Option<Push>, Refusal> {
+    let pushed = f.deliver != 0;
+    if !pushed {
+        if !f.route.is_empty() || !f.origin.is_empty() || f.carried != 0 || !f.compute_us.is_empty()
+        {
+            return Err(Refusal::new(
+                ErrorCode::Malformed,
+                "a forward without a delivery id carries a route, origin or earlier rows",
+            ));
+        }
+        return Ok(None);
+    }
+    if f.n_tokens > MAX_PUSH_TOKENS {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "pushed forward: at most {MAX_PUSH_TOKENS} rows, found {}",
+                f.n_tokens
+            ),
+        ));
+    }
+    if f.route.len() > MAX_ROUTE || f.carried as usize > MAX_ROUTE {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "pushed forward: at most {MAX_ROUTE} hops, found a route of {} after {} carried",
+                f.route.len(),
+                f.carried
+            ),
+        ));
+    }
+    // From the client: no earlier hop. From a stage: every hop before this
+    // one (those carried, and the one whose output is this input).
+    let expected = match f.origin.is_empty() {
+        true => 0,
+        false => f.carried as usize + 1,
+    };
+    if f.compute_us.len() != expected || (f.origin.is_empty() && f.carried != 0) {
+        return Err(Refusal::new(
+            ErrorCode::Malformed,
+            format!(
+                "pushed forward: {} compute times and {} carried hops {} an origin",
+                f.compute_us.len(),
+                f.carried,
+                if f.origin.is_empty() {
+                    "without"
+                } else {
+                    "with"
+                }
+            ),
+        ));
+    }
+    let peer = |bytes: &[u8], what: &str| {
+        PeerId::from_bytes(bytes)
+            .map_err(|e| Refusal::new(ErrorCode::Malformed, format!("{what} peer id: {e}")))
+    };
+    let mut route = Vec::with_capacity(f.route.len());
+    for hop in &f.route {
+        route.push((peer(&hop.peer, "route")?, hop.session));
+    }
+    let origin = match f.origin.as_slice() {
+        [] => None,
+        bytes => Some(peer(bytes, "origin")?),
+    };
+    Ok(Some(Push {
+        route,
+        deliver: f.deliver,
+        origin,
+        carried: Bytes::new(),
+        compute_us: f.compute_us.clone(),
+        timeout: Duration::from_millis(u64::from(f.timeout_ms.clamp(1, MAX_PUSH_TIMEOUT_MS))),
+    }))
+}
+
+/// Longest a stage waits for the next hop of a pushed forward.
+const MAX_PUSH_TIMEOUT_MS: u32 = 120_000;
 
 /// Encodes a request for the wire: `(meta, tensor)`.
 pub fn encode_request(op: StageOp, rows: Bytes) -> (Bytes, Bytes) {
@@ -539,147 +745,4 @@ pub fn decode_rows(bytes: &[u8], dtype: DType) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn forward(n_tokens: u32, dtype: DType) -> Vec<u8> {
-        StageRequest {
-            version: STAGE_VERSION,
-            op: Some(StageOp::Forward(ForwardMsg {
-                session: 7,
-                pos: 3,
-                n_tokens,
-                dtype: dtype as i32,
-            })),
-        }
-        .encode_to_vec()
-    }
-
-    #[test]
-    fn forward_round_trips_f32_and_f16() {
-        let rows = vec![1.0f32, -2.5, 0.125, 65504.0];
-        for dtype in [DType::F32, DType::F16] {
-            let tensor = encode_rows(&rows, dtype);
-            let call = decode_request(&forward(2, dtype), &tensor).unwrap();
-            assert_eq!(
-                call,
-                StageCall::Forward {
-                    session: 7,
-                    pos: 3,
-                    n_tokens: 2,
-                    dtype,
-                    rows: rows.clone()
-                }
-            );
-        }
-    }
-
-    #[test]
-    fn bad_requests_get_typed_refusals() {
-        let code = |meta: &[u8], tensor: &[u8]| decode_request(meta, tensor).unwrap_err().code;
-        assert_eq!(code(b"\xff\xff", b""), ErrorCode::Malformed);
-        let v2 = StageRequest {
-            version: 2,
-            op: None,
-        }
-        .encode_to_vec();
-        assert_eq!(code(&v2, b""), ErrorCode::UnsupportedVersion);
-        let none = StageRequest {
-            version: STAGE_VERSION,
-            op: None,
-        }
-        .encode_to_vec();
-        assert_eq!(code(&none, b""), ErrorCode::Malformed);
-        // 3 bytes are not 2 rows of f32.
-        assert_eq!(code(&forward(2, DType::F32), b"abc"), ErrorCode::BadShape);
-        assert_eq!(code(&forward(0, DType::F32), b""), ErrorCode::TooLarge);
-        assert_eq!(
-            code(&forward(MAX_BATCH_TOKENS + 1, DType::F32), &[0; 8]),
-            ErrorCode::TooLarge
-        );
-        let open = |start, end, n_ctx, model: Vec<u8>| {
-            StageRequest {
-                version: STAGE_VERSION,
-                op: Some(StageOp::Open(OpenMsg {
-                    model,
-                    layer_start: start,
-                    layer_end: end,
-                    n_ctx,
-                    exact: false,
-                    adapters: Vec::new(),
-                })),
-            }
-            .encode_to_vec()
-        };
-        let with_adapters = |adapters: Vec<AdapterRef>| {
-            StageRequest {
-                version: STAGE_VERSION,
-                op: Some(StageOp::Open(OpenMsg {
-                    model: vec![0; 32],
-                    layer_start: 0,
-                    layer_end: 3,
-                    n_ctx: 8,
-                    exact: false,
-                    adapters,
-                })),
-            }
-            .encode_to_vec()
-        };
-        let adapter = |id: Vec<u8>, scale: f32| AdapterRef { id, scale };
-        assert_eq!(
-            code(&with_adapters(vec![adapter(vec![1; 31], 1.0)]), b""),
-            ErrorCode::Malformed
-        );
-        assert_eq!(
-            code(&with_adapters(vec![adapter(vec![1; 32], f32::NAN)]), b""),
-            ErrorCode::Malformed
-        );
-        assert_eq!(
-            code(
-                &with_adapters(vec![adapter(vec![1; 32], 1.0); MAX_SESSION_ADAPTERS + 1]),
-                b""
-            ),
-            ErrorCode::TooLarge
-        );
-        match decode_request(
-            &with_adapters(vec![adapter(vec![1; 32], 0.5), adapter(vec![2; 32], -1.0)]),
-            b"",
-        ) {
-            Ok(StageCall::Open { adapters, .. }) => assert_eq!(
-                adapters,
-                vec![(ModelId([1; 32]), 0.5), (ModelId([2; 32]), -1.0)]
-            ),
-            other => panic!("decoded {other:?}"),
-        }
-        assert_eq!(code(&open(3, 3, 8, vec![0; 32]), b""), ErrorCode::Malformed);
-        assert_eq!(code(&open(0, 3, 8, vec![0; 31]), b""), ErrorCode::Malformed);
-        assert_eq!(code(&open(0, 3, 0, vec![0; 32]), b""), ErrorCode::TooLarge);
-        assert_eq!(
-            code(&open(0, 3, MAX_SESSION_CTX + 1, vec![0; 32]), b""),
-            ErrorCode::TooLarge
-        );
-        assert_eq!(
-            code(&open(0, 3, 8, vec![0; 32]), b"x"),
-            ErrorCode::Malformed
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn decoder_never_panics(meta in proptest::collection::vec(any::<u8>(), 0..64),
-                                tensor in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = decode_request(&meta, &tensor);
-        }
-
-        #[test]
-        fn forward_rows_round_trip(rows in proptest::collection::vec(-1e4f32..1e4, 1..32)) {
-            let n = rows.len() as u32;
-            let call = decode_request(&forward(n, DType::F32), &encode_rows(&rows, DType::F32)).unwrap();
-            match call {
-                StageCall::Forward { rows: got, .. } => prop_assert_eq!(got, rows),
-                other => prop_assert!(false, "decoded {:?}", other),
-            }
-        }
-    }
-}
+mod tests;

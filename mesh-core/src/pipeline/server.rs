@@ -24,12 +24,13 @@ use rand::RngCore;
 use tokio::sync::{broadcast, mpsc};
 
 use super::protocol::{
-    decode_request, encode_rows, ErrorCode, StageCall, StageReply, STAGE_METHOD, STAGE_VERSION,
+    decode_request, encode_request, encode_rows, DeliverMsg, ErrorCode, ForwardMsg, Push, RouteHop,
+    StageCall, StageOp, StageReply, DELIVER_METHOD, STAGE_METHOD, STAGE_VERSION,
 };
 use crate::compute::{self, ComputePool};
 use crate::engine::lora::{ActiveLora, LoraAdapter};
 use crate::engine::{Engine, GgmlEngine, GgmlSession, Hidden, ModelId};
-use crate::network::{InboundRequest, Network, PeerId, Response};
+use crate::network::{InboundRequest, Network, PeerId, Request, Response};
 use crate::Result;
 
 /// Limits of a stage server.
@@ -209,12 +210,53 @@ impl StageServer {
     }
 
     /// Answers one request from `peer` (blocking: may compute). Never panics
-    /// on any input; every refusal is a reply with its [`ErrorCode`].
+    /// on any input; every refusal is a reply with its [`ErrorCode`]. A
+    /// pushed forward's onward request is not sent (see [`Self::answer`]):
+    /// its reply is the one the requester would get once that succeeded.
     pub fn handle(&self, peer: PeerId, meta: &[u8], tensor: &[u8]) -> (StageReply, Bytes) {
+        match self.answer(peer, meta, tensor) {
+            Answer::Reply(reply, rows) => (reply, rows),
+            Answer::Onward(onward) => (onward.reply, Bytes::new()),
+        }
+    }
+
+    /// Answers one request from `peer` (blocking: may compute): a reply, or,
+    /// for a pushed forward that computed, the request to send on (see the
+    /// protocol docs). Never panics on any input.
+    pub fn answer(&self, peer: PeerId, meta: &[u8], tensor: &[u8]) -> Answer {
         let call = match decode_request(meta, tensor) {
             Ok(call) => call,
-            Err(r) => return (StageReply::failure(0, r.code, r.message), Bytes::new()),
+            Err(r) => {
+                return Answer::Reply(StageReply::failure(0, r.code, r.message), Bytes::new())
+            }
         };
+        let StageCall::Forward {
+            session,
+            pos,
+            n_tokens,
+            dtype,
+            rows,
+            push: Some(push),
+        } = call
+        else {
+            let (reply, rows) = self.handle_call(peer, call);
+            return Answer::Reply(reply, rows);
+        };
+        // The session belongs to the client that opened it, whoever relays.
+        let owner = push.origin.unwrap_or(peer);
+        let computed = self
+            .slot(owner, session)
+            .and_then(|slot| forward(&slot, session, pos, n_tokens, rows, self.pool));
+        match computed {
+            Err(reply) => Answer::Reply(reply, Bytes::new()),
+            Ok((mut reply, out)) => {
+                reply.dtype = dtype as i32;
+                Answer::Onward(Onward::new(reply, owner, pos, n_tokens, dtype, push, &out))
+            }
+        }
+    }
+
+    fn handle_call(&self, peer: PeerId, call: StageCall) -> (StageReply, Bytes) {
         match call {
             StageCall::Open {
                 model,
@@ -232,6 +274,7 @@ impl StageServer {
                 n_tokens,
                 dtype,
                 rows,
+                push: _,
             } => match self.slot(peer, session) {
                 Err(reply) => (reply, Bytes::new()),
                 Ok(slot) => forward(&slot, session, pos, n_tokens, rows, self.pool)
@@ -493,15 +536,18 @@ impl StageServer {
     /// shuts down. Each request computes on a blocking thread.
     pub async fn serve(self: Arc<Self>, net: Arc<dyn Network>) -> Result<()> {
         let mut requests = net.handle(STAGE_METHOD).await?;
-        self.serve_queue(&mut requests).await
+        self.serve_queue(net, &mut requests).await
     }
 
     /// Answers the requests arriving on `requests` (the queue of
-    /// [`Network::handle`] for [`STAGE_METHOD`]) until it closes.
+    /// [`Network::handle`] for [`STAGE_METHOD`] on `net`, which also carries
+    /// pushed forwards on) until it closes.
     pub async fn serve_queue(
         self: Arc<Self>,
+        net: Arc<dyn Network>,
         requests: &mut mpsc::Receiver<InboundRequest>,
     ) -> Result<()> {
+        let rt = tokio::runtime::Handle::current();
         let tick =
             (self.config.idle_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut sweep = tokio::time::interval(tick);
@@ -510,18 +556,22 @@ impl StageServer {
                 r = requests.recv() => {
                     let Some(inbound) = r else { return Ok(()) };
                     let server = self.clone();
+                    let (net, rt) = (net.clone(), rt.clone());
                     // Straight onto a blocking thread, answered from there:
                     // one hand-off fewer per forward than an async wrapper.
                     tokio::task::spawn_blocking(move || {
                         let (peer, request) = (inbound.peer, &inbound.request);
                         let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            server.handle(peer, &request.meta, &request.tensor)
+                            server.answer(peer, &request.meta, &request.tensor)
                         }));
                         match answer {
-                            Ok((reply, tensor)) => inbound.respond(Response {
+                            Ok(Answer::Reply(reply, tensor)) => inbound.respond(Response {
                                 meta: Bytes::from(reply.encode_to_vec()),
                                 tensor,
                             }),
+                            Ok(Answer::Onward(onward)) => {
+                                rt.spawn(onward.send(net, inbound));
+                            }
                             Err(_) => inbound.reject("stage handler failed (panicked)"),
                         }
                     });
@@ -529,6 +579,132 @@ impl StageServer {
                 _ = sweep.tick() => self.expire_idle(),
             }
         }
+    }
+}
+
+/// What [`StageServer::answer`] decided.
+#[derive(Debug)]
+pub enum Answer {
+    /// Answer the requester with this reply and these rows.
+    Reply(StageReply, Bytes),
+    /// A pushed forward computed: send its output on, then answer.
+    Onward(Onward),
+}
+
+/// The output of a pushed forward on its way to the next hop (a
+/// [`STAGE_METHOD`] forward) or, at the end of the route, to the client (a
+/// [`DELIVER_METHOD`] delivery).
+#[derive(Debug)]
+pub struct Onward {
+    /// The reply to the requester once the next hop accepted.
+    pub reply: StageReply,
+    /// Where the request goes.
+    pub to: PeerId,
+    /// The request.
+    pub request: Request,
+    /// How long to wait for its answer.
+    pub timeout: Duration,
+}
+
+impl Onward {
+    fn new(
+        reply: StageReply,
+        owner: PeerId,
+        pos: usize,
+        n_tokens: usize,
+        dtype: super::DType,
+        push: Push,
+        out: &[f32],
+    ) -> Onward {
+        let mut tensor = Vec::with_capacity(push.carried.len() + out.len() * dtype.size());
+        tensor.extend_from_slice(&push.carried);
+        tensor.extend_from_slice(&encode_rows(out, dtype));
+        let mut compute_us = push.compute_us;
+        compute_us.push(reply.compute_us);
+        let (to, request) = match push.route.split_first() {
+            Some((&(next, session), rest)) => {
+                let op = StageOp::Forward(ForwardMsg {
+                    session,
+                    pos: pos as u64,
+                    n_tokens: n_tokens as u32,
+                    dtype: dtype as i32,
+                    route: rest
+                        .iter()
+                        .map(|(peer, session)| RouteHop {
+                            peer: peer.to_bytes(),
+                            session: *session,
+                        })
+                        .collect(),
+                    deliver: push.deliver,
+                    origin: owner.to_bytes(),
+                    // Every output so far but this stage's (the next input).
+                    carried: (compute_us.len() - 1) as u32,
+                    compute_us,
+                    timeout_ms: push.timeout.as_millis().min(u32::MAX as u128) as u32,
+                });
+                let (meta, tensor) = encode_request(op, Bytes::from(tensor));
+                let method = STAGE_METHOD.into();
+                (
+                    next,
+                    Request {
+                        method,
+                        meta,
+                        tensor,
+                    },
+                )
+            }
+            None => {
+                let msg = DeliverMsg {
+                    version: STAGE_VERSION,
+                    deliver: push.deliver,
+                    pos: pos as u64,
+                    n_tokens: n_tokens as u32,
+                    dtype: dtype as i32,
+                    compute_us,
+                };
+                let request = Request {
+                    method: DELIVER_METHOD.into(),
+                    meta: Bytes::from(msg.encode_to_vec()),
+                    tensor: Bytes::from(tensor),
+                };
+                (owner, request)
+            }
+        };
+        Onward {
+            reply,
+            to,
+            request,
+            timeout: push.timeout,
+        }
+    }
+
+    /// Sends the request on over `net`, then answers `inbound`: with the
+    /// stage's own reply when the next hop accepted, else with
+    /// [`ErrorCode::NextHop`] and what went wrong there.
+    pub async fn send(self, net: Arc<dyn Network>, inbound: InboundRequest) {
+        let session = self.reply.session;
+        let to = self.to;
+        let failed = |message: String| {
+            StageReply::failure(
+                session,
+                ErrorCode::NextHop,
+                format!("next hop {to}: {message}"),
+            )
+        };
+        let reply = match net.request(to, self.request, self.timeout).await {
+            Err(e) => failed(e.to_string()),
+            Ok(response) => match StageReply::decode(response.meta.as_ref()) {
+                Err(e) => failed(format!("undecodable reply: {e}")),
+                Ok(r) if r.code() != ErrorCode::None => {
+                    failed(format!("{}: {}", r.code(), r.message))
+                }
+                Ok(_) => self.reply,
+            },
+        };
+        inbound.respond(Response {
+            meta: Bytes::from(reply.encode_to_vec()),
+            tensor: Bytes::new(),
+        });
     }
 }
 

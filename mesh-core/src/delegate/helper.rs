@@ -175,7 +175,9 @@ impl HelperSession {
         let tokens = x.len().checked_div(header.cols as usize).unwrap_or(0);
         let mut y = Zeroizing::new(Vec::with_capacity(tokens.saturating_mul(rows)));
         for m in &ms {
-            y.extend_from_slice(&Zeroizing::new(m.mul(&x)?));
+            y.extend_from_slice(&Zeroizing::new(
+                m.mul_threads(&x, engine.compute_threads())?,
+            ));
         }
         drop(x);
         match self.cheat {

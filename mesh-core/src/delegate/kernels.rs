@@ -359,16 +359,27 @@ impl<'a> Matrix<'a> {
     /// kernel where there is one ([`simd_available`]) and splits large
     /// products across threads.
     pub fn mul(&self, x: &[u64]) -> Result<Vec<u64>> {
-        self.mul_impl(x, false)
+        // `available_parallelism` reads cgroup files on Linux: once per process.
+        static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let threads = *THREADS
+            .get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get().min(8)));
+        self.mul_impl(x, false, threads)
+    }
+
+    /// [`Matrix::mul`] with at most `threads` threads computing at once (the
+    /// caller waits while they do): a node's compute threads, so a helper
+    /// never runs more threads than it was given.
+    pub fn mul_threads(&self, x: &[u64], threads: usize) -> Result<Vec<u64>> {
+        self.mul_impl(x, false, threads.max(1))
     }
 
     /// [`Matrix::mul`] with the portable scalar kernel on the calling thread
     /// only: the reference the SIMD kernels are tested (and benchmarked) against.
     pub fn mul_scalar(&self, x: &[u64]) -> Result<Vec<u64>> {
-        self.mul_impl(x, true)
+        self.mul_impl(x, true, 1)
     }
 
-    fn mul_impl(&self, x: &[u64], scalar: bool) -> Result<Vec<u64>> {
+    fn mul_impl(&self, x: &[u64], scalar: bool, threads: usize) -> Result<Vec<u64>> {
         if x.is_empty() || !x.len().is_multiple_of(self.cols) {
             return Err(Error::InvalidArgument(format!(
                 "input: expected a whole, non-zero number of tokens of {} values, found {}",
@@ -377,10 +388,6 @@ impl<'a> Matrix<'a> {
             )));
         }
         let n = x.len() / self.cols;
-        // `available_parallelism` reads cgroup files on Linux: once per process.
-        static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let threads = *THREADS
-            .get_or_init(|| std::thread::available_parallelism().map_or(1, |t| t.get().min(8)));
         let work = self.rows.saturating_mul(self.cols).saturating_mul(n);
         // Rows in [start, end), stored row-major by row: out[(r - start)·n + t].
         let by_row = if scalar {

@@ -250,6 +250,13 @@ pub trait Engine: Send + Sync {
     /// Raw bytes of one projection matrix of `layer`.
     fn weight(&self, layer: usize, projection: Projection) -> Result<WeightView<'_>>;
 
+    /// Threads this engine computes with; kernels that run on its behalf
+    /// (a private-mode helper's share products) use no more. One unless
+    /// the implementation says otherwise.
+    fn compute_threads(&self) -> usize {
+        1
+    }
+
     /// `W·x` for one projection, for `n_tokens = x.len() / cols` input rows.
     /// Returns `n_tokens * rows` values, row-major by token.
     fn project(

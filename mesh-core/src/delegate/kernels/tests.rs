@@ -239,6 +239,28 @@ proptest! {
     }
 }
 
+/// A product big enough to be split across threads gives the same words on
+/// any number of them (a helper passes its node's thread count).
+#[test]
+fn products_split_across_threads_equal_the_single_threaded_one() {
+    let (rows, cols, n) = (257, 32 * 64, 9);
+    assert!(rows * cols * n >= super::PARALLEL_WORK);
+    let bytes = random_matrix(GgmlType::Q4_1, rows, cols, 5);
+    let m = Matrix::new(GgmlType::Q4_1, rows, cols, &bytes).unwrap();
+    let x: Vec<u64> = (0..n * cols)
+        .map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let one = m.mul_threads(&x, 1).unwrap();
+    assert_eq!(one, m.mul_scalar(&x).unwrap());
+    for threads in [0, 2, 3, 8] {
+        assert_eq!(
+            m.mul_threads(&x, threads).unwrap(),
+            one,
+            "{threads} threads"
+        );
+    }
+}
+
 #[test]
 fn simd_kernel_rejects_non_finite_scales_like_the_scalar_one() {
     for (ty, at) in [

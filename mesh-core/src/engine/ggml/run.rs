@@ -8,6 +8,10 @@ use crate::gguf::GgufErrorKind;
 impl Engine for GgmlEngine {
     type Session = GgmlSession;
 
+    fn compute_threads(&self) -> usize {
+        self.n_threads()
+    }
+
     fn info(&self) -> &ModelInfo {
         &self.info
     }

@@ -520,6 +520,145 @@ async fn one_of_four_down_goes_on_two_down_halts_without_a_fork_then_resumes() {
     }
 }
 
+/// A chain store shared with the test, so a validator restarted on it finds
+/// what it wrote before (blocks, signed votes, its write-ahead log).
+#[derive(Clone, Default)]
+struct SharedStore(Arc<std::sync::Mutex<MemoryChain>>);
+
+impl consensus::ChainStore for SharedStore {
+    fn height(&self) -> u64 {
+        self.0.lock().unwrap().height()
+    }
+    fn get(&self, height: u64) -> Option<(Block, Certificate)> {
+        self.0.lock().unwrap().get(height)
+    }
+    fn append(
+        &mut self,
+        block: &Block,
+        cert: &Certificate,
+    ) -> Result<(), mesh_core::ledger::LedgerError> {
+        self.0.lock().unwrap().append(block, cert)
+    }
+    fn signed_vote(&self, height: u64, round: u32, kind: VoteKind) -> Option<Option<BlockHash>> {
+        self.0.lock().unwrap().signed_vote(height, round, kind)
+    }
+    fn record_vote(
+        &mut self,
+        height: u64,
+        round: u32,
+        kind: VoteKind,
+        value: Option<BlockHash>,
+    ) -> Result<(), mesh_core::ledger::LedgerError> {
+        self.0
+            .lock()
+            .unwrap()
+            .record_vote(height, round, kind, value)
+    }
+    fn wal_append(
+        &mut self,
+        height: u64,
+        entry: &[u8],
+    ) -> Result<(), mesh_core::ledger::LedgerError> {
+        self.0.lock().unwrap().wal_append(height, entry)
+    }
+    fn wal(&self, height: u64) -> Vec<Vec<u8>> {
+        self.0.lock().unwrap().wal(height)
+    }
+}
+
+/// Refuses every proposal while its gate is closed (so rounds go by
+/// without a decision), accepts empty blocks once it opens.
+#[derive(Clone)]
+struct Gate(Arc<std::sync::atomic::AtomicBool>);
+
+impl BlockBuilder for Gate {
+    fn draft(&mut self, _: u64) -> BlockDraft {
+        BlockDraft::default()
+    }
+    fn check(&mut self, _: &Block) -> Result<(), String> {
+        match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Ok(()),
+            false => Err("the test's gate is closed".into()),
+        }
+    }
+}
+
+/// A validator restarted in the middle of a height replays its write-ahead
+/// log: it is back in the round it had reached (with its votes, and any
+/// lock) before any timeout or rebroadcast could have brought it there,
+/// instead of starting the height over at round 0; the chain then goes on
+/// without a fork, and a decided height's log is dropped.
+#[tokio::test(start_paused = true)]
+async fn a_validator_restarted_mid_height_replays_its_log_and_resumes_its_round() {
+    use consensus::ChainStore as _;
+    let net = MemoryNet::new(17);
+    net.set_default_link(LinkConfig {
+        latency: Duration::from_millis(20),
+        ..LinkConfig::default()
+    });
+    let ids = identities(4, 60);
+    let g = genesis(&ids, &[1, 1, 1, 1]);
+    let nodes = mesh(&net, &ids).await;
+    let store = SharedStore::default();
+    let gate = Gate(Arc::default());
+    let start_on = |node: &MemoryNetwork, id: &Identity, store: Box<dyn consensus::ChainStore>| {
+        let (node, id, g, gate) = (node.clone(), id.clone(), g.clone(), gate.clone());
+        async move {
+            let net: Arc<dyn Network> = Arc::new(node);
+            consensus::start(net, g, &id, store, Box::new(gate), config())
+                .await
+                .unwrap()
+        }
+    };
+    let mut handles = vec![start_on(&nodes[0], &ids[0], Box::new(store.clone())).await];
+    for (node, id) in nodes.iter().zip(&ids).skip(1) {
+        handles.push(start_on(node, id, Box::<MemoryChain>::default()).await);
+    }
+    // Every proposal refused: round after round of nil votes at height 1.
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while handles[0].status().round < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("no round 3");
+    let before = handles[0].status();
+    assert_eq!(before.height, 0, "decided a refused block");
+    assert!(!store.wal(1).is_empty(), "nothing logged at height 1");
+    // Restart validator 0 on the same store (a new process, same key).
+    net.kill(ids[0].peer_id());
+    handles.remove(0).stop().await;
+    let again = net.add_node(ids[0].clone(), Limits::default());
+    for n in &nodes[1..] {
+        again.dial(n.addr()).await.unwrap();
+    }
+    let restarted = start_on(&again, &ids[0], Box::new(store.clone())).await;
+    // Well within a propose timeout (600 ms) or a rebroadcast (500 ms):
+    // only the replay can have brought it this far.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = restarted.status();
+    assert_eq!(after.height, 0);
+    assert!(
+        after.round >= before.round,
+        "restarted at round {}, had reached {}",
+        after.round,
+        before.round
+    );
+    handles.insert(0, restarted);
+    // Proposals accepted again: the chain goes on, one chain.
+    gate.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refs: Vec<&LedgerHandle> = handles.iter().collect();
+    all_reach(&refs, 2, Duration::from_secs(180)).await;
+    let reference = chain_of(refs[0], 2);
+    verify_chain(&g, reference.iter().map(|(b, c)| (b, c))).unwrap();
+    for h in &refs[1..] {
+        for (a, b) in reference.iter().zip(chain_of(h, 2)) {
+            assert_eq!(a.0.hash(), b.0.hash(), "fork at height {}", a.0.height);
+        }
+    }
+    assert!(store.wal(1).is_empty(), "height 1 decided, its log kept");
+}
+
 /// Waits (virtual time) until `cond` holds for every handle's status.
 async fn all_see(
     handles: &[&LedgerHandle],

@@ -88,14 +88,26 @@ fn a_store_reopens_with_its_chain_and_refuses_another_genesis() {
         );
         assert_eq!(db.signed_vote(4, 1, VoteKind::Precommit), Some(None));
         assert_eq!(db.signed_vote(4, 0, VoteKind::Precommit), None);
+        // The write-ahead log: per height, in order; made durable by the
+        // next recorded vote.
+        db.wal_append(4, b"first").unwrap();
+        db.wal_append(5, b"later height").unwrap();
+        db.wal_append(4, b"second").unwrap();
+        db.record_vote(4, 2, VoteKind::Prevote, None).unwrap();
         check_whole(&db, &g)
     };
     let mut db = LedgerDb::open(&path, &g).unwrap();
     assert_eq!(db.height(), 3);
     assert_eq!(check_whole(&db, &g), tip);
     assert_eq!(db.signed_vote(4, 1, VoteKind::Precommit), Some(None));
+    assert_eq!(db.wal(4), vec![b"first".to_vec(), b"second".to_vec()]);
+    assert_eq!(db.wal(5), vec![b"later height".to_vec()]);
+    assert!(db.wal(3).is_empty());
     extend(&mut db, &g, &ids);
     assert_eq!(db.signed_vote(4, 1, VoteKind::Precommit), None);
+    // Height 4 decided: its log is dropped, the next one's kept.
+    assert!(db.wal(4).is_empty());
+    assert_eq!(db.wal(5), vec![b"later height".to_vec()]);
     drop(db);
     let other = genesis(&ids, "another-chain");
     let err = LedgerDb::open(&path, &other).unwrap_err();

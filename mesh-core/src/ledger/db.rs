@@ -25,6 +25,8 @@ const CERTS: TableDefinition<u64, &[u8]> = TableDefinition::new("certificates");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// (height, round, 1 prevote | 2 precommit) -> 32-byte block hash, or empty for nil.
 const VOTES: TableDefinition<(u64, u32, u8), &[u8]> = TableDefinition::new("signed_votes");
+/// Consensus inputs of undecided heights, by (height, sequence number).
+const WAL: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("consensus_wal");
 
 /// Decided blocks and signed votes of one chain, on disk.
 pub struct LedgerDb {
@@ -103,6 +105,7 @@ impl LedgerDb {
             }
             txn.open_table(CERTS).map_err(|e| db_err(&path, e))?;
             txn.open_table(VOTES).map_err(|e| db_err(&path, e))?;
+            txn.open_table(WAL).map_err(|e| db_err(&path, e))?;
             let blocks = txn.open_table(BLOCKS).map_err(|e| db_err(&path, e))?;
             let last = blocks.last().map_err(|e| db_err(&path, e))?;
             last.map(|(k, _)| k.value()).unwrap_or(0)
@@ -173,6 +176,9 @@ impl ChainStore for LedgerDb {
             votes
                 .retain(|(h, _, _), _| h > block.height)
                 .map_err(|e| db_err(&self.path, e))?;
+            let mut wal = txn.open_table(WAL).map_err(|e| db_err(&self.path, e))?;
+            wal.retain(|(h, _), _| h > block.height)
+                .map_err(|e| db_err(&self.path, e))?;
         }
         txn.commit().map_err(|e| db_err(&self.path, e))?;
         self.height = block.height;
@@ -210,5 +216,44 @@ impl ChainStore for LedgerDb {
                 .map_err(|e| db_err(&self.path, e))?;
         }
         txn.commit().map_err(|e| db_err(&self.path, e))
+    }
+
+    fn wal_append(&mut self, height: u64, entry: &[u8]) -> Result<(), LedgerError> {
+        let mut txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        // Not synced here: the next durable commit (a vote recorded before it
+        // is signed, or a block) makes it durable with everything before it.
+        txn.set_durability(redb::Durability::None);
+        {
+            let mut wal = txn.open_table(WAL).map_err(|e| db_err(&self.path, e))?;
+            let next = wal
+                .range((height, 0)..=(height, u64::MAX))
+                .map_err(|e| db_err(&self.path, e))?
+                .next_back()
+                .transpose()
+                .map_err(|e| db_err(&self.path, e))?
+                .map_or(0, |(k, _)| k.value().1 + 1);
+            wal.insert((height, next), entry)
+                .map_err(|e| db_err(&self.path, e))?;
+        }
+        txn.commit().map_err(|e| db_err(&self.path, e))
+    }
+
+    fn wal(&self, height: u64) -> Vec<Vec<u8>> {
+        let read = || -> Result<Vec<Vec<u8>>, LedgerError> {
+            let txn = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
+            let wal = txn.open_table(WAL).map_err(|e| db_err(&self.path, e))?;
+            let mut out = Vec::new();
+            for item in wal
+                .range((height, 0)..=(height, u64::MAX))
+                .map_err(|e| db_err(&self.path, e))?
+            {
+                out.push(item.map_err(|e| db_err(&self.path, e))?.1.value().to_vec());
+            }
+            Ok(out)
+        };
+        read().unwrap_or_else(|e| {
+            tracing::error!("ledger store: write-ahead log of height {height}: {e}");
+            Vec::new()
+        })
     }
 }

@@ -33,15 +33,24 @@
 //!   ([`SYNC_METHOD`]) and appends each only after verifying its
 //!   certificate. Non-validators (followers) only do this.
 //!
-//! Not yet: a write-ahead log of Malachite's state (a validator restarted
-//! mid-height starts that height again from round 0; it never signs a vote
-//! conflicting with one it recorded, see [`ChainStore::signed_vote`], but it
-//! forgets a lock), and gossip of Malachite's polka and round certificates
-//! (votes are rebroadcast instead).
+//! * **Restarts**: what Malachite asks to persist for the height under way
+//!   (votes and proposals received, timeouts that fired, values this node
+//!   proposed) goes to the store's write-ahead log
+//!   ([`ChainStore::wal_append`]) before Malachite acts on it; a validator
+//!   started on a store that holds a log for its next height replays it
+//!   after starting the height, and comes back in the state it had (round,
+//!   votes, lock and valid value), proposing again the very block it had
+//!   proposed, if any. Each signed vote is also recorded before it is sent
+//!   and never contradicted ([`ChainStore::signed_vote`]). A decided
+//!   height's log is dropped with its votes.
+//!
+//! Not yet: gossip of Malachite's polka and round certificates (votes are
+//! rebroadcast instead).
 
 mod context;
 mod runner;
 mod store;
+mod wal;
 mod wire;
 
 pub use context::*;

@@ -2,7 +2,7 @@
 //! (timers, gossip, signatures, the store) and feeds it votes, proposals,
 //! timeouts and synced blocks.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use crate::ledger::stake::{StakeTransfer, Stakes};
 use crate::ledger::LedgerError;
 use crate::network::{Identity, Network, PeerId, Request, Response};
 
+use super::wal;
 use super::wire::{decode_sync_reply, encode_status};
 
 /// Starts a ledger node on `net` for `genesis`, with `identity`'s key,
@@ -99,6 +100,9 @@ pub async fn start(
             blocks: HashMap::new(),
             decided: None,
             round: 0,
+            wal_height: 0,
+            wal_seen: HashSet::new(),
+            proposed: HashMap::new(),
         },
         consensus: None,
         net,
@@ -148,6 +152,12 @@ struct Fx {
     /// A decision made during the last input, to store after it.
     decided: Option<(Block, Certificate)>,
     round: u32,
+    /// The height whose inputs go to the write-ahead log (see `wal`).
+    wal_height: u64,
+    /// BLAKE3 of the entries logged for it (replayed inputs log nothing again).
+    wal_seen: HashSet<[u8; 32]>,
+    /// Blocks this node proposed at that height, by round.
+    proposed: HashMap<u32, Block>,
 }
 
 /// Most stake transfers a node holds for proposals.
@@ -196,6 +206,27 @@ impl Fx {
                 .map_err(|e| format!("cannot record a vote: {e}"))?,
         }
         Ok(v)
+    }
+
+    /// Logs `entry` for the height under way (before Malachite acts on it).
+    fn wal_append(&mut self, entry: &mc::WalEntry<MeshContext>) -> Result<(), String> {
+        if let mc::WalEntry::ProposedValue(v) = entry {
+            if v.proposer == self.me {
+                if let Some(round) = v.round.as_u32() {
+                    self.proposed.insert(round, v.value.clone());
+                }
+            }
+        }
+        let Some(bytes) = wal::encode(entry, &self.me) else {
+            return Ok(());
+        };
+        if !self.wal_seen.insert(*blake3::hash(&bytes).as_bytes()) {
+            return Ok(());
+        }
+        let mut store = self.chain.lock().map_err(|_| "chain store poisoned")?;
+        store
+            .wal_append(self.wal_height, &bytes)
+            .map_err(|e| format!("cannot log a consensus input: {e}"))
     }
 
     fn timeout_length(&self, t: &mt::Timeout) -> Duration {
@@ -260,6 +291,16 @@ impl Fx {
             }
             E::RepublishRoundCertificate(_, r) => r.resume_with(()),
             E::GetValue(height, round, _, r) => {
+                // Proposed before (and logged): the same block again.
+                if let Some(block) = round.as_u32().and_then(|r| self.proposed.get(&r)) {
+                    self.pending
+                        .push_back(mc::Input::Propose(mc::LocallyProposedValue::new(
+                            height,
+                            round,
+                            block.clone(),
+                        )));
+                    return Ok(r.resume_with(()));
+                }
                 let stake = self.applicable_stake();
                 let mut draft = builder.draft(height.0);
                 draft.stake = stake.clone();
@@ -329,7 +370,10 @@ impl Fx {
             E::VerifyRoundCertificate(c, set, th, r) => {
                 r.resume_with(self.keys.verify_round_certificate(&self.ctx, &c, &set, th))
             }
-            E::WalAppend(_, r) => r.resume_with(()),
+            E::WalAppend(entry, r) => {
+                self.wal_append(&entry)?;
+                r.resume_with(())
+            }
             E::ExtendVote(_, _, _, r) => r.resume_with(None),
             E::VerifyVoteExtension(.., r) => r.resume_with(Ok(())),
         })
@@ -392,6 +436,47 @@ impl Runner {
             Height(height),
             self.fx.valset.clone(),
         ));
+        self.replay_wal(height);
+    }
+
+    /// Queues what the write-ahead log holds for `height` (a restart in
+    /// the middle of it), in order, after its start.
+    fn replay_wal(&mut self, height: u64) {
+        self.fx.wal_height = height;
+        self.fx.wal_seen.clear();
+        self.fx.proposed.clear();
+        let entries = match self.chain.lock() {
+            Ok(chain) => chain.wal(height),
+            Err(_) => return,
+        };
+        if !entries.is_empty() {
+            tracing::info!(
+                "ledger: replaying {} logged consensus inputs of height {height}",
+                entries.len()
+            );
+        }
+        for bytes in entries {
+            self.fx.wal_seen.insert(*blake3::hash(&bytes).as_bytes());
+            match wal::decode(&bytes) {
+                Ok(wal::Entry::Message(Decoded::Vote(v))) => {
+                    self.fx.pending.push_back(mc::Input::Vote(v));
+                }
+                Ok(wal::Entry::Message(Decoded::Proposal(p))) => {
+                    let block = &p.message.block;
+                    self.fx.blocks.insert(block.hash(), block.clone());
+                    self.fx.pending.push_back(mc::Input::Proposal(*p));
+                }
+                Ok(wal::Entry::Message(_)) => {}
+                Ok(wal::Entry::Timeout(t)) => {
+                    self.fx.pending.push_back(mc::Input::TimeoutElapsed(t));
+                }
+                Ok(wal::Entry::Proposed(round, block)) => {
+                    self.fx.blocks.insert(block.hash(), block.clone());
+                    self.fx.proposed.insert(round, block);
+                }
+                Err(e) => tracing::error!("ledger: height {height}: {e}"),
+            }
+        }
     }
 
     /// Starts `height` and hands it the proposals for it heard early.

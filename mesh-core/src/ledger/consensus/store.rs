@@ -19,6 +19,8 @@ pub trait ChainStore: Send {
     /// (`Some(None)`: nil).
     fn signed_vote(&self, height: u64, round: u32, kind: VoteKind) -> Option<Option<BlockHash>>;
     /// Records a vote before it is sent (see [`ChainStore::signed_vote`]).
+    /// Durable when it returns, and so is every [`ChainStore::wal_append`]
+    /// before it.
     fn record_vote(
         &mut self,
         height: u64,
@@ -26,6 +28,13 @@ pub trait ChainStore: Send {
         kind: VoteKind,
         value: Option<BlockHash>,
     ) -> Result<(), LedgerError>;
+    /// Appends `entry` to the write-ahead log of consensus inputs for
+    /// `height` (see the consensus module docs). It need not be durable
+    /// until the next [`ChainStore::record_vote`]; [`ChainStore::append`]
+    /// drops the log of the heights it decides.
+    fn wal_append(&mut self, height: u64, entry: &[u8]) -> Result<(), LedgerError>;
+    /// The write-ahead log of `height`, oldest entry first.
+    fn wal(&self, height: u64) -> Vec<Vec<u8>>;
 }
 
 /// A chain kept in memory.
@@ -33,6 +42,7 @@ pub trait ChainStore: Send {
 pub struct MemoryChain {
     blocks: Vec<(Block, Certificate)>,
     votes: BTreeMap<(u64, u32, VoteKind), Option<BlockHash>>,
+    wal: BTreeMap<u64, Vec<Vec<u8>>>,
 }
 
 impl ChainStore for MemoryChain {
@@ -55,6 +65,7 @@ impl ChainStore for MemoryChain {
         }
         self.blocks.push((block.clone(), cert.clone()));
         self.votes.retain(|(h, _, _), _| *h > block.height);
+        self.wal.retain(|h, _| *h > block.height);
         Ok(())
     }
 
@@ -71,6 +82,15 @@ impl ChainStore for MemoryChain {
     ) -> Result<(), LedgerError> {
         self.votes.insert((height, round, kind), value);
         Ok(())
+    }
+
+    fn wal_append(&mut self, height: u64, entry: &[u8]) -> Result<(), LedgerError> {
+        self.wal.entry(height).or_default().push(entry.to_vec());
+        Ok(())
+    }
+
+    fn wal(&self, height: u64) -> Vec<Vec<u8>> {
+        self.wal.get(&height).cloned().unwrap_or_default()
     }
 }
 

@@ -19,7 +19,7 @@ use super::{ActiveHop, PipelineSession};
 use crate::engine::Hidden;
 use crate::network::{InboundRequest, PeerId, Request, Response};
 
-/// Where pushed forwards' deliveries ([`DELIVER_METHOD`](super::DELIVER_METHOD) requests) find the
+/// Where pushed forwards' deliveries ([`DELIVER_METHOD`](crate::pipeline::DELIVER_METHOD) requests) find the
 /// session waiting for them: one per node, shared by its pipeline sessions.
 #[derive(Debug, Default)]
 pub struct Deliveries {
@@ -28,7 +28,7 @@ pub struct Deliveries {
 
 impl Deliveries {
     /// Hands each request arriving on `requests` (the queue of
-    /// [`Network::handle`] for [`DELIVER_METHOD`](super::DELIVER_METHOD)) to the session that
+    /// [`Network::handle`](crate::network::Network::handle) for [`DELIVER_METHOD`](crate::pipeline::DELIVER_METHOD)) to the session that
     /// expects it; refuses the others. Returns when the queue closes.
     pub async fn serve(self: Arc<Self>, requests: &mut mpsc::Receiver<InboundRequest>) {
         while let Some(inbound) = requests.recv().await {

@@ -48,6 +48,7 @@
 //! rebroadcast instead).
 
 mod context;
+mod effects;
 mod runner;
 mod store;
 mod wal;

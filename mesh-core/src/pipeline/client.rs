@@ -167,6 +167,28 @@ impl PipelineStats {
     pub fn bytes_per_token(&self) -> f64 {
         self.decode_bytes as f64 / self.decode_steps.max(1) as f64
     }
+
+    /// Counts the forward of `n_tokens` rows through `hops` hops (one
+    /// request each, or one pushed forward for all) that took `nanos` from
+    /// send to answer, with `compute_us` of stage compute and `bytes` of
+    /// rows out and back; single-token ones count as decode too.
+    fn count_forward(
+        &mut self,
+        hops: u64,
+        n_tokens: usize,
+        nanos: u64,
+        compute_us: u64,
+        bytes: u64,
+    ) {
+        self.forwards += hops;
+        self.forward_nanos += nanos;
+        self.stage_compute_us += compute_us;
+        if n_tokens == 1 {
+            self.decode_bytes += bytes;
+            self.decode_forward_nanos += nanos;
+            self.decode_compute_us += compute_us;
+        }
+    }
 }
 
 struct ActiveHop {
@@ -560,14 +582,12 @@ impl PipelineSession {
         let sent = rows.len() as u64;
         let started = Instant::now();
         let (reply, tensor) = self.request(peer, op, rows)?;
-        self.stats.forwards += 1;
-        self.stats.forward_nanos += started.elapsed().as_nanos() as u64;
-        self.stats.stage_compute_us += reply.compute_us;
-        if n_tokens == 1 {
-            self.stats.decode_bytes += sent + tensor.len() as u64;
-            self.stats.decode_forward_nanos += started.elapsed().as_nanos() as u64;
-            self.stats.decode_compute_us += reply.compute_us;
-        }
+        let (nanos, bytes) = (
+            started.elapsed().as_nanos() as u64,
+            sent + tensor.len() as u64,
+        );
+        self.stats
+            .count_forward(1, n_tokens, nanos, reply.compute_us, bytes);
         let bad = |message: String| -> Error { PipelineError::BadReply { peer, message }.into() };
         if reply.session != session {
             return Err(bad(format!(

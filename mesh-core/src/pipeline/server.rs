@@ -230,34 +230,11 @@ impl StageServer {
                 return Answer::Reply(StageReply::failure(0, r.code, r.message), Bytes::new())
             }
         };
-        let StageCall::Forward {
-            session,
-            pos,
-            n_tokens,
-            dtype,
-            rows,
-            push: Some(push),
-        } = call
-        else {
-            let (reply, rows) = self.handle_call(peer, call);
-            return Answer::Reply(reply, rows);
-        };
-        // The session belongs to the client that opened it, whoever relays.
-        let owner = push.origin.unwrap_or(peer);
-        let computed = self
-            .slot(owner, session)
-            .and_then(|slot| forward(&slot, session, pos, n_tokens, rows, self.pool));
-        match computed {
-            Err(reply) => Answer::Reply(reply, Bytes::new()),
-            Ok((mut reply, out)) => {
-                reply.dtype = dtype as i32;
-                Answer::Onward(Onward::new(reply, owner, pos, n_tokens, dtype, push, &out))
-            }
-        }
+        self.handle_call(peer, call)
     }
 
-    fn handle_call(&self, peer: PeerId, call: StageCall) -> (StageReply, Bytes) {
-        match call {
+    fn handle_call(&self, peer: PeerId, call: StageCall) -> Answer {
+        let (reply, rows) = match call {
             StageCall::Open {
                 model,
                 layers,
@@ -274,16 +251,29 @@ impl StageServer {
                 n_tokens,
                 dtype,
                 rows,
-                push: _,
-            } => match self.slot(peer, session) {
-                Err(reply) => (reply, Bytes::new()),
-                Ok(slot) => forward(&slot, session, pos, n_tokens, rows, self.pool)
-                    .map(|(mut reply, out)| {
+                push,
+            } => {
+                // The session belongs to the client that opened it, whoever
+                // relays a pushed forward.
+                let owner = push.as_ref().and_then(|p| p.origin).unwrap_or(peer);
+                let computed = self
+                    .slot(owner, session)
+                    .and_then(|slot| forward(&slot, session, pos, n_tokens, rows, self.pool));
+                match computed {
+                    Err(reply) => (reply, Bytes::new()),
+                    Ok((mut reply, out)) => {
                         reply.dtype = dtype as i32;
-                        (reply, encode_rows(&out, dtype))
-                    })
-                    .unwrap_or_else(|reply| (reply, Bytes::new())),
-            },
+                        match push {
+                            None => (reply, encode_rows(&out, dtype)),
+                            Some(push) => {
+                                let onward =
+                                    Onward::new(reply, owner, pos, n_tokens, dtype, push, &out);
+                                return Answer::Onward(onward);
+                            }
+                        }
+                    }
+                }
+            }
             StageCall::Truncate { session, len } => match self.slot(peer, session) {
                 Err(reply) => (reply, Bytes::new()),
                 Ok(slot) => {
@@ -291,7 +281,7 @@ impl StageServer {
                     let held = slot.engine.session_len(&st.session, slot.layers.start);
                     if len > held {
                         let msg = format!("truncate to {len}: the session holds {held} positions");
-                        return (
+                        return Answer::Reply(
                             StageReply::failure(session, ErrorCode::PositionMismatch, msg),
                             Bytes::new(),
                         );
@@ -308,7 +298,8 @@ impl StageServer {
                     (ok_reply(session, 0), Bytes::new())
                 }
             },
-        }
+        };
+        Answer::Reply(reply, rows)
     }
 
     fn open(

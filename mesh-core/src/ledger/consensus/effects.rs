@@ -98,16 +98,15 @@ impl Fx {
 
     /// Logs `entry` for the height under way (before Malachite acts on it).
     fn wal_append(&mut self, entry: &mc::WalEntry<MeshContext>) -> Result<(), String> {
-        if let mc::WalEntry::ProposedValue(v) = entry {
-            if v.proposer == self.me {
-                if let Some(round) = v.round.as_u32() {
-                    self.proposed.insert(round, v.value.clone());
-                }
-            }
-        }
         let Some(bytes) = wal::encode(entry, &self.me) else {
             return Ok(());
         };
+        // Logged values are this node's own, in a round (see `wal::encode`).
+        if let mc::WalEntry::ProposedValue(v) = entry {
+            if let Some(round) = v.round.as_u32() {
+                self.proposed.insert(round, v.value.clone());
+            }
+        }
         if !self.wal_seen.insert(*blake3::hash(&bytes).as_bytes()) {
             return Ok(());
         }

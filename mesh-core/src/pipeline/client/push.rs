@@ -190,6 +190,7 @@ impl PipelineSession {
         });
         deliveries.forget(id);
         let inbound = outcome?;
+        let received = inbound.request.tensor.len() as u64;
         let k = end - i;
         let parsed = parse_delivery(
             &inbound.request.meta,
@@ -200,8 +201,12 @@ impl PipelineSession {
         );
         let (outputs, compute_us) = match parsed {
             Ok(p) => {
+                let accepted = StageReply {
+                    version: STAGE_VERSION,
+                    ..StageReply::default()
+                };
                 inbound.respond(Response {
-                    meta: Bytes::from(StageReply::failure(0, ErrorCode::None, "").encode_to_vec()),
+                    meta: Bytes::from(accepted.encode_to_vec()),
                     tensor: Bytes::new(),
                 });
                 p
@@ -214,19 +219,13 @@ impl PipelineSession {
             }
         };
         let nanos = started.elapsed().as_nanos() as u64;
-        let compute: u64 = compute_us.iter().sum();
-        let received = inbound_len(&outputs, dtype);
+        let bytes = sent + received;
         self.stats.requests += 1;
         self.stats.pushed_steps += 1;
-        self.stats.forwards += k as u64;
-        self.stats.forward_nanos += nanos;
-        self.stats.stage_compute_us += compute;
-        self.stats.bytes += sent + received;
-        if input.n_tokens() == 1 {
-            self.stats.decode_bytes += sent + received;
-            self.stats.decode_forward_nanos += nanos;
-            self.stats.decode_compute_us += compute;
-        }
+        self.stats.bytes += bytes;
+        let compute = compute_us.iter().sum();
+        self.stats
+            .count_forward(k as u64, input.n_tokens(), nanos, compute, bytes);
         let mut h = input.clone();
         for (j, data) in (i..end).zip(outputs) {
             self.hops[j].inputs.push(h);
@@ -257,14 +256,6 @@ impl PipelineSession {
             }
         }
     }
-}
-
-/// Bytes of `outputs` on the wire.
-fn inbound_len(outputs: &[Vec<f32>], dtype: DType) -> u64 {
-    outputs
-        .iter()
-        .map(|o| (o.len() * dtype.size()) as u64)
-        .sum()
 }
 
 /// Checks a delivery of `k` hops' outputs for `input`; returns the outputs

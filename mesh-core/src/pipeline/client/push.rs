@@ -355,4 +355,56 @@ mod tests {
         d.route(inbound);
         assert!(rejected(reply));
     }
+
+    proptest::proptest! {
+        /// A delivery's meta and rows come from the network: any bytes are
+        /// refused or accepted, never a panic; accepted ones hold k finite
+        /// outputs of the input's size.
+        #[test]
+        fn any_delivery_is_parsed_or_refused_never_a_panic(
+            meta in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            tensor in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            k in 0usize..4,
+        ) {
+            let input = Hidden { n_embd: 2, pos: 3, data: vec![0.5, -1.0] };
+            if let Ok((outputs, compute_us)) = parse_delivery(&meta, &tensor, &input, k, DType::F32) {
+                proptest::prop_assert_eq!(outputs.len(), k);
+                proptest::prop_assert_eq!(compute_us.len(), k);
+                proptest::prop_assert!(outputs.iter().all(|o| o.len() == 2));
+            }
+        }
+    }
+
+    /// A well-formed delivery parses; each field that does not match the
+    /// step is refused.
+    #[test]
+    fn deliveries_must_match_the_step() {
+        let input = Hidden {
+            n_embd: 2,
+            pos: 3,
+            data: vec![0.5, -1.0],
+        };
+        let msg = DeliverMsg {
+            version: STAGE_VERSION,
+            deliver: 9,
+            pos: 3,
+            n_tokens: 1,
+            dtype: DType::F32 as i32,
+            compute_us: vec![4, 5],
+        };
+        let rows = encode_rows(&[1.0, 2.0, 3.0, 4.0], DType::F32);
+        let (outputs, compute_us) =
+            parse_delivery(&msg.encode_to_vec(), &rows, &input, 2, DType::F32).unwrap();
+        assert_eq!(outputs, vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+        assert_eq!(compute_us, vec![4, 5]);
+        let bad_pos = DeliverMsg {
+            pos: 4,
+            ..msg.clone()
+        };
+        assert!(parse_delivery(&bad_pos.encode_to_vec(), &rows, &input, 2, DType::F32).is_err());
+        assert!(parse_delivery(&msg.encode_to_vec(), &rows[..12], &input, 2, DType::F32).is_err());
+        assert!(parse_delivery(&msg.encode_to_vec(), &rows, &input, 3, DType::F32).is_err());
+        let nan = encode_rows(&[1.0, f32::NAN, 3.0, 4.0], DType::F32);
+        assert!(parse_delivery(&msg.encode_to_vec(), &nan, &input, 2, DType::F32).is_err());
+    }
 }

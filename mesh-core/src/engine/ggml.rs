@@ -8,6 +8,7 @@
 
 mod batch;
 mod build;
+mod graph;
 mod load;
 mod run;
 
@@ -23,6 +24,8 @@ use ggml_sys_bleedingedge as sys;
 use memmap2::Mmap;
 
 use self::build::*;
+pub(crate) use self::graph::Held;
+use self::graph::{Graph, Tensor};
 use super::kernels;
 use super::lora::{lora_add_op, ActiveLora, DotOrder, LoraAdapter, LoraCall, LoraPair};
 use super::model::{ModelInfo, Weights};
@@ -47,8 +50,6 @@ extern "C" {
     fn ggml_gallocr_free(galloc: ggml_gallocr_t);
     fn ggml_gallocr_alloc_graph(galloc: ggml_gallocr_t, graph: *mut sys::ggml_cgraph) -> bool;
 }
-
-type T = *mut sys::ggml_tensor;
 
 /// ggml's "use every thread" task count for custom ops.
 const N_TASKS_MAX: i32 = -1;
@@ -113,26 +114,26 @@ pub fn cpu_class() -> CpuClass {
 }
 
 struct LayerTensors {
-    attn_norm: T,
-    wq: T,
-    wk: T,
-    wv: T,
-    bq: Option<T>,
-    bk: Option<T>,
-    bv: Option<T>,
-    wo: T,
-    ffn_norm: T,
-    gate: T,
-    up: T,
-    down: T,
+    attn_norm: Held,
+    wq: Held,
+    wk: Held,
+    wv: Held,
+    bq: Option<Held>,
+    bk: Option<Held>,
+    bv: Option<Held>,
+    wo: Held,
+    ffn_norm: Held,
+    gate: Held,
+    up: Held,
+    down: Held,
 }
 
 /// ggml tensors whose data points into the mapped file.
 struct WeightTensors {
     ctx: NonNull<sys::ggml_context>,
-    token_embd: T,
-    output_norm: T,
-    output: T,
+    token_embd: Held,
+    output_norm: Held,
+    output: Held,
     layers: Vec<LayerTensors>,
 }
 
@@ -211,8 +212,8 @@ struct KvCache {
     layers: Range<usize>,
     len: Vec<usize>,
     ctx: NonNull<sys::ggml_context>,
-    k: Vec<T>,
-    v: Vec<T>,
+    k: Vec<Option<Held>>,
+    v: Vec<Option<Held>>,
 }
 
 /// Graph metadata, the graph allocator and ggml's work buffer, reused across calls.
@@ -376,8 +377,8 @@ impl GgmlEngine {
         for l in 0..info.n_layers {
             if !layers.contains(&l) {
                 // No cache for this layer: check_kv refuses to run it.
-                k.push(ptr::null_mut());
-                v.push(ptr::null_mut());
+                k.push(None);
+                v.push(None);
                 continue;
             }
             // SAFETY: tensors in the KV context, sized within `mem_size`.
@@ -390,7 +391,9 @@ impl GgmlEngine {
                     );
                     // Zero cells: padded cells are read (and masked) before any write.
                     ptr::write_bytes((*t).data as *mut u8, 0, sys::ggml_nbytes(t));
-                    list.push(t);
+                    // The cache's context lives as long as the session, and
+                    // graphs reading it are built within a borrow of it.
+                    list.push(Held::new(t));
                 }
             }
         }
@@ -546,7 +549,7 @@ impl GgmlEngine {
         Ok(())
     }
 
-    fn projection_tensor(&self, layer: usize, p: Projection) -> Result<(T, &TensorInfo)> {
+    fn projection_tensor(&self, layer: usize, p: Projection) -> Result<(Held, &TensorInfo)> {
         if p == Projection::Output {
             return Ok((self.tensors.output, &self.weights.output));
         }
@@ -585,12 +588,12 @@ impl GgmlEngine {
     }
 
     /// `rms_norm(x) * weight` for `n` rows of `x`, computed by ggml.
-    fn norm(&self, scratch: &mut Scratch, x: &[f32], n: usize, weight: T) -> Result<Vec<f32>> {
+    fn norm(&self, scratch: &mut Scratch, x: &[f32], n: usize, weight: Held) -> Result<Vec<f32>> {
         let ne = [self.info.n_embd as i64, n as i64];
         self.compute(scratch, |g| {
             let xt = g.input_f32(x, &ne);
-            // SAFETY: `xt` is n_embd x n and `weight` an n_embd vector of the model.
-            unsafe { self.build_norm(g.ctx, xt, weight) }
+            let weight = g.held(weight);
+            self.build_norm(g, xt, weight)
         })
     }
 
@@ -636,9 +639,7 @@ impl GgmlEngine {
         let sum = self.compute(scratch, |g| {
             let xt = g.input_f32(x, &[cols as i64, n as i64]);
             let yt = g.input_f32(y, &[rows as i64, n as i64]);
-            // SAFETY: `xt` is cols x n and `yt` rows x n, as the pairs
-            // expect (checked at load); the adapters outlive the graph.
-            unsafe { self.add_adapters(g, adapters, layer, projection, yt, xt) }
+            self.add_adapters(g, adapters, layer, projection, yt, xt)
         })?;
         if sum.len() != y.len() {
             return Err(Error::ggml(

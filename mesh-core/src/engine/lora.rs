@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use ggml_sys_bleedingedge as sys;
 
+use super::ggml::Held;
 use super::{ModelId, ModelInfo, Projection};
 use crate::engine::GgmlErrorKind;
 use crate::gguf::GgufErrorKind;
@@ -117,9 +118,9 @@ impl From<AdapterError> for Error {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LoraPair {
     /// `[cols, rank]`.
-    pub a: *mut sys::ggml_tensor,
+    pub a: Held,
     /// `[rank, rows]`.
-    pub b: *mut sys::ggml_tensor,
+    pub b: Held,
     /// The rank `r`.
     pub rank: usize,
     /// B transposed (F32 halves), owned by the adapter.
@@ -404,7 +405,7 @@ impl LoraAdapter {
             pairs: HashMap::with_capacity(planned.len()),
             transposed: Vec::new(),
         };
-        let mk = |t: &TensorInfo| -> Result<*mut sys::ggml_tensor> {
+        let mk = |t: &TensorInfo| -> Result<Held> {
             let src = t.data(bytes)?;
             // SAFETY: a 2-d tensor of a type ggml knows, in a context sized for
             // all tensors' bytes; the copy fills exactly its bytes.
@@ -422,7 +423,14 @@ impl LoraAdapter {
                     ));
                 }
                 ptr::copy_nonoverlapping(src.as_ptr(), (*tensor).data.cast::<u8>(), src.len());
-                Ok(tensor)
+                // The adapter owns the context; graphs read its tensors
+                // while they hold the adapter (`ActiveLora`).
+                Held::new(tensor).ok_or_else(|| {
+                    Error::gguf(
+                        GgufErrorKind::Truncated,
+                        format!("tensor {}: no tensor", t.name),
+                    )
+                })
             }
         };
         for p in planned {
@@ -431,7 +439,7 @@ impl LoraAdapter {
                 let rows = p.b.dims[1] as usize;
                 // SAFETY: `b` is an F32 tensor of rank x rows just filled.
                 let src =
-                    unsafe { std::slice::from_raw_parts((*b).data as *const f32, p.rank * rows) };
+                    unsafe { std::slice::from_raw_parts(b.data() as *const f32, p.rank * rows) };
                 let mut t = vec![0f32; src.len()].into_boxed_slice();
                 for o in 0..rows {
                     for r in 0..p.rank {
@@ -640,17 +648,17 @@ pub(crate) fn pair_order(layer: usize, projection: Projection) -> (usize, usize)
 ///
 /// # Safety
 /// `t` is a tensor of a live adapter context, F32 or F16 (checked at load).
-unsafe fn tensor_values(t: *const sys::ggml_tensor) -> Vec<f32> {
+unsafe fn tensor_values(t: Held) -> Vec<f32> {
     // SAFETY: the caller's contract; n elements of the tensor's type at `data`.
     unsafe {
-        let n = ((*t).ne[0] * (*t).ne[1]) as usize;
-        if (*t).type_ == sys::ggml_type_GGML_TYPE_F16 {
-            std::slice::from_raw_parts((*t).data as *const u16, n)
+        let n = (t.ne()[0] * t.ne()[1]) as usize;
+        if t.ty() == sys::ggml_type_GGML_TYPE_F16 {
+            std::slice::from_raw_parts(t.data() as *const u16, n)
                 .iter()
                 .map(|&h| half::f16::from_bits(h).to_f32())
                 .collect()
         } else {
-            std::slice::from_raw_parts((*t).data as *const f32, n).to_vec()
+            std::slice::from_raw_parts(t.data() as *const f32, n).to_vec()
         }
     }
 }
@@ -665,14 +673,8 @@ impl LoraAdapter {
             .map(|(layer, projection)| {
                 let pair = &self.pairs[&(layer, projection)];
                 // SAFETY: tensors of this adapter's context, F32 or F16 (load checks).
-                let (a, b, cols, rows) = unsafe {
-                    (
-                        tensor_values(pair.a),
-                        tensor_values(pair.b),
-                        (*pair.a).ne[0] as usize,
-                        (*pair.b).ne[1] as usize,
-                    )
-                };
+                let (a, b) = unsafe { (tensor_values(pair.a), tensor_values(pair.b)) };
+                let (cols, rows) = (pair.a.ne()[0] as usize, pair.b.ne()[1] as usize);
                 LoraFactors {
                     layer,
                     projection,

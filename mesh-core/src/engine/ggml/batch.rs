@@ -345,50 +345,42 @@ impl GgmlEngine {
     /// Every layer over `x` (one token of each of `kvs`' sessions, at `pos`):
     /// [`GgmlEngine::build_layers`] with the projections over all tokens at
     /// once and each token's attention on its own cache.
-    fn build_layers_batch(&self, g: &mut Graph, kvs: &[&KvCache], pos: &[usize], mut x: T) -> T {
+    fn build_layers_batch<'g>(
+        &self,
+        g: &mut Graph<'g>,
+        kvs: &[&KvCache],
+        pos: &[usize],
+        mut x: Tensor<'g>,
+    ) -> Tensor<'g> {
         let info = &self.info;
-        let ctx = g.ctx;
         let b = kvs.len();
-        let inputs: Vec<(T, T)> = pos.iter().map(|&p| self.position_inputs(g, p, 1)).collect();
+        let inputs: Vec<_> = pos.iter().map(|&p| self.position_inputs(g, p, 1)).collect();
         let kv_dim = info.n_head_kv * info.head_dim;
-        // SAFETY: shapes follow from the validated hyper-parameters; every
-        // session's `pos + 1` was checked against its cache; the column views
-        // stay inside their (contiguous, F32) tensors.
-        unsafe {
-            let column = |t: T, rows: usize, i: usize| {
-                sys::ggml_view_1d(ctx, t, rows as i64, (*t).nb[1] * i)
-            };
-            for il in 0..info.n_layers {
-                let (q, k, v) = self.build_qkv(g, &[], il, x, b);
-                let mut attn: Option<T> = None;
-                for (i, (kv, &(inp_pos, kq_mask))) in kvs.iter().zip(&inputs).enumerate() {
-                    let a = self.attention(
-                        g,
-                        kv,
-                        il,
-                        column(q, info.n_embd, i),
-                        column(k, kv_dim, i),
-                        column(v, kv_dim, i),
-                        pos[i],
-                        1,
-                        inp_pos,
-                        kq_mask,
-                    );
-                    let a = sys::ggml_reshape_3d(ctx, a, info.n_embd as i64, 1, 1);
-                    attn = Some(match attn {
-                        None => a,
-                        // ggml's concat joins along the third dimension.
-                        Some(prev) => sys::ggml_concat(ctx, prev, a),
-                    });
-                }
-                let attn = sys::ggml_reshape_2d(
-                    ctx,
-                    attn.expect("at least one session"),
-                    info.n_embd as i64,
-                    b as i64,
+        // Token `i`'s column of a `[rows, b]` tensor.
+        let column = |g: &mut Graph<'g>, t: Tensor<'g>, rows: usize, i: usize| {
+            let nb1 = t.nb()[1];
+            g.view(t, &[rows as i64], &[], nb1 * i)
+        };
+        for il in 0..info.n_layers {
+            let (q, k, v) = self.build_qkv(g, &[], il, x, b);
+            let mut attn: Option<Tensor<'g>> = None;
+            for (i, (kv, &(inp_pos, kq_mask))) in kvs.iter().zip(&inputs).enumerate() {
+                let (qi, ki, vi) = (
+                    column(g, q, info.n_embd, i),
+                    column(g, k, kv_dim, i),
+                    column(g, v, kv_dim, i),
                 );
-                x = self.build_rest_of_layer(g, &[], il, x, attn, b);
+                let a = self.attention(g, kv, il, qi, ki, vi, pos[i], 1, inp_pos, kq_mask);
+                let a = g.reshape(a, &[info.n_embd as i64, 1, 1]);
+                attn = Some(match attn {
+                    None => a,
+                    // ggml's concat joins along the third dimension.
+                    Some(prev) => g.concat(prev, a),
+                });
             }
+            let attn = attn.expect("at least one session");
+            let attn = g.reshape(attn, &[info.n_embd as i64, b as i64]);
+            x = self.build_rest_of_layer(g, &[], il, x, attn, b);
         }
         x
     }

@@ -138,16 +138,11 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
             "ggml_init failed for the weight context",
         )
     })?;
-    let mut wt = WeightTensors {
-        ctx,
-        token_embd: ptr::null_mut(),
-        output_norm: ptr::null_mut(),
-        output: ptr::null_mut(),
-        layers: Vec::with_capacity(w.layers.len()),
-    };
+    // Owns the context from here on (freed on drop, also on an error below).
+    let guard = ContextGuard(ctx);
     let base = mmap.as_ptr();
     let file_len = mmap.len() as u64;
-    let mut mk = |info: &TensorInfo| -> Result<T> {
+    let mut mk = |info: &TensorInfo| -> Result<Held> {
         let end = info.offset.checked_add(info.size);
         if end.is_none_or(|e| e > file_len) {
             return Err(Error::gguf(
@@ -158,7 +153,8 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
         let ne: Vec<i64> = info.dims.iter().map(|&d| d as i64).collect();
         // SAFETY: the tensor's metadata lives in `ctx`; its data pointer is set to
         // the validated, in-bounds range of the read-only mapping, which outlives
-        // the tensor (WeightTensors drops before the Mmap in GgmlEngine).
+        // the tensor (WeightTensors drops before the Mmap in GgmlEngine), and
+        // graphs read the weights within a borrow of the engine.
         unsafe {
             let t = sys::ggml_new_tensor(
                 ctx.as_ptr(),
@@ -166,6 +162,12 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
                 ne.len() as i32,
                 ne.as_ptr(),
             );
+            let Some(held) = Held::new(t) else {
+                return Err(Error::ggml(
+                    GgmlErrorKind::Alloc,
+                    format!("tensor {}: no room in the weight context", info.name),
+                ));
+            };
             if sys::ggml_nbytes(t) as u64 != info.size {
                 return Err(Error::gguf(
                     GgufErrorKind::BadTensor,
@@ -181,20 +183,20 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
             if let Ok(name) = CString::new(info.name.as_str()) {
                 sys::ggml_set_name(t, name.as_ptr());
             }
-            Ok(t)
+            Ok(held)
         }
     };
-    wt.token_embd = mk(&w.token_embd)?;
-    wt.output_norm = mk(&w.output_norm)?;
-    wt.output = mk(&w.output)?;
+    let (token_embd, output_norm, output) =
+        (mk(&w.token_embd)?, mk(&w.output_norm)?, mk(&w.output)?);
+    let mut layers = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
-        let opt = |b: &Option<TensorInfo>, mk: &mut dyn FnMut(&TensorInfo) -> Result<T>| {
+        let opt = |b: &Option<TensorInfo>, mk: &mut dyn FnMut(&TensorInfo) -> Result<Held>| {
             b.as_ref().map(mk).transpose()
         };
         let bq = opt(&l.bq, &mut mk)?;
         let bk = opt(&l.bk, &mut mk)?;
         let bv = opt(&l.bv, &mut mk)?;
-        wt.layers.push(LayerTensors {
+        layers.push(LayerTensors {
             attn_norm: mk(&l.attn_norm)?,
             wq: mk(&l.wq)?,
             wk: mk(&l.wk)?,
@@ -209,5 +211,29 @@ fn create_weight_tensors(mmap: &Mmap, w: &Weights) -> Result<WeightTensors> {
             down: mk(&l.down)?,
         });
     }
-    Ok(wt)
+    Ok(WeightTensors {
+        ctx: guard.release(),
+        token_embd,
+        output_norm,
+        output,
+        layers,
+    })
+}
+
+/// Frees a weight context unless it was handed on ([`ContextGuard::release`]).
+struct ContextGuard(NonNull<sys::ggml_context>);
+
+impl ContextGuard {
+    fn release(self) -> NonNull<sys::ggml_context> {
+        let ctx = self.0;
+        std::mem::forget(self);
+        ctx
+    }
+}
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        // SAFETY: a context from ggml_init that nothing else frees.
+        unsafe { sys::ggml_free(self.0.as_ptr()) }
+    }
 }

@@ -125,24 +125,22 @@ impl Engine for GgmlEngine {
             let kv = &s.kv;
             let attn = self.compute(&mut s.scratch, |g| {
                 let (inp_pos, kq_mask) = self.position_inputs(g, pos, n);
-                let ctx = g.ctx;
                 let q = g.input_f32(&q, &[n_embd as i64, n as i64]);
                 let k = g.input_f32(&k, &[kv_dim as i64, n as i64]);
                 let v = g.input_f32(&v, &[kv_dim as i64, n as i64]);
-                // SAFETY: shapes as documented on `attention`; `pos + n` was checked
-                // against the cache; biases are vectors of the matching width.
-                unsafe {
-                    let with_bias = |t: T, b: Option<T>| match b {
-                        Some(b) => sys::ggml_add(ctx, t, b),
-                        None => t,
-                    };
-                    let (q, k, v) = (
-                        with_bias(q, lt.bq),
-                        with_bias(k, lt.bk),
-                        with_bias(v, lt.bv),
-                    );
-                    self.attention(g, kv, il, q, k, v, pos, n, inp_pos, kq_mask)
-                }
+                let mut with_bias = |t, b: Option<Held>| match b {
+                    Some(b) => {
+                        let b = g.held(b);
+                        g.add(t, b)
+                    }
+                    None => t,
+                };
+                let (q, k, v) = (
+                    with_bias(q, lt.bq),
+                    with_bias(k, lt.bk),
+                    with_bias(v, lt.bv),
+                );
+                self.attention(g, kv, il, q, k, v, pos, n, inp_pos, kq_mask)
             })?;
             s.kv.len[il] = pos + n;
             let o = call(
@@ -304,13 +302,11 @@ impl Engine for GgmlEngine {
         let ne = [cols as i64, (x.len() / cols) as i64];
         self.compute(&mut s.scratch, |g| {
             let xt = g.input_f32(x, &ne);
-            // SAFETY: `w` is cols x rows and `xt` cols x n.
-            unsafe {
-                if self.options.exact {
-                    self.mat_mul(g, w, xt, ne[1] as usize)
-                } else {
-                    sys::ggml_mul_mat(g.ctx, w, xt)
-                }
+            let w = g.held(w);
+            if self.options.exact {
+                self.mat_mul(g, w, xt, ne[1] as usize)
+            } else {
+                g.mul_mat(w, xt)
             }
         })
     }

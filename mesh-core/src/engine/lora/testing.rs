@@ -69,13 +69,10 @@ pub fn check(bytes: &[u8]) -> Result<LoraAdapter> {
     let adapter = LoraAdapter::from_bytes(bytes, &info)?;
     for (&(_, p), pair) in &adapter.pairs {
         let (cols, rows) = projection_shape(&info, p);
-        // SAFETY: tensors of the adapter's own context.
-        unsafe {
-            assert_eq!((*pair.a).ne[0] as usize, cols);
-            assert_eq!((*pair.b).ne[1] as usize, rows);
-            assert_eq!((*pair.a).ne[1] as usize, pair.rank);
-            assert_eq!((*pair.b).ne[0] as usize, pair.rank);
-        }
+        assert_eq!(pair.a.ne()[0] as usize, cols);
+        assert_eq!(pair.b.ne()[1] as usize, rows);
+        assert_eq!(pair.a.ne()[1] as usize, pair.rank);
+        assert_eq!(pair.b.ne()[0] as usize, pair.rank);
     }
     Ok(adapter)
 }

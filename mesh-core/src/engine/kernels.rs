@@ -405,10 +405,11 @@ pub(crate) unsafe extern "C" fn dot_f16_op(
             if ah != rows_head {
                 let base = ((*a).data as *const u8).add(ah * anb[2]);
                 for (i, row) in rows.chunks_exact_mut(k).enumerate() {
-                    let src = std::slice::from_raw_parts(base.add(i * anb[1]).cast::<u16>(), k);
-                    for (d, &s) in row.iter_mut().zip(src) {
-                        *d = half::f16::from_bits(s).to_f32();
-                    }
+                    let src =
+                        std::slice::from_raw_parts(base.add(i * anb[1]).cast::<half::f16>(), k);
+                    // Eight at a time where the CPU converts fp16 (F16C): the
+                    // same exact widening as one by one, ~10x faster.
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, row);
                 }
                 rows_head = ah;
             }

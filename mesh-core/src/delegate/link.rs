@@ -301,7 +301,7 @@ impl HelperLinks for NetworkLinks {
         let response = self
             .handle
             .block_on(async move { net.request(peer, request, timeout).await })?;
-        let reply = decode_helper_reply(&response.meta, &peer.to_string())?;
+        let reply = decode_helper_reply(&response.meta, peer)?;
         let enc = <[u8; 32]>::try_from(reply.enc.as_slice()).map_err(|_| {
             Error::InvalidArgument(format!(
                 "helper {peer}: an encapsulated key of {} bytes (expected 32)",
@@ -328,7 +328,7 @@ impl HelperLinks for NetworkLinks {
                 let net = self.net.clone();
                 async move {
                     let response = net.request(peer, request, timeout).await?;
-                    let reply = decode_helper_reply(&response.meta, &peer.to_string())?;
+                    let reply = decode_helper_reply(&response.meta, peer)?;
                     Ok(HelperAnswer {
                         envelope: response.tensor.to_vec(),
                         compute_nanos: reply.compute_nanos,

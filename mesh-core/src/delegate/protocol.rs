@@ -573,7 +573,7 @@ pub fn decode_helper_request(meta: &[u8]) -> Result<HelperCallMsg, HelperRefusal
 
 /// Decodes a helper reply's `meta` (untrusted: what the owner receives):
 /// version checked, error codes turned into an error naming the helper.
-pub fn decode_helper_reply(meta: &[u8], helper: &str) -> Result<HelperReply> {
+pub fn decode_helper_reply(meta: &[u8], helper: impl std::fmt::Display) -> Result<HelperReply> {
     let reply = HelperReply::decode(meta)
         .map_err(|e| Error::InvalidArgument(format!("helper {helper}: malformed reply: {e}")))?;
     if reply.version != HELPER_VERSION {

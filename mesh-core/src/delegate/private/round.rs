@@ -102,7 +102,8 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
         n: usize,
         attempt: u32,
     ) -> std::result::Result<Vec<Vec<f32>>, Failure> {
-        let name = format!("layer {layer} {:?}", group);
+        // Formatted only into errors.
+        let name = Named(layer, group);
         let mut shapes = Vec::with_capacity(group.len());
         let mut format = None;
         // Elementwise max of the column bounds: a fixed point valid for every
@@ -425,5 +426,14 @@ impl<'e, E: Engine, R: RngCore + CryptoRng> PrivateProjector<'e, E, R> {
             kind,
             message,
         }
+    }
+}
+
+/// `layer L [projections]`, as errors name a delegated step.
+struct Named<'a>(usize, &'a [Projection]);
+
+impl std::fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layer {} {:?}", self.0, self.1)
     }
 }

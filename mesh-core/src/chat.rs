@@ -19,9 +19,16 @@
 //! value (doubling a string in a namespace, squaring it with `replace`, ...)
 //! past a few hundred megabytes: `tests/template_memory.rs` measures it.
 //!
-//! Known limit (minijinja 3.1's core, not reachable from here): a list
-//! concatenated with itself more than 32 levels deep, or a list nested in
-//! itself and then turned into a string, is built without fuel. No real chat
+//! Values cannot hold themselves: namespaces are minijinja's only mutable
+//! values, and the patched minijinja (`third_party/minijinja`) refuses to
+//! store in one a value that contains it (or more than 10,000 values), so no
+//! render recurses without end; renders run on a thread with a 64 MiB stack
+//! for the finite nesting that is left.
+//!
+//! Known limits (minijinja 3.1's core, not reachable from here): a list
+//! concatenated with itself more than 32 levels deep is built without fuel,
+//! and values nested through a long chain of namespaces, each assigned a
+//! shallow value, are not bounded in depth by anything but fuel. No real chat
 //! template does either.
 
 use std::fmt;
@@ -84,6 +91,12 @@ const BYTES_PER_FUEL: usize = 64;
 
 /// Longest `indent` string or separator `tojson` accepts.
 const MAX_JSON_PUNCTUATION: usize = 64;
+
+/// Stack of the thread a render runs on (address space: only the pages a
+/// render touches are used). minijinja renders nested values recursively,
+/// and the patched minijinja (third_party/minijinja) lets a namespace hold at
+/// most 10,000 values, so no value made by one assignment nests deeper.
+const RENDER_STACK: usize = 64 << 20;
 
 /// Nesting depth of macro calls, includes and loops one render may reach.
 const RECURSION_LIMIT: usize = 64;
@@ -166,7 +179,28 @@ impl ChatTemplate {
     ///
     /// Errors raised by the template (`raise_exception`), bad operations and
     /// exhausted limits are [`Error::Template`] with the template's message.
+    ///
+    /// Runs on a thread of its own with a [`RENDER_STACK`] stack: values a
+    /// template nests deeply are rendered recursively, and the caller's
+    /// thread (an async worker, a host's thread) may have a small stack.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        std::thread::scope(|scope| {
+            match std::thread::Builder::new()
+                .name("mesh-template".into())
+                .stack_size(RENDER_STACK)
+                .spawn_scoped(scope, || self.render_here(messages, add_generation_prompt))
+            {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                // No thread to be had: render on this one.
+                Err(_) => self.render_here(messages, add_generation_prompt),
+            }
+        })
+    }
+
+    /// [`ChatTemplate::render`] on the calling thread.
+    fn render_here(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -709,6 +743,48 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
             }
             other => panic!("expected a template error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn values_that_contain_themselves_are_errors() {
+        // Found by fuzz/run.sh (chat_template): a namespace holding a tuple
+        // that holds the namespace, then turned into a string.
+        let t = ChatTemplate::new(
+            "{% set ns = namespace(s=x) %}{% for i in range(68) %}{% set ns.s = ns, s ~ ns.s %}{% endfor %}{{ ns.lh }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(matches!(t.render(&[], false), Err(Error::Template(_))));
+    }
+
+    #[test]
+    fn values_nested_in_a_namespace_stay_shallow_enough_to_render() {
+        // A namespace is the only place a value can grow across loop
+        // iterations; one holding more than 10,000 values cannot be assigned
+        // (the patched minijinja's cycle check gives up there), so nesting
+        // stops before rendering it could exhaust even a 2 MiB thread stack.
+        let render = |n: usize| {
+            let t = ChatTemplate::new(
+                &format!("{{% set ns = namespace(s=1) %}}{{% for i in range({n}) %}}{{% set ns.s = [ns.s] %}}{{% endfor %}}{{{{ ns.s|length }}}}{{{{ ns.s }}}}"),
+                "",
+                "",
+            )
+            .unwrap();
+            std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || t.render(&[], false))
+                .unwrap()
+                .join()
+                .unwrap()
+        };
+        let deep = render(9_000).unwrap();
+        assert!(
+            deep.starts_with("1[[[[") && deep.ends_with("]]]]"),
+            "{}",
+            &deep[..20]
+        );
+        assert!(matches!(render(20_000), Err(Error::Template(_))));
     }
 
     #[test]

@@ -123,8 +123,9 @@ pub(crate) struct LoraPair {
     pub b: Held,
     /// The rank `r`.
     pub rank: usize,
-    /// B transposed (F32 halves), owned by the adapter.
-    pub bt: *const f32,
+    /// B in panels of 16 rows (F32 halves, see [`op::b_panels`]), owned by
+    /// the adapter.
+    pub b_panels: *const f32,
 }
 
 /// A validated LoRA adapter for one base model, its tensors in memory.
@@ -136,8 +137,8 @@ pub struct LoraAdapter {
     name: Option<String>,
     ctx: NonNull<sys::ggml_context>,
     pairs: HashMap<(usize, Projection), LoraPair>,
-    /// B of each F32 pair transposed (`LoraPair::bt` points into these).
-    transposed: Vec<Box<[f32]>>,
+    /// B of each F32 pair in panels (`LoraPair::b_panels` points into these).
+    panels: Vec<Box<[f32]>>,
 }
 
 // SAFETY: after construction the adapter's ggml context and tensors are only
@@ -403,7 +404,7 @@ impl LoraAdapter {
             name: g.opt_value::<&str>("general.name")?.map(str::to_string),
             ctx,
             pairs: HashMap::with_capacity(planned.len()),
-            transposed: Vec::new(),
+            panels: Vec::new(),
         };
         let mk = |t: &TensorInfo| -> Result<Held> {
             let src = t.data(bytes)?;
@@ -435,19 +436,14 @@ impl LoraAdapter {
         };
         for p in planned {
             let (a, b) = (mk(&p.a)?, mk(&p.b)?);
-            let bt = if p.b.ggml_type == GgmlType::F32 {
+            let b_panels = if p.b.ggml_type == GgmlType::F32 {
                 let rows = p.b.dims[1] as usize;
                 // SAFETY: `b` is an F32 tensor of rank x rows just filled.
                 let src =
                     unsafe { std::slice::from_raw_parts(b.data() as *const f32, p.rank * rows) };
-                let mut t = vec![0f32; src.len()].into_boxed_slice();
-                for o in 0..rows {
-                    for r in 0..p.rank {
-                        t[r * rows + o] = src[o * p.rank + r];
-                    }
-                }
+                let t = op::b_panels(src, p.rank, rows);
                 let ptr = t.as_ptr();
-                adapter.transposed.push(t);
+                adapter.panels.push(t);
                 ptr
             } else {
                 ptr::null()
@@ -456,7 +452,7 @@ impl LoraAdapter {
                 a,
                 b,
                 rank: p.rank,
-                bt,
+                b_panels,
             };
             adapter.pairs.insert((p.layer, p.projection), pair);
         }

@@ -249,7 +249,7 @@ impl GgmlEngine {
         // `[rows, n]`, contiguous F32.
         let fused = a.is_f32()
             && b.is_f32()
-            && !pair.bt.is_null()
+            && !pair.b_panels.is_null()
             && cur.is_f32()
             && res.is_f32()
             && cur.is_contiguous()
@@ -275,14 +275,14 @@ impl GgmlEngine {
         let call = Box::new(LoraCall {
             a: a.raw(),
             b: b.raw(),
-            bt: pair.bt,
+            b_panels: pair.b_panels,
             scale,
             order,
         });
         let userdata = &*call as *const LoraCall as *mut c_void;
         g.lora_calls.push(call);
-        // SAFETY: the op's contract: shapes and types checked above, `bt`
-        // the adapter's transposed B (`rank x rows`), and the call boxed in
+        // SAFETY: the op's contract: shapes and types checked above,
+        // `b_panels` the adapter's B in panels (`rank x rows`), and the call boxed in
         // the graph, which outlives its computation.
         unsafe { g.custom2(res, cur, Some(lora_add_op), userdata) }
     }

@@ -69,18 +69,21 @@ pub(super) fn dot(order: DotOrder, tiled: bool, a: &[f32], b: &[f32]) -> f32 {
 
 /// [`dot`] for a register of `L` lanes (16 or 8).
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // lanes are indexed as the registers are
 pub(super) fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { x86::dot_lanes::<L>(tiled, a, b) };
+    }
+    dot_lanes_generic::<L>(tiled, a, b)
+}
+
+/// [`dot_lanes`] in portable code: the reference the SIMD variant is tested
+/// against, and the fallback on CPUs without AVX2.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // lanes are indexed as the registers are
+pub(super) fn dot_lanes_generic<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f32 {
     let k = a.len().min(b.len());
-    let hsum = |v: &[f32; L]| -> f32 {
-        let mut w = [0f32; 16];
-        w[..L].copy_from_slice(v);
-        if L == 16 {
-            hsum16(&w)
-        } else {
-            hsum8(&w[..8])
-        }
-    };
     if tiled && k.is_multiple_of(L) {
         let mut acc = [0f32; L];
         for (ca, cb) in a[..k].chunks_exact(L).zip(b[..k].chunks_exact(L)) {
@@ -88,7 +91,7 @@ pub(super) fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f3
                 acc[l] = ca[l].mul_add(cb[l], acc[l]);
             }
         }
-        return hsum(&acc);
+        return reduce_tiled(&acc);
     }
     // ggml_vec_dot_f32: 4 accumulators over blocks of 4 registers.
     let np = k - k % (4 * L);
@@ -100,6 +103,26 @@ pub(super) fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f3
             }
         }
     }
+    reduce_vec_dot(sum, &a[np..k], &b[np..k])
+}
+
+/// The end of a tiled dot product: the horizontal sum of its accumulator.
+#[inline(always)]
+fn reduce_tiled<const L: usize>(acc: &[f32; L]) -> f32 {
+    let mut w = [0f32; 16];
+    w[..L].copy_from_slice(acc);
+    if L == 16 {
+        hsum16(&w)
+    } else {
+        hsum8(&w[..8])
+    }
+}
+
+/// The end of `ggml_vec_dot_f32`: its four accumulators reduced as it reduces
+/// them, then the leftovers `a`·`b` (shorter than a block) added one by one.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn reduce_vec_dot<const L: usize>(mut sum: [[f32; L]; 4], a: &[f32], b: &[f32]) -> f32 {
     for l in 0..L {
         sum[0][l] += sum[2][l];
         sum[1][l] += sum[3][l];
@@ -108,7 +131,7 @@ pub(super) fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f3
         sum[0][l] += sum[1][l];
     }
     let mut sumf = if L == 16 {
-        hsum(&sum[0])
+        reduce_tiled(&sum[0])
     } else {
         let mut w = [0f32; 8];
         w.copy_from_slice(&sum[0][..8]);
@@ -116,10 +139,191 @@ pub(super) fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f3
     };
     // Leftovers: `sumf += x[i]*y[i]` (not contracted into an FMA: matched
     // against llama.cpp's results).
-    for i in np..k {
-        sumf += a[i] * b[i];
+    for (x, y) in a.iter().zip(b) {
+        sumf += x * y;
     }
     sumf
+}
+
+/// Whether the CPU runs the AVX2 variants of this module's kernels
+/// (detected once).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn has_avx2_fma() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// AVX2 variants of the products. A register of 16 lanes is two `__m256`;
+/// every lane does the same fused multiply-adds, and the accumulators are
+/// reduced by the same portable code, so results are bit-identical to the
+/// generic ones (tested). Written with intrinsics because the compiler did
+/// not vectorize the generic loops over `[[f32; L]; 4]` (it spilled them).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_lanes_generic`] with AVX2 registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn dot_lanes<const L: usize>(tiled: bool, a: &[f32], b: &[f32]) -> f32 {
+        let k = a.len().min(b.len());
+        let regs = L / 8;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY (all loads below): offsets stay below `k`, in both slices.
+        if tiled && k.is_multiple_of(L) {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut i = 0;
+            while i < k {
+                for (r, acc) in acc.iter_mut().enumerate().take(regs) {
+                    let (x, y) = unsafe {
+                        (
+                            _mm256_loadu_ps(pa.add(i + 8 * r)),
+                            _mm256_loadu_ps(pb.add(i + 8 * r)),
+                        )
+                    };
+                    *acc = _mm256_fmadd_ps(x, y, *acc);
+                }
+                i += L;
+            }
+            return super::reduce_tiled::<L>(&lanes::<L>(&acc));
+        }
+        let np = k - k % (4 * L);
+        let mut sum = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i < np {
+            for (j, sum) in sum.iter_mut().enumerate() {
+                for (r, acc) in sum.iter_mut().enumerate().take(regs) {
+                    let o = i + j * L + 8 * r;
+                    let (x, y) =
+                        unsafe { (_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o))) };
+                    *acc = _mm256_fmadd_ps(x, y, *acc);
+                }
+            }
+            i += 4 * L;
+        }
+        let sum = [
+            lanes::<L>(&sum[0]),
+            lanes::<L>(&sum[1]),
+            lanes::<L>(&sum[2]),
+            lanes::<L>(&sum[3]),
+        ];
+        super::reduce_vec_dot(sum, &a[np..k], &b[np..k])
+    }
+
+    /// The first `L` lanes of two registers, as an array.
+    #[target_feature(enable = "avx2")]
+    fn lanes<const L: usize>(v: &[__m256; 2]) -> [f32; L] {
+        let mut w = [0f32; 16];
+        // SAFETY: `w` has room for two registers.
+        unsafe {
+            _mm256_storeu_ps(w.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(w.as_mut_ptr().add(8), v[1]);
+        }
+        let mut out = [0f32; L];
+        out.copy_from_slice(&w[..L]);
+        out
+    }
+
+    /// [`super::panel_generic`] with AVX2 registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn panel(
+        panel: &[f32],
+        t: &[f32],
+        scale: f32,
+        res: &[f32; 16],
+        out: &mut [f32; 16],
+    ) {
+        assert!(panel.len() >= 16 * t.len(), "LoRA panel: too short");
+        let p = panel.as_ptr();
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (i, &ti) in t.iter().enumerate() {
+            let tv = _mm256_set1_ps(ti);
+            // SAFETY: `16 · i + 16 <= panel.len()` (asserted above).
+            let (a, b) = unsafe {
+                (
+                    _mm256_loadu_ps(p.add(16 * i)),
+                    _mm256_loadu_ps(p.add(16 * i + 8)),
+                )
+            };
+            // Multiplied, then added: a serial sum, not fused.
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(a, tv));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(b, tv));
+        }
+        let s = _mm256_set1_ps(scale);
+        // SAFETY: `res` and `out` hold 16 values.
+        unsafe {
+            let (r0, r1) = (
+                _mm256_loadu_ps(res.as_ptr()),
+                _mm256_loadu_ps(res.as_ptr().add(8)),
+            );
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(r0, _mm256_mul_ps(lo, s)));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(8),
+                _mm256_add_ps(r1, _mm256_mul_ps(hi, s)),
+            );
+        }
+    }
+}
+
+/// 16 output rows of a short serial product from their panel (`t.len()`
+/// columns of 16 values, see [`b_panels`]): `out[r] = res[r] + scale ·
+/// Σ_i panel[i][r] · t[i]`, each sum serial in `i`, multiplied then added
+/// (as `ggml_vec_dot_f32` sums a row shorter than one block).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn panel_generic(
+    panel: &[f32],
+    t: &[f32],
+    scale: f32,
+    res: &[f32; 16],
+    out: &mut [f32; 16],
+) {
+    let mut acc = [0f32; 16];
+    for (i, &ti) in t.iter().enumerate() {
+        let col: &[f32; 16] = panel[16 * i..16 * i + 16].try_into().expect("16 values");
+        for r in 0..16 {
+            acc[r] += col[r] * ti;
+        }
+    }
+    for r in 0..16 {
+        out[r] = res[r] + acc[r] * scale;
+    }
+}
+
+/// One panel through the best variant this CPU has.
+#[inline(always)]
+fn panel(panel: &[f32], t: &[f32], scale: f32, res: &[f32; 16], out: &mut [f32; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { x86::panel(panel, t, scale, res, out) };
+    }
+    panel_generic(panel, t, scale, res, out)
+}
+
+/// B (`rows` rows of `rank`) laid out for [`dot_rows`]: each full block of 16
+/// rows as `rank` columns of 16 values, blocks in order, so one block's
+/// products read one contiguous run. Rows past the last full block are left
+/// out (they are summed from B itself).
+pub(crate) fn b_panels(b: &[f32], rank: usize, rows: usize) -> Box<[f32]> {
+    let blocks = rows / 16;
+    let mut p = vec![0f32; blocks * 16 * rank].into_boxed_slice();
+    for blk in 0..blocks {
+        for i in 0..rank {
+            for r in 0..16 {
+                p[(blk * rank + i) * 16 + r] = b[(blk * 16 + r) * rank + i];
+            }
+        }
+    }
+    p
 }
 
 /// One adapter pair applied by [`lora_add_op`]: kept alive by the graph
@@ -130,8 +334,8 @@ pub(crate) struct LoraCall {
     pub a: *const sys::ggml_tensor,
     /// `[r, rows]`, F32.
     pub b: *const sys::ggml_tensor,
-    /// B transposed (`r` rows of `rows`), for the short serial sums.
-    pub bt: *const f32,
+    /// B in panels of 16 rows ([`b_panels`]), for the short serial sums.
+    pub b_panels: *const f32,
     /// `s = scale · alpha / r`.
     pub scale: f32,
     /// Summation order of the products.
@@ -173,25 +377,10 @@ pub(crate) unsafe extern "C" fn lora_add_op(
             x: std::slice::from_raw_parts((*x).data as *const f32, cols * n),
             a: std::slice::from_raw_parts((*a).data as *const f32, cols * rank),
             b: std::slice::from_raw_parts((*b).data as *const f32, rank * rows),
-            bt: std::slice::from_raw_parts(call.bt, rank * rows),
+            b_panels: std::slice::from_raw_parts(call.b_panels, rows / 16 * 16 * rank),
             res: std::slice::from_raw_parts((*res).data as *const f32, rows * n),
         };
         let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(job: &LoraJob<'_>, out: &mut [f32], ith: i32, nth: i32) {
-                job.run(out, ith, nth)
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above). The
-                // arithmetic is the same either way: `mul_add` is a fused
-                // multiply-add in hardware or in libm.
-                return avx2(&job, out, ith, nth);
-            }
-        }
         job.run(out, ith, nth)
     }
 }
@@ -210,8 +399,8 @@ pub(crate) struct LoraJob<'a> {
     pub a: &'a [f32],
     /// `rows` rows of `rank`.
     pub b: &'a [f32],
-    /// `b` transposed: `rank` rows of `rows`.
-    pub bt: &'a [f32],
+    /// `b` in panels of 16 rows ([`b_panels`]).
+    pub b_panels: &'a [f32],
     /// `n` rows of `rows`.
     pub res: &'a [f32],
 }
@@ -219,8 +408,8 @@ pub(crate) struct LoraJob<'a> {
 impl LoraJob<'_> {
     /// This thread's share of `out` (`n` rows of `rows`): whole tokens when
     /// there are at least as many as threads, else a range of output rows of
-    /// every token. Every output is computed the same way either way.
-    #[inline(always)]
+    /// every token (whole panels of 16 where it can). Every output is
+    /// computed the same way either way.
     pub(crate) fn run(&self, out: &mut [f32], ith: i32, nth: i32) {
         // llama.cpp runs tinyBLAS for batches only (two or more tokens), on
         // matrices whose row count is a multiple of 4.
@@ -232,12 +421,20 @@ impl LoraJob<'_> {
                 (0, self.rows),
             )
         } else {
+            let (p0, p1) = crate::engine::kernels::share(self.rows.div_ceil(16), ith, nth);
             (
                 (0, self.n),
-                crate::engine::kernels::share(self.rows, ith, nth),
+                ((p0 * 16).min(self.rows), (p1 * 16).min(self.rows)),
             )
         };
-        let mut t = vec![0f32; self.rank];
+        let mut small = [0f32; 64];
+        let mut large = Vec::new();
+        let t = if self.rank <= small.len() {
+            &mut small[..self.rank]
+        } else {
+            large.resize(self.rank, 0f32);
+            &mut large[..]
+        };
         for j in tokens.0..tokens.1 {
             let xj = &self.x[j * self.cols..(j + 1) * self.cols];
             for (r, tr) in t.iter_mut().enumerate() {
@@ -253,8 +450,8 @@ impl LoraJob<'_> {
                 self.order,
                 tiled_b,
                 self.b,
-                self.bt,
-                &t,
+                self.b_panels,
+                t,
                 out_rows,
                 self.scale,
                 &self.res[o..o + self.rows],
@@ -267,15 +464,16 @@ impl LoraJob<'_> {
 /// `out[o] = res[o] + scale · dot(w row o, t)` for rows `range` of `w`
 /// (`k = t.len()` columns), summed as [`dot`] sums it. Short rows on the
 /// `ggml_vec_dot_f32` path (no full block: a plain serial sum) are done 16
-/// rows at a time from `wt` (`w` transposed), each row with its own running
-/// sum in the same order, so the loads and sums vectorize across rows.
+/// rows at a time from `panels` (`w` in [`b_panels`] layout), each row with
+/// its own running sum in the same order, so the loads and sums vectorize
+/// across rows and each block reads one contiguous run.
 #[inline(always)]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn dot_rows(
     order: DotOrder,
     tiled: bool,
     w: &[f32],
-    wt: &[f32],
+    panels: &[f32],
     t: &[f32],
     range: (usize, usize),
     scale: f32,
@@ -286,29 +484,25 @@ pub(super) fn dot_rows(
     let rows = res.len();
     let lanes = order.lanes();
     let serial = !(tiled && k.is_multiple_of(lanes)) && k < 4 * lanes;
+    let row = |o: usize, out: &mut [f32]| {
+        let d = dot(order, tiled, &w[o * k..(o + 1) * k], t);
+        // ggml_scale multiplies the stored f32 product, then ggml_add.
+        out[o] = res[o] + d * scale;
+    };
     let mut o = range.0;
-    if serial && wt.len() == rows * k {
+    if serial && panels.len() == rows / 16 * 16 * k {
+        while o < range.1 && !o.is_multiple_of(16) {
+            row(o, out);
+            o += 1;
+        }
         while o + 16 <= range.1 {
-            let mut acc = [0f32; 16];
-            for (i, &ti) in t.iter().enumerate() {
-                let col: &[f32; 16] = wt[i * rows + o..i * rows + o + 16]
-                    .try_into()
-                    .expect("16 values");
-                for r in 0..16 {
-                    acc[r] += col[r] * ti;
-                }
-            }
             let res: &[f32; 16] = res[o..o + 16].try_into().expect("16 values");
             let out: &mut [f32; 16] = (&mut out[o..o + 16]).try_into().expect("16 values");
-            for r in 0..16 {
-                out[r] = res[r] + acc[r] * scale;
-            }
+            panel(&panels[o * k..(o + 16) * k], t, scale, res, out);
             o += 16;
         }
     }
     for o in o..range.1 {
-        let d = dot(order, tiled, &w[o * k..(o + 1) * k], t);
-        // ggml_scale multiplies the stored f32 product, then ggml_add.
-        out[o] = res[o] + d * scale;
+        row(o, out);
     }
 }

@@ -1,4 +1,4 @@
-use super::op::{dot, LoraJob};
+use super::op::{b_panels, dot, dot_lanes_generic, panel_generic, LoraJob};
 use super::testing::{check, small_model};
 use super::*;
 use crate::gguf::testing::write_gguf;
@@ -248,7 +248,7 @@ fn lora_jobs_add_the_scaled_product_and_split_work_exactly() {
     let a = [1.0f32, 2.0, -1.0, 0.5];
     let b: Vec<f32> = (0..40).map(|i| (i % 5) as f32 - 2.0).collect();
     let res: Vec<f32> = (0..60).map(|i| i as f32 * 0.125).collect();
-    let bt: Vec<f32> = (0..40).map(|i| b[(i % 20) * 2 + i / 20]).collect();
+    let panels = b_panels(&b, 2, 20);
     let mut want = vec![0f32; 60];
     for j in 0..3 {
         let t = [
@@ -271,7 +271,7 @@ fn lora_jobs_add_the_scaled_product_and_split_work_exactly() {
                 x: &x[..2 * n],
                 a: &a,
                 b: &b,
-                bt: &bt,
+                b_panels: &panels,
                 res: &res[..20 * n],
             };
             for nth in 1..4 {
@@ -280,6 +280,102 @@ fn lora_jobs_add_the_scaled_product_and_split_work_exactly() {
                     job.run(&mut out, ith, nth);
                 }
                 assert_eq!(out, want[..20 * n], "{order:?} n {n} threads {nth}");
+            }
+        }
+    }
+}
+
+/// Products for the kernels' tests, from a seed: values of mixed sign and
+/// magnitude, so that summation orders give different roundings.
+fn noise(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let m = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            m * [1.0, 1e-3, 37.0, 1e3][(s & 3) as usize]
+        })
+        .collect()
+}
+
+#[test]
+fn simd_products_equal_the_portable_ones_bit_for_bit() {
+    for k in [
+        0usize, 1, 7, 8, 15, 16, 17, 31, 63, 64, 65, 100, 128, 192, 576, 1536,
+    ] {
+        let (a, b) = (noise(k as u64, k), noise(!(k as u64), k));
+        for tiled in [false, true] {
+            let d16 = dot(DotOrder::Wide16, tiled, &a, &b);
+            let d8 = dot(DotOrder::Wide8, tiled, &a, &b);
+            assert_eq!(
+                d16.to_bits(),
+                dot_lanes_generic::<16>(tiled, &a, &b).to_bits()
+            );
+            assert_eq!(
+                d8.to_bits(),
+                dot_lanes_generic::<8>(tiled, &a, &b).to_bits()
+            );
+        }
+    }
+    for rank in [1usize, 2, 8, 16, 33] {
+        let p = noise(rank as u64 * 7, 16 * rank);
+        let t = noise(rank as u64 * 11, rank);
+        let res: [f32; 16] = noise(3, 16).try_into().expect("16");
+        let (mut fast, mut slow) = ([0f32; 16], [0f32; 16]);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { super::op::x86::panel(&p, &t, 0.37, &res, &mut fast) };
+            panel_generic(&p, &t, 0.37, &res, &mut slow);
+            assert_eq!(
+                fast.map(f32::to_bits),
+                slow.map(f32::to_bits),
+                "rank {rank}"
+            );
+        }
+    }
+}
+
+#[test]
+fn panelled_rows_equal_row_by_row_sums_for_every_split() {
+    // 50 rows: three panels and two rows past them; rank 8 (a serial sum).
+    let (cols, rank, rows) = (24usize, 8usize, 50usize);
+    let x = noise(1, cols * 3);
+    let a = noise(2, rank * cols);
+    let b = noise(3, rows * rank);
+    let res = noise(4, rows * 3);
+    let panels = b_panels(&b, rank, rows);
+    for order in [DotOrder::Wide16, DotOrder::Wide8] {
+        for n in [1usize, 3] {
+            // No panels: every row summed on its own.
+            let plain = LoraJob {
+                order,
+                scale: 0.5,
+                cols,
+                rank,
+                rows,
+                n,
+                x: &x[..cols * n],
+                a: &a,
+                b: &b,
+                b_panels: &[],
+                res: &res[..rows * n],
+            };
+            let job = LoraJob {
+                b_panels: &panels,
+                ..plain
+            };
+            let mut want = vec![f32::NAN; rows * n];
+            plain.run(&mut want, 0, 1);
+            for nth in 1..6 {
+                let mut out = vec![f32::NAN; rows * n];
+                for ith in 0..nth {
+                    job.run(&mut out, ith, nth);
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&out), bits(&want), "{order:?} n {n} threads {nth}");
             }
         }
     }

@@ -467,3 +467,48 @@ fn a_decoder_with_adapters_decodes_alone_and_is_not_waited_for() {
     assert_eq!(e.batch_stats().decoding, before.decoding);
     drop(decoder);
 }
+
+/// Decode steps with adapters go through fused nodes (ggml's own Q8_1
+/// quantization and Q4_1 `vec_dot`, the adapters' products in the same
+/// order: `engine::lora::fused`); without the custom kernels they go through
+/// ggml's `mul_mat` and one adapter node per pair. The logits must be the
+/// same bits, with one adapter and with two, at one thread and at two.
+#[test]
+fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
+    let load = |threads: usize, custom: bool| {
+        let opts = EngineOptions::new().threads(threads).custom_gemm(custom);
+        GgmlEngine::load_with(common::model_path(), &opts).unwrap()
+    };
+    let reference = load(1, false);
+    let adapter = reference.load_adapter(adapter_path()).unwrap();
+    let sets = [
+        vec![ActiveLora::new(adapter.clone(), 1.0)],
+        vec![
+            ActiveLora::new(adapter.clone(), 0.5),
+            ActiveLora::new(adapter.clone(), -0.75),
+        ],
+    ];
+    let prompt = reference
+        .tokenizer()
+        .encode("Write one sentence about rivers.", true, false)
+        .unwrap();
+    let steps = |e: &GgmlEngine, set: &[ActiveLora]| {
+        let mut s = e.new_session(128).unwrap();
+        e.set_adapters(&mut s, set).unwrap();
+        let mut logits = e.forward(&prompt, Logits::Last, &mut s).unwrap();
+        let mut all = Vec::new();
+        for _ in 0..6 {
+            let next = argmax(&logits).unwrap();
+            logits = e.forward(&[next], Logits::Last, &mut s).unwrap();
+            all.push(logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+        all
+    };
+    for set in &sets {
+        let want = steps(&reference, set);
+        for threads in [1, 2] {
+            let got = steps(&load(threads, true), set);
+            assert!(got == want, "{} adapters, {threads} threads", set.len());
+        }
+    }
+}

@@ -520,6 +520,7 @@ impl LoraAdapter {
     }
 }
 
+pub(crate) mod fused;
 mod op;
 pub(crate) use op::{lora_add_op, DotOrder, LoraCall};
 

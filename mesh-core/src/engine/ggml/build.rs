@@ -207,6 +207,126 @@ impl GgmlEngine {
         self.add_adapters(g, adapters, layer, projection, res, cur)
     }
 
+    /// [`lora_mat_mul`](Self::lora_mat_mul) for projections that all read
+    /// `cur`: for one token, with adapters, as fused nodes where every part
+    /// allows it (see [`crate::engine::lora::fused`]), else one by one.
+    pub(super) fn lora_mat_muls<'g, const N: usize>(
+        &self,
+        g: &mut Graph<'g>,
+        adapters: &[ActiveLora],
+        layer: usize,
+        items: [(Projection, Held); N],
+        cur: Tensor<'g>,
+        n: usize,
+    ) -> [Tensor<'g>; N] {
+        if let Some(out) = self.fused_lora_mat_muls(g, adapters, layer, &items, cur, n) {
+            return out;
+        }
+        items.map(|(p, w)| self.lora_mat_mul(g, adapters, layer, p, w, cur, n))
+    }
+
+    /// The fused form of [`lora_mat_muls`](Self::lora_mat_muls), or `None`
+    /// (nothing built) unless: one token, not exact mode, the custom kernels
+    /// on, ggml's Q4_1 row functions usable, contiguous Q4_1 weights of
+    /// `cur`'s width (a multiple of 32), and at least one adapter pair, all
+    /// of them F32 of matching shapes.
+    fn fused_lora_mat_muls<'g, const N: usize>(
+        &self,
+        g: &mut Graph<'g>,
+        adapters: &[ActiveLora],
+        layer: usize,
+        items: &[(Projection, Held); N],
+        cur: Tensor<'g>,
+        n: usize,
+    ) -> Option<[Tensor<'g>; N]> {
+        use crate::engine::lora::fused::{self, Prep, Product, ProductPair, RowFns};
+        static FNS: std::sync::OnceLock<Option<RowFns>> = std::sync::OnceLock::new();
+        if n != 1 || self.options.exact || !self.options.custom_gemm || adapters.is_empty() {
+            return None;
+        }
+        let fns = (*FNS.get_or_init(RowFns::q4_1))?;
+        let cn = cur.ne();
+        let cols = cn[0] as usize;
+        let token = cur.is_f32() && cur.is_contiguous() && cur.is_2d() && cn[1] == 1;
+        if !token || !cols.is_multiple_of(32) {
+            return None;
+        }
+        let order = lora_order(self.options.exact);
+        let mut a = Vec::new();
+        let mut products = Vec::with_capacity(N);
+        let mut t_at = fused::q8_1_row_words(cols);
+        for &(projection, w) in items {
+            let w = g.held(w);
+            let wn = w.ne();
+            if w.ty() != sys::ggml_type_GGML_TYPE_Q4_1
+                || !w.is_2d()
+                || !w.is_contiguous()
+                || wn[0] as usize != cols
+            {
+                return None;
+            }
+            let rows = wn[1] as usize;
+            let mut pairs = Vec::new();
+            for act in adapters {
+                let Some(pair) = act.adapter.pair(layer, projection) else {
+                    continue;
+                };
+                let (pa, pb) = (g.held(pair.a), g.held(pair.b));
+                let (an, bn) = (pa.ne(), pb.ne());
+                let fits = pa.is_f32()
+                    && pb.is_f32()
+                    && pa.is_contiguous()
+                    && pb.is_contiguous()
+                    && !pair.b_panels.is_null()
+                    && an[0] as usize == cols
+                    && an[1] as usize == pair.rank
+                    && bn[0] as usize == pair.rank
+                    && bn[1] as usize == rows;
+                if !fits {
+                    return None;
+                }
+                a.push((pair.a.data() as *const f32, pair.rank));
+                pairs.push(ProductPair {
+                    b: pair.b.data() as *const f32,
+                    b_panels: pair.b_panels,
+                    rank: pair.rank,
+                    scale: act.adapter.effective_scale(act.scale, pair.rank),
+                    t_at,
+                });
+                t_at += pair.rank;
+            }
+            products.push((w, rows, pairs));
+        }
+        if a.is_empty() {
+            return None;
+        }
+        let prep = Prep {
+            fns,
+            cols,
+            order,
+            a,
+        };
+        let shape = g.shape_3d(prep.words() as i64, 1, 1);
+        let userdata = g.keep(Box::new(prep));
+        // SAFETY: the op's contract: `cur` contiguous F32 `[cols, 1]` with
+        // `cols % 32 == 0`, the output `Prep::words` long, and each A an F32
+        // `[cols, rank]` tensor of an adapter the graph borrows (checked above).
+        let prep = unsafe { g.custom2(shape, cur, Some(fused::prep_op), userdata) };
+        let out: Vec<Tensor<'g>> = products
+            .into_iter()
+            .map(|(w, rows, pairs)| {
+                let shape = g.shape_3d(rows as i64, 1, 1);
+                let userdata = g.keep(Box::new(Product { fns, order, pairs }));
+                // SAFETY: the op's contract: `w` contiguous Q4_1 `[cols, rows]`,
+                // `prep` the prep output of a token of `cols` values, each
+                // pair's B `[rank, rows]` F32 with its panels and its `t` in
+                // `prep` (checked and laid out above).
+                unsafe { g.custom3(shape, w, prep, Some(fused::product_op), userdata) }
+            })
+            .collect();
+        out.try_into().ok()
+    }
+
     /// `res` plus each adapter's `s · B (A cur)` for `projection` of `layer`,
     /// in order (see [`GgmlEngine::lora_add`]). The adapters were checked
     /// against this model at load, and `adapters` borrows them for the
@@ -267,11 +387,7 @@ impl GgmlEngine {
             let scaled = g.scale(ab, scale);
             return g.add(res, scaled);
         }
-        let order = if !self.options.exact && cpu_class() == CpuClass::Avx512 {
-            DotOrder::Wide16
-        } else {
-            DotOrder::Wide8
-        };
+        let order = lora_order(self.options.exact);
         let call = Box::new(LoraCall {
             a: a.raw(),
             b: b.raw(),
@@ -499,21 +615,26 @@ impl GgmlEngine {
         let lt = &self.tensors.layers[il];
         let norm = g.held(lt.attn_norm);
         let cur = self.build_norm(g, x, norm);
-        let mut mm = |p: Projection, w: Held, b: Option<Held>| {
-            let t = self.lora_mat_mul(g, adapters, il, p, w, cur, n);
-            match b {
-                Some(b) => {
-                    let b = g.held(b);
-                    g.add(t, b)
-                }
-                None => t,
+        let [q, k, v] = self.lora_mat_muls(
+            g,
+            adapters,
+            il,
+            [
+                (Projection::Q, lt.wq),
+                (Projection::K, lt.wk),
+                (Projection::V, lt.wv),
+            ],
+            cur,
+            n,
+        );
+        let mut bias = |t: Tensor<'g>, b: Option<Held>| match b {
+            Some(b) => {
+                let b = g.held(b);
+                g.add(t, b)
             }
+            None => t,
         };
-        (
-            mm(Projection::Q, lt.wq, lt.bq),
-            mm(Projection::K, lt.wk, lt.bk),
-            mm(Projection::V, lt.wv, lt.bv),
-        )
+        (bias(q, lt.bq), bias(k, lt.bk), bias(v, lt.bv))
     }
 
     /// The rest of layer `il` after attention: the output projection of
@@ -529,12 +650,18 @@ impl GgmlEngine {
         n: usize,
     ) -> Tensor<'g> {
         let lt = &self.tensors.layers[il];
-        let o = self.lora_mat_mul(g, adapters, il, Projection::O, lt.wo, attn, n);
+        let [o] = self.lora_mat_muls(g, adapters, il, [(Projection::O, lt.wo)], attn, n);
         let x = g.add(o, x);
         let norm = g.held(lt.ffn_norm);
         let cur = self.build_norm(g, x, norm);
-        let gate = self.lora_mat_mul(g, adapters, il, Projection::Gate, lt.gate, cur, n);
-        let up = self.lora_mat_mul(g, adapters, il, Projection::Up, lt.up, cur, n);
+        let [gate, up] = self.lora_mat_muls(
+            g,
+            adapters,
+            il,
+            [(Projection::Gate, lt.gate), (Projection::Up, lt.up)],
+            cur,
+            n,
+        );
         assert!(
             gate.is_f32() && gate.is_contiguous() && up.is_contiguous() && gate.ne() == up.ne(),
             "swiglu: {gate:?} and {up:?}"
@@ -542,7 +669,7 @@ impl GgmlEngine {
         // SAFETY: the op's contract: contiguous F32 operands of one shape
         // (checked just above).
         let act = unsafe { g.custom2(gate, up, Some(kernels::swiglu_op), ptr::null_mut()) };
-        let down = self.lora_mat_mul(g, adapters, il, Projection::Down, lt.down, act, n);
+        let [down] = self.lora_mat_muls(g, adapters, il, [(Projection::Down, lt.down)], act, n);
         g.add(down, x)
     }
 
@@ -575,6 +702,16 @@ impl GgmlEngine {
         let inp = g.input_i32(&ids);
         let embd = g.held(self.tensors.token_embd);
         g.get_rows(embd, inp)
+    }
+}
+
+/// The order the LoRA products are summed in: llama.cpp's on this CPU class,
+/// or in exact mode the AVX2 one (so results do not depend on the CPU).
+fn lora_order(exact: bool) -> DotOrder {
+    if !exact && cpu_class() == CpuClass::Avx512 {
+        DotOrder::Wide16
+    } else {
+        DotOrder::Wide8
     }
 }
 

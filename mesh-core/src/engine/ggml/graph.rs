@@ -170,6 +170,9 @@ pub(crate) struct Graph<'g> {
     /// so their addresses stay put while the list grows).
     #[allow(clippy::vec_box)]
     pub(crate) lora_calls: Vec<Box<LoraCall>>,
+    /// Other custom ops' userdata, kept (at a fixed address) until the graph
+    /// is freed: see [`Graph::keep`].
+    kept: Vec<Box<dyn std::any::Any>>,
     /// Shape source for custom ops' outputs, and its capacity in floats.
     shape: Option<(Tensor<'g>, usize)>,
     _brand: Brand<'g>,
@@ -221,6 +224,7 @@ impl Graph<'_> {
             inputs: Vec::new(),
             quantized: Vec::new(),
             lora_calls: Vec::new(),
+            kept: Vec::new(),
             shape: None,
             _brand: PhantomData,
         };
@@ -512,6 +516,14 @@ impl<'g> Graph<'g> {
         self.make("concat", |ctx| unsafe {
             sys::ggml_concat(ctx, a.raw(), b.raw())
         })
+    }
+
+    /// Keeps `data` until the graph is freed and returns its address, for a
+    /// custom op's userdata (a box's contents do not move with the box).
+    pub(crate) fn keep<T: 'static>(&mut self, data: Box<T>) -> *mut c_void {
+        let at = &*data as *const T as *mut c_void;
+        self.kept.push(data);
+        at
     }
 
     /// An F32 `[ne0, ne1, ne2]` tensor that only gives a custom op its

@@ -180,7 +180,7 @@ impl ChatTemplate {
     /// Errors raised by the template (`raise_exception`), bad operations and
     /// exhausted limits are [`Error::Template`] with the template's message.
     ///
-    /// Runs on a thread of its own with a [`RENDER_STACK`] stack: values a
+    /// Runs on a thread of its own with a 64 MiB stack: values a
     /// template nests deeply are rendered recursively, and the caller's
     /// thread (an async worker, a host's thread) may have a small stack.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {

@@ -468,11 +468,11 @@ fn a_decoder_with_adapters_decodes_alone_and_is_not_waited_for() {
     drop(decoder);
 }
 
-/// Decode steps with adapters go through fused nodes (ggml's own Q8_1
-/// quantization and Q4_1 `vec_dot`, the adapters' products in the same
-/// order: `engine::lora::fused`); without the custom kernels they go through
-/// ggml's `mul_mat` and one adapter node per pair. The logits must be the
-/// same bits, with one adapter and with two, at one thread and at two.
+/// Decode steps go through fused nodes (ggml's own Q8_1 quantization and
+/// Q4_1 `vec_dot`, the adapters' products in the same order: the engine's
+/// `fused` module); without the custom kernels they go through ggml's
+/// `mul_mat` and one adapter node per pair. The logits must be the same
+/// bits, without adapters, with one and with two, at one thread and at two.
 #[test]
 fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
     let load = |threads: usize, custom: bool| {
@@ -482,6 +482,7 @@ fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
     let reference = load(1, false);
     let adapter = reference.load_adapter(adapter_path()).unwrap();
     let sets = [
+        vec![],
         vec![ActiveLora::new(adapter.clone(), 1.0)],
         vec![
             ActiveLora::new(adapter.clone(), 0.5),

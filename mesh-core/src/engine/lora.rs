@@ -520,9 +520,8 @@ impl LoraAdapter {
     }
 }
 
-pub(crate) mod fused;
 mod op;
-pub(crate) use op::{lora_add_op, DotOrder, LoraCall};
+pub(crate) use op::{dot, dot_rows, lora_add_op, DotOrder, LoraCall};
 
 /// An adapter applied with a scale (1.0 = as trained).
 #[derive(Clone, Debug)]

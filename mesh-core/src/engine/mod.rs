@@ -10,6 +10,7 @@
 //! [`GgmlEngine`] implements the llama family (llama, mistral, qwen2) on ggml.
 
 pub(crate) mod blocks;
+mod fused;
 mod ggml;
 mod kernels;
 pub mod lora;

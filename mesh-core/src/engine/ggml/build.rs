@@ -208,8 +208,8 @@ impl GgmlEngine {
     }
 
     /// [`lora_mat_mul`](Self::lora_mat_mul) for projections that all read
-    /// `cur`: for one token, with adapters, as fused nodes where every part
-    /// allows it (see [`crate::engine::lora::fused`]), else one by one.
+    /// `cur`: for one token as fused nodes where every part allows it (see
+    /// [`crate::engine::fused`]), else one by one.
     pub(super) fn lora_mat_muls<'g, const N: usize>(
         &self,
         g: &mut Graph<'g>,
@@ -228,8 +228,8 @@ impl GgmlEngine {
     /// The fused form of [`lora_mat_muls`](Self::lora_mat_muls), or `None`
     /// (nothing built) unless: one token, not exact mode, the custom kernels
     /// on, ggml's Q4_1 row functions usable, contiguous Q4_1 weights of
-    /// `cur`'s width (a multiple of 32), and at least one adapter pair, all
-    /// of them F32 of matching shapes.
+    /// `cur`'s width (a multiple of 32), and every adapter pair of these
+    /// projections F32 of matching shapes.
     fn fused_lora_mat_muls<'g, const N: usize>(
         &self,
         g: &mut Graph<'g>,
@@ -239,9 +239,9 @@ impl GgmlEngine {
         cur: Tensor<'g>,
         n: usize,
     ) -> Option<[Tensor<'g>; N]> {
-        use crate::engine::lora::fused::{self, Prep, Product, ProductPair, RowFns};
+        use crate::engine::fused::{self, Prep, Product, ProductPair, RowFns};
         static FNS: std::sync::OnceLock<Option<RowFns>> = std::sync::OnceLock::new();
-        if n != 1 || self.options.exact || !self.options.custom_gemm || adapters.is_empty() {
+        if n != 1 || self.options.exact || !self.options.custom_gemm {
             return None;
         }
         let fns = (*FNS.get_or_init(RowFns::q4_1))?;
@@ -296,9 +296,6 @@ impl GgmlEngine {
                 t_at += pair.rank;
             }
             products.push((w, rows, pairs));
-        }
-        if a.is_empty() {
-            return None;
         }
         let prep = Prep {
             fns,

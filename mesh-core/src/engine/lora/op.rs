@@ -60,7 +60,7 @@ pub(super) fn hadd8(v: &[f32]) -> f32 {
 
 /// `Σ a[l]·b[l]` summed as llama.cpp's `mul_mat` sums it (see [`DotOrder`]).
 #[inline(always)]
-pub(super) fn dot(order: DotOrder, tiled: bool, a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(order: DotOrder, tiled: bool, a: &[f32], b: &[f32]) -> f32 {
     match order {
         DotOrder::Wide16 => dot_lanes::<16>(tiled, a, b),
         DotOrder::Wide8 => dot_lanes::<8>(tiled, a, b),
@@ -469,7 +469,7 @@ impl LoraJob<'_> {
 /// across rows and each block reads one contiguous run.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn dot_rows(
+pub(crate) fn dot_rows(
     order: DotOrder,
     tiled: bool,
     w: &[f32],

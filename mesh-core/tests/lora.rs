@@ -97,7 +97,18 @@ fn adapter_path() -> PathBuf {
             a["tensor_data_sha256"].as_str().unwrap(),
             "rebuilt adapter values differ from the recorded ones"
         );
-        let bytes = lora::adapter_bytes("llama", a["alpha"].as_f64().unwrap() as f32, &tensors);
+        let alpha = a["alpha"].as_f64().unwrap() as f32;
+        let bytes = lora::adapter_bytes("llama", alpha, &tensors);
+        // The same adapter with F16 tensors (llama.cpp's converter's default).
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let f16 = dir.join(format!("mesh-test-lora-{}-f16.gguf", &hex[..16]));
+        let part = dir.join(format!(
+            "mesh-test-lora-{}-f16.{}.part",
+            &hex[..16],
+            std::process::id()
+        ));
+        std::fs::write(&part, lora::adapter_bytes_f16("llama", alpha, &tensors)).unwrap();
+        std::fs::rename(&part, &f16).unwrap();
         // One file per adapter content in cargo's scratch directory for
         // tests (reused by later runs, not one per process in /tmp); written
         // aside and renamed, so parallel test processes never read half a file.
@@ -468,11 +479,20 @@ fn a_decoder_with_adapters_decodes_alone_and_is_not_waited_for() {
     drop(decoder);
 }
 
+/// The test adapter with F16 tensors (written beside the F32 one).
+fn adapter_f16_path() -> PathBuf {
+    let p = adapter_path();
+    let name = p.file_stem().unwrap().to_str().unwrap();
+    p.with_file_name(format!("{name}-f16.gguf"))
+}
+
 /// Decode steps go through fused nodes (ggml's own Q8_1 quantization and
 /// Q4_1 `vec_dot`, the adapters' products in the same order: the engine's
 /// `fused` module); without the custom kernels they go through ggml's
-/// `mul_mat` and one adapter node per pair. The logits must be the same
-/// bits, without adapters, with one and with two, at one thread and at two.
+/// `mul_mat` and one adapter node per pair (ggml's `mul_mat`, `scale` and
+/// `add` for F16 pairs). The logits must be the same bits, without
+/// adapters, with one F32 or F16 adapter and with two, at one thread and
+/// at two.
 #[test]
 fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
     let load = |threads: usize, custom: bool| {
@@ -481,9 +501,15 @@ fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
     };
     let reference = load(1, false);
     let adapter = reference.load_adapter(adapter_path()).unwrap();
+    let f16 = reference.load_adapter(adapter_f16_path()).unwrap();
     let sets = [
         vec![],
         vec![ActiveLora::new(adapter.clone(), 1.0)],
+        vec![ActiveLora::new(f16.clone(), 1.0)],
+        vec![
+            ActiveLora::new(f16.clone(), 0.5),
+            ActiveLora::new(adapter.clone(), 0.25),
+        ],
         vec![
             ActiveLora::new(adapter.clone(), 0.5),
             ActiveLora::new(adapter.clone(), -0.75),
@@ -505,11 +531,16 @@ fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
         }
         all
     };
-    for set in &sets {
+    for (which, set) in sets.iter().enumerate() {
         let want = steps(&reference, set);
         for threads in [1, 2] {
             let got = steps(&load(threads, true), set);
-            assert!(got == want, "{} adapters, {threads} threads", set.len());
+            let first = (0..want.len()).find(|&s| got[s] != want[s]);
+            assert!(
+                first.is_none(),
+                "set {which} ({} adapters), {threads} threads: step {first:?} differs",
+                set.len()
+            );
         }
     }
 }

@@ -18,6 +18,21 @@
 //! The floats are those of the unfused nodes: the same quantization, the
 //! same `vec_dot` per row, the same [`dot`] and [`dot_rows`] sums (tested
 //! bit for bit against the unfused graph).
+//!
+//! Adapters with F16 halves (what llama.cpp's converter writes by default)
+//! are fused too, on x86, reproducing the F16 `mul_mat` chain of the ggml
+//! this crate links, product by product:
+//! - where the inner length `k` is a multiple of the register width (16
+//!   lanes on AVX-512 builds, 8 on AVX2), ggml hands the product to its
+//!   tiled kernel, which widens the F16 operand and keeps the F32 one as
+//!   is: one accumulator of fused multiply-adds, then a horizontal sum
+//!   ([`dot`] in its tiled order, on the widened row);
+//! - else the F32 operand is rounded to F16 and ggml's F16 `vec_dot` runs:
+//!   for `A x`, ggml's own function; for a row of `B t` (`k` = the rank,
+//!   below 32, under its vector step) a serial sum in f64, which
+//!   [`panel16`] computes for 16 rows at a time from F16 panels.
+//!
+//! Half the bytes of F32 factors.
 
 use std::ffi::c_void;
 
@@ -26,14 +41,24 @@ use ggml_sys_bleedingedge as sys;
 use super::lora::{dot, dot_rows, DotOrder};
 use crate::engine::kernels::share;
 
-/// ggml's row functions for a Q4_1 `mul_mat` of one token.
+/// A row function of ggml's: one row of the weight type times one row of
+/// its `vec_dot_type`.
+type VecDot =
+    unsafe extern "C" fn(i32, *mut f32, usize, *const c_void, usize, *const c_void, usize, i32);
+/// A row conversion of ggml's, from F32 to a `vec_dot_type`.
+type FromFloat = unsafe extern "C" fn(*const f32, *mut c_void, i64);
+
+/// ggml's row functions for a one-token `mul_mat` of Q4_1 weights, and of
+/// F16 adapter halves where they can be reproduced.
 #[derive(Clone, Copy)]
 pub(crate) struct RowFns {
     /// Q8_1 quantization of an F32 row (`from_float` of `vec_dot_type`).
-    from_float: unsafe extern "C" fn(*const f32, *mut c_void, i64),
+    from_float: FromFloat,
     /// One Q4_1 row times one Q8_1 row.
-    vec_dot:
-        unsafe extern "C" fn(i32, *mut f32, usize, *const c_void, usize, *const c_void, usize, i32),
+    vec_dot: VecDot,
+    /// F32 to F16 and the F16 dot product (x86 only: elsewhere ggml's F16
+    /// sums differ, see the module docs).
+    f16: Option<(FromFloat, VecDot)>,
 }
 
 impl RowFns {
@@ -42,21 +67,44 @@ impl RowFns {
     /// `None` otherwise (then the graph keeps the unfused nodes).
     pub(crate) fn q4_1() -> Option<RowFns> {
         // SAFETY: reads ggml's static table entries for valid types.
-        let (w, y) = unsafe {
+        let (w, y, h) = unsafe {
             (
                 sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_Q4_1),
                 sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_Q8_1),
+                sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_F16),
             )
         };
         if w.vec_dot_type != sys::ggml_type_GGML_TYPE_Q8_1 || w.nrows != 1 {
             return None;
         }
+        let f16 = match (h.from_float, h.vec_dot) {
+            (Some(f), Some(d))
+                if cfg!(target_arch = "x86_64")
+                    && h.vec_dot_type == sys::ggml_type_GGML_TYPE_F16
+                    && h.nrows == 1 =>
+            {
+                Some((f, d))
+            }
+            _ => None,
+        };
         Some(RowFns {
             from_float: y.from_float?,
             vec_dot: w.vec_dot?,
+            f16,
         })
     }
+
+    /// Whether F16 pairs of rank `rank` can be fused, with products summed
+    /// in `order`: ranks that ggml's tiled kernel takes, or short enough for
+    /// its F16 `vec_dot` to sum serially (see the module docs).
+    pub(crate) fn fuses_f16(&self, rank: usize, order: DotOrder) -> bool {
+        self.f16.is_some() && (rank.is_multiple_of(order.lanes()) || rank < F16_SERIAL_RANK)
+    }
 }
+
+/// Below this length ggml's F16 dot product is one serial f64 sum on x86
+/// (its vector step is 32 with AVX2, 64 with AVX-512).
+const F16_SERIAL_RANK: usize = 32;
 
 /// Bytes of one Q8_1 row of `cols` values (`cols % 32 == 0`).
 pub(crate) fn q8_1_row_bytes(cols: usize) -> usize {
@@ -69,21 +117,37 @@ pub(crate) fn q8_1_row_words(cols: usize) -> usize {
     q8_1_row_bytes(cols).div_ceil(4)
 }
 
+/// The element type of an adapter pair's halves (both the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Half {
+    F32,
+    F16,
+}
+
+/// One pair's A as [`prep_op`] reads it.
+pub(crate) struct PrepA {
+    /// `rank` rows of `cols` values of type `half`.
+    pub a: *const c_void,
+    pub rank: usize,
+    pub half: Half,
+}
+
 /// The userdata of one [`prep_op`]: the token's width, ggml's functions and
 /// each adapter pair's A (whose `t = A x` it computes), in order.
 pub(crate) struct Prep {
     pub fns: RowFns,
     pub cols: usize,
     pub order: DotOrder,
-    /// `(A, rank)`: A is `rank` rows of `cols` F32 values; its `t` lands
-    /// after the quantized token and the `t`s of the pairs before it.
-    pub a: Vec<(*const f32, usize)>,
+    /// The A halves; each one's `t` lands after the quantized token and the
+    /// `t`s of the pairs before it (for F16 pairs, rounded to F16 and stored
+    /// as the f32 of that value, as ggml's next `mul_mat` reads it).
+    pub a: Vec<PrepA>,
 }
 
 impl Prep {
     /// F32 words of the op's output: the quantized token, then every `t`.
     pub(crate) fn words(&self) -> usize {
-        q8_1_row_words(self.cols) + self.a.iter().map(|&(_, r)| r).sum::<usize>()
+        q8_1_row_words(self.cols) + self.a.iter().map(|p| p.rank).sum::<usize>()
     }
 }
 
@@ -94,7 +158,8 @@ impl Prep {
 /// # Safety
 /// Called by ggml with `dst` of [`Prep::words`] F32 words, `x` a contiguous
 /// F32 `[cols]` (`cols % 32 == 0`), `userdata` a live [`Prep`] whose A
-/// pointers address `rank · cols` floats each.
+/// pointers address `rank · cols` values each, F16 ones only where
+/// [`RowFns::fuses_f16`].
 pub(crate) unsafe extern "C" fn prep_op(
     dst: *mut sys::ggml_tensor,
     _shape: *const sys::ggml_tensor,
@@ -109,35 +174,98 @@ pub(crate) unsafe extern "C" fn prep_op(
         let cols = prep.cols;
         let x = std::slice::from_raw_parts((*x).data as *const f32, cols);
         let out = (*dst).data as *mut f32;
-        let items = 1 + prep.a.iter().map(|&(_, r)| r).sum::<usize>();
+        let items = 1 + prep.a.iter().map(|p| p.rank).sum::<usize>();
         let (i0, i1) = share(items, ith, nth);
         if i0 == 0 && i1 > 0 {
             (prep.fns.from_float)(x.as_ptr(), out.cast(), cols as i64);
         }
+        // The token in F16, made by this thread when one of its items needs it.
+        let mut x16: Vec<u16> = Vec::new();
         // Item 1 + k is the k-th row of all the A halves laid end to end,
         // and so is its place in the `t`s after the quantized token.
         let t = out.add(q8_1_row_words(cols));
         let mut k = 0;
-        for &(a, rank) in &prep.a {
-            for r in 0..rank {
+        for p in &prep.a {
+            for r in 0..p.rank {
                 let item = 1 + k + r;
-                if item >= i0 && item < i1 {
-                    let row = std::slice::from_raw_parts(a.add(r * cols), cols);
-                    *t.add(k + r) = dot(prep.order, false, row, x);
+                if item < i0 || item >= i1 {
+                    continue;
                 }
+                *t.add(k + r) = match (p.half, prep.fns.f16) {
+                    (Half::F32, _) => {
+                        let row =
+                            std::slice::from_raw_parts((p.a as *const f32).add(r * cols), cols);
+                        dot(prep.order, false, row, x)
+                    }
+                    (Half::F16, Some((from_float, vec_dot))) => {
+                        let lanes = prep.order.lanes();
+                        let row = (p.a as *const u16).add(r * cols);
+                        let v = if cols.is_multiple_of(lanes) {
+                            // ggml's tiled kernel: A widened, x as is.
+                            let row = std::slice::from_raw_parts(row, cols);
+                            dot_f16_tiled(prep.order, row, x)
+                        } else {
+                            if x16.is_empty() {
+                                x16 = vec![0u16; cols];
+                                from_float(x.as_ptr(), x16.as_mut_ptr().cast(), cols as i64);
+                            }
+                            let mut v = 0f32;
+                            let x16 = x16.as_ptr().cast();
+                            vec_dot(cols as i32, &mut v, 0, row.cast(), 0, x16, 0, 1);
+                            v
+                        };
+                        if p.rank.is_multiple_of(lanes) {
+                            // `B t` goes to the tiled kernel too: `t` as is.
+                            v
+                        } else {
+                            // `t` rounded to F16 for ggml's F16 `vec_dot`.
+                            let mut h = 0u16;
+                            from_float(&v, (&mut h as *mut u16).cast(), 1);
+                            half::f16::from_bits(h).to_f32()
+                        }
+                    }
+                    // Not built (see `RowFns::fuses_f16`).
+                    (Half::F16, None) => f32::NAN,
+                };
             }
-            k += rank;
+            k += p.rank;
         }
     }
 }
 
+/// [`dot`] in its tiled order (`tiled = true`) of F16 values `a` (widened
+/// exactly) and F32 `b`, `a.len()` a multiple of the order's lanes: ggml's
+/// tiled kernel for an F16 weight and an F32 operand.
+pub(crate) fn dot_f16_tiled(order: DotOrder, a: &[u16], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe {
+            match order {
+                DotOrder::Wide16 => x86::dot_f16_tiled::<16>(a, b),
+                DotOrder::Wide8 => x86::dot_f16_tiled::<8>(a, b),
+            }
+        };
+    }
+    let wide: Vec<f32> = a
+        .iter()
+        .map(|&h| half::f16::from_bits(h).to_f32())
+        .collect();
+    dot(order, true, &wide, b)
+}
+
 /// One adapter pair as [`product_op`] adds it.
 pub(crate) struct ProductPair {
-    /// B, `rows` rows of `rank` F32 values.
-    pub b: *const f32,
-    /// B in panels of 16 rows ([`super::lora::LoraPair::b_panels`]).
-    pub b_panels: *const f32,
+    /// B, `rows` rows of `rank` values of type `half`.
+    pub b: *const c_void,
+    /// B in panels of 16 rows ([`LoraPair::b_panels`](super::lora::LoraPair::b_panels)
+    /// or `b_panels16`).
+    pub b_panels: *const c_void,
     pub rank: usize,
+    pub half: Half,
     /// `s = scale · alpha / rank`.
     pub scale: f32,
     /// Where this pair's `t` starts in the prep output, in F32 words.
@@ -191,9 +319,404 @@ pub(crate) unsafe extern "C" fn product_op(
         for p in &call.pairs {
             res[range.0..range.1].copy_from_slice(&out[range.0..range.1]);
             let t = std::slice::from_raw_parts(t_all.add(p.t_at), p.rank);
-            let b = std::slice::from_raw_parts(p.b, rows * p.rank);
-            let panels = std::slice::from_raw_parts(p.b_panels, rows / 16 * 16 * p.rank);
-            dot_rows(call.order, false, b, panels, t, range, p.scale, &res, out);
+            let n_panels = rows / 16 * 16 * p.rank;
+            match p.half {
+                Half::F32 => {
+                    let b = std::slice::from_raw_parts(p.b as *const f32, rows * p.rank);
+                    let panels = std::slice::from_raw_parts(p.b_panels as *const f32, n_panels);
+                    dot_rows(call.order, false, b, panels, t, range, p.scale, &res, out);
+                }
+                Half::F16 if p.rank.is_multiple_of(call.order.lanes()) => {
+                    // ggml's tiled kernel: each row of B widened, `t` as is.
+                    let b = std::slice::from_raw_parts(p.b as *const half::f16, rows * p.rank);
+                    let mut wide = vec![0f32; p.rank];
+                    for o in range.0..range.1 {
+                        let row = &b[o * p.rank..(o + 1) * p.rank];
+                        half::slice::HalfFloatSliceExt::convert_to_f32_slice(row, &mut wide);
+                        out[o] = res[o] + dot(call.order, true, &wide, t) * p.scale;
+                    }
+                }
+                Half::F16 => {
+                    let b = std::slice::from_raw_parts(p.b as *const u16, rows * p.rank);
+                    let panels = std::slice::from_raw_parts(p.b_panels as *const u16, n_panels);
+                    dot_rows16(b, panels, t, range, p.scale, &res, out);
+                }
+            }
+        }
+    }
+}
+
+/// [`dot_rows`] for F16 B and a short `t` (already F16 values) of a length
+/// ggml's tiled kernel does not take: each row
+/// `out[o] = res[o] + scale · (Σ_i f32(b[o][i]) · t[i], summed in f64)`,
+/// as ggml's F16 `vec_dot` sums a row shorter than its vector step.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_rows16(
+    b: &[u16],
+    panels: &[u16],
+    t: &[f32],
+    range: (usize, usize),
+    scale: f32,
+    res: &[f32],
+    out: &mut [f32],
+) {
+    let k = t.len();
+    let row = |o: usize, out: &mut [f32]| {
+        let mut sum = 0f64;
+        for (&h, &ti) in b[o * k..(o + 1) * k].iter().zip(t) {
+            sum += f64::from(half::f16::from_bits(h).to_f32() * ti);
+        }
+        out[o] = res[o] + sum as f32 * scale;
+    };
+    let rows = res.len();
+    let mut o = range.0;
+    if panels.len() == rows / 16 * 16 * k {
+        while o < range.1 && !o.is_multiple_of(16) {
+            row(o, out);
+            o += 1;
+        }
+        // Two panels at a time: twice the independent f64 sums in flight.
+        while o + 32 <= range.1 {
+            let res: &[f32; 32] = res[o..o + 32].try_into().expect("32 values");
+            let out: &mut [f32; 32] = (&mut out[o..o + 32]).try_into().expect("32 values");
+            panel16x2(&panels[o * k..(o + 32) * k], t, scale, res, out);
+            o += 32;
+        }
+        while o + 16 <= range.1 {
+            let res: &[f32; 16] = res[o..o + 16].try_into().expect("16 values");
+            let out: &mut [f32; 16] = (&mut out[o..o + 16]).try_into().expect("16 values");
+            panel16(&panels[o * k..(o + 16) * k], t, scale, res, out);
+            o += 16;
+        }
+    }
+    for o in o..range.1 {
+        row(o, out);
+    }
+}
+
+/// 16 rows of [`dot_rows16`] from their panel (`t.len()` columns of 16 F16
+/// values), through F16C where the CPU has it.
+#[inline(always)]
+pub(crate) fn panel16(panel: &[u16], t: &[f32], scale: f32, res: &[f32; 16], out: &mut [f32; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX2 and F16C (checked just above).
+        return unsafe { x86::panel16(panel, t, scale, res, out) };
+    }
+    panel16_generic(panel, t, scale, res, out)
+}
+
+/// [`panel16`] for two consecutive panels.
+#[inline(always)]
+pub(crate) fn panel16x2(
+    panels: &[u16],
+    t: &[f32],
+    scale: f32,
+    res: &[f32; 32],
+    out: &mut [f32; 32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX2 and F16C (checked just above).
+        return unsafe { x86::panel16x2(panels, t, scale, res, out) };
+    }
+    let k = t.len();
+    let (r0, r1) = res.split_at(16);
+    let (o0, o1) = out.split_at_mut(16);
+    let (p0, p1) = panels.split_at(16 * k);
+    let as16 = |r: &[f32]| -> [f32; 16] { r.try_into().expect("16 values") };
+    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+    panel16_generic(p0, t, scale, &as16(r0), &mut a);
+    panel16_generic(p1, t, scale, &as16(r1), &mut b);
+    o0.copy_from_slice(&a);
+    o1.copy_from_slice(&b);
+}
+
+/// [`panel16`] in portable code.
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn panel16_generic(
+    panel: &[u16],
+    t: &[f32],
+    scale: f32,
+    res: &[f32; 16],
+    out: &mut [f32; 16],
+) {
+    let mut acc = [0f64; 16];
+    for (i, &ti) in t.iter().enumerate() {
+        for r in 0..16 {
+            acc[r] += f64::from(half::f16::from_bits(panel[16 * i + r]).to_f32() * ti);
+        }
+    }
+    for r in 0..16 {
+        out[r] = res[r] + acc[r] as f32 * scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_f16_tiled`] for a register of `L` lanes (16 or 8): two
+    /// or one `__m256` accumulators of fused multiply-adds over the row,
+    /// `a` widened with F16C, then the portable horizontal sum.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn dot_f16_tiled<const L: usize>(a: &[u16], b: &[f32]) -> f32 {
+        let k = a.len().min(b.len()) / L * L;
+        let regs = L / 8;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i < k {
+            for (r, acc) in acc.iter_mut().enumerate().take(regs) {
+                // SAFETY: `i + 8 · r + 8 <= k`, within both slices.
+                let (x, y) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8 * r).cast())),
+                        _mm256_loadu_ps(pb.add(i + 8 * r)),
+                    )
+                };
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+            i += L;
+        }
+        let mut w = [0f32; 16];
+        // SAFETY: `w` has room for two registers.
+        unsafe {
+            _mm256_storeu_ps(w.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(w.as_mut_ptr().add(8), acc[1]);
+        }
+        let mut lanes = [0f32; L];
+        lanes.copy_from_slice(&w[..L]);
+        crate::engine::lora::reduce_tiled(&lanes)
+    }
+
+    /// [`super::panel16_generic`] with AVX2 and F16C: the same f32 products
+    /// (exact: two F16 values), widened and summed in f64 in the same order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(crate) unsafe fn panel16(
+        panel: &[u16],
+        t: &[f32],
+        scale: f32,
+        res: &[f32; 16],
+        out: &mut [f32; 16],
+    ) {
+        assert!(panel.len() >= 16 * t.len(), "F16 panel: too short");
+        let p = panel.as_ptr();
+        let mut acc = [_mm256_setzero_pd(); 4];
+        for (i, &ti) in t.iter().enumerate() {
+            let tv = _mm256_set1_ps(ti);
+            // SAFETY: `16 · i + 16 <= panel.len()` (asserted above).
+            let (lo, hi) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i + 8).cast())),
+                )
+            };
+            let (lo, hi) = (_mm256_mul_ps(lo, tv), _mm256_mul_ps(hi, tv));
+            let wide = [
+                _mm256_cvtps_pd(_mm256_castps256_ps128(lo)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(lo)),
+                _mm256_cvtps_pd(_mm256_castps256_ps128(hi)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(hi)),
+            ];
+            for (a, w) in acc.iter_mut().zip(wide) {
+                *a = _mm256_add_pd(*a, w);
+            }
+        }
+        finish(&acc, scale, res, out)
+    }
+
+    /// [`panel16`] for two panels (32 rows), their sums interleaved.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(crate) unsafe fn panel16x2(
+        panels: &[u16],
+        t: &[f32],
+        scale: f32,
+        res: &[f32; 32],
+        out: &mut [f32; 32],
+    ) {
+        let k = t.len();
+        assert!(panels.len() >= 32 * k, "F16 panels: too short");
+        let (p0, p1) = (panels.as_ptr(), panels[16 * k..].as_ptr());
+        let mut acc = [[_mm256_setzero_pd(); 4]; 2];
+        for (i, &ti) in t.iter().enumerate() {
+            let tv = _mm256_set1_ps(ti);
+            for (acc, p) in acc.iter_mut().zip([p0, p1]) {
+                // SAFETY: `16 · i + 16 <= 16 · k`, inside each panel.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i).cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i + 8).cast())),
+                    )
+                };
+                let (lo, hi) = (_mm256_mul_ps(lo, tv), _mm256_mul_ps(hi, tv));
+                let wide = [
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(lo)),
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(lo)),
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(hi)),
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(hi)),
+                ];
+                for (a, w) in acc.iter_mut().zip(wide) {
+                    *a = _mm256_add_pd(*a, w);
+                }
+            }
+        }
+        let (r0, r1) = res.split_at(16);
+        let (o0, o1) = out.split_at_mut(16);
+        finish(
+            &acc[0],
+            scale,
+            r0.try_into().expect("16"),
+            o0.try_into().expect("16"),
+        );
+        finish(
+            &acc[1],
+            scale,
+            r1.try_into().expect("16"),
+            o1.try_into().expect("16"),
+        );
+    }
+
+    /// `out = res + f32(acc) · scale` for 16 rows summed in f64.
+    #[target_feature(enable = "avx2")]
+    fn finish(acc: &[__m256d; 4], scale: f32, res: &[f32; 16], out: &mut [f32; 16]) {
+        let s = _mm256_set1_ps(scale);
+        let lo = _mm256_set_m128(_mm256_cvtpd_ps(acc[1]), _mm256_cvtpd_ps(acc[0]));
+        let hi = _mm256_set_m128(_mm256_cvtpd_ps(acc[3]), _mm256_cvtpd_ps(acc[2]));
+        // SAFETY: `res` and `out` hold 16 values.
+        unsafe {
+            let (r0, r1) = (
+                _mm256_loadu_ps(res.as_ptr()),
+                _mm256_loadu_ps(res.as_ptr().add(8)),
+            );
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(r0, _mm256_mul_ps(lo, s)));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(8),
+                _mm256_add_ps(r1, _mm256_mul_ps(hi, s)),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(seed: u64, len: usize) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let m = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                m * [1.0, 1e-3, 37.0, 1e3][(s & 3) as usize]
+            })
+            .collect()
+    }
+
+    fn to_f16(v: &[f32]) -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn f16_panels_equal_the_portable_sums_bit_for_bit() {
+        for rank in [1usize, 2, 8, 16, 31] {
+            let p = to_f16(&noise(rank as u64 * 5, 16 * rank));
+            let t: Vec<f32> = to_f16(&noise(rank as u64 * 3, rank))
+                .into_iter()
+                .map(|h| half::f16::from_bits(h).to_f32())
+                .collect();
+            let res: [f32; 16] = noise(9, 16).try_into().expect("16");
+            let (mut fast, mut slow) = ([0f32; 16], [0f32; 16]);
+            panel16(&p, &t, 0.37, &res, &mut fast);
+            panel16_generic(&p, &t, 0.37, &res, &mut slow);
+            assert_eq!(
+                fast.map(f32::to_bits),
+                slow.map(f32::to_bits),
+                "rank {rank}"
+            );
+        }
+    }
+
+    #[test]
+    fn f16_tiled_dots_and_panel_pairs_equal_the_portable_ones() {
+        for order in [DotOrder::Wide16, DotOrder::Wide8] {
+            for k in [16usize, 32, 64, 576, 1536] {
+                let a = to_f16(&noise(k as u64, k));
+                let b = noise(!(k as u64), k);
+                let wide: Vec<f32> = a
+                    .iter()
+                    .map(|&h| half::f16::from_bits(h).to_f32())
+                    .collect();
+                let want = crate::engine::lora::dot(order, true, &wide, &b);
+                assert_eq!(dot_f16_tiled(order, &a, &b).to_bits(), want.to_bits());
+            }
+        }
+        for rank in [1usize, 8, 31] {
+            let p = to_f16(&noise(rank as u64, 32 * rank));
+            let t = noise(2, rank);
+            let res: [f32; 32] = noise(7, 32).try_into().expect("32");
+            let mut two = [0f32; 32];
+            panel16x2(&p, &t, 0.75, &res, &mut two);
+            let mut one = [0f32; 16];
+            for h in 0..2 {
+                let r: [f32; 16] = res[16 * h..16 * h + 16].try_into().expect("16");
+                panel16_generic(
+                    &p[16 * rank * h..16 * rank * (h + 1)],
+                    &t,
+                    0.75,
+                    &r,
+                    &mut one,
+                );
+                assert_eq!(
+                    one.map(f32::to_bits),
+                    <[f32; 16]>::try_from(&two[16 * h..16 * h + 16])
+                        .unwrap()
+                        .map(f32::to_bits)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f16_rows_in_panels_equal_row_by_row_sums_for_every_split() {
+        // 50 rows: three panels and two rows past them.
+        let (rank, rows) = (8usize, 50usize);
+        let b = to_f16(&noise(3, rows * rank));
+        let panels = crate::engine::lora::b_panels(&b, rank, rows);
+        let t = noise(4, rank);
+        let res = noise(5, rows);
+        let mut want = vec![f32::NAN; rows];
+        dot_rows16(&b, &[], &t, (0, rows), 0.5, &res, &mut want);
+        // Each row on its own, as ggml's F16 `vec_dot` sums a short row.
+        for o in 0..rows {
+            let mut sum = 0f64;
+            for i in 0..rank {
+                sum += f64::from(half::f16::from_bits(b[o * rank + i]).to_f32() * t[i]);
+            }
+            assert_eq!(want[o].to_bits(), (res[o] + sum as f32 * 0.5).to_bits());
+        }
+        for nth in 1..6 {
+            let mut out = vec![f32::NAN; rows];
+            for ith in 0..nth {
+                let (p0, p1) = share(rows.div_ceil(16), ith, nth);
+                let range = ((p0 * 16).min(rows), (p1 * 16).min(rows));
+                dot_rows16(&b, &panels, &t, range, 0.5, &res, &mut out);
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&want), "threads {nth}");
         }
     }
 }

@@ -126,6 +126,8 @@ pub(crate) struct LoraPair {
     /// B in panels of 16 rows (F32 halves, see [`op::b_panels`]), owned by
     /// the adapter.
     pub b_panels: *const f32,
+    /// B in panels of 16 rows (F16 halves: their bits), owned by the adapter.
+    pub b_panels16: *const u16,
 }
 
 /// A validated LoRA adapter for one base model, its tensors in memory.
@@ -139,6 +141,8 @@ pub struct LoraAdapter {
     pairs: HashMap<(usize, Projection), LoraPair>,
     /// B of each F32 pair in panels (`LoraPair::b_panels` points into these).
     panels: Vec<Box<[f32]>>,
+    /// B of each F16 pair in panels (`LoraPair::b_panels16` points into these).
+    panels16: Vec<Box<[u16]>>,
 }
 
 // SAFETY: after construction the adapter's ggml context and tensors are only
@@ -405,6 +409,7 @@ impl LoraAdapter {
             ctx,
             pairs: HashMap::with_capacity(planned.len()),
             panels: Vec::new(),
+            panels16: Vec::new(),
         };
         let mk = |t: &TensorInfo| -> Result<Held> {
             let src = t.data(bytes)?;
@@ -448,11 +453,24 @@ impl LoraAdapter {
             } else {
                 ptr::null()
             };
+            let b_panels16 = if p.b.ggml_type == GgmlType::F16 {
+                let rows = p.b.dims[1] as usize;
+                // SAFETY: `b` is an F16 tensor of rank x rows just filled.
+                let src =
+                    unsafe { std::slice::from_raw_parts(b.data() as *const u16, p.rank * rows) };
+                let t = op::b_panels(src, p.rank, rows);
+                let ptr = t.as_ptr();
+                adapter.panels16.push(t);
+                ptr
+            } else {
+                ptr::null()
+            };
             let pair = LoraPair {
                 a,
                 b,
                 rank: p.rank,
                 b_panels,
+                b_panels16,
             };
             adapter.pairs.insert((p.layer, p.projection), pair);
         }
@@ -521,7 +539,9 @@ impl LoraAdapter {
 }
 
 mod op;
-pub(crate) use op::{dot, dot_rows, lora_add_op, DotOrder, LoraCall};
+#[cfg(test)]
+pub(crate) use op::b_panels;
+pub(crate) use op::{dot, dot_rows, lora_add_op, reduce_tiled, DotOrder, LoraCall};
 
 /// An adapter applied with a scale (1.0 = as trained).
 #[derive(Clone, Debug)]
@@ -690,7 +710,27 @@ impl LoraAdapter {
 /// as [`LoraAdapter::from_bytes`] reads it. Model sync writes aggregated
 /// adapters with it.
 pub fn adapter_bytes(arch: &str, alpha: f32, tensors: &[(String, [u64; 2], Vec<f32>)]) -> Vec<u8> {
+    write_adapter(arch, alpha, tensors, GgmlType::F32)
+}
+
+/// [`adapter_bytes`] with F16 tensors (each value rounded to the nearest
+/// F16), as llama.cpp's `convert_lora_to_gguf.py` writes by default.
+pub fn adapter_bytes_f16(
+    arch: &str,
+    alpha: f32,
+    tensors: &[(String, [u64; 2], Vec<f32>)],
+) -> Vec<u8> {
+    write_adapter(arch, alpha, tensors, GgmlType::F16)
+}
+
+fn write_adapter(
+    arch: &str,
+    alpha: f32,
+    tensors: &[(String, [u64; 2], Vec<f32>)],
+    ty: GgmlType,
+) -> Vec<u8> {
     use crate::gguf::{Value, Writer};
+    let width = if ty == GgmlType::F16 { 2 } else { 4 };
     let metadata = [
         ("general.architecture", Value::String(arch.into())),
         ("general.type", Value::String("adapter".into())),
@@ -704,14 +744,19 @@ pub fn adapter_bytes(arch: &str, alpha: f32, tensors: &[(String, [u64; 2], Vec<f
     }
     let mut offset = 0u64;
     for (name, dims, values) in tensors {
-        w.tensor_info(name, dims, GgmlType::F32 as u32, offset);
-        offset = (offset + 4 * values.len() as u64).div_ceil(32) * 32;
+        w.tensor_info(name, dims, ty as u32, offset);
+        offset = (offset + width * values.len() as u64).div_ceil(32) * 32;
     }
     w.pad_to(32);
     for (_, _, values) in tensors {
         w.pad_to(32);
-        for v in values {
-            w.buf.extend_from_slice(&v.to_le_bytes());
+        for &v in values {
+            if ty == GgmlType::F16 {
+                w.buf
+                    .extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+            } else {
+                w.buf.extend_from_slice(&v.to_le_bytes());
+            }
         }
     }
     w.buf

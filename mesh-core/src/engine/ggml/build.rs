@@ -229,7 +229,8 @@ impl GgmlEngine {
     /// (nothing built) unless: one token, not exact mode, the custom kernels
     /// on, ggml's Q4_1 row functions usable, contiguous Q4_1 weights of
     /// `cur`'s width (a multiple of 32), and every adapter pair of these
-    /// projections F32 of matching shapes.
+    /// projections of matching shapes, F32 or (where ggml's F16 sums can be
+    /// reproduced, [`RowFns::fuses_f16`](crate::engine::fused::RowFns::fuses_f16)) F16.
     fn fused_lora_mat_muls<'g, const N: usize>(
         &self,
         g: &mut Graph<'g>,
@@ -239,7 +240,7 @@ impl GgmlEngine {
         cur: Tensor<'g>,
         n: usize,
     ) -> Option<[Tensor<'g>; N]> {
-        use crate::engine::fused::{self, Prep, Product, ProductPair, RowFns};
+        use crate::engine::fused::{self, Half, Prep, PrepA, Product, ProductPair, RowFns};
         static FNS: std::sync::OnceLock<Option<RowFns>> = std::sync::OnceLock::new();
         if n != 1 || self.options.exact || !self.options.custom_gemm {
             return None;
@@ -273,11 +274,19 @@ impl GgmlEngine {
                 };
                 let (pa, pb) = (g.held(pair.a), g.held(pair.b));
                 let (an, bn) = (pa.ne(), pb.ne());
-                let fits = pa.is_f32()
-                    && pb.is_f32()
-                    && pa.is_contiguous()
+                let (half, panels) = if pa.is_f32() && pb.is_f32() {
+                    (Half::F32, pair.b_panels as *const c_void)
+                } else if pa.ty() == sys::ggml_type_GGML_TYPE_F16
+                    && pb.ty() == sys::ggml_type_GGML_TYPE_F16
+                    && fns.fuses_f16(pair.rank, order)
+                {
+                    (Half::F16, pair.b_panels16 as *const c_void)
+                } else {
+                    return None;
+                };
+                let fits = pa.is_contiguous()
                     && pb.is_contiguous()
-                    && !pair.b_panels.is_null()
+                    && !panels.is_null()
                     && an[0] as usize == cols
                     && an[1] as usize == pair.rank
                     && bn[0] as usize == pair.rank
@@ -285,11 +294,16 @@ impl GgmlEngine {
                 if !fits {
                     return None;
                 }
-                a.push((pair.a.data() as *const f32, pair.rank));
-                pairs.push(ProductPair {
-                    b: pair.b.data() as *const f32,
-                    b_panels: pair.b_panels,
+                a.push(PrepA {
+                    a: pair.a.data() as *const c_void,
                     rank: pair.rank,
+                    half,
+                });
+                pairs.push(ProductPair {
+                    b: pair.b.data() as *const c_void,
+                    b_panels: panels,
+                    rank: pair.rank,
+                    half,
                     scale: act.adapter.effective_scale(act.scale, pair.rank),
                     t_at,
                 });

@@ -20,7 +20,8 @@ pub(crate) enum DotOrder {
 }
 
 impl DotOrder {
-    fn lanes(self) -> usize {
+    /// Lanes of one register.
+    pub(crate) fn lanes(self) -> usize {
         match self {
             DotOrder::Wide16 => 16,
             DotOrder::Wide8 => 8,
@@ -108,7 +109,7 @@ pub(super) fn dot_lanes_generic<const L: usize>(tiled: bool, a: &[f32], b: &[f32
 
 /// The end of a tiled dot product: the horizontal sum of its accumulator.
 #[inline(always)]
-fn reduce_tiled<const L: usize>(acc: &[f32; L]) -> f32 {
+pub(crate) fn reduce_tiled<const L: usize>(acc: &[f32; L]) -> f32 {
     let mut w = [0f32; 16];
     w[..L].copy_from_slice(acc);
     if L == 16 {
@@ -312,10 +313,10 @@ fn panel(panel: &[f32], t: &[f32], scale: f32, res: &[f32; 16], out: &mut [f32; 
 /// B (`rows` rows of `rank`) laid out for [`dot_rows`]: each full block of 16
 /// rows as `rank` columns of 16 values, blocks in order, so one block's
 /// products read one contiguous run. Rows past the last full block are left
-/// out (they are summed from B itself).
-pub(crate) fn b_panels(b: &[f32], rank: usize, rows: usize) -> Box<[f32]> {
+/// out (they are summed from B itself). F32 values, or F16 bits.
+pub(crate) fn b_panels<T: Copy + Default>(b: &[T], rank: usize, rows: usize) -> Box<[T]> {
     let blocks = rows / 16;
-    let mut p = vec![0f32; blocks * 16 * rank].into_boxed_slice();
+    let mut p = vec![T::default(); blocks * 16 * rank].into_boxed_slice();
     for blk in 0..blocks {
         for i in 0..rank {
             for r in 0..16 {

@@ -186,51 +186,96 @@ pub(crate) unsafe extern "C" fn prep_op(
         let t = out.add(q8_1_row_words(cols));
         let mut k = 0;
         for p in &prep.a {
-            for r in 0..p.rank {
-                let item = 1 + k + r;
-                if item < i0 || item >= i1 {
-                    continue;
-                }
-                *t.add(k + r) = match (p.half, prep.fns.f16) {
-                    (Half::F32, _) => {
+            // This thread's rows of this A: items `1 + k + r`.
+            let r0 = i0.saturating_sub(1 + k).min(p.rank);
+            let r1 = i1.saturating_sub(1 + k).min(p.rank);
+            let lanes = prep.order.lanes();
+            match (p.half, prep.fns.f16) {
+                (Half::F32, _) => {
+                    for r in r0..r1 {
                         let row =
                             std::slice::from_raw_parts((p.a as *const f32).add(r * cols), cols);
-                        dot(prep.order, false, row, x)
+                        *t.add(k + r) = dot(prep.order, false, row, x);
                     }
-                    (Half::F16, Some((from_float, vec_dot))) => {
-                        let lanes = prep.order.lanes();
-                        let row = (p.a as *const u16).add(r * cols);
-                        let v = if cols.is_multiple_of(lanes) {
-                            // ggml's tiled kernel: A widened, x as is.
-                            let row = std::slice::from_raw_parts(row, cols);
-                            dot_f16_tiled(prep.order, row, x)
-                        } else {
-                            if x16.is_empty() {
-                                x16 = vec![0u16; cols];
-                                from_float(x.as_ptr(), x16.as_mut_ptr().cast(), cols as i64);
-                            }
-                            let mut v = 0f32;
-                            let x16 = x16.as_ptr().cast();
-                            vec_dot(cols as i32, &mut v, 0, row.cast(), 0, x16, 0, 1);
-                            v
-                        };
+                }
+                (Half::F16, Some((from_float, vec_dot))) => {
+                    // `B t` goes to ggml's tiled kernel with `t` as is, or
+                    // to its F16 `vec_dot` with `t` rounded to F16.
+                    let finish = |v: f32| {
                         if p.rank.is_multiple_of(lanes) {
-                            // `B t` goes to the tiled kernel too: `t` as is.
                             v
                         } else {
-                            // `t` rounded to F16 for ggml's F16 `vec_dot`.
                             let mut h = 0u16;
                             from_float(&v, (&mut h as *mut u16).cast(), 1);
                             half::f16::from_bits(h).to_f32()
                         }
+                    };
+                    if cols.is_multiple_of(lanes) {
+                        // ggml's tiled kernel: A widened, x as is; four rows
+                        // at a time (independent sums in flight).
+                        let mut r = r0;
+                        while r < r1 {
+                            let n = (r1 - r).min(4);
+                            let rows = std::slice::from_raw_parts(
+                                (p.a as *const u16).add(r * cols),
+                                n * cols,
+                            );
+                            let v = dot_f16_tiled_rows(prep.order, rows, n, x);
+                            for (j, &v) in v[..n].iter().enumerate() {
+                                *t.add(k + r + j) = finish(v);
+                            }
+                            r += n;
+                        }
+                    } else {
+                        for r in r0..r1 {
+                            if x16.is_empty() {
+                                x16 = vec![0u16; cols];
+                                from_float(x.as_ptr(), x16.as_mut_ptr().cast(), cols as i64);
+                            }
+                            let row = (p.a as *const u16).add(r * cols);
+                            let mut v = 0f32;
+                            let x16 = x16.as_ptr().cast();
+                            vec_dot(cols as i32, &mut v, 0, row.cast(), 0, x16, 0, 1);
+                            *t.add(k + r) = finish(v);
+                        }
                     }
-                    // Not built (see `RowFns::fuses_f16`).
-                    (Half::F16, None) => f32::NAN,
-                };
+                }
+                // Not built (see `RowFns::fuses_f16`).
+                (Half::F16, None) => {
+                    for r in r0..r1 {
+                        *t.add(k + r) = f32::NAN;
+                    }
+                }
             }
             k += p.rank;
         }
     }
+}
+
+/// [`dot_f16_tiled`] of `n` (at most 4) consecutive rows of `a` (each
+/// `b.len()` long) with `b`: the first `n` results.
+pub(crate) fn dot_f16_tiled_rows(order: DotOrder, a: &[u16], n: usize, b: &[f32]) -> [f32; 4] {
+    let k = b.len();
+    let mut out = [0f32; 4];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+        && n <= 4
+        && a.len() >= n * k
+    {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe {
+            match order {
+                DotOrder::Wide16 => x86::dot_f16_tiled_rows::<16>(a, n, b),
+                DotOrder::Wide8 => x86::dot_f16_tiled_rows::<8>(a, n, b),
+            }
+        };
+    }
+    for (j, o) in out.iter_mut().enumerate().take(n.min(4)) {
+        *o = dot_f16_tiled(order, &a[j * k..(j + 1) * k], b);
+    }
+    out
 }
 
 /// [`dot`] in its tiled order (`tiled = true`) of F16 values `a` (widened
@@ -456,6 +501,52 @@ pub(crate) fn panel16_generic(
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
+    /// [`super::dot_f16_tiled_rows`] for a register of `L` lanes: the rows'
+    /// sums interleaved, each as [`dot_f16_tiled`] sums it.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `n <= 4`, `a.len() >= n · b.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn dot_f16_tiled_rows<const L: usize>(
+        a: &[u16],
+        n: usize,
+        b: &[f32],
+    ) -> [f32; 4] {
+        let k = b.len();
+        let kk = k / L * L;
+        let regs = L / 8;
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i < kk {
+            for r in 0..regs {
+                // SAFETY: `i + 8 · r + 8 <= kk <= k`; row `j < n` of `a`
+                // holds `k` values (the caller's contract).
+                let y = unsafe { _mm256_loadu_ps(pb.add(i + 8 * r)) };
+                for (j, acc) in acc.iter_mut().enumerate().take(n) {
+                    let x = unsafe {
+                        _mm256_cvtph_ps(_mm_loadu_si128(pa.add(j * k + i + 8 * r).cast()))
+                    };
+                    acc[r] = _mm256_fmadd_ps(x, y, acc[r]);
+                }
+            }
+            i += L;
+        }
+        let mut out = [0f32; 4];
+        for (o, acc) in out.iter_mut().zip(&acc).take(n) {
+            let mut w = [0f32; 16];
+            // SAFETY: `w` has room for two registers.
+            unsafe {
+                _mm256_storeu_ps(w.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(w.as_mut_ptr().add(8), acc[1]);
+            }
+            let mut lanes = [0f32; L];
+            lanes.copy_from_slice(&w[..L]);
+            *o = crate::engine::lora::reduce_tiled(&lanes);
+        }
+        out
+    }
+
     /// [`super::dot_f16_tiled`] for a register of `L` lanes (16 or 8): two
     /// or one `__m256` accumulators of fused multiply-adds over the row,
     /// `a` widened with F16C, then the portable horizontal sum.
@@ -662,6 +753,14 @@ mod tests {
                     .collect();
                 let want = crate::engine::lora::dot(order, true, &wide, &b);
                 assert_eq!(dot_f16_tiled(order, &a, &b).to_bits(), want.to_bits());
+                let rows = to_f16(&noise(k as u64 * 3, 4 * k));
+                for n in 1..=4 {
+                    let got = dot_f16_tiled_rows(order, &rows, n, &b);
+                    for j in 0..n {
+                        let one = dot_f16_tiled(order, &rows[j * k..(j + 1) * k], &b);
+                        assert_eq!(got[j].to_bits(), one.to_bits(), "k {k} n {n} row {j}");
+                    }
+                }
             }
         }
         for rank in [1usize, 8, 31] {

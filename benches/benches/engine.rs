@@ -22,8 +22,9 @@ fn check_answers(engine: &GgmlEngine) {
     assert!(out.text.contains("Paris"), "engine answered {:?}", out.text);
 }
 
-/// A rank-8 adapter on all seven projections of every layer (deterministic values).
-fn adapter(engine: &GgmlEngine) -> Arc<LoraAdapter> {
+/// A rank-8 adapter on all seven projections of every layer (deterministic
+/// values), with F32 tensors or (`f16`) F16 ones.
+fn adapter(engine: &GgmlEngine, f16: bool) -> Arc<LoraAdapter> {
     let i = engine.info();
     let (d, kv, ff) = (
         i.n_embd as u64,
@@ -61,7 +62,11 @@ fn adapter(engine: &GgmlEngine) -> Arc<LoraAdapter> {
             ));
         }
     }
-    let bytes = lora::adapter_bytes("llama", 16.0, &tensors);
+    let bytes = if f16 {
+        lora::adapter_bytes_f16("llama", 16.0, &tensors)
+    } else {
+        lora::adapter_bytes("llama", 16.0, &tensors)
+    };
     Arc::new(LoraAdapter::from_bytes(&bytes, i).unwrap())
 }
 
@@ -87,13 +92,18 @@ fn bench_engine(c: &mut Criterion) {
     }
     g.finish();
 
-    let lora = [ActiveLora::new(adapter(&engine), 1.0)];
+    let lora = [ActiveLora::new(adapter(&engine, false), 1.0)];
+    let lora16 = [ActiveLora::new(adapter(&engine, true), 1.0)];
     let mut g = c.benchmark_group("decode");
     g.sample_size(20);
     g.throughput(Throughput::Elements(1));
     // One token at a time after a 64-token prompt, like llama-bench's tg; the
-    // same with the adapter ("token_lora_r8").
-    for (name, adapters) in [("token", &[][..]), ("token_lora_r8", &lora[..])] {
+    // same with the adapter ("token_lora_r8"), and with it in F16.
+    for (name, adapters) in [
+        ("token", &[][..]),
+        ("token_lora_r8", &lora[..]),
+        ("token_lora_r8_f16", &lora16[..]),
+    ] {
         let mut s = engine.new_session(64 + 4096).unwrap();
         engine.set_adapters(&mut s, adapters).unwrap();
         let first = engine.forward(&prompt[..64], Logits::Last, &mut s).unwrap();

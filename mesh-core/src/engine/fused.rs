@@ -601,26 +601,38 @@ pub(crate) mod x86 {
         let p = panel.as_ptr();
         let mut acc = [_mm256_setzero_pd(); 4];
         for (i, &ti) in t.iter().enumerate() {
-            let tv = _mm256_set1_ps(ti);
             // SAFETY: `16 · i + 16 <= panel.len()` (asserted above).
-            let (lo, hi) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i).cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i + 8).cast())),
-                )
-            };
-            let (lo, hi) = (_mm256_mul_ps(lo, tv), _mm256_mul_ps(hi, tv));
-            let wide = [
-                _mm256_cvtps_pd(_mm256_castps256_ps128(lo)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(lo)),
-                _mm256_cvtps_pd(_mm256_castps256_ps128(hi)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(hi)),
-            ];
-            for (a, w) in acc.iter_mut().zip(wide) {
-                *a = _mm256_add_pd(*a, w);
-            }
+            unsafe { add_products(p.add(16 * i), ti, &mut acc) };
         }
         finish(&acc, scale, res, out)
+    }
+
+    /// `acc[r] += f64(f32(p[r]) · t)` for the 16 F16 values at `p`, in four
+    /// registers of four rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C; `p` addresses 16 values.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn add_products(p: *const u16, t: f32, acc: &mut [__m256d; 4]) {
+        let tv = _mm256_set1_ps(t);
+        // SAFETY: `p` addresses 16 values (the caller's contract).
+        let (lo, hi) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
+            )
+        };
+        let (lo, hi) = (_mm256_mul_ps(lo, tv), _mm256_mul_ps(hi, tv));
+        let wide = [
+            _mm256_cvtps_pd(_mm256_castps256_ps128(lo)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(lo)),
+            _mm256_cvtps_pd(_mm256_castps256_ps128(hi)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(hi)),
+        ];
+        for (a, w) in acc.iter_mut().zip(wide) {
+            *a = _mm256_add_pd(*a, w);
+        }
     }
 
     /// [`panel16`] for two panels (32 rows), their sums interleaved.
@@ -640,25 +652,9 @@ pub(crate) mod x86 {
         let (p0, p1) = (panels.as_ptr(), panels[16 * k..].as_ptr());
         let mut acc = [[_mm256_setzero_pd(); 4]; 2];
         for (i, &ti) in t.iter().enumerate() {
-            let tv = _mm256_set1_ps(ti);
             for (acc, p) in acc.iter_mut().zip([p0, p1]) {
                 // SAFETY: `16 · i + 16 <= 16 · k`, inside each panel.
-                let (lo, hi) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i).cast())),
-                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * i + 8).cast())),
-                    )
-                };
-                let (lo, hi) = (_mm256_mul_ps(lo, tv), _mm256_mul_ps(hi, tv));
-                let wide = [
-                    _mm256_cvtps_pd(_mm256_castps256_ps128(lo)),
-                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(lo)),
-                    _mm256_cvtps_pd(_mm256_castps256_ps128(hi)),
-                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(hi)),
-                ];
-                for (a, w) in acc.iter_mut().zip(wide) {
-                    *a = _mm256_add_pd(*a, w);
-                }
+                unsafe { add_products(p.add(16 * i), ti, acc) };
             }
         }
         let (r0, r1) = res.split_at(16);

@@ -38,7 +38,7 @@ use std::ffi::c_void;
 
 use ggml_sys_bleedingedge as sys;
 
-use super::lora::{dot, dot_rows, DotOrder};
+use super::lora::{dot, dot_rows, walk_panels, DotOrder};
 use crate::engine::kernels::share;
 
 /// A row function of ggml's: one row of the weight type times one row of
@@ -413,30 +413,19 @@ pub(crate) fn dot_rows16(
         }
         out[o] = res[o] + sum as f32 * scale;
     };
-    let rows = res.len();
-    let mut o = range.0;
-    if panels.len() == rows / 16 * 16 * k {
-        while o < range.1 && !o.is_multiple_of(16) {
-            row(o, out);
-            o += 1;
+    let panelled = panels.len() == res.len() / 16 * 16 * k;
+    walk_panels(range, panelled, true, out, row, |o, n, out| {
+        let res = &res[o..o + n];
+        let (p, out) = (&panels[o * k..(o + n) * k], &mut out[o..o + n]);
+        if n == 32 {
+            // Two panels at a time: twice the independent f64 sums in flight.
+            let res: &[f32; 32] = res.try_into().expect("32 values");
+            panel16x2(p, t, scale, res, out.try_into().expect("32 values"));
+        } else {
+            let res: &[f32; 16] = res.try_into().expect("16 values");
+            panel16(p, t, scale, res, out.try_into().expect("16 values"));
         }
-        // Two panels at a time: twice the independent f64 sums in flight.
-        while o + 32 <= range.1 {
-            let res: &[f32; 32] = res[o..o + 32].try_into().expect("32 values");
-            let out: &mut [f32; 32] = (&mut out[o..o + 32]).try_into().expect("32 values");
-            panel16x2(&panels[o * k..(o + 32) * k], t, scale, res, out);
-            o += 32;
-        }
-        while o + 16 <= range.1 {
-            let res: &[f32; 16] = res[o..o + 16].try_into().expect("16 values");
-            let out: &mut [f32; 16] = (&mut out[o..o + 16]).try_into().expect("16 values");
-            panel16(&panels[o * k..(o + 16) * k], t, scale, res, out);
-            o += 16;
-        }
-    }
-    for o in o..range.1 {
-        row(o, out);
-    }
+    });
 }
 
 /// 16 rows of [`dot_rows16`] from their panel (`t.len()` columns of 16 F16
@@ -697,19 +686,7 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(seed: u64, len: usize) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let m = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                m * [1.0, 1e-3, 37.0, 1e3][(s & 3) as usize]
-            })
-            .collect()
-    }
+    use crate::engine::lora::tests::noise;
 
     fn to_f16(v: &[f32]) -> Vec<u16> {
         v.iter()

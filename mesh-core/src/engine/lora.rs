@@ -541,7 +541,7 @@ impl LoraAdapter {
 mod op;
 #[cfg(test)]
 pub(crate) use op::b_panels;
-pub(crate) use op::{dot, dot_rows, lora_add_op, reduce_tiled, DotOrder, LoraCall};
+pub(crate) use op::{dot, dot_rows, lora_add_op, reduce_tiled, walk_panels, DotOrder, LoraCall};
 
 /// An adapter applied with a scale (1.0 = as trained).
 #[derive(Clone, Debug)]
@@ -768,4 +768,4 @@ fn write_adapter(
 pub mod testing;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

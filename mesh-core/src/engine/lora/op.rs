@@ -490,16 +490,39 @@ pub(crate) fn dot_rows(
         // ggml_scale multiplies the stored f32 product, then ggml_add.
         out[o] = res[o] + d * scale;
     };
+    let panelled = serial && panels.len() == rows / 16 * 16 * k;
+    walk_panels(range, panelled, false, out, row, |o, n, out| {
+        let res: &[f32; 16] = res[o..o + n].try_into().expect("16 values");
+        let out: &mut [f32; 16] = (&mut out[o..o + n]).try_into().expect("16 values");
+        panel(&panels[o * k..(o + n) * k], t, scale, res, out);
+    });
+}
+
+/// Walks output rows `range` of a matrix kept in panels of 16 rows: with
+/// `panelled`, rows before the first whole panel and after the last one go
+/// to `row` one at a time, and whole panels to `block(o, n, out)` for the
+/// `n` rows from `o` (32 at a time with `pairs`, else 16); without, every
+/// row goes to `row`.
+pub(crate) fn walk_panels(
+    range: (usize, usize),
+    panelled: bool,
+    pairs: bool,
+    out: &mut [f32],
+    mut row: impl FnMut(usize, &mut [f32]),
+    mut block: impl FnMut(usize, usize, &mut [f32]),
+) {
     let mut o = range.0;
-    if serial && panels.len() == rows / 16 * 16 * k {
+    if panelled {
         while o < range.1 && !o.is_multiple_of(16) {
             row(o, out);
             o += 1;
         }
+        while pairs && o + 32 <= range.1 {
+            block(o, 32, out);
+            o += 32;
+        }
         while o + 16 <= range.1 {
-            let res: &[f32; 16] = res[o..o + 16].try_into().expect("16 values");
-            let out: &mut [f32; 16] = (&mut out[o..o + 16]).try_into().expect("16 values");
-            panel(&panels[o * k..(o + 16) * k], t, scale, res, out);
+            block(o, 16, out);
             o += 16;
         }
     }

@@ -287,7 +287,7 @@ fn lora_jobs_add_the_scaled_product_and_split_work_exactly() {
 
 /// Products for the kernels' tests, from a seed: values of mixed sign and
 /// magnitude, so that summation orders give different roundings.
-fn noise(seed: u64, len: usize) -> Vec<f32> {
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<f32> {
     let mut s = seed | 1;
     (0..len)
         .map(|_| {

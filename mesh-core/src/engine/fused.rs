@@ -280,21 +280,9 @@ pub(crate) fn dot_f16_tiled_rows(order: DotOrder, a: &[u16], n: usize, b: &[f32]
 
 /// [`dot`] in its tiled order (`tiled = true`) of F16 values `a` (widened
 /// exactly) and F32 `b`, `a.len()` a multiple of the order's lanes: ggml's
-/// tiled kernel for an F16 weight and an F32 operand.
+/// tiled kernel for an F16 weight and an F32 operand, in portable code (the
+/// reference [`dot_f16_tiled_rows`] falls back to and is tested against).
 pub(crate) fn dot_f16_tiled(order: DotOrder, a: &[u16], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-        return unsafe {
-            match order {
-                DotOrder::Wide16 => x86::dot_f16_tiled::<16>(a, b),
-                DotOrder::Wide8 => x86::dot_f16_tiled::<8>(a, b),
-            }
-        };
-    }
     let wide: Vec<f32> = a
         .iter()
         .map(|&h| half::f16::from_bits(h).to_f32())
@@ -523,54 +511,9 @@ pub(crate) mod x86 {
         }
         let mut out = [0f32; 4];
         for (o, acc) in out.iter_mut().zip(&acc).take(n) {
-            let mut w = [0f32; 16];
-            // SAFETY: `w` has room for two registers.
-            unsafe {
-                _mm256_storeu_ps(w.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(w.as_mut_ptr().add(8), acc[1]);
-            }
-            let mut lanes = [0f32; L];
-            lanes.copy_from_slice(&w[..L]);
-            *o = crate::engine::lora::reduce_tiled(&lanes);
+            *o = crate::engine::lora::reduce_tiled(&crate::engine::lora::x86_lanes::<L>(acc));
         }
         out
-    }
-
-    /// [`super::dot_f16_tiled`] for a register of `L` lanes (16 or 8): two
-    /// or one `__m256` accumulators of fused multiply-adds over the row,
-    /// `a` widened with F16C, then the portable horizontal sum.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn dot_f16_tiled<const L: usize>(a: &[u16], b: &[f32]) -> f32 {
-        let k = a.len().min(b.len()) / L * L;
-        let regs = L / 8;
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut i = 0;
-        while i < k {
-            for (r, acc) in acc.iter_mut().enumerate().take(regs) {
-                // SAFETY: `i + 8 · r + 8 <= k`, within both slices.
-                let (x, y) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i + 8 * r).cast())),
-                        _mm256_loadu_ps(pb.add(i + 8 * r)),
-                    )
-                };
-                *acc = _mm256_fmadd_ps(x, y, *acc);
-            }
-            i += L;
-        }
-        let mut w = [0f32; 16];
-        // SAFETY: `w` has room for two registers.
-        unsafe {
-            _mm256_storeu_ps(w.as_mut_ptr(), acc[0]);
-            _mm256_storeu_ps(w.as_mut_ptr().add(8), acc[1]);
-        }
-        let mut lanes = [0f32; L];
-        lanes.copy_from_slice(&w[..L]);
-        crate::engine::lora::reduce_tiled(&lanes)
     }
 
     /// [`super::panel16_generic`] with AVX2 and F16C: the same f32 products
@@ -725,7 +668,9 @@ mod tests {
                     .map(|&h| half::f16::from_bits(h).to_f32())
                     .collect();
                 let want = crate::engine::lora::dot(order, true, &wide, &b);
-                assert_eq!(dot_f16_tiled(order, &a, &b).to_bits(), want.to_bits());
+                // The SIMD kernel on one row against the widened row's dot.
+                let one = dot_f16_tiled_rows(order, &a, 1, &b)[0];
+                assert_eq!(one.to_bits(), want.to_bits());
                 let rows = to_f16(&noise(k as u64 * 3, 4 * k));
                 for n in 1..=4 {
                     let got = dot_f16_tiled_rows(order, &rows, n, &b);

@@ -441,29 +441,24 @@ impl LoraAdapter {
         };
         for p in planned {
             let (a, b) = (mk(&p.a)?, mk(&p.b)?);
-            let b_panels = if p.b.ggml_type == GgmlType::F32 {
-                let rows = p.b.dims[1] as usize;
-                // SAFETY: `b` is an F32 tensor of rank x rows just filled.
-                let src =
-                    unsafe { std::slice::from_raw_parts(b.data() as *const f32, p.rank * rows) };
-                let t = op::b_panels(src, p.rank, rows);
-                let ptr = t.as_ptr();
-                adapter.panels.push(t);
-                ptr
-            } else {
-                ptr::null()
+            let rows = p.b.dims[1] as usize;
+            // SAFETY (both): `b` is a tensor of rank x rows just filled, of
+            // the element type read.
+            let b_panels = match p.b.ggml_type {
+                GgmlType::F32 => keep_panels(
+                    unsafe { std::slice::from_raw_parts(b.data() as *const f32, p.rank * rows) },
+                    p.rank,
+                    &mut adapter.panels,
+                ),
+                _ => ptr::null(),
             };
-            let b_panels16 = if p.b.ggml_type == GgmlType::F16 {
-                let rows = p.b.dims[1] as usize;
-                // SAFETY: `b` is an F16 tensor of rank x rows just filled.
-                let src =
-                    unsafe { std::slice::from_raw_parts(b.data() as *const u16, p.rank * rows) };
-                let t = op::b_panels(src, p.rank, rows);
-                let ptr = t.as_ptr();
-                adapter.panels16.push(t);
-                ptr
-            } else {
-                ptr::null()
+            let b_panels16 = match p.b.ggml_type {
+                GgmlType::F16 => keep_panels(
+                    unsafe { std::slice::from_raw_parts(b.data() as *const u16, p.rank * rows) },
+                    p.rank,
+                    &mut adapter.panels16,
+                ),
+                _ => ptr::null(),
             };
             let pair = LoraPair {
                 a,
@@ -538,9 +533,20 @@ impl LoraAdapter {
     }
 }
 
+/// B (`src`, rows of `rank`) in panels ([`op::b_panels`]), kept in `store`
+/// for the adapter's life; returns where they start.
+fn keep_panels<T: Copy + Default>(src: &[T], rank: usize, store: &mut Vec<Box<[T]>>) -> *const T {
+    let panels = op::b_panels(src, rank, src.len() / rank);
+    let at = panels.as_ptr();
+    store.push(panels);
+    at
+}
+
 mod op;
 #[cfg(test)]
 pub(crate) use op::b_panels;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use op::x86::lanes as x86_lanes;
 pub(crate) use op::{dot, dot_rows, lora_add_op, reduce_tiled, walk_panels, DotOrder, LoraCall};
 
 /// An adapter applied with a scale (1.0 = as trained).

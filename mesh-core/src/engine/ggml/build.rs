@@ -321,7 +321,8 @@ impl GgmlEngine {
         let userdata = g.keep(Box::new(prep));
         // SAFETY: the op's contract: `cur` contiguous F32 `[cols, 1]` with
         // `cols % 32 == 0`, the output `Prep::words` long, and each A an F32
-        // `[cols, rank]` tensor of an adapter the graph borrows (checked above).
+        // or F16 `[cols, rank]` tensor of an adapter the graph borrows, F16
+        // only where `fuses_f16` (checked above).
         let prep = unsafe { g.custom2(shape, cur, Some(fused::prep_op), userdata) };
         let out: Vec<Tensor<'g>> = products
             .into_iter()
@@ -330,7 +331,7 @@ impl GgmlEngine {
                 let userdata = g.keep(Box::new(Product { fns, order, pairs }));
                 // SAFETY: the op's contract: `w` contiguous Q4_1 `[cols, rows]`,
                 // `prep` the prep output of a token of `cols` values, each
-                // pair's B `[rank, rows]` F32 with its panels and its `t` in
+                // pair's B `[rank, rows]` of its `half` type with its panels and its `t` in
                 // `prep` (checked and laid out above).
                 unsafe { g.custom3(shape, w, prep, Some(fused::product_op), userdata) }
             })
@@ -399,17 +400,15 @@ impl GgmlEngine {
             return g.add(res, scaled);
         }
         let order = lora_order(self.options.exact);
-        let call = Box::new(LoraCall {
+        let userdata = g.keep(Box::new(LoraCall {
             a: a.raw(),
             b: b.raw(),
             b_panels: pair.b_panels,
             scale,
             order,
-        });
-        let userdata = &*call as *const LoraCall as *mut c_void;
-        g.lora_calls.push(call);
+        }));
         // SAFETY: the op's contract: shapes and types checked above,
-        // `b_panels` the adapter's B in panels (`rank x rows`), and the call boxed in
+        // `b_panels` the adapter's B in panels (`rank x rows`), and the call kept by
         // the graph, which outlives its computation.
         unsafe { g.custom2(res, cur, Some(lora_add_op), userdata) }
     }

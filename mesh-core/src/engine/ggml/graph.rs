@@ -27,7 +27,6 @@ use std::ptr::NonNull;
 use ggml_sys_bleedingedge as sys;
 
 use super::N_TASKS_MAX;
-use crate::engine::lora::LoraCall;
 use crate::engine::GgmlErrorKind;
 use crate::{Error, Result};
 
@@ -166,12 +165,8 @@ pub(crate) struct Graph<'g> {
     /// Activations already quantized for the Q4_1 kernel: (F32 input, exact
     /// mode, Q8_1 node).
     pub(crate) quantized: Vec<(Tensor<'g>, bool, Tensor<'g>)>,
-    /// Userdata of this graph's LoRA op nodes (freed with the graph; boxed
-    /// so their addresses stay put while the list grows).
-    #[allow(clippy::vec_box)]
-    pub(crate) lora_calls: Vec<Box<LoraCall>>,
-    /// Other custom ops' userdata, kept (at a fixed address) until the graph
-    /// is freed: see [`Graph::keep`].
+    /// Custom ops' userdata, kept (at a fixed address) until the graph is
+    /// freed: see [`Graph::keep`].
     kept: Vec<Box<dyn std::any::Any>>,
     /// Shape source for custom ops' outputs, and its capacity in floats.
     shape: Option<(Tensor<'g>, usize)>,
@@ -223,7 +218,6 @@ impl Graph<'_> {
             gf,
             inputs: Vec::new(),
             quantized: Vec::new(),
-            lora_calls: Vec::new(),
             kept: Vec::new(),
             shape: None,
             _brand: PhantomData,

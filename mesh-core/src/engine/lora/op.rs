@@ -218,7 +218,7 @@ pub(super) mod x86 {
 
     /// The first `L` lanes of two registers, as an array.
     #[target_feature(enable = "avx2")]
-    fn lanes<const L: usize>(v: &[__m256; 2]) -> [f32; L] {
+    pub(crate) fn lanes<const L: usize>(v: &[__m256; 2]) -> [f32; L] {
         let mut w = [0f32; 16];
         // SAFETY: `w` has room for two registers.
         unsafe {

@@ -415,7 +415,9 @@ enum Command {
         fetch_updates: bool,
         /// Run the ledger of this genesis file: vote if this node's identity
         /// has stake in it (use --identity), follow it otherwise. Prints
-        /// `ledger`, then `ledger_decided` / `ledger_synced` per block. With
+        /// `ledger`, then `ledger_decided` (decided here) or `ledger_synced`
+        /// (taken from a peer) per block, `ledger_lagged` if this process
+        /// fell behind on its own event lines. With
         /// --updates, blocks carry the update records heard whose adapters
         /// every voter holds.
         #[arg(long, value_name = "GENESIS")]

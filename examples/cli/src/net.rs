@@ -258,13 +258,24 @@ pub fn node(args: NodeArgs) -> Result<(), BoxError> {
                 }
             };
             tokio::select! {
-                e = next_ledger => {
-                    if let (Ok(e), Some(h)) = (e, ledger_handle.as_ref()) {
+                e = next_ledger => match (e, ledger_handle.as_ref()) {
+                    (Ok(e), Some(h)) => {
                         crate::ledger::print_event(h, &e);
                         if follow_ledger {
                             following.update(&node, &served, h);
                         }
                     }
+                    // Missed events: the chain itself is intact; say so, and
+                    // catch up on what is active now.
+                    (Err(tokio::sync::broadcast::error::RecvError::Lagged(n)), Some(h)) => {
+                        println!("{}", json!({"event": "ledger_lagged", "missed": n}));
+                        if follow_ledger {
+                            following.update(&node, &served, h);
+                        }
+                    }
+                    // The ledger stopped: stop polling a closed channel
+                    // (it would return at once, forever).
+                    _ => ledger_events = None,
                 },
                 e = events.recv() => match e {
                     Ok(e) => {

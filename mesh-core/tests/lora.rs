@@ -270,7 +270,8 @@ const EXACT_GOLDEN: &str = concat!(
 );
 
 /// Exact mode is the hardware-independent reference (tests/engine_exact.rs):
-/// with the adapter too, its logits must be bit-identical on every CPU class.
+/// with the adapter too, in F32 and in F16, its logits must be bit-identical
+/// on every CPU class.
 /// Recorded with `MESH_RECORD_EXACT_GOLDEN=1 cargo test -p mesh-core --test
 /// lora exact_mode`; every other machine must reproduce the digests.
 #[test]
@@ -278,10 +279,16 @@ fn exact_mode_with_an_adapter_is_bit_identical_on_every_cpu_class() {
     const STEPS: usize = 16;
     let e = exact_engine();
     let adapter = e.load_adapter(adapter_path()).unwrap();
+    // The same factors in F16: exact mode sums them in its own fixed order
+    // too (ggml's F16 products differ between SIMD classes).
+    let f16 = e.load_adapter(adapter_f16_path()).unwrap();
     let mut runs = Vec::new();
-    for p in golden()["scale_1"].as_array().unwrap().iter().take(4) {
+    let prompts = golden()["scale_1"].as_array().unwrap();
+    let cases = prompts.iter().take(4).map(|p| (p, &adapter, ""));
+    let cases = cases.chain(prompts.iter().take(2).map(|p| (p, &f16, "_f16")));
+    for (p, adapter, suffix) in cases {
         let prompt = ids(&p["prompt_ids"]);
-        let mut s = session_with(&e, &adapter, 0.75);
+        let mut s = session_with(&e, adapter, 0.75);
         let mut hash = Sha256::new();
         let mut logits = e.forward(&prompt, Logits::Last, &mut s).unwrap();
         let mut tokens = Vec::new();
@@ -293,7 +300,8 @@ fn exact_mode_with_an_adapter_is_bit_identical_on_every_cpu_class() {
         }
         let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
         runs.push(
-            serde_json::json!({"name": p["name"], "tokens": tokens, "logits_sha256": digest}),
+            serde_json::json!({"name": format!("{}{suffix}", p["name"].as_str().unwrap()),
+                               "tokens": tokens, "logits_sha256": digest}),
         );
     }
     let header = serde_json::json!({
@@ -490,9 +498,11 @@ fn adapter_f16_path() -> PathBuf {
 /// Q4_1 `vec_dot`, the adapters' products in the same order: the engine's
 /// `fused` module); without the custom kernels they go through ggml's
 /// `mul_mat` and one adapter node per pair (ggml's `mul_mat`, `scale` and
-/// `add` for F16 pairs). The logits must be the same bits, without
-/// adapters, with one F32 or F16 adapter and with two, at one thread and
-/// at two.
+/// `add` for F16 pairs). Prompts with F16 pairs take one adapter node per
+/// pair with the custom kernels, ggml's four without. The logits (the
+/// prompt's at every position, then each step's) must be the same bits,
+/// without adapters, with one F32 or F16 adapter and with two, at one
+/// thread and at two.
 #[test]
 fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
     let load = |threads: usize, custom: bool| {
@@ -519,11 +529,15 @@ fn fused_decode_steps_equal_the_unfused_graph_bit_for_bit() {
         .tokenizer()
         .encode("Write one sentence about rivers.", true, false)
         .unwrap();
+    let vocab = reference.info().n_vocab;
     let steps = |e: &GgmlEngine, set: &[ActiveLora]| {
         let mut s = e.new_session(128).unwrap();
         e.set_adapters(&mut s, set).unwrap();
-        let mut logits = e.forward(&prompt, Logits::Last, &mut s).unwrap();
-        let mut all = Vec::new();
+        // The prompt's logits at every position (a batch: F16 pairs go
+        // through the adapter op there, token by token), then decode steps.
+        let every = e.forward(&prompt, Logits::All, &mut s).unwrap();
+        let mut all = vec![every.iter().map(|v| v.to_bits()).collect::<Vec<_>>()];
+        let mut logits = every[every.len() - vocab..].to_vec();
         for _ in 0..6 {
             let next = argmax(&logits).unwrap();
             logits = e.forward(&[next], Logits::Last, &mut s).unwrap();

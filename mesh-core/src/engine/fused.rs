@@ -32,7 +32,11 @@
 //!   below 32, under its vector step) a serial sum in f64, which
 //!   [`panel16`] computes for 16 rows at a time from F16 panels.
 //!
-//! Half the bytes of F32 factors.
+//! Half the bytes of F32 factors. That ggml's tiled kernel takes a product
+//! of any number of tokens, so each output is summed the same way in a
+//! batch as alone: [`lora_add_op`](super::lora::lora_add_op) computes F16
+//! pairs of a batch (a prompt) with the same [`F16Fns::a_rows`] and
+//! [`b_rows16`], token by token.
 
 use std::ffi::c_void;
 
@@ -56,9 +60,8 @@ pub(crate) struct RowFns {
     from_float: FromFloat,
     /// One Q4_1 row times one Q8_1 row.
     vec_dot: VecDot,
-    /// F32 to F16 and the F16 dot product (x86 only: elsewhere ggml's F16
-    /// sums differ, see the module docs).
-    f16: Option<(FromFloat, VecDot)>,
+    /// For F16 adapter halves.
+    f16: Option<F16Fns>,
 }
 
 impl RowFns {
@@ -67,38 +70,158 @@ impl RowFns {
     /// `None` otherwise (then the graph keeps the unfused nodes).
     pub(crate) fn q4_1() -> Option<RowFns> {
         // SAFETY: reads ggml's static table entries for valid types.
-        let (w, y, h) = unsafe {
+        let (w, y) = unsafe {
             (
                 sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_Q4_1),
                 sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_Q8_1),
-                sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_F16),
             )
         };
         if w.vec_dot_type != sys::ggml_type_GGML_TYPE_Q8_1 || w.nrows != 1 {
             return None;
         }
-        let f16 = match (h.from_float, h.vec_dot) {
-            (Some(f), Some(d))
-                if cfg!(target_arch = "x86_64")
-                    && h.vec_dot_type == sys::ggml_type_GGML_TYPE_F16
-                    && h.nrows == 1 =>
-            {
-                Some((f, d))
-            }
-            _ => None,
-        };
         Some(RowFns {
             from_float: y.from_float?,
             vec_dot: w.vec_dot?,
-            f16,
+            f16: F16Fns::get(),
         })
     }
 
     /// Whether F16 pairs of rank `rank` can be fused, with products summed
-    /// in `order`: ranks that ggml's tiled kernel takes, or short enough for
-    /// its F16 `vec_dot` to sum serially (see the module docs).
+    /// in `order` (see [`F16Fns::fuses`]).
     pub(crate) fn fuses_f16(&self, rank: usize, order: DotOrder) -> bool {
-        self.f16.is_some() && (rank.is_multiple_of(order.lanes()) || rank < F16_SERIAL_RANK)
+        self.f16.is_some_and(|f| f.fuses(rank, order))
+    }
+}
+
+/// ggml's F32-to-F16 row conversion and F16 dot product, which its F16
+/// `mul_mat` uses where its tiled kernel does not take the product.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct F16Fns {
+    from_float: FromFloat,
+    vec_dot: VecDot,
+}
+
+impl F16Fns {
+    /// ggml's functions, on x86 only (elsewhere ggml's F16 sums differ, see
+    /// the module docs), if it uses them one row at a time.
+    pub(crate) fn get() -> Option<F16Fns> {
+        if !cfg!(target_arch = "x86_64") {
+            return None;
+        }
+        // SAFETY: reads ggml's static table entry for a valid type.
+        let h = unsafe { sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_F16) };
+        if h.vec_dot_type != sys::ggml_type_GGML_TYPE_F16 || h.nrows != 1 {
+            return None;
+        }
+        Some(F16Fns {
+            from_float: h.from_float?,
+            vec_dot: h.vec_dot?,
+        })
+    }
+
+    /// Whether a pair of rank `rank` is reproduced, with products summed in
+    /// `order`: ranks that ggml's tiled kernel takes, or short enough for its
+    /// F16 `vec_dot` to sum serially (see the module docs).
+    pub(crate) fn fuses(&self, rank: usize, order: DotOrder) -> bool {
+        rank.is_multiple_of(order.lanes()) || rank < F16_SERIAL_RANK
+    }
+
+    /// `v` rounded to F16 as ggml rounds it, as an f32.
+    fn round(&self, v: f32) -> f32 {
+        let mut h = 0u16;
+        // SAFETY: one value in, one F16 value out.
+        unsafe { (self.from_float)(&v, (&mut h as *mut u16).cast(), 1) };
+        half::f16::from_bits(h).to_f32()
+    }
+
+    /// `t[r - rows.0] = A_r · x` for rows `rows` of an F16 `a` (`rank` rows
+    /// of `x.len()` values), as ggml's F16 `mul_mat` computes them (its
+    /// tiled kernel, or `x` rounded to F16 and its `vec_dot`), then rounded
+    /// to F16 where the product `B t` after it takes `t` in F16 (see the
+    /// module docs).
+    pub(crate) fn a_rows(
+        &self,
+        order: DotOrder,
+        a: &[u16],
+        rank: usize,
+        x: &[f32],
+        rows: (usize, usize),
+        t: &mut [f32],
+    ) {
+        let (cols, lanes) = (x.len(), order.lanes());
+        assert!(a.len() >= rank * cols && rows.1 <= rank && t.len() >= rows.1 - rows.0);
+        let finish = |v: f32| {
+            if rank.is_multiple_of(lanes) {
+                v
+            } else {
+                self.round(v)
+            }
+        };
+        if cols.is_multiple_of(lanes) {
+            // ggml's tiled kernel: A widened, x as is; four rows at a time
+            // (independent sums in flight).
+            let mut r = rows.0;
+            while r < rows.1 {
+                let n = (rows.1 - r).min(4);
+                let v = dot_f16_tiled_rows(order, &a[r * cols..(r + n) * cols], n, x);
+                for (j, &v) in v[..n].iter().enumerate() {
+                    t[r - rows.0 + j] = finish(v);
+                }
+                r += n;
+            }
+            return;
+        }
+        let mut x16 = vec![0u16; cols];
+        // SAFETY: `cols` values in, `cols` F16 values out.
+        unsafe { (self.from_float)(x.as_ptr(), x16.as_mut_ptr().cast(), cols as i64) };
+        for r in rows.0..rows.1 {
+            let row = a[r * cols..(r + 1) * cols].as_ptr();
+            let mut v = 0f32;
+            // SAFETY: two rows of `cols` F16 values, one result.
+            unsafe {
+                (self.vec_dot)(
+                    cols as i32,
+                    &mut v,
+                    0,
+                    row.cast(),
+                    0,
+                    x16.as_ptr().cast(),
+                    0,
+                    1,
+                )
+            };
+            t[r - rows.0] = finish(v);
+        }
+    }
+}
+
+/// `out[o] = res[o] + scale · (B t)[o]` for rows `range` of an F16 `b`
+/// (rows of `t.len()` values; `panels` the same in panels of 16 rows), `t`
+/// from [`F16Fns::a_rows`], summed as ggml's F16 `mul_mat` sums them: its
+/// tiled kernel (each row widened, `t` as is) where the rank is a multiple
+/// of `order`'s lanes, else [`dot_rows16`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn b_rows16(
+    order: DotOrder,
+    b: &[u16],
+    panels: &[u16],
+    t: &[f32],
+    range: (usize, usize),
+    scale: f32,
+    res: &[f32],
+    out: &mut [f32],
+) {
+    let rank = t.len();
+    if !rank.is_multiple_of(order.lanes()) {
+        return dot_rows16(b, panels, t, range, scale, res, out);
+    }
+    let mut wide = vec![0f32; rank];
+    for o in range.0..range.1 {
+        let row = &b[o * rank..(o + 1) * rank];
+        for (w, &h) in wide.iter_mut().zip(row) {
+            *w = half::f16::from_bits(h).to_f32();
+        }
+        out[o] = res[o] + dot(order, true, &wide, t) * scale;
     }
 }
 
@@ -179,8 +302,6 @@ pub(crate) unsafe extern "C" fn prep_op(
         if i0 == 0 && i1 > 0 {
             (prep.fns.from_float)(x.as_ptr(), out.cast(), cols as i64);
         }
-        // The token in F16, made by this thread when one of its items needs it.
-        let mut x16: Vec<u16> = Vec::new();
         // Item 1 + k is the k-th row of all the A halves laid end to end,
         // and so is its place in the `t`s after the quantized token.
         let t = out.add(q8_1_row_words(cols));
@@ -189,63 +310,22 @@ pub(crate) unsafe extern "C" fn prep_op(
             // This thread's rows of this A: items `1 + k + r`.
             let r0 = i0.saturating_sub(1 + k).min(p.rank);
             let r1 = i1.saturating_sub(1 + k).min(p.rank);
-            let lanes = prep.order.lanes();
+            // Only this thread writes these `t`s.
+            let mine = std::slice::from_raw_parts_mut(t.add(k + r0), r1 - r0);
             match (p.half, prep.fns.f16) {
                 (Half::F32, _) => {
-                    for r in r0..r1 {
+                    for (r, t) in (r0..r1).zip(mine) {
                         let row =
                             std::slice::from_raw_parts((p.a as *const f32).add(r * cols), cols);
-                        *t.add(k + r) = dot(prep.order, false, row, x);
+                        *t = dot(prep.order, false, row, x);
                     }
                 }
-                (Half::F16, Some((from_float, vec_dot))) => {
-                    // `B t` goes to ggml's tiled kernel with `t` as is, or
-                    // to its F16 `vec_dot` with `t` rounded to F16.
-                    let finish = |v: f32| {
-                        if p.rank.is_multiple_of(lanes) {
-                            v
-                        } else {
-                            let mut h = 0u16;
-                            from_float(&v, (&mut h as *mut u16).cast(), 1);
-                            half::f16::from_bits(h).to_f32()
-                        }
-                    };
-                    if cols.is_multiple_of(lanes) {
-                        // ggml's tiled kernel: A widened, x as is; four rows
-                        // at a time (independent sums in flight).
-                        let mut r = r0;
-                        while r < r1 {
-                            let n = (r1 - r).min(4);
-                            let rows = std::slice::from_raw_parts(
-                                (p.a as *const u16).add(r * cols),
-                                n * cols,
-                            );
-                            let v = dot_f16_tiled_rows(prep.order, rows, n, x);
-                            for (j, &v) in v[..n].iter().enumerate() {
-                                *t.add(k + r + j) = finish(v);
-                            }
-                            r += n;
-                        }
-                    } else {
-                        for r in r0..r1 {
-                            if x16.is_empty() {
-                                x16 = vec![0u16; cols];
-                                from_float(x.as_ptr(), x16.as_mut_ptr().cast(), cols as i64);
-                            }
-                            let row = (p.a as *const u16).add(r * cols);
-                            let mut v = 0f32;
-                            let x16 = x16.as_ptr().cast();
-                            vec_dot(cols as i32, &mut v, 0, row.cast(), 0, x16, 0, 1);
-                            *t.add(k + r) = finish(v);
-                        }
-                    }
+                (Half::F16, Some(f16)) => {
+                    let a = std::slice::from_raw_parts(p.a as *const u16, p.rank * cols);
+                    f16.a_rows(prep.order, a, p.rank, x, (r0, r1), mine);
                 }
                 // Not built (see `RowFns::fuses_f16`).
-                (Half::F16, None) => {
-                    for r in r0..r1 {
-                        *t.add(k + r) = f32::NAN;
-                    }
-                }
+                (Half::F16, None) => mine.fill(f32::NAN),
             }
             k += p.rank;
         }
@@ -359,20 +439,10 @@ pub(crate) unsafe extern "C" fn product_op(
                     let panels = std::slice::from_raw_parts(p.b_panels as *const f32, n_panels);
                     dot_rows(call.order, false, b, panels, t, range, p.scale, &res, out);
                 }
-                Half::F16 if p.rank.is_multiple_of(call.order.lanes()) => {
-                    // ggml's tiled kernel: each row of B widened, `t` as is.
-                    let b = std::slice::from_raw_parts(p.b as *const half::f16, rows * p.rank);
-                    let mut wide = vec![0f32; p.rank];
-                    for o in range.0..range.1 {
-                        let row = &b[o * p.rank..(o + 1) * p.rank];
-                        half::slice::HalfFloatSliceExt::convert_to_f32_slice(row, &mut wide);
-                        out[o] = res[o] + dot(call.order, true, &wide, t) * p.scale;
-                    }
-                }
                 Half::F16 => {
                     let b = std::slice::from_raw_parts(p.b as *const u16, rows * p.rank);
                     let panels = std::slice::from_raw_parts(p.b_panels as *const u16, n_panels);
-                    dot_rows16(b, panels, t, range, p.scale, &res, out);
+                    b_rows16(call.order, b, panels, t, range, p.scale, &res, out);
                 }
             }
         }

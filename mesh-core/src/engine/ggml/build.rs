@@ -360,11 +360,13 @@ impl GgmlEngine {
         res
     }
 
-    /// `res + s · B (A cur)` for one adapter pair. F32 halves go through
-    /// [`lora_add_op`] (one node), which sums each product as llama.cpp's CPU
-    /// backend of this machine's SIMD class does (its tiled F32 kernel or
-    /// `ggml_vec_dot_f32`; in exact mode always the AVX2 order, so results do
-    /// not depend on the CPU); F16 halves use ggml's `mul_mat`, `scale`, `add`.
+    /// `res + s · B (A cur)` for one adapter pair, as one [`lora_add_op`]
+    /// node, which sums each product as llama.cpp's CPU backend of this
+    /// machine's SIMD class does (for F32 halves its tiled F32 kernel or
+    /// `ggml_vec_dot_f32`; for F16 halves, with the custom kernels on, those
+    /// of the ggml this crate links, see [`crate::engine::fused`]); in exact
+    /// mode always the AVX2 order, so results do not depend on the CPU.
+    /// Other pairs use ggml's `mul_mat`, `scale`, `add`.
     pub(super) fn lora_add<'g>(
         &self,
         g: &mut Graph<'g>,
@@ -373,16 +375,16 @@ impl GgmlEngine {
         pair: &LoraPair,
         cur: Tensor<'g>,
     ) -> Tensor<'g> {
+        use crate::engine::fused::F16Fns;
+        static F16: std::sync::OnceLock<Option<F16Fns>> = std::sync::OnceLock::new();
         let scale = act.adapter.effective_scale(act.scale, pair.rank);
+        let order = lora_order(self.options.exact);
         let (a, b) = (g.held(pair.a), g.held(pair.b));
         let (an, bn, cn, rn) = (a.ne(), b.ne(), cur.ne(), res.ne());
         // The shapes the op reads: A `[cols, rank]`, B `[rank, rows]`
         // (checked against the model at load), `cur` `[cols, n]` and `res`
         // `[rows, n]`, contiguous F32.
-        let fused = a.is_f32()
-            && b.is_f32()
-            && !pair.b_panels.is_null()
-            && cur.is_f32()
+        let shapes = cur.is_f32()
             && res.is_f32()
             && cur.is_contiguous()
             && res.is_contiguous()
@@ -393,23 +395,37 @@ impl GgmlEngine {
             && an[1] == bn[0]
             && bn[1] == rn[0]
             && an[1] as usize == pair.rank;
-        if !fused {
+        let f16 = a.ty() == sys::ggml_type_GGML_TYPE_F16 && b.ty() == sys::ggml_type_GGML_TYPE_F16;
+        let halves = if a.is_f32() && b.is_f32() && !pair.b_panels.is_null() {
+            Some((None, pair.b_panels as *const std::ffi::c_void))
+        } else if f16 && self.options.custom_gemm && !pair.b_panels16.is_null() {
+            // In exact mode only where no product needs ggml's own F16
+            // `vec_dot` of a long row, which differs between SIMD classes.
+            let cols_ok = !self.options.exact || (an[0] as usize).is_multiple_of(order.lanes());
+            (*F16.get_or_init(F16Fns::get))
+                .filter(|f| f.fuses(pair.rank, order) && cols_ok)
+                .map(|f| (Some(f), pair.b_panels16 as *const std::ffi::c_void))
+        } else {
+            None
+        };
+        let Some((f16, b_panels)) = halves.filter(|_| shapes) else {
             let ac = g.mul_mat(a, cur);
             let ab = g.mul_mat(b, ac);
             let scaled = g.scale(ab, scale);
             return g.add(res, scaled);
-        }
-        let order = lora_order(self.options.exact);
+        };
         let userdata = g.keep(Box::new(LoraCall {
             a: a.raw(),
             b: b.raw(),
-            b_panels: pair.b_panels,
+            b_panels,
+            f16,
             scale,
             order,
         }));
         // SAFETY: the op's contract: shapes and types checked above,
-        // `b_panels` the adapter's B in panels (`rank x rows`), and the call kept by
-        // the graph, which outlives its computation.
+        // `b_panels` the adapter's B in panels (`rank x rows`) of B's type,
+        // `f16` set exactly for F16 halves, and the call kept by the graph,
+        // which outlives its computation.
         unsafe { g.custom2(res, cur, Some(lora_add_op), userdata) }
     }
 

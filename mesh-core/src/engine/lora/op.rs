@@ -3,6 +3,7 @@
 //! it (so greedy tokens match upstream with the same adapter).
 
 use super::*;
+use crate::engine::fused::{b_rows16, F16Fns};
 
 /// How llama.cpp's CPU backend sums one F32 dot product of length `k` in a
 /// `mul_mat` of `n` tokens whose first operand has `m` rows, per SIMD class:
@@ -331,12 +332,16 @@ pub(crate) fn b_panels<T: Copy + Default>(b: &[T], rank: usize, rows: usize) -> 
 /// that uses it (its address is the op's userdata).
 #[derive(Debug)]
 pub(crate) struct LoraCall {
-    /// `[cols, r]`, F32.
+    /// `[cols, r]`, F32 (or F16 with `f16`).
     pub a: *const sys::ggml_tensor,
-    /// `[r, rows]`, F32.
+    /// `[r, rows]`, of A's type.
     pub b: *const sys::ggml_tensor,
-    /// B in panels of 16 rows ([`b_panels`]), for the short serial sums.
-    pub b_panels: *const f32,
+    /// B in panels of 16 rows ([`b_panels`]), for the short serial sums:
+    /// F32 values, or with `f16` F16 bits.
+    pub b_panels: *const std::ffi::c_void,
+    /// ggml's F16 functions, for F16 halves (whose products this op then
+    /// sums as [`F16Fns::a_rows`] and [`b_rows16`] do).
+    pub f16: Option<F16Fns>,
     /// `s = scale · alpha / r`.
     pub scale: f32,
     /// Summation order of the products.
@@ -350,7 +355,8 @@ pub(crate) struct LoraCall {
 ///
 /// # Safety
 /// Called by ggml with those tensors; `userdata` points to a live [`LoraCall`]
-/// whose halves fit `x` and `res`.
+/// whose halves fit `x` and `res`, F16 ones with `f16` set and F32 ones
+/// without.
 pub(crate) unsafe extern "C" fn lora_add_op(
     dst: *mut sys::ggml_tensor,
     res: *const sys::ggml_tensor,
@@ -368,6 +374,20 @@ pub(crate) unsafe extern "C" fn lora_add_op(
         let rank = (*a).ne[1] as usize;
         let rows = (*b).ne[1] as usize;
         let n = (*x).ne[1] as usize;
+        let n_panels = rows / 16 * 16 * rank;
+        let factors = match call.f16 {
+            None => Factors::F32 {
+                a: std::slice::from_raw_parts((*a).data as *const f32, cols * rank),
+                b: std::slice::from_raw_parts((*b).data as *const f32, rank * rows),
+                b_panels: std::slice::from_raw_parts(call.b_panels as *const f32, n_panels),
+            },
+            Some(fns) => Factors::F16 {
+                fns,
+                a: std::slice::from_raw_parts((*a).data as *const u16, cols * rank),
+                b: std::slice::from_raw_parts((*b).data as *const u16, rank * rows),
+                b_panels: std::slice::from_raw_parts(call.b_panels as *const u16, n_panels),
+            },
+        };
         let job = LoraJob {
             order: call.order,
             scale: call.scale,
@@ -376,14 +396,32 @@ pub(crate) unsafe extern "C" fn lora_add_op(
             rows,
             n,
             x: std::slice::from_raw_parts((*x).data as *const f32, cols * n),
-            a: std::slice::from_raw_parts((*a).data as *const f32, cols * rank),
-            b: std::slice::from_raw_parts((*b).data as *const f32, rank * rows),
-            b_panels: std::slice::from_raw_parts(call.b_panels, rows / 16 * 16 * rank),
+            factors,
             res: std::slice::from_raw_parts((*res).data as *const f32, rows * n),
         };
         let out = std::slice::from_raw_parts_mut((*dst).data as *mut f32, rows * n);
         job.run(out, ith, nth)
     }
+}
+
+/// The halves of one adapter pair, as a [`LoraJob`] reads them.
+pub(crate) enum Factors<'a> {
+    F32 {
+        /// `rank` rows of `cols`.
+        a: &'a [f32],
+        /// `rows` rows of `rank`.
+        b: &'a [f32],
+        /// `b` in panels of 16 rows ([`b_panels`]).
+        b_panels: &'a [f32],
+    },
+    /// F16 bits, summed as ggml's F16 `mul_mat` of the ggml this crate links
+    /// sums them (see [`crate::engine::fused`]).
+    F16 {
+        fns: F16Fns,
+        a: &'a [u16],
+        b: &'a [u16],
+        b_panels: &'a [u16],
+    },
 }
 
 /// The work of one [`lora_add_op`].
@@ -396,12 +434,7 @@ pub(crate) struct LoraJob<'a> {
     pub n: usize,
     /// `n` rows of `cols`.
     pub x: &'a [f32],
-    /// `rank` rows of `cols`.
-    pub a: &'a [f32],
-    /// `rows` rows of `rank`.
-    pub b: &'a [f32],
-    /// `b` in panels of 16 rows ([`b_panels`]).
-    pub b_panels: &'a [f32],
+    pub factors: Factors<'a>,
     /// `n` rows of `rows`.
     pub res: &'a [f32],
 }
@@ -438,26 +471,34 @@ impl LoraJob<'_> {
         };
         for j in tokens.0..tokens.1 {
             let xj = &self.x[j * self.cols..(j + 1) * self.cols];
-            for (r, tr) in t.iter_mut().enumerate() {
-                *tr = dot(
-                    self.order,
-                    tiled_a,
-                    &self.a[r * self.cols..(r + 1) * self.cols],
-                    xj,
-                );
-            }
             let o = j * self.rows;
-            dot_rows(
-                self.order,
-                tiled_b,
-                self.b,
-                self.b_panels,
-                t,
-                out_rows,
-                self.scale,
-                &self.res[o..o + self.rows],
-                &mut out[o..o + self.rows],
-            );
+            let (res, out) = (&self.res[o..o + self.rows], &mut out[o..o + self.rows]);
+            match &self.factors {
+                Factors::F32 { a, b, b_panels } => {
+                    for (r, tr) in t.iter_mut().enumerate() {
+                        *tr = dot(
+                            self.order,
+                            tiled_a,
+                            &a[r * self.cols..(r + 1) * self.cols],
+                            xj,
+                        );
+                    }
+                    dot_rows(
+                        self.order, tiled_b, b, b_panels, t, out_rows, self.scale, res, out,
+                    );
+                }
+                // The pinned ggml's F16 products do not depend on the batch:
+                // token by token as for one.
+                Factors::F16 {
+                    fns,
+                    a,
+                    b,
+                    b_panels,
+                } => {
+                    fns.a_rows(self.order, a, self.rank, xj, (0, self.rank), t);
+                    b_rows16(self.order, b, b_panels, t, out_rows, self.scale, res, out);
+                }
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-use super::op::{b_panels, dot, dot_lanes_generic, panel_generic, LoraJob};
+use super::op::{b_panels, dot, dot_lanes_generic, panel_generic, Factors, LoraJob};
 use super::testing::{check, small_model};
 use super::*;
 use crate::gguf::testing::write_gguf;
@@ -269,9 +269,11 @@ fn lora_jobs_add_the_scaled_product_and_split_work_exactly() {
                 rows: 20,
                 n,
                 x: &x[..2 * n],
-                a: &a,
-                b: &b,
-                b_panels: &panels,
+                factors: Factors::F32 {
+                    a: &a,
+                    b: &b,
+                    b_panels: &panels,
+                },
                 res: &res[..20 * n],
             };
             for nth in 1..4 {
@@ -358,13 +360,19 @@ fn panelled_rows_equal_row_by_row_sums_for_every_split() {
                 rows,
                 n,
                 x: &x[..cols * n],
-                a: &a,
-                b: &b,
-                b_panels: &[],
+                factors: Factors::F32 {
+                    a: &a,
+                    b: &b,
+                    b_panels: &[],
+                },
                 res: &res[..rows * n],
             };
             let job = LoraJob {
-                b_panels: &panels,
+                factors: Factors::F32 {
+                    a: &a,
+                    b: &b,
+                    b_panels: &panels,
+                },
                 ..plain
             };
             let mut want = vec![f32::NAN; rows * n];

@@ -42,7 +42,7 @@ use std::ffi::c_void;
 
 use ggml_sys_bleedingedge as sys;
 
-use super::lora::{dot, dot_rows, walk_panels, DotOrder};
+use super::lora::{dot, dot_rows, reduce_tiled, walk_panels, DotOrder};
 use crate::engine::kernels::share;
 
 /// A row function of ggml's: one row of the weight type times one row of
@@ -216,12 +216,73 @@ pub(crate) fn b_rows16(
         return dot_rows16(b, panels, t, range, scale, res, out);
     }
     let mut wide = vec![0f32; rank];
-    for o in range.0..range.1 {
+    let row = |o: usize, out: &mut [f32]| {
         let row = &b[o * rank..(o + 1) * rank];
         for (w, &h) in wide.iter_mut().zip(row) {
             *w = half::f16::from_bits(h).to_f32();
         }
         out[o] = res[o] + dot(order, true, &wide, t) * scale;
+    };
+    let panelled = panels.len() == res.len() / 16 * 16 * rank;
+    walk_panels(range, panelled, false, out, row, |o, n, out| {
+        let res: &[f32; 16] = res[o..o + n].try_into().expect("16 values");
+        let out: &mut [f32; 16] = (&mut out[o..o + n]).try_into().expect("16 values");
+        panel16_tiled(order, &panels[o * rank..(o + n) * rank], t, scale, res, out);
+    });
+}
+
+/// 16 rows of the tiled F16 `B t` of [`b_rows16`] from their panel: each
+/// row summed as [`dot`] sums it in its tiled order on the widened row (one
+/// accumulator of `order.lanes()` lanes of fused multiply-adds, then
+/// [`reduce_tiled`]), the 16 rows side by side. `t.len()` is a multiple of
+/// the lanes.
+pub(crate) fn panel16_tiled(
+    order: DotOrder,
+    panel: &[u16],
+    t: &[f32],
+    scale: f32,
+    res: &[f32; 16],
+    out: &mut [f32; 16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe {
+            match order {
+                DotOrder::Wide16 => x86::panel16_tiled::<16>(panel, t, scale, res, out),
+                DotOrder::Wide8 => x86::panel16_tiled::<8>(panel, t, scale, res, out),
+            }
+        };
+    }
+    match order {
+        DotOrder::Wide16 => panel16_tiled_generic::<16>(panel, t, scale, res, out),
+        DotOrder::Wide8 => panel16_tiled_generic::<8>(panel, t, scale, res, out),
+    }
+}
+
+/// [`panel16_tiled`] in portable code.
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn panel16_tiled_generic<const L: usize>(
+    panel: &[u16],
+    t: &[f32],
+    scale: f32,
+    res: &[f32; 16],
+    out: &mut [f32; 16],
+) {
+    // acc[lane][row]
+    let mut acc = [[0f32; 16]; L];
+    for (k, &tk) in t.iter().enumerate() {
+        for r in 0..16 {
+            let w = half::f16::from_bits(panel[16 * k + r]).to_f32();
+            acc[k % L][r] = w.mul_add(tk, acc[k % L][r]);
+        }
+    }
+    for r in 0..16 {
+        let lanes: [f32; L] = std::array::from_fn(|l| acc[l][r]);
+        out[r] = res[r] + reduce_tiled(&lanes) * scale;
     }
 }
 
@@ -586,6 +647,67 @@ pub(crate) mod x86 {
         out
     }
 
+    /// [`super::panel16_tiled_generic`] with AVX2, FMA and F16C: lane `l` of
+    /// each row's accumulator is register pair `acc[l]` (16 rows), and the
+    /// horizontal sum adds those pairs as [`reduce_tiled`] adds lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `L` is 8 or 16.
+    ///
+    /// [`reduce_tiled`]: crate::engine::lora::reduce_tiled
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn panel16_tiled<const L: usize>(
+        panel: &[u16],
+        t: &[f32],
+        scale: f32,
+        res: &[f32; 16],
+        out: &mut [f32; 16],
+    ) {
+        assert!(panel.len() >= 16 * t.len(), "F16 panel: too short");
+        let p = panel.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; L];
+        for (k, &tk) in t.iter().enumerate() {
+            let tv = _mm256_set1_ps(tk);
+            // SAFETY: `16 · k + 16 <= panel.len()` (asserted above).
+            let (lo, hi) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * k).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * k + 8).cast())),
+                )
+            };
+            let a = &mut acc[k % L];
+            a[0] = _mm256_fmadd_ps(lo, tv, a[0]);
+            a[1] = _mm256_fmadd_ps(hi, tv, a[1]);
+        }
+        // `hsum16`: halves, quarters, then (0 + 2) + (1 + 3); `hsum8`: halves,
+        // then (0 + 2) + (1 + 3).
+        let mut w = L;
+        while w > 4 {
+            w /= 2;
+            for l in 0..w {
+                acc[l] = add2(acc[l], acc[l + w]);
+            }
+        }
+        let sum = add2(add2(acc[0], acc[2]), add2(acc[1], acc[3]));
+        let s = _mm256_set1_ps(scale);
+        // SAFETY: `res` and `out` hold 16 values.
+        unsafe {
+            for (h, v) in sum.iter().enumerate() {
+                let r = _mm256_loadu_ps(res.as_ptr().add(8 * h));
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(8 * h),
+                    _mm256_add_ps(r, _mm256_mul_ps(*v, s)),
+                );
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx")]
+    #[inline]
+    fn add2(x: [__m256; 2], y: [__m256; 2]) -> [__m256; 2] {
+        [_mm256_add_ps(x[0], y[0]), _mm256_add_ps(x[1], y[1])]
+    }
+
     /// [`super::panel16_generic`] with AVX2 and F16C: the same f32 products
     /// (exact: two F16 values), widened and summed in f64 in the same order.
     ///
@@ -724,6 +846,59 @@ mod tests {
                 slow.map(f32::to_bits),
                 "rank {rank}"
             );
+        }
+    }
+
+    #[test]
+    fn f16_tiled_panels_equal_the_widened_rows_tiled_dots_bit_for_bit() {
+        for order in [DotOrder::Wide16, DotOrder::Wide8] {
+            for rank in [8usize, 16, 24, 32, 64] {
+                if !rank.is_multiple_of(order.lanes()) {
+                    continue;
+                }
+                let rows = 37;
+                let b = to_f16(&noise(rank as u64 * 11, rows * rank));
+                let panels = crate::engine::lora::b_panels(&b, rank, rows);
+                let t = noise(rank as u64 + 5, rank);
+                let res = noise(3, rows);
+                let mut want = vec![0f32; rows];
+                for o in 0..rows {
+                    let wide: Vec<f32> = b[o * rank..(o + 1) * rank]
+                        .iter()
+                        .map(|&h| half::f16::from_bits(h).to_f32())
+                        .collect();
+                    want[o] = res[o] + dot(order, true, &wide, &t) * 0.3;
+                }
+                for range in [(0, rows), (5, 35), (16, 32)] {
+                    let mut got = vec![f32::NAN; rows];
+                    b_rows16(order, &b, &panels, &t, range, 0.3, &res, &mut got);
+                    for o in range.0..range.1 {
+                        assert_eq!(
+                            got[o].to_bits(),
+                            want[o].to_bits(),
+                            "{order:?} rank {rank} row {o}"
+                        );
+                    }
+                }
+                let mut slow = [0f32; 16];
+                let res16: [f32; 16] = res[..16].try_into().expect("16");
+                match order {
+                    DotOrder::Wide16 => panel16_tiled_generic::<16>(
+                        &panels[..16 * rank],
+                        &t,
+                        0.3,
+                        &res16,
+                        &mut slow,
+                    ),
+                    DotOrder::Wide8 => {
+                        panel16_tiled_generic::<8>(&panels[..16 * rank], &t, 0.3, &res16, &mut slow)
+                    }
+                }
+                assert_eq!(
+                    slow.map(f32::to_bits)[..],
+                    want[..16].iter().map(|v| v.to_bits()).collect::<Vec<_>>()[..]
+                );
+            }
         }
     }
 

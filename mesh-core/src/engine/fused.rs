@@ -103,19 +103,22 @@ pub(crate) struct F16Fns {
 
 impl F16Fns {
     /// ggml's functions, on x86 only (elsewhere ggml's F16 sums differ, see
-    /// the module docs), if it uses them one row at a time.
+    /// the module docs), if it uses them one row at a time. Looked up once.
     pub(crate) fn get() -> Option<F16Fns> {
-        if !cfg!(target_arch = "x86_64") {
-            return None;
-        }
-        // SAFETY: reads ggml's static table entry for a valid type.
-        let h = unsafe { sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_F16) };
-        if h.vec_dot_type != sys::ggml_type_GGML_TYPE_F16 || h.nrows != 1 {
-            return None;
-        }
-        Some(F16Fns {
-            from_float: h.from_float?,
-            vec_dot: h.vec_dot?,
+        static FNS: std::sync::OnceLock<Option<F16Fns>> = std::sync::OnceLock::new();
+        *FNS.get_or_init(|| {
+            if !cfg!(target_arch = "x86_64") {
+                return None;
+            }
+            // SAFETY: reads ggml's static table entry for a valid type.
+            let h = unsafe { sys::ggml_internal_get_type_traits(sys::ggml_type_GGML_TYPE_F16) };
+            if h.vec_dot_type != sys::ggml_type_GGML_TYPE_F16 || h.nrows != 1 {
+                return None;
+            }
+            Some(F16Fns {
+                from_float: h.from_float?,
+                vec_dot: h.vec_dot?,
+            })
         })
     }
 
@@ -215,13 +218,9 @@ pub(crate) fn b_rows16(
     if !rank.is_multiple_of(order.lanes()) {
         return dot_rows16(b, panels, t, range, scale, res, out);
     }
-    let mut wide = vec![0f32; rank];
     let row = |o: usize, out: &mut [f32]| {
-        let row = &b[o * rank..(o + 1) * rank];
-        for (w, &h) in wide.iter_mut().zip(row) {
-            *w = half::f16::from_bits(h).to_f32();
-        }
-        out[o] = res[o] + dot(order, true, &wide, t) * scale;
+        let d = dot_f16_tiled_rows(order, &b[o * rank..(o + 1) * rank], 1, t)[0];
+        out[o] = res[o] + d * scale;
     };
     let panelled = panels.len() == res.len() / 16 * 16 * rank;
     walk_panels(range, panelled, false, out, row, |o, n, out| {

@@ -375,8 +375,6 @@ impl GgmlEngine {
         pair: &LoraPair,
         cur: Tensor<'g>,
     ) -> Tensor<'g> {
-        use crate::engine::fused::F16Fns;
-        static F16: std::sync::OnceLock<Option<F16Fns>> = std::sync::OnceLock::new();
         let scale = act.adapter.effective_scale(act.scale, pair.rank);
         let order = lora_order(self.options.exact);
         let (a, b) = (g.held(pair.a), g.held(pair.b));
@@ -402,7 +400,7 @@ impl GgmlEngine {
             // In exact mode only where no product needs ggml's own F16
             // `vec_dot` of a long row, which differs between SIMD classes.
             let cols_ok = !self.options.exact || (an[0] as usize).is_multiple_of(order.lanes());
-            (*F16.get_or_init(F16Fns::get))
+            crate::engine::fused::F16Fns::get()
                 .filter(|f| f.fuses(pair.rank, order) && cols_ok)
                 .map(|f| (Some(f), pair.b_panels16 as *const std::ffi::c_void))
         } else {
